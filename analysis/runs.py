@@ -1,0 +1,326 @@
+"""Run folders -> tidy pandas tables. The only module that parses run folders (DESIGN section 5).
+
+`load_sweep(dirs)` finds every run folder under the given directories (single runs, Hydra
+multirun folders with numbered jobs, or nested dated folders) and returns a `Sweep` of tables:
+
+    runs         one row per run: run id, path, status, Hydra overrides as columns, summary.json
+                 flattened with dots (`final.test.accuracy`, `params.trainable_end`,
+                 `schedule.total_steps`, `versions.torch`...), plus `label`, `budget_label`,
+                 `pair_budget` used to group and pair runs
+    metrics      one row per metrics.jsonl line: run, step, split, loss, orth, lr, accuracy...
+    allocations  one row per ranks.jsonl record: run, step, budget, threshold, params_kept, realised
+    ranks        one row per (record, module): run, step, module, rank, budget, layer, mtype, row
+    modules      one row per (run, module): init_rank, final_rank, d_out, d_in, layer, mtype, row
+
+Runs without summary.json, or whose status is not "completed", stay in every table and are
+marked (`status`, `ok`): a sweep with silent holes is worse than one with visible failures.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from analysis.names import module_table
+
+# Methods whose adapters are SVD-parameterised (rank is adaptive or at least has a spectrum).
+SVD_METHODS = ("adalora", "svd_lora", "peft_adalora")
+LORA_METHODS = ("lora", "peft_lora")
+_RUN_MARKERS = ("summary.json", "metrics.jsonl", "ranks.jsonl", ".hydra/config.yaml")
+_SECTIONS = ("schedule", "budget", "params", "final", "versions")
+_FILL_FROM_CONFIG = ("method", "task", "model", "seed", "ablation")
+
+
+@dataclass
+class Sweep:
+    runs: pd.DataFrame
+    metrics: pd.DataFrame
+    allocations: pd.DataFrame
+    ranks: pd.DataFrame
+    modules: pd.DataFrame
+
+    def row(self, run: str) -> pd.Series:
+        return self.runs.set_index("run").loc[run]
+
+    def select(self, runs) -> "Sweep":
+        """The same tables restricted to the given run ids."""
+        runs = [runs] if isinstance(runs, str) else list(runs)
+        pick = lambda df: df[df["run"].isin(runs)].reset_index(drop=True)  # noqa: E731
+        return Sweep(*(pick(df) for df in (self.runs, self.metrics, self.allocations,
+                                           self.ranks, self.modules)))
+
+    def problems(self) -> pd.DataFrame:
+        """Runs that did not complete (failed, interrupted, still running, no summary.json)."""
+        return self.runs[~self.runs["ok"]].reset_index(drop=True)
+
+    def final_ranks(self, run: str) -> dict[str, int]:
+        m = self.modules[(self.modules["run"] == run) & self.modules["final_rank"].notna()]
+        return {k: int(v) for k, v in zip(m["module"], m["final_rank"])}
+
+    def schedule(self, run: str) -> dict | None:
+        """The run's `summary.schedule` as a dict, or None (LoRA runs, unfinished runs)."""
+        row = self.row(run)
+        keys = [c for c in row.index if c.startswith("schedule.")]
+        if not keys or pd.isna(row.get("schedule.total_steps")):
+            return None
+        return {k.split(".", 1)[1]: _py(row[k]) for k in keys}
+
+
+def load_run(path) -> Sweep:
+    """One run folder -> a Sweep with one row in `runs`."""
+    return load_sweep([path])
+
+
+def load_sweep(dirs) -> Sweep:
+    """Run folders, multirun folders, or a mix -> one Sweep. Run ids are paths relative to the
+    directory given (prefixed with its name when several directories or a single run are given)."""
+    roots = [Path(d) for d in ([dirs] if isinstance(dirs, (str, Path)) else dirs)]
+    found: list[tuple[str, Path]] = []
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: not a directory (give a run folder or a multirun folder)")
+        prefix = root.resolve().name if (len(roots) > 1 or _is_run(root)) else ""
+        for path in _find_runs(root):
+            rel = path.relative_to(root).as_posix()
+            rid = "/".join(p for p in (prefix, "" if rel == "." else rel) if p)
+            found.append((rid, path))
+    if not found:
+        raise FileNotFoundError(f"no run folders (with any of {_RUN_MARKERS}) under {roots}")
+    parts = [_read_run(rid, path) for rid, path in found]
+    tables = [pd.concat([p[i] for p in parts], ignore_index=True) for i in range(5)]
+    tables = [_numeric(t) for t in tables]  # empty per-run parts leave object columns behind
+    for t in tables[3:]:
+        t["layer"] = t["layer"].astype("Int64")
+    return Sweep(*tables)
+
+
+def load_spectrum(path) -> pd.DataFrame:
+    """`adapters.safetensors` -> module, index, lam, alive (one row per singular value).
+
+    `alive` comes from `<module>.rank_mask` when saved, else from lam != 0 (pruned values are
+    zeroed), so compacted and uncompacted adapters read the same."""
+    tensors = _read_safetensors(Path(path) / "adapters.safetensors")
+    rows = []
+    for key, lam in tensors.items():
+        if not key.endswith(".lam"):
+            continue
+        module = key[: -len(".lam")]
+        lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+        mask = tensors.get(module + ".rank_mask")
+        alive = np.asarray(mask, dtype=bool).reshape(-1) if mask is not None else lam != 0
+        rows.append(pd.DataFrame({"module": module, "index": np.arange(lam.size), "lam": lam,
+                                  "alive": alive}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["module", "index", "lam", "alive"])
+
+
+def load_importance(path) -> pd.DataFrame:
+    """`importance.safetensors` (triplet scores at the final allocation) -> module, index, score."""
+    tensors = _read_safetensors(Path(path) / "importance.safetensors")
+    rows = [pd.DataFrame({"module": k, "index": np.arange(np.size(v)),
+                          "score": np.asarray(v, dtype=np.float64).reshape(-1)})
+            for k, v in tensors.items()]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["module", "index", "score"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _is_run(path: Path) -> bool:
+    return any((path / m).exists() for m in _RUN_MARKERS)
+
+
+def _find_runs(root: Path) -> list[Path]:
+    """Depth-first, numbered job folders in numeric order (so 10 sorts after 9)."""
+    if _is_run(root):
+        return [root]
+    key = lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name)  # noqa: E731
+    subdirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=key)
+    return [run for sub in subdirs for run in _find_runs(sub)]
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """Records and the number of unreadable lines (a crash can leave a half-written last line)."""
+    if not path.exists():
+        return [], 0
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return records, bad
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text()) if path.exists() else None
+    except yaml.YAMLError:
+        return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested summary -> dotted keys. Per-module dicts go to the `modules` table instead, and a
+    null section (`"schedule": null` for LoRA) leaves its dotted columns empty."""
+    out = {}
+    for k, v in d.items():
+        if k in ("final_ranks", "module_shapes") or (v is None and k in _SECTIONS):
+            continue
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _numeric(df: pd.DataFrame) -> pd.DataFrame:
+    """Object columns mixing numbers and None (a LoRA run has no target_rank) -> float columns."""
+    for c in df.columns[df.dtypes == object]:
+        try:
+            df[c] = pd.to_numeric(df[c])
+        except (TypeError, ValueError):
+            pass
+    return df
+
+
+def _overrides(path: Path) -> dict:
+    """`.hydra/overrides.yaml` ["method=lora", "+x=1", "~y"] -> {"method": "lora", "x": 1}."""
+    out = {}
+    for item in _read_yaml(path / ".hydra" / "overrides.yaml") or []:
+        key, sep, value = str(item).partition("=")
+        if sep and not key.startswith("~"):
+            try:
+                out[key.lstrip("+")] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                out[key.lstrip("+")] = value
+    return out
+
+
+def _read_run(rid: str, path: Path):
+    summary_path = path / "summary.json"
+    summary, notes = {}, []
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            notes.append("summary.json unreadable")
+    metrics, bad_m = _read_jsonl(path / "metrics.jsonl")
+    records, bad_r = _read_jsonl(path / "ranks.jsonl")
+    notes += [f"{n} unreadable line(s) in {f}" for n, f in ((bad_m, "metrics.jsonl"), (bad_r, "ranks.jsonl")) if n]
+
+    row = {"run": rid, "path": str(path), "status": summary.get("status", "no_summary")}
+    overrides = _overrides(path)
+    row["overrides"] = " ".join(f"{k}={v}" for k, v in overrides.items())
+    row.update(_flatten(summary))
+    for k, v in overrides.items():  # summary.json is the truth; overrides fill what it lacks
+        if _missing(row.get(k)):
+            row[k] = v
+    config = _read_yaml(path / ".hydra" / "config.yaml") or {}
+    for k in _FILL_FROM_CONFIG:  # a run that died before its summary still says what it was
+        v = config.get(k) if isinstance(config, dict) else None
+        v = v.get("name") if isinstance(v, dict) else v
+        if _missing(row.get(k)) and v is not None and not isinstance(v, (dict, list)):
+            row[k] = v
+    row["ok"] = row["status"] == "completed"
+    row["final_source"] = "summary" if summary.get("final") else None
+    for split in ("val", "test"):  # unfinished runs: the last evaluation they logged
+        last = [r for r in metrics if r.get("split") == split]
+        if last and not summary.get("final", {}).get(split):
+            row.update({f"final.{split}.{k}": v for k, v in last[-1].items()
+                        if k not in ("step", "split", "epoch", "time_s", "lr")})
+            row["final_source"] = "last_logged"
+    row["notes"] = "; ".join(notes + ([summary["error"]] if summary.get("error") else []))
+    _add_labels(row)
+
+    mt = pd.DataFrame(metrics)
+    mt.insert(0, "run", rid)
+    alloc = pd.DataFrame([{"run": rid, "step": r.get("step"), "budget": r.get("budget"),
+                           "threshold": r.get("threshold"), "params_kept": r.get("params_kept"),
+                           "realised": sum((r.get("ranks") or {}).values())} for r in records],
+                         columns=["run", "step", "budget", "threshold", "params_kept", "realised"])
+    rk = pd.DataFrame([{"run": rid, "step": r.get("step"), "module": m, "rank": v, "budget": r.get("budget")}
+                       for r in records for m, v in (r.get("ranks") or {}).items()],
+                      columns=["run", "step", "module", "rank", "budget"])
+    return pd.DataFrame([row]), mt, alloc, _with_names(rk), _modules(rid, summary, records, row)
+
+
+def _modules(rid: str, summary: dict, records: list[dict], row: dict) -> pd.DataFrame:
+    final = summary.get("final_ranks") or (records[-1].get("ranks") if records else None) or {}
+    first = (records[0].get("ranks") or {}) if records else {}
+    shapes = summary.get("module_shapes") or {}
+    default_r0 = row.get("init_rank") if row.get("method") in SVD_METHODS else row.get("lora_rank")
+    names = list(dict.fromkeys([*first, *final, *shapes]))
+    df = pd.DataFrame({
+        "run": rid, "module": names,
+        "init_rank": [first.get(n, default_r0) for n in names],
+        "final_rank": [final.get(n) for n in names],
+        "d_out": [(shapes.get(n) or [None, None])[0] for n in names],
+        "d_in": [(shapes.get(n) or [None, None])[1] for n in names],
+    }, columns=["run", "module", "init_rank", "final_rank", "d_out", "d_in"])
+    for c in ("init_rank", "final_rank"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return _with_names(df)
+
+
+def _with_names(df: pd.DataFrame) -> pd.DataFrame:
+    if not len(df):
+        return df.reindex(columns=[*df.columns, "group", "layer", "mtype", "row"])
+    return df.merge(module_table(df["module"]), on="module", how="left")
+
+
+def _add_labels(row: dict) -> None:
+    """`label` (method, with the ablation when there is one), `budget_label` (the knob that sets
+    the budget), `pair_budget` (what makes an AdaLoRA run and a LoRA run comparable)."""
+    method = row.get("method") or "unknown"
+    ablation = row.get("ablation")
+    row["method"] = method
+    row["label"] = method if ablation in (None, "none", "") or pd.isna(ablation) else f"{method}[{ablation}]"
+    tr, lr, tp = row.get("target_rank"), row.get("lora_rank"), row.get("budget.target_params")
+    if method in SVD_METHODS and _num(tr):
+        row["budget_label"] = f"avg r={tr:g}"
+    elif method in LORA_METHODS and _num(lr):
+        row["budget_label"] = f"r={int(lr)}"
+    else:
+        row["budget_label"] = ""
+    matched = row.get("budget.matched_lora_rank")
+    if _num(tp):  # both methods sized to one parameter target: compare at that target
+        row["pair_budget"] = f"{int(tp)} params"
+    elif method in SVD_METHODS and _num(matched):
+        row["pair_budget"] = f"r={int(matched)}"
+    elif method in LORA_METHODS and _num(lr):
+        row["pair_budget"] = f"r={int(lr)}"
+    else:
+        row["pair_budget"] = row["budget_label"]
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _py(v):
+    """numpy scalar / NaN -> plain Python (None for NaN), for configs rebuilt from a table row."""
+    v = v.item() if isinstance(v, np.generic) else v
+    if isinstance(v, float):  # counts come back as floats from a column that also holds NaN
+        return None if np.isnan(v) else (int(v) if v.is_integer() else v)
+    return v
+
+
+def _read_safetensors(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        from safetensors.numpy import load_file
+        return load_file(str(path))
+    except (TypeError, ValueError):  # bfloat16 has no numpy dtype: go through torch
+        from safetensors.torch import load_file as load_torch
+        return {k: v.float().numpy() for k, v in load_torch(str(path)).items()}
