@@ -1,0 +1,25 @@
+"""AdaLoRA (Zhang et al., ICLR 2023) and LoRA adapters for any PyTorch model.
+
+Torch, numpy and safetensors only; ``adalora.hf`` (transformers) is imported on demand.
+"""
+__version__ = "0.1.0"
+
+from . import schedule
+from .allocator import AllocationRecord, RankAllocator
+from .config import AdapterConfig, ScheduleConfig, ScoreConfig
+from .importance import ImportanceScorer, triplet_scores
+from .inject import (adapter_parameters, adapter_shapes, count_parameters, find_adapters, inject,
+                     mark_only_adapters_trainable, merge, unmerge)
+from .io import export_lora, load_adapters, read_adapters, save_adapters
+from .layers import AdapterLayer, LoRALinear, SVDLinear
+from .regularizer import orthogonality_penalty
+
+__all__ = [
+    "AdapterConfig", "ScheduleConfig", "ScoreConfig",
+    "AdapterLayer", "SVDLinear", "LoRALinear",
+    "inject", "find_adapters", "adapter_parameters", "adapter_shapes", "count_parameters",
+    "mark_only_adapters_trainable", "merge", "unmerge",
+    "orthogonality_penalty", "ImportanceScorer", "triplet_scores",
+    "RankAllocator", "AllocationRecord", "schedule",
+    "save_adapters", "load_adapters", "read_adapters", "export_lora",
+]

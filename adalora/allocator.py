@@ -1,0 +1,195 @@
+"""Rank allocator: global top-``b(t)`` pruning of singular values on the budget schedule (paper Eq. 8).
+
+The training loop calls, once per optimizer step and in this order (DESIGN section 3)::
+
+    opt.step(); sched.step()
+    allocator.update_importance(step)
+    record = allocator.mask_to_budget(step)     # None off mask steps
+    opt.zero_grad(set_to_none=True)
+
+and ``allocator.finalize()`` at the end, which raises if the final allocation never happened
+(the silent no-op users of other libraries hit when the allocation call is forgotten).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import schedule
+from .config import ScheduleConfig, ScoreConfig
+from .importance import ImportanceScorer
+from .layers import SVDLinear
+
+
+@dataclass(frozen=True)
+class AllocationRecord:
+    step: int
+    budget: int                  # singular values kept over all adapters (exactly this many)
+    threshold: float | None      # highest pruned triplet score; None when nothing was pruned
+    ranks: dict[str, int]        # {module name: kept singular values}
+    params_kept: int             # Σ_k rank_k · (d_in + d_out + 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RankAllocator:
+    """Scores every singular value of the SVD adapters and masks all but the global top ``b(t)``."""
+
+    def __init__(self, adapters: dict, schedule_cfg: ScheduleConfig, score_cfg: ScoreConfig | None = None,
+                 score_before_step: bool = False):
+        self.names = [n for n, a in adapters.items() if isinstance(a, SVDLinear)]
+        if not self.names:
+            raise ValueError("RankAllocator needs SVD adapters: inject with AdapterConfig(method='adalora')")
+        self.layers: list[SVDLinear] = [adapters[n] for n in self.names]
+        self.schedule = schedule_cfg
+        self.score_cfg = score_cfg or ScoreConfig()
+        # Recorded for the loop and checkpoints; the ablation itself is where the loop calls us.
+        self.score_before_step = score_before_step
+        self.initial_budget = sum(layer.r0 for layer in self.layers)
+        self.target_budget = schedule.target_budget(schedule_cfg, len(self.layers))
+        if self.target_budget >= self.initial_budget:
+            raise ValueError(
+                f"target budget {self.target_budget} >= initial budget {self.initial_budget} singular values: "
+                "set ScheduleConfig.target_rank below AdapterConfig.init_rank (the paper uses init ≈ 1.5 × target)")
+        self.scorer = ImportanceScorer(self.layers, self.score_cfg)
+        self.final_done = False
+        self.compacted = False
+        self.final_scores: list[torch.Tensor] | None = None
+
+    # -- the two per-step calls ------------------------------------------------------------------
+    def update_importance(self, step: int, grads_finite: bool | None = None) -> bool:
+        """Update the EMAs from the current gradients; a no-op from the final allocation on."""
+        if step >= self.schedule.final_step or self.final_done:
+            return False
+        return self.scorer.update(grads_finite)
+
+    @torch.no_grad()
+    def mask_to_budget(self, step: int) -> AllocationRecord | None:
+        """Allocate on mask steps (returns the record), re-apply the frozen mask in the final phase."""
+        if self.final_done:
+            self._apply_masks()          # Adam moments would revive a zeroed lam otherwise
+            return None
+        if step >= self.schedule.final_step:
+            # ">=" so that a loop that never passes exactly T − t_f (a resumed run) still finalizes.
+            record = self._allocate(step, self.target_budget)
+            self.final_done = True
+            self.final_scores = [s.detach().clone() for s in self.scorer.scores(step)]
+            self.scorer.free()
+            return record
+        if schedule.is_mask_step(step, self.schedule):
+            b = schedule.budget_at(step, self.schedule, self.initial_budget, self.target_budget)
+            return self._allocate(step, b)
+        return None
+
+    def _allocate(self, step: int, budget: int) -> AllocationRecord:
+        scores = self.scorer.scores(step)
+        flat = torch.cat([s.float() for s in scores])                       # (Σ r_k,)
+        # Exactly `budget` kept: a stable descending sort breaks ties by adapter order then index
+        # (the reference "score <= kth value" rule prunes every tie and so over-prunes).
+        order = torch.sort(flat, descending=True, stable=True).indices
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[order[:budget]] = True
+        threshold = float(flat[order[budget]]) if budget < flat.numel() else None
+        for layer, m in zip(self.layers, torch.split(keep, [layer.rank for layer in self.layers])):
+            layer.rank_mask.copy_(m)
+        self._apply_masks()
+        ranks = self.ranks()
+        return AllocationRecord(step=step, budget=int(keep.sum()), threshold=threshold, ranks=ranks,
+                                params_kept=self._params(ranks))
+
+    def _apply_masks(self) -> None:
+        if self.compacted:
+            return
+        lams = [layer.lam.data for layer in self.layers]
+        torch._foreach_mul_(lams, [layer.rank_mask.to(layer.lam.dtype) for layer in self.layers])
+
+    # -- read-outs ---------------------------------------------------------------------------------
+    def ranks(self) -> dict[str, int]:
+        counts = torch.stack([layer.rank_mask.sum() for layer in self.layers]).tolist()   # one sync
+        return dict(zip(self.names, counts))
+
+    def _params(self, ranks: dict[str, int]) -> int:
+        return sum(ranks[n] * (layer.in_features + layer.out_features + 1) for n, layer in zip(self.names, self.layers))
+
+    def params_kept(self) -> int:
+        return self._params(self.ranks())
+
+    def initial_record(self) -> AllocationRecord:
+        ranks = self.ranks()
+        return AllocationRecord(step=0, budget=sum(ranks.values()), threshold=None, ranks=ranks,
+                                params_kept=self._params(ranks))
+
+    def triplet_scores(self) -> dict[str, torch.Tensor]:
+        """Scores ``S_k (r0_k,)`` per module: frozen at the final allocation, else the current ones."""
+        scores = self.final_scores if self.final_scores is not None else self.scorer.scores()
+        return dict(zip(self.names, scores))
+
+    def finalize(self) -> AllocationRecord:
+        """End-of-training check: the final allocation must have happened."""
+        if not self.final_done:
+            raise RuntimeError(
+                f"AdaLoRA never reached its final allocation (step {self.schedule.final_step} = total_steps - "
+                "final_warmup): call allocator.update_importance(step) and mask_to_budget(step) once per "
+                "optimizer step with step counting optimizer steps, and set ScheduleConfig.total_steps to "
+                "the number of optimizer steps actually run")
+        ranks = self.ranks()
+        return AllocationRecord(step=self.schedule.total_steps, budget=sum(ranks.values()), threshold=None,
+                                ranks=ranks, params_kept=self._params(ranks))
+
+    # -- compaction -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compact(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Physically shrink ``P, lam, Q`` to the kept rank after the final allocation.
+
+        Optimizer state of those parameters (Adam/AdamW moments, SGD momentum) is sliced to
+        match and the new parameters take the old ones' places in the param groups, so training
+        continues exactly as with the masked full-size adapters, only cheaper.
+        """
+        if not self.final_done:
+            raise RuntimeError("compact() before the final allocation: call it once mask_to_budget has "
+                               "returned the final record (step >= total_steps - final_warmup)")
+        if self.compacted:
+            return
+        for layer in self.layers:
+            keep = layer.rank_mask.nonzero().flatten()
+            old = {"P": layer.P, "lam": layer.lam, "Q": layer.Q}
+            layer.resize(keep)
+            if optimizer is not None:
+                for attr, dim in (("P", 1), ("lam", 0), ("Q", 0)):
+                    _swap_in_optimizer(optimizer, old[attr], getattr(layer, attr), keep, dim)
+        self.compacted = True
+
+    # -- checkpointing ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"scorer": self.scorer.state_dict(), "final_done": self.final_done, "compacted": self.compacted,
+                "masks": [layer.rank_mask.clone() for layer in self.layers],
+                "final_scores": self.final_scores, "names": list(self.names)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if list(sd["names"]) != self.names:
+            raise ValueError("allocator state is for other adapters: inject the same targets as the saved run")
+        if sd["compacted"] and not self.compacted:
+            for layer, m in zip(self.layers, sd["masks"]):
+                layer.resize(torch.arange(m.numel(), device=layer.lam.device))  # weights come from the model load
+        for layer, m in zip(self.layers, sd["masks"]):
+            if layer.rank_mask.shape != m.shape:
+                raise ValueError("allocator state masks do not match the adapters' ranks: load the "
+                                 "allocator state into a model injected with the saved config")
+            layer.rank_mask.copy_(m)
+        self.scorer.load_state_dict(sd["scorer"])
+        self.final_done, self.compacted = bool(sd["final_done"]), bool(sd["compacted"])
+        self.final_scores = None if sd["final_scores"] is None else [s.clone() for s in sd["final_scores"]]
+
+
+def _swap_in_optimizer(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter,
+                       keep: torch.Tensor, dim: int) -> None:
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i] = new
+    state = opt.state.pop(old, None)
+    if state is not None:
+        opt.state[new] = {k: (v.index_select(dim, keep.to(v.device)).clone()
+                              if torch.is_tensor(v) and v.shape == old.shape else v) for k, v in state.items()}

@@ -1,0 +1,120 @@
+"""Configuration dataclasses. Each validates itself in ``__post_init__`` and names the fix.
+
+They are owned by the code they configure (layers/inject, schedule, importance) and are the
+schemas Hydra's YAML fills; nothing here knows about Hydra.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+METHODS = ("adalora", "lora")
+SCHEDULE_SHAPES = ("cubic", "linear", "constant")
+SCORE_KINDS = ("sensitivity_uncertainty", "sensitivity", "magnitude", "random")
+ORTH_FORMS = ("reference", "paper")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+@dataclass
+class AdapterConfig:
+    """Which layers get adapters and how they are shaped.
+
+    ``init_rank`` is ``r0`` of the SVD adapters for AdaLoRA and the rank ``r`` for LoRA.
+    ``rank_pattern`` overrides the rank per module: keys are full dotted names or suffixes
+    (the longest matching key wins), e.g. ``{"layer.5.output.dense": 3}``.
+    """
+
+    method: str = "adalora"
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    target_regex: str | None = None
+    init_rank: int = 12
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init_std: float = 0.02
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"AdapterConfig.method={self.method!r}: use one of {METHODS}")
+        _check(bool(self.targets) or self.target_regex is not None,
+               "AdapterConfig.targets is empty: name module suffixes (e.g. ['query','value']) or set target_regex")
+        self.targets = list(self.targets)
+        _check(all(isinstance(t, str) and t for t in self.targets),
+               "AdapterConfig.targets must be non-empty strings (module name suffixes)")
+        _check(isinstance(self.init_rank, int) and not isinstance(self.init_rank, bool) and self.init_rank >= 0,
+               f"AdapterConfig.init_rank={self.init_rank!r}: use an integer >= 0")
+        _check(math.isfinite(self.alpha) and self.alpha > 0, f"AdapterConfig.alpha={self.alpha}: use a positive number")
+        _check(0.0 <= self.dropout < 1.0, f"AdapterConfig.dropout={self.dropout}: use a value in [0, 1)")
+        _check(math.isfinite(self.init_std) and self.init_std > 0,
+               f"AdapterConfig.init_std={self.init_std}: use a positive number")
+        self.rank_pattern = dict(self.rank_pattern)
+        for k, v in self.rank_pattern.items():
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                   f"AdapterConfig.rank_pattern[{k!r}]={v!r}: ranks must be integers >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Budget schedule of DESIGN section 3, counted in singular values over all SVD adapters.
+
+    ``target_rank`` is the *average* final rank per adapter (``b_T = round(target_rank * n)``);
+    ``target_total`` sets ``b_T`` directly and wins when given. ``final_warmup`` is a duration
+    (the last ``final_warmup`` steps train with a frozen mask), not a step index.
+    """
+
+    target_rank: float | None = 8.0
+    target_total: int | None = None
+    total_steps: int = 1000
+    init_warmup: int = 100
+    final_warmup: int = 300
+    mask_interval: int = 10
+    shape: str = "cubic"
+
+    def __post_init__(self) -> None:
+        _check(self.shape in SCHEDULE_SHAPES, f"ScheduleConfig.shape={self.shape!r}: use one of {SCHEDULE_SHAPES}")
+        for name in ("total_steps", "mask_interval"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   f"ScheduleConfig.{name}={v!r}: use a positive integer")
+        for name in ("init_warmup", "final_warmup"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                   f"ScheduleConfig.{name}={v!r}: use an integer >= 0")
+        _check(self.init_warmup + self.final_warmup < self.total_steps,
+               f"ScheduleConfig: init_warmup + final_warmup = {self.init_warmup + self.final_warmup} >= "
+               f"total_steps = {self.total_steps}, so no step is left to prune in: shorten the warmups "
+               "or train longer")
+        if self.target_total is not None:
+            _check(isinstance(self.target_total, int) and not isinstance(self.target_total, bool)
+                   and self.target_total >= 0,
+                   f"ScheduleConfig.target_total={self.target_total!r}: use an integer >= 0")
+        else:
+            _check(self.target_rank is not None, "ScheduleConfig: set target_rank (average) or target_total")
+            _check(math.isfinite(self.target_rank) and self.target_rank >= 0,
+                   f"ScheduleConfig.target_rank={self.target_rank}: use a number >= 0")
+
+    @property
+    def final_step(self) -> int:
+        """``T - t_f``: the step of the final allocation."""
+        return self.total_steps - self.final_warmup
+
+
+@dataclass
+class ScoreConfig:
+    """Importance score (DESIGN section 3, Eqs. 10-13 of the paper)."""
+
+    beta1: float = 0.85
+    beta2: float = 0.85
+    kind: str = "sensitivity_uncertainty"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.kind in SCORE_KINDS, f"ScoreConfig.kind={self.kind!r}: use one of {SCORE_KINDS}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and 0.0 < v < 1.0,
+                   f"ScoreConfig.{name}={v!r}: use a value strictly between 0 and 1 (the paper uses 0.85)")

@@ -1,0 +1,120 @@
+"""Put adapters into a model, find them again by type, freeze the rest, merge and unmerge."""
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+from .config import AdapterConfig
+from .layers import AdapterLayer, LoRALinear, SVDLinear, is_adaptable
+
+
+def _matches(name: str, cfg: AdapterConfig) -> bool:
+    if cfg.target_regex is not None:
+        return re.fullmatch(cfg.target_regex, name) is not None
+    return any(name == t or name.endswith("." + t) for t in cfg.targets)
+
+
+def _rank_for(name: str, cfg: AdapterConfig) -> int:
+    """``rank_pattern`` entry for ``name`` (exact name or the longest matching suffix), else ``init_rank``."""
+    hits = [k for k in cfg.rank_pattern if name == k or name.endswith("." + k)]
+    return cfg.rank_pattern[max(hits, key=len)] if hits else cfg.init_rank
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
+    """Wrap every matching linear layer of ``model`` in place; return ``{name: adapter}`` in module order."""
+    if find_adapters(model):
+        raise ValueError("model already has adapters: inject once per model (use find_adapters to get them)")
+    linear = [n for n, m in model.named_modules() if n and is_adaptable(m)]
+    chosen = [n for n in linear if _matches(n, cfg)]
+    if not chosen:
+        what = f"target_regex={cfg.target_regex!r}" if cfg.target_regex else f"targets={cfg.targets}"
+        shown = ", ".join(linear[:40]) + (" ..." if len(linear) > 40 else "")
+        raise ValueError(f"{what} matched no linear layer; available: {shown or '(none)'}")
+    if cfg.target_regex is None:
+        unused = [t for t in cfg.targets if not any(n == t or n.endswith("." + t) for n in chosen)]
+        if unused:
+            raise ValueError(f"targets {unused} matched no linear layer; fix the names (e.g. one of "
+                             f"{sorted({n.rsplit('.', 1)[-1] for n in linear})})")
+    unknown = [k for k in cfg.rank_pattern if not any(n == k or n.endswith("." + k) for n in chosen)]
+    if unknown:
+        raise ValueError(f"rank_pattern keys {unknown} match no adapted module; use names from {chosen[:6]}...")
+    adapters: dict[str, AdapterLayer] = {}
+    for name in chosen:
+        base = model.get_submodule(name)
+        r = _rank_for(name, cfg)
+        if cfg.method == "adalora":
+            layer = SVDLinear(base, r, cfg.alpha, cfg.dropout, cfg.init_std)
+        else:
+            layer = LoRALinear(base, r, cfg.alpha, cfg.dropout, cfg.rslora)
+        _set_submodule(model, name, layer)
+        adapters[name] = layer
+    return adapters
+
+
+def find_adapters(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Rebuild the adapter dict by type (never by parameter-name substrings)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def adapter_parameters(adapters: dict[str, AdapterLayer]) -> list[nn.Parameter]:
+    out = []
+    for layer in adapters.values():
+        out += [layer.P, layer.lam, layer.Q] if isinstance(layer, SVDLinear) else [layer.A, layer.B]
+    return out
+
+
+def mark_only_adapters_trainable(model: nn.Module, extra: tuple[str, ...] = (), bias: str = "none") -> None:
+    """Freeze everything but the adapters and modules whose dotted names end with one of ``extra``.
+
+    ``bias``: ``"none"`` (all biases frozen), ``"all"`` (every bias trains) or ``"adapter_only"``
+    (biases of adapted layers train).
+    """
+    if bias not in ("none", "all", "adapter_only"):
+        raise ValueError(f"bias={bias!r}: use 'none', 'all' or 'adapter_only'")
+    adapters = find_adapters(model)
+    if not adapters:
+        raise ValueError("model has no adapters: call adalora.inject(model, cfg) first")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_parameters(adapters):
+        p.requires_grad_(True)
+    modules = dict(model.named_modules())
+    missing = [e for e in extra if not any(n == e or n.endswith("." + e) for n in modules if n)]
+    if missing:
+        raise ValueError(f"extra={missing} match no module; give dotted-name suffixes such as 'classifier'")
+    for n, m in modules.items():
+        if n and any(n == e or n.endswith("." + e) for e in extra):
+            for p in m.parameters():
+                p.requires_grad_(True)
+        if bias == "all" or (bias == "adapter_only" and isinstance(m, AdapterLayer)):
+            b = getattr(m.base if isinstance(m, AdapterLayer) else m, "bias", None)
+            if isinstance(b, nn.Parameter):
+                b.requires_grad_(True)
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter into its base weight (zero added latency at inference)."""
+    adapters = find_adapters(model)
+    for layer in adapters.values():
+        layer._check_mergeable()  # refuse before touching any weight
+    for layer in adapters.values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in find_adapters(model).values():
+        layer.unmerge()
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def adapter_shapes(adapters: dict[str, AdapterLayer]) -> dict[str, tuple[int, int]]:
+    return {n: (a.out_features, a.in_features) for n, a in adapters.items()}

@@ -1,0 +1,195 @@
+"""Adapter layers: ``SVDLinear`` (AdaLoRA, Eq. 3) and ``LoRALinear`` (Hu et al., 2021).
+
+Both wrap a frozen linear map ``W0 (d_out, d_in)``: ``nn.Linear``, ``transformers``' ``Conv1D``
+(weight stored transposed, ``(d_in, d_out)``) or a quantized base such as ``adalora.quant.NF4Linear``
+(class attribute ``quantized = True``). Forward adds the low-rank update; nothing in ``forward``
+changes ranks or adds losses: pruning is the allocator's explicit call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """``transformers.pytorch_utils.Conv1D`` without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return bool(getattr(module, "quantized", False))
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Layers an adapter can wrap (found by type, never by name)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized(module)
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of the wrapped map."""
+    if is_conv1d(base):
+        d_in, d_out = base.weight.shape
+        return d_out, d_in
+    return base.out_features, base.in_features
+
+
+def _base_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    if is_quantized(base):
+        return next(base.buffers()).device, base.compute_dtype
+    return base.weight.device, base.weight.dtype
+
+
+class AdapterLayer(nn.Module):
+    """Common wrapper: holds ``base`` frozen, adds ``scaling * delta(x)``, merges and unmerges.
+
+    The base's own parameters keep their names in the state dict (``query.weight``, not
+    ``query.base.weight``), so a checkpoint of the plain model loads into the adapted one.
+    """
+
+    def __init__(self, base: nn.Module, dropout: float = 0.0):
+        super().__init__()
+        if not is_adaptable(base):
+            raise TypeError(f"cannot wrap {type(base).__name__}: adapters wrap nn.Linear, Conv1D or NF4Linear")
+        self.base = base
+        self.out_features, self.in_features = base_shape(base)
+        # No dropout kernel at all when it is off (the common case).
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.register_state_dict_post_hook(_strip_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
+
+    # Subclasses define ``rank``, ``scaling``, ``_lowrank(x)`` (unscaled ``(..., d_out)``),
+    # ``_delta_unscaled()`` (``(d_out, d_in)``) and ``_adapter_dtype()``.
+
+    # -- shared behaviour ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged or self.rank == 0:
+            return y
+        h = self._lowrank(self.drop(x).to(self._adapter_dtype()))
+        return y + (self.scaling * h).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * ΔW`` as a dense ``(d_out, d_in)`` matrix in the adapter dtype."""
+        return self.scaling * self._delta_unscaled()
+
+    def _check_mergeable(self) -> None:
+        if is_quantized(self.base):
+            raise ValueError("cannot merge into a quantized (NF4) base: dequantize the model first, "
+                             "or serve the adapters unmerged")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``W0``: zero added inference latency."""
+        self._check_mergeable()
+        if self.merged:
+            return
+        w = self.base.weight
+        d = self.delta_weight().to(w.dtype)
+        w.add_(d.T if is_conv1d(self.base) else d)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the same update again (exact up to the weight dtype's round-off)."""
+        if not self.merged:
+            return
+        w = self.base.weight
+        d = self.delta_weight().to(w.dtype)
+        w.sub_(d.T if is_conv1d(self.base) else d)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.in_features}, d_out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+def _strip_base_prefix(module, state_dict, prefix, local_metadata):
+    inner = prefix + "base."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _add_base_prefix(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    own = {"P", "lam", "Q", "rank_mask", "A", "B"}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if rest.split(".")[0] not in own and not rest.startswith("base."):
+            state_dict[prefix + "base." + rest] = state_dict.pop(key)
+
+
+class SVDLinear(AdapterLayer):
+    """AdaLoRA adapter: ``y = x W0ᵀ + b + (α / r0) · ((drop(x) Qᵀ) ⊙ lam) Pᵀ``.
+
+    ``P (d_out, r)``, ``lam (r,)``, ``Q (r, d_in)``; ``r`` starts at ``r0`` and only shrinks through
+    ``resize`` (after the final allocation, or when loading a pruned adapter).
+    The scale divides by the *initial* rank and never changes: the reference code does this
+    and its author found rescaling after pruning hurt results.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, init_std: float = 0.02):
+        super().__init__(base, dropout)
+        device, dtype = _base_device_dtype(base)
+        self.r0 = rank
+        self.scaling = alpha / rank if rank > 0 else 0.0
+        self.P = nn.Parameter(torch.randn(self.out_features, rank, device=device, dtype=dtype) * init_std)
+        self.lam = nn.Parameter(torch.zeros(rank, device=device, dtype=dtype))
+        self.Q = nn.Parameter(torch.randn(rank, self.in_features, device=device, dtype=dtype) * init_std)
+        self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
+
+    @property
+    def rank(self) -> int:
+        return self.lam.shape[0]
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return self.lam.dtype
+
+    def _lowrank(self, x):
+        return F.linear(F.linear(x, self.Q) * self.lam, self.P)
+
+    def _delta_unscaled(self):
+        return (self.P * self.lam) @ self.Q
+
+    @torch.no_grad()
+    def resize(self, keep: torch.Tensor) -> None:
+        """Keep only the singular values at indices ``keep`` (physically shrinks P, lam, Q).
+
+        Creates new ``nn.Parameter`` objects: an optimizer must be told (``RankAllocator.compact``
+        does that); ``scaling`` stays ``α / r0``.
+        """
+        keep = keep.to(self.lam.device)
+        self.P = nn.Parameter(self.P[:, keep].clone(), requires_grad=self.P.requires_grad)
+        self.lam = nn.Parameter(self.lam[keep].clone(), requires_grad=self.lam.requires_grad)
+        self.Q = nn.Parameter(self.Q[keep, :].clone(), requires_grad=self.Q.requires_grad)
+        self.rank_mask = self.rank_mask[keep].clone()
+
+
+class LoRALinear(AdapterLayer):
+    """LoRA adapter: ``y = x W0ᵀ + b + (α / r) · (drop(x) Aᵀ) Bᵀ``; rsLoRA uses ``α / √r``.
+
+    ``A (r, d_in)`` Kaiming-uniform (as loralib and peft), ``B (d_out, r)`` zero, so ΔW = 0 at init.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__(base, dropout)
+        device, dtype = _base_device_dtype(base)
+        self.scaling = (alpha / math.sqrt(rank) if rslora else alpha / rank) if rank > 0 else 0.0
+        self.A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        if rank > 0:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    def _lowrank(self, x):
+        return F.linear(F.linear(x, self.A), self.B)
+
+    def _delta_unscaled(self):
+        return self.B @ self.A
