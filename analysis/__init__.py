@@ -1,0 +1,1 @@
+"""Analysis of AdaLoRA run folders: loaders, plots, tables, report (reads files only)."""

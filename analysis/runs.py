@@ -31,6 +31,7 @@ from analysis.names import module_table
 SVD_METHODS = ("adalora", "svd_lora", "peft_adalora")
 LORA_METHODS = ("lora", "peft_lora")
 _RUN_MARKERS = ("summary.json", "metrics.jsonl", "ranks.jsonl", ".hydra/config.yaml")
+_IDS = ("run", "row", "module", "group", "mtype", "path", "label", "budget_label", "pair_budget")
 _SECTIONS = ("schedule", "budget", "params", "final", "versions")
 _FILL_FROM_CONFIG = ("method", "task", "model", "seed", "ablation")
 
@@ -99,19 +100,28 @@ def load_sweep(dirs) -> Sweep:
 
 
 def load_spectrum(path) -> pd.DataFrame:
-    """`adapters.safetensors` -> module, index, lam, alive (one row per singular value).
+    """`adapters.safetensors` -> module, index, lam, alive (one row per initial singular value).
 
-    `alive` comes from `<module>.rank_mask` when saved, else from lam != 0 (pruned values are
-    zeroed), so compacted and uncompacted adapters read the same."""
-    tensors = _read_safetensors(Path(path) / "adapters.safetensors")
+    adalora.save_adapters keeps only the alive values plus their positions (`<module>.kept`) and
+    the initial rank in adapters.json; pruned positions come back with lam = 0, alive = False.
+    Files that keep all values read alive from `<module>.rank_mask`, else from lam != 0."""
+    path = Path(path)
+    tensors = _read_safetensors(path / "adapters.safetensors")
+    meta = _read_json(path / "adapters.json").get("modules", {})
     rows = []
     for key, lam in tensors.items():
-        if not key.endswith(".lam"):
+        if not key.endswith(".lam") or key.startswith("extra::"):
             continue
         module = key[: -len(".lam")]
         lam = np.asarray(lam, dtype=np.float64).reshape(-1)
-        mask = tensors.get(module + ".rank_mask")
-        alive = np.asarray(mask, dtype=bool).reshape(-1) if mask is not None else lam != 0
+        kept, mask = tensors.get(module + ".kept"), tensors.get(module + ".rank_mask")
+        if kept is not None:
+            r0 = int(meta.get(module, {}).get("r0", int(np.max(kept, initial=-1)) + 1))
+            full, alive = np.zeros(r0), np.zeros(r0, dtype=bool)
+            full[np.asarray(kept, dtype=np.int64)], alive[np.asarray(kept, dtype=np.int64)] = lam, True
+            lam = full
+        else:
+            alive = np.asarray(mask, dtype=bool).reshape(-1) if mask is not None else lam != 0
         rows.append(pd.DataFrame({"module": module, "index": np.arange(lam.size), "lam": lam,
                                   "alive": alive}))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
@@ -158,6 +168,13 @@ def _read_jsonl(path: Path) -> tuple[list[dict], int]:
     return records, bad
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def _read_yaml(path: Path):
     try:
         return yaml.safe_load(path.read_text()) if path.exists() else None
@@ -182,6 +199,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _numeric(df: pd.DataFrame) -> pd.DataFrame:
     """Object columns mixing numbers and None (a LoRA run has no target_rank) -> float columns."""
     for c in df.columns[df.dtypes == object]:
+        if c in _IDS:
+            continue
         try:
             df[c] = pd.to_numeric(df[c])
         except (TypeError, ValueError):
@@ -208,7 +227,7 @@ def _read_run(rid: str, path: Path):
     if summary_path.exists():
         try:
             summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # never expected (written atomically), but say so, don't crash
             notes.append("summary.json unreadable")
     metrics, bad_m = _read_jsonl(path / "metrics.jsonl")
     records, bad_r = _read_jsonl(path / "ranks.jsonl")
