@@ -1,0 +1,1 @@
+"""Hydra experiments for the adalora library: tasks, the training loop, run-folder writers."""

@@ -1,0 +1,168 @@
+"""From a validated RunConfig to the objects the loop needs: model with adapters, allocator,
+optimizer parameter groups, budget bookkeeping. Library ValueErrors raised here are config
+errors (targets matching nothing, impossible schedules) and become one-line ConfigErrors."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+import adalora
+
+from . import budget as B
+from .config import ConfigError, RunConfig
+from .model import PooledClassifier
+
+HEAD = "classifier"
+
+
+@dataclass
+class Built:
+    model: PooledClassifier
+    adapters: Dict[str, nn.Module]
+    allocator: Optional[Any]                  # adalora.RankAllocator for pruning methods
+    adapter_cfg: Optional[Any]
+    schedule_cfg: Optional[Any]
+    total_steps: int
+    init_warmup: Optional[int] = None
+    final_warmup: Optional[int] = None
+    budget: Dict[str, Optional[int]] = field(default_factory=dict)
+    lora_rank: Optional[int] = None
+    target_rank: Optional[float] = None
+    quantized: List[str] = field(default_factory=list)
+
+
+def derive_total_steps(n_train: int, cfg: RunConfig, world_size: int = 1) -> int:
+    """Optimizer steps from data size, epochs, batch, accumulation and world size."""
+    per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum * world_size
+    total = max(1, math.ceil(cfg.trainer.epochs * n_train / per_step))
+    return min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
+
+
+def read_found_ranks(run_dir: str) -> Dict[str, int]:
+    """final_ranks of a finished AdaLoRA run (ablation lora_on_found_ranks)."""
+    path = os.path.join(run_dir, "summary.json")
+    try:
+        s = json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"method.rank_pattern_from: cannot read {path} ({type(e).__name__})")
+    if s.get("status") != "completed" or not s.get("final_ranks"):
+        raise ConfigError(f"method.rank_pattern_from: {run_dir} is not a completed AdaLoRA run "
+                          "with final_ranks")
+    return {k: int(v) for k, v in s["final_ranks"].items()}
+
+
+def _shapes(backbone: nn.Module, acfg) -> Dict[str, tuple]:
+    """Shapes of the matrices ``acfg`` would adapt: inject into a throwaway copy, so the names
+    match exactly as the library matches them (budget matching must know shapes before the
+    real inject picks the rank)."""
+    return dict(adalora.adapter_shapes(adalora.inject(copy.deepcopy(backbone), acfg)))
+
+
+def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int = 1) -> Built:
+    m = cfg.method
+    total = derive_total_steps(n_train, cfg, world_size)
+    backbone = model.backbone
+    if cfg.model.quantize == "nf4":
+        if not hasattr(adalora, "quantize_model"):
+            raise ConfigError("model.quantize=nf4 needs adalora.quantize_model (adalora/quant.py)")
+        # Quantize every linear of the encoder; the head lives outside the backbone.
+        quantized = adalora.quantize_model(backbone, targets=None, skip=[HEAD])
+    else:
+        quantized = []
+    out = Built(model, {}, None, None, None, total, quantized=quantized)
+    if m.name in ("full", "head"):
+        for p in model.parameters():
+            p.requires_grad_(m.name == "full")
+        for p in model.classifier.parameters():
+            p.requires_grad_(True)
+        return out
+    if m.name.startswith("peft_"):
+        raise ConfigError(f"method={m.name} is not wired yet; use method=adalora or method=lora")
+
+    rank_pattern = dict(m.rank_pattern)
+    if m.rank_pattern_from:
+        rank_pattern.update(read_found_ranks(m.rank_pattern_from))
+
+    def adapter_cfg(init_rank: int):
+        return adalora.AdapterConfig(method="adalora" if m.uses_svd else "lora",
+                                     targets=list(m.targets), target_regex=m.target_regex,
+                                     init_rank=init_rank, alpha=m.alpha, dropout=m.dropout,
+                                     rslora=m.rslora, rank_pattern=rank_pattern)
+    try:
+        shapes = _shapes(backbone, adapter_cfg(m.init_rank))
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0])
+
+    # Budget matching, in parameters (experiments/budget.py).
+    s = cfg.schedule
+    target_rank, matched_r, init_rank = s.target_rank, None, m.init_rank
+    if m.prunes and cfg.budget.match == "from_lora":
+        matched_r = cfg.budget.lora_rank
+        target_rank = B.target_rank_from_lora(shapes, matched_r, m.init_rank)
+    target_params = B.adalora_target_params(shapes, target_rank)
+    if cfg.budget.match == "matched" and not rank_pattern:
+        matched_r = B.matched_lora_rank(shapes, target_params)
+        if m.name == "lora":
+            init_rank = matched_r
+    try:
+        acfg = adapter_cfg(init_rank)
+        out.adapters = adalora.inject(backbone, acfg)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0])
+    out.adapter_cfg = acfg
+    if m.name == "lora":
+        out.lora_rank = init_rank
+        lora_p = sum(a.A.numel() + a.B.numel() for a in out.adapters.values())
+    else:
+        lora_p = None if matched_r is None else B.lora_params(shapes, matched_r)
+    out.budget = {"target_params": target_params if (m.prunes or matched_r) else None,
+                  "matched_lora_rank": matched_r, "lora_params": lora_p}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adalora.mark_only_adapters_trainable(model, extra=(HEAD,))
+
+    if m.prunes:
+        ti, tf = s.warmups(total)
+        try:
+            out.schedule_cfg = adalora.ScheduleConfig(
+                target_rank=target_rank, target_total=s.target_total, total_steps=total,
+                init_warmup=ti, final_warmup=tf, mask_interval=s.mask_interval, shape=s.shape)
+            score = adalora.ScoreConfig(beta1=s.beta1, beta2=s.beta2, kind=s.score, seed=cfg.seed)
+            out.allocator = adalora.RankAllocator(out.adapters, out.schedule_cfg, score,
+                                                  score_before_step=s.score_before_step)
+        except ValueError as e:
+            raise ConfigError(f"impossible schedule (total_steps={total} derived from "
+                              f"{n_train} examples): {str(e).splitlines()[0]}")
+        out.init_warmup, out.final_warmup, out.target_rank = ti, tf, target_rank
+    return out
+
+
+def param_groups(cfg: RunConfig, model: PooledClassifier) -> List[dict]:
+    """Adapters (or the backbone, for full fine-tuning) at trainer.lr; the fresh head at the
+    larger trainer.head_lr; no weight decay on the head."""
+    head = [p for p in model.classifier.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": body, "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay,
+               "name": "body"}] if body else []
+    groups.append({"params": head, "lr": cfg.trainer.head_lr, "weight_decay": 0.0,
+                   "name": "head"})
+    return groups
+
+
+def count_params(model: PooledClassifier, adapters: Dict[str, nn.Module], allocator) -> dict:
+    adapter = sum(p.numel() for a in adapters.values() for p in
+                  ([a.P, a.lam, a.Q] if isinstance(a, adalora.SVDLinear) else [a.A, a.B]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept = allocator.params_kept() if allocator is not None else adapter
+    adapter_ids = {id(p) for a in adapters.values() for p in a.parameters()
+                   if p.requires_grad}
+    base = sum(p.numel() for p in model.backbone.parameters() if id(p) not in adapter_ids)
+    return {"adapter": adapter, "adapter_kept": kept, "trainable": trainable, "base": base}

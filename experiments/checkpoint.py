@@ -1,0 +1,86 @@
+"""checkpoint.pt: everything needed to continue a run bitwise-identically on CPU.
+
+Written atomically (temp file in the same folder, fsync, os.replace), so a kill during the
+write leaves the previous complete checkpoint. Holds only tensors and primitive containers, so
+it loads with ``torch.load(weights_only=True)``: no code runs from a file someone hands you.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+import adalora
+
+NAME = "checkpoint.pt"
+
+
+def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Trainable parameters plus adapter buffers (rank masks), by type, not by name."""
+    sd = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, mod in model.named_modules():
+        if isinstance(mod, adalora.AdapterLayer):
+            for bn, b in mod.named_buffers(recurse=False):
+                sd[f"{name}.{bn}"] = b.detach().clone()
+    return sd
+
+
+def load_trainable_state(model: nn.Module, sd: Dict[str, torch.Tensor]) -> None:
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    missing = [k for k in sd if k not in own]
+    if missing:
+        raise ValueError(f"checkpoint tensor '{missing[0]}' has no place in this model: resume "
+                         "with the config of the checkpointed run")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"checkpoint tensor '{k}' has shape {tuple(v.shape)}, model has "
+                                 f"{tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    out = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                     int(np_state[2]), int(np_state[3]), float(np_state[4]))}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: Dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    version, key, gauss_next = s["python"]
+    random.setstate((version, tuple(key), gauss_next))
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save(run_dir: Path, state: Dict[str, Any]) -> Path:
+    path = Path(run_dir) / NAME
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{NAME}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(run_dir: Path) -> Dict[str, Any]:
+    return torch.load(Path(run_dir) / NAME, map_location="cpu", weights_only=True)

@@ -1,0 +1,216 @@
+"""Structured configs of the Hydra application.
+
+The YAML files under conf/ only fill these dataclasses (Hydra's structured-config pattern);
+each dataclass validates itself in ``__post_init__`` and names the fix. ``main()`` converts the
+composed config once with ``OmegaConf.to_object`` and nothing below it sees Hydra.
+
+The library's own configs (``adalora.AdapterConfig``, ``ScheduleConfig``, ``ScoreConfig``) are
+built from these in ``experiments/build.py`` and validate their part again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration or input error: printed as one line, exit code 2."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+METHODS = ("adalora", "lora", "svd_lora", "full", "head", "peft_adalora", "peft_lora")
+# The paper adapts every linear map of each block (DESIGN section 3; anchors-code D.2).
+ALL_BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                    "output.dense"]
+
+
+@dataclass
+class MethodConfig:
+    name: str = "adalora"
+    targets: List[str] = field(default_factory=lambda: list(ALL_BERT_TARGETS))
+    target_regex: Optional[str] = None
+    # AdaLoRA / svd_lora: the initial rank r0 of every SVD adapter. lora: the LoRA rank r
+    # (replaced by the matched rank under budget=matched).
+    init_rank: int = 12
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    orth_weight: float = 0.1
+    orth_form: str = "reference"
+    # lora only: per-module ranks {name_or_suffix: r}; or read from a finished AdaLoRA run.
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    rank_pattern_from: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(self.name in METHODS,
+               f"unknown method '{self.name}'; choose one of {', '.join(METHODS)}")
+        _check(self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")
+        _check(self.orth_weight >= 0, "method.orth_weight must be >= 0")
+        _check(self.orth_form in ("reference", "paper"),
+               "method.orth_form must be 'reference' or 'paper'")
+        _check(0.0 <= self.dropout < 1.0, "method.dropout must be in [0, 1)")
+        _check(bool(self.targets) or bool(self.target_regex) or self.name in ("full", "head"),
+               "method.targets is empty; give module-name suffixes or method.target_regex")
+
+    @property
+    def uses_svd(self) -> bool:
+        return self.name in ("adalora", "svd_lora", "peft_adalora")
+
+    @property
+    def prunes(self) -> bool:
+        return self.name in ("adalora", "peft_adalora")
+
+
+SCORES = ("sensitivity_uncertainty", "sensitivity", "magnitude", "random")
+
+
+@dataclass
+class ScheduleSection:
+    """AdaLoRA budget schedule and importance score. total_steps is derived, never typed."""
+    target_rank: float = 6.0
+    target_total: Optional[int] = None
+    # Absolute steps win; otherwise a ratio of the derived total_steps (short runs need ratios).
+    init_warmup: Optional[int] = None
+    init_warmup_ratio: float = 0.1
+    final_warmup: Optional[int] = None
+    final_warmup_ratio: float = 0.3
+    mask_interval: int = 5
+    shape: str = "cubic"
+    beta1: float = 0.85
+    beta2: float = 0.85
+    score: str = "sensitivity_uncertainty"
+    score_before_step: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.shape in ("cubic", "linear", "constant"),
+               f"schedule.shape='{self.shape}'; choose cubic, linear or constant")
+        _check(self.score in SCORES, f"schedule.score='{self.score}'; choose one of {SCORES}")
+        for k in ("init_warmup_ratio", "final_warmup_ratio"):
+            _check(0.0 <= getattr(self, k) < 1.0, f"schedule.{k} must be in [0, 1)")
+        _check(self.mask_interval >= 1, "schedule.mask_interval must be >= 1")
+
+    def warmups(self, total_steps: int) -> tuple[int, int]:
+        ti = self.init_warmup if self.init_warmup is not None else \
+            int(round(self.init_warmup_ratio * total_steps))
+        tf = self.final_warmup if self.final_warmup is not None else \
+            int(round(self.final_warmup_ratio * total_steps))
+        return ti, tf
+
+
+@dataclass
+class TaskConfig:
+    name: str = "rotten_tomatoes"
+    # "rotten_tomatoes" | "reuters_r8" | "reuters_r52" | "hf:<path>[/<config>]" | "file:<path>"
+    dataset: str = "rotten_tomatoes"
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    max_len: int = 64
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    # Fractions of a hash split, used when the source has no val/test split of its own.
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    metric: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        _check(self.max_len >= 8, "task.max_len must be >= 8")
+        _check(0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5,
+               "task.val_fraction and task.test_fraction must be in (0, 0.5)")
+        _check(self.metric in ("accuracy", "macro_f1", "mcc"),
+               "task.metric must be accuracy, macro_f1 or mcc")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    # "minilm" (offline package), "tiny-random" (tests), a hub id or a local folder.
+    name_or_path: str = "minilm"
+    tokenizer: Optional[str] = None        # default: same as name_or_path; tiny-random -> minilm
+    pooling: str = "mean"
+    head_dropout: float = 0.1
+    quantize: str = "none"                 # none | nf4 (adalora.quantize_model)
+    tiny_arch: str = "bert"                # tiny-random: bert | deberta_v2
+    tiny_hidden: int = 32
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    tiny_intermediate: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.pooling in ("mean", "cls"), "model.pooling must be mean or cls")
+        _check(self.quantize in ("none", "nf4"), "model.quantize must be none or nf4")
+        _check(self.tiny_arch in ("bert", "deberta_v2"), "model.tiny_arch must be bert or deberta_v2")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: float = 1.0
+    max_steps: Optional[int] = None        # caps the derived total_steps (smoke tests)
+    stop_at_step: Optional[int] = None     # stop early as if pre-empted (schedule unchanged)
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 2e-3
+    head_lr: float = 1e-2                  # the fresh head needs more than the adapters
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    warmup_steps: Optional[int] = None     # wins over warmup_ratio when given
+    lr_schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
+    device: str = "auto"
+    eval_every: int = 50
+    checkpoint_every: int = 0
+    resume: Optional[str] = None
+    compact: bool = False
+    num_threads: Optional[int] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1 and self.grad_accum >= 1,
+               "trainer.batch_size and trainer.grad_accum must be >= 1")
+        _check(self.epochs > 0, "trainer.epochs must be > 0")
+        _check(self.lr > 0 and self.head_lr > 0, "trainer.lr and trainer.head_lr must be > 0")
+        _check(self.lr_schedule in ("linear", "cosine", "constant"),
+               "trainer.lr_schedule must be linear, cosine or constant")
+        _check(self.precision in ("fp32", "bf16", "fp16"),
+               "trainer.precision must be fp32, bf16 or fp16")
+        _check(0.0 <= self.warmup_ratio < 1.0, "trainer.warmup_ratio must be in [0, 1)")
+        _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps must be >= 1")
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    log_every: int = 10
+
+
+@dataclass
+class BudgetConfig:
+    # none: use the method's own ranks. matched: method=lora picks the uniform rank whose
+    # parameter count is closest to the AdaLoRA target budget of this config (adalora ignores
+    # it). from_lora: method=adalora sets target_rank from the parameters of LoRA rank lora_rank.
+    match: str = "none"
+    lora_rank: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.match in ("none", "matched", "from_lora"),
+               "budget.match must be none, matched or from_lora")
+        _check(self.lora_rank >= 1, "budget.lora_rank must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    ablation: str = "none"
+    method: MethodConfig = field(default_factory=MethodConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)

@@ -1,0 +1,103 @@
+"""Run-folder writers (DESIGN section 5, CONTRACT.md): metrics.jsonl, ranks.jsonl, summary.json,
+TensorBoard scalars. JSONL files are appended and flushed line by line so a crashed run leaves
+readable files; summary.json is replaced atomically (temp file + os.replace) so a reader never
+sees half a file. Only rank 0 of a distributed run constructs a RunWriter.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+
+def _jsonable(x: Any) -> Any:
+    # NaN/inf are not JSON; write null so every line parses with a strict reader.
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+    p = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class JsonlWriter:
+    def __init__(self, path: Path):
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self._f.write(json.dumps(_jsonable(record)) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class RunWriter:
+    """Everything a run writes into its folder, in one place."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = JsonlWriter(self.dir / "metrics.jsonl")
+        self.ranks = JsonlWriter(self.dir / "ranks.jsonl")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.dir / "tb"))
+
+    def log_metrics(self, record: Dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.tb is not None:
+            split, step = record["split"], record["step"]
+            for k, v in record.items():
+                if k not in ("step", "split", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def log_ranks(self, record: Dict[str, Any]) -> None:
+        """One AllocationRecord.to_dict(): budget, threshold, kept params, per-module ranks."""
+        self.ranks.write(record)
+        if self.tb is not None:
+            step = record["step"]
+            self.tb.add_scalar("budget/budget", record["budget"], step)
+            self.tb.add_scalar("budget/params_kept", record["params_kept"], step)
+            if record.get("threshold") is not None:
+                self.tb.add_scalar("budget/threshold", record["threshold"], step)
+            for name, r in record["ranks"].items():
+                self.tb.add_scalar(f"rank/{name}", r, step)
+
+    def write_summary(self, summary: Dict[str, Any]) -> None:
+        atomic_write_json(self.dir / "summary.json", summary)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.ranks.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()

@@ -1,0 +1,239 @@
+"""The training loop. Read it top to bottom: it is the spec of DESIGN section 3.
+
+Per optimizer step (``step`` counts optimizer steps, never micro-batches):
+
+    for each of grad_accum micro-batches:
+        loss = task_loss + orth_weight * orthogonality_penalty(adapters), / grad_accum
+        loss.backward()
+    scaler.unscale_(opt); clip_grad_norm_(...)         # the scorer sees unscaled gradients
+    [paper_order ablation: allocator.update_importance(step) here]
+    opt.step(); sched.step()
+    allocator.update_importance(step)
+    record = allocator.mask_to_budget(step)            # written to ranks.jsonl when not None
+    opt.zero_grad(set_to_none=True); step += 1
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+import adalora
+
+from . import checkpoint as ckpt
+from .build import Built, param_groups
+from .config import RunConfig
+from .logging import RunWriter
+from .metrics import classification_metrics
+
+
+@dataclass
+class LoopResult:
+    status: str                      # completed | interrupted
+    steps: int
+    final: Dict[str, Dict[str, float]]
+
+
+def batch_at(data: Dict[str, torch.Tensor], idx: torch.Tensor, device) -> Dict[str, torch.Tensor]:
+    """Select rows and trim padding to the longest real sequence in the batch (2-3x faster on
+    short texts; results do not depend on it since padded positions are masked)."""
+    b = {k: v[idx] for k, v in data.items()}
+    L = int(b["attention_mask"].sum(1).max())
+    return {k: (v[:, :L] if v.dim() == 2 else v).to(device) for k, v in b.items()}
+
+
+def micro_batch_indices(n: int, batch: int, position: int, seed: int) -> torch.Tensor:
+    """Indices of micro-batch number ``position`` of an endless stream of per-epoch
+    permutations. A pure function of (seed, position): resuming needs only the position."""
+    start = position * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        out.extend(perm[offset:offset + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: RunConfig, device, amp_dtype, num_labels: int) -> Dict[str, float]:
+    was_training = model.training
+    model.eval()
+    n = data["labels"].shape[0]
+    preds, loss_sum = [], 0.0
+    for i in range(0, n, cfg.trainer.eval_batch_size):
+        b = batch_at(data, torch.arange(i, min(i + cfg.trainer.eval_batch_size, n)), device)
+        labels = b.pop("labels")
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(**b).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        preds.append(logits.argmax(-1).cpu())
+    model.train(was_training)
+    m = classification_metrics(data["labels"].numpy(), torch.cat(preds).numpy(), num_labels)
+    m["loss"] = loss_sum / n
+    return m
+
+
+def lr_lambda(cfg: RunConfig, total: int):
+    t = cfg.trainer
+    warm = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if t.lr_schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, total - warm)
+        return max(0.0, 1 - frac) if t.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return f
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits at the end of the step."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:          # not the main thread (some launchers): no handler
+                pass
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor]],
+          num_labels: int, writer: RunWriter, device: torch.device,
+          resume_state: Optional[dict] = None, ckpt_extra: Optional[dict] = None) -> LoopResult:
+    t, model, adapters, allocator = cfg.trainer, built.model, built.adapters, built.allocator
+    total = built.total_steps
+    svd = [a for a in adapters.values() if isinstance(a, adalora.SVDLinear)]
+    orth_weight = cfg.method.orth_weight if svd else 0.0
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+
+    step, position = 0, 0
+    if resume_state is not None:
+        # Order matters: the allocator may resize compacted adapters before weights load.
+        if allocator is not None:
+            allocator.load_state_dict(resume_state["allocator"])
+        ckpt.load_trainable_state(model, resume_state["model"])
+        step, position = resume_state["step"], resume_state["position"]
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups(cfg, model))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    if resume_state is not None:
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        ckpt.set_rng_state(resume_state["rng"])
+    elif allocator is not None:
+        writer.log_ranks(allocator.initial_record().to_dict())
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def save_checkpoint() -> None:
+        ckpt.save(writer.dir, {
+            "step": step, "position": position, "model": ckpt.trainable_state(model),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
+            "allocator": allocator.state_dict() if allocator is not None else None,
+            "wall_time_s": time.time() - t0, **(ckpt_extra or {})})
+
+    train_data, n_train = splits["train"], splits["train"]["labels"].shape[0]
+    stop = StopFlag()
+    bar = None
+    if t.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, leave=False)
+    t0, acc_loss, acc_orth, acc_n, nonfinite = time.time(), 0.0, 0.0, 0, 0
+    model.train()
+    try:
+        while step < total:
+            # ---- forward/backward over grad_accum micro-batches ----
+            for _ in range(t.grad_accum):
+                idx = micro_batch_indices(n_train, t.batch_size, position, cfg.seed)
+                b = batch_at(train_data, idx, device)
+                labels = b.pop("labels")
+                position += 1
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    task_loss = F.cross_entropy(model(**b).float(), labels)
+                orth = adalora.orthogonality_penalty(adapters, form=cfg.method.orth_form) \
+                    if orth_weight > 0 else torch.zeros((), device=device)
+                loss = (task_loss + orth_weight * orth) / t.grad_accum
+                scaler.scale(loss).backward()
+                acc_loss += task_loss.item() / t.grad_accum
+                acc_orth += float(orth.detach()) / t.grad_accum
+            acc_n += 1
+            # ---- unscale, clip; a non-finite norm skips the update and the scoring ----
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            finite = bool(torch.isfinite(norm))
+            nonfinite = 0 if finite else nonfinite + 1
+            if nonfinite > 20 and not scaler.is_enabled():
+                raise FloatingPointError(f"{nonfinite} consecutive non-finite gradients at step "
+                                         f"{step}: lower trainer.lr or use trainer.precision=fp32")
+            if allocator is not None and allocator.score_before_step:
+                allocator.update_importance(step, grads_finite=finite)   # paper_order ablation
+            if scaler.is_enabled():
+                scaler.step(opt)            # skips the update itself on inf/nan
+                scaler.update()
+            elif finite:
+                opt.step()
+            sched.step()
+            if allocator is not None:
+                if not allocator.score_before_step:
+                    allocator.update_importance(step, grads_finite=finite)
+                was_final = allocator.final_done
+                record = allocator.mask_to_budget(step)
+                if record is not None:
+                    writer.log_ranks(record.to_dict())
+                if t.compact and allocator.final_done and not was_final:
+                    allocator.compact(opt)
+                    params = [p for g in opt.param_groups for p in g["params"]]
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            # ---- bookkeeping: logs, evals, checkpoints, early stop ----
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{acc_loss / max(acc_n, 1):.3f}")
+            epoch = position * t.batch_size / n_train
+            if step % cfg.logger.log_every == 0 or step == total:
+                writer.log_metrics({"step": step, "split": "train", "loss": acc_loss / acc_n,
+                                    "orth": acc_orth / acc_n, "lr": sched.get_last_lr()[0],
+                                    "epoch": epoch, "time_s": time.time() - t0})
+                acc_loss, acc_orth, acc_n = 0.0, 0.0, 0
+            if t.eval_every and step % t.eval_every == 0 and step < total:
+                m = evaluate(model, splits["val"], cfg, device, amp_dtype, num_labels)
+                writer.log_metrics({"step": step, "split": "val", "lr": sched.get_last_lr()[0],
+                                    **m, "epoch": epoch, "time_s": time.time() - t0})
+            stopping = stop.signum is not None or (t.stop_at_step is not None
+                                                   and step >= t.stop_at_step and step < total)
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or stopping:
+                save_checkpoint()
+            if stopping:
+                return LoopResult("interrupted", step, {})
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+
+    final = {}
+    for split in ("val", "test"):
+        final[split] = evaluate(model, splits[split], cfg, device, amp_dtype, num_labels)
+        writer.log_metrics({"step": step, "split": split, "lr": sched.get_last_lr()[0],
+                            **final[split], "epoch": position * t.batch_size / n_train,
+                            "time_s": time.time() - t0})
+    if t.checkpoint_every:
+        save_checkpoint()
+    return LoopResult("completed", step, final)

@@ -1,0 +1,203 @@
+"""One run, from a validated RunConfig to a finished run folder: data, model, adapters, the
+loop, and the files of the run-folder contract. No Hydra here (train.py stops at main())."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+import adalora
+
+from . import checkpoint as ckpt
+from .build import HEAD, build, count_params
+from .config import ConfigError, RunConfig
+from .logging import RunWriter, read_summary
+from .loop import train
+from .model import load_model, load_tokenizer, tokenize
+from .tasks import load_task
+
+# Keys that may differ between a run and its resumption without changing the result.
+RESUME_FREE = ("trainer.resume", "trainer.stop_at_step", "trainer.checkpoint_every",
+               "trainer.progress", "trainer.eval_every", "logger.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> Dict[str, Optional[str]]:
+    try:
+        import transformers
+        tv = transformers.__version__
+    except ImportError:
+        tv = None
+    return {"adalora": getattr(adalora, "__version__", None), "torch": torch.__version__,
+            "transformers": tv, "python": platform.python_version()}
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(run_dir: Path, config: Dict[str, Any]) -> dict:
+    s = read_summary(run_dir)
+    if s is not None and s.get("status") == "completed":
+        raise ConfigError(f"{run_dir} holds a completed run; nothing to resume")
+    if not (run_dir / ckpt.NAME).is_file():
+        raise ConfigError(f"trainer.resume={run_dir}: no {ckpt.NAME} there (set "
+                          "trainer.checkpoint_every=N for runs you may need to resume)")
+    state = ckpt.load(run_dir)
+    old, new = flatten(json.loads(state["config"])), flatten(config)
+    for k in sorted(set(old) | set(new)):
+        if not k.startswith(RESUME_FREE) and old.get(k) != new.get(k):
+            raise ConfigError(f"trainer.resume: config differs from the checkpointed run at "
+                              f"{k} ({old.get(k)!r} -> {new.get(k)!r}); use the same overrides")
+    return state
+
+
+def layer_table(ranks: Dict[str, int]) -> str:
+    """Final ranks as a layer x matrix-type table (names like encoder.layer.3.attention.self.query)."""
+    rows: Dict[str, Dict[str, int]] = {}
+    types: list = []
+    for name, r in ranks.items():
+        m = re.search(r"\.(\d+)\.(.+)$", name)
+        layer, typ = (m.group(1), m.group(2)) if m else ("-", name)
+        typ = typ.replace("attention.self.", "").replace("attention.output.dense", "attn.out")
+        typ = typ.replace("intermediate.dense", "ffn.in").replace("output.dense", "ffn.out")
+        rows.setdefault(layer, {})[typ] = r
+        if typ not in types:
+            types.append(typ)
+    w = max(6, *(len(t) for t in types))
+    lines = ["layer " + "".join(f"{t:>{w + 1}}" for t in types)]
+    for layer, d in rows.items():
+        lines.append(f"{layer:<6}" + "".join(f"{d.get(t, '-'):>{w + 1}}" for t in types))
+    return "\n".join(lines)
+
+
+def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one configuration into ``run_dir``; return the summary written there."""
+    run_dir = Path(run_dir)
+    old = read_summary(run_dir)
+    if old is not None and old.get("status") == "completed":
+        raise ConfigError(f"{run_dir} already holds a completed run; choose a new run folder")
+    resume_state = check_resumable(run_dir, config) if cfg.trainer.resume else None
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    device = torch.device("cuda" if cfg.trainer.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.trainer.device == "auto" else cfg.trainer.device))
+    if cfg.trainer.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    seed_everything(cfg.seed)
+    t0 = time.time()
+
+    data = load_task(cfg.task)
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, data.num_labels, len(tok))
+    built = build(cfg, model, len(data.train))
+    splits = {s: tokenize(tok, getattr(data, s), cfg.task.max_len) for s in ("train", "val", "test")}
+    p0 = count_params(model, built.adapters, built.allocator)
+
+    m, a = cfg.method, built.allocator
+    summary: Dict[str, Any] = {
+        "status": "running", "error": None, "method": m.name, "ablation": cfg.ablation,
+        "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
+        "init_rank": m.init_rank if m.uses_svd else None,
+        "target_rank": built.target_rank, "lora_rank": built.lora_rank,
+        "budget": built.budget or {"target_params": None, "matched_lora_rank": None,
+                                   "lora_params": None},
+        "schedule": None if a is None else {
+            "total_steps": built.total_steps, "init_warmup": built.init_warmup,
+            "final_warmup": built.final_warmup, "mask_interval": cfg.schedule.mask_interval,
+            "shape": cfg.schedule.shape, "initial_budget": a.initial_budget,
+            "target_budget": a.target_budget},
+        "params": {"trainable_start": p0["trainable"], "trainable_end": None,
+                   "adapter_start": p0["adapter"], "adapter_end": None, "base": p0["base"]},
+        "final": {}, "final_ranks": {}, "module_shapes": {
+            n: list(s) for n, s in adalora.adapter_shapes(built.adapters).items()},
+        "steps": built.total_steps, "wall_time_s": None, "versions": versions(),
+        "git_commit": git_commit(), "num_labels": data.num_labels,
+        "label_names": data.label_names, "quantized_modules": len(built.quantized),
+        "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
+    if resume_state is not None:
+        summary["wall_time_s_before_resume"] = resume_state.get("wall_time_s", 0.0)
+    writer = RunWriter(run_dir, tensorboard=cfg.logger.tensorboard)
+    if resume_state is not None:
+        for f in ("metrics.jsonl", "ranks.jsonl"):   # drop lines past the checkpoint
+            truncate_after(run_dir / f, resume_state["step"])
+    writer.write_summary(summary)
+    try:
+        result = train(cfg, built, splits, data.num_labels, writer, device, resume_state,
+                       ckpt_extra={"config": json.dumps(config)})
+        summary["steps"] = result.steps
+        if result.status == "completed":
+            if a is not None:
+                a.finalize()   # raises if the final allocation never happened
+                from safetensors.torch import save_file
+                save_file({n: s.float().contiguous().cpu() for n, s in a.triplet_scores().items()},
+                          str(run_dir / "importance.safetensors"))
+            save_weights(model, built, run_dir, summary)
+        summary["status"] = result.status
+        summary["final"] = result.final
+    except BaseException as e:
+        summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        summary["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise
+    finally:
+        p1 = count_params(model, built.adapters, a)
+        summary["params"]["adapter_end"] = p1["adapter_kept"]
+        summary["params"]["trainable_end"] = p1["trainable"] - p1["adapter"] + p1["adapter_kept"]
+        summary["final_ranks"] = a.ranks() if a is not None else {
+            n: int(ad.rank) for n, ad in built.adapters.items()}
+        summary["wall_time_s"] = time.time() - t0 + summary.get("wall_time_s_before_resume", 0.0)
+        writer.write_summary(summary)
+        writer.close()
+    return summary
+
+
+def save_weights(model, built, run_dir: Path, summary: Dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+    if built.adapters:
+        adalora.save_adapters(str(run_dir / "adapters.safetensors"), model.backbone,
+                              metadata={"task": summary["task"], "method": summary["method"]})
+    head = getattr(model, HEAD)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+              str(run_dir / "head.safetensors"))
+
+
+def truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            pass                      # a torn last line from a killed run
+    path.write_text("".join(k + "\n" for k in keep))

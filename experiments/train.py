@@ -1,0 +1,106 @@
+"""Entry point: ``python -m experiments.train [overrides]`` (Hydra; ``-m`` for sweeps).
+
+Hydra stops here: the composed config is converted once to the RunConfig dataclass
+(``OmegaConf.to_object`` runs every ``__post_init__`` check) and handed to ``runner.run``.
+Bad input of any kind (unknown group option, invalid value, missing dataset package, a run
+folder that already holds a finished run) prints one line to stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, RunConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("method", "task", "model", "schedule", "trainer", "logger", "budget", "ablation",
+          "experiment")
+
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+if not OmegaConf.has_resolver("resume_or"):
+    # hydra.run.dir: the resumed run's own folder when trainer.resume is set.
+    OmegaConf.register_new_resolver("resume_or", lambda resume, default: resume or default)
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf type/missing-value errors, dataclass checks
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(msg) from None
+
+
+def check_argv(argv: list[str]) -> None:
+    """Checks Hydra would only make after touching the run folder or with a multi-line report:
+    unknown group options, and run/sweep folders that already hold a completed run."""
+    from .logging import read_summary
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in GROUPS and value not in ("null", ""):
+            for v in value.split(","):
+                if not (CONF_DIR / key / f"{v}.yaml").is_file():
+                    opts = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+                    fail(f"unknown {key} '{v}'; choose one of {', '.join(opts)}")
+        if key == "hydra.run.dir":
+            s = read_summary(Path(value))
+            if s is not None and s.get("status") == "completed":
+                fail(f"{value} already holds a completed run; choose a new hydra.run.dir")
+        if key == "hydra.sweep.dir" and Path(value).is_dir():
+            for job in sorted(Path(value).iterdir()):
+                s = read_summary(job)
+                if s is not None and s.get("status") == "completed":
+                    fail(f"{job} already holds a completed run; choose a new hydra.sweep.dir")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from .runner import layer_table, run
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        rc = to_run_config(cfg)
+        summary = run(rc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError as e:
+        fail(str(e))
+    final = summary.get("final", {}).get("test", {})
+    metric = rc.task.metric
+    print(f"\n{summary['method']} on {summary['task']} ({summary['model']}): status "
+          f"{summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f} s")
+    if final:
+        print(f"test {metric} {final[metric]:.4f}  (accuracy {final['accuracy']:.4f}, macro-F1 "
+              f"{final['macro_f1']:.4f}, MCC {final['mcc']:.4f})")
+    p = summary["params"]
+    print(f"trainable params: start {p['trainable_start']:,}  end {p['trainable_end']:,}  "
+          f"(adapters {p['adapter_start']:,} -> {p['adapter_end']:,}; frozen base {p['base']:,})")
+    b = summary["budget"]
+    if b.get("target_params") is not None:
+        print(f"budget: AdaLoRA target {b['target_params']:,} params; matched LoRA rank "
+              f"{b['matched_lora_rank']} = {b['lora_params']} params")
+    if summary["final_ranks"]:
+        print("final ranks (layer x matrix):\n" + layer_table(summary["final_ranks"]))
+    print(f"run folder: {run_dir}")
+    return float(final.get(metric, float("nan")))
+
+
+def cli() -> None:
+    check_argv(sys.argv[1:])
+    main()
+
+
+if __name__ == "__main__":
+    cli()
