@@ -146,6 +146,9 @@ class RankAllocator:
         Optimizer state of those parameters (Adam/AdamW moments, SGD momentum) is sliced to
         match and the new parameters take the old ones' places in the param groups, so training
         continues exactly as with the masked full-size adapters, only cheaper.
+
+        # DEVIATION: afterwards the orthogonality term covers only the kept singular vectors; the
+        # reference keeps penalising the pruned columns of P and Q, which no longer affect the model.
         """
         if not self.final_done:
             raise RuntimeError("compact() before the final allocation: call it once mask_to_budget has "

@@ -80,14 +80,14 @@ def mark_only_adapters_trainable(model: nn.Module, extra: tuple[str, ...] = (), 
     adapters = find_adapters(model)
     if not adapters:
         raise ValueError("model has no adapters: call adalora.inject(model, cfg) first")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in adapter_parameters(adapters):
-        p.requires_grad_(True)
     modules = dict(model.named_modules())
     missing = [e for e in extra if not any(n == e or n.endswith("." + e) for n in modules if n)]
     if missing:
         raise ValueError(f"extra={missing} match no module; give dotted-name suffixes such as 'classifier'")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_parameters(adapters):
+        p.requires_grad_(True)
     for n, m in modules.items():
         if n and any(n == e or n.endswith("." + e) for e in extra):
             for p in m.parameters():

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .inject import find_adapters
+from .inject import adapter_parameters, find_adapters
 from .layers import AdapterLayer, LoRALinear, SVDLinear
 
 FORMAT = "adalora-adapters/1"
@@ -69,7 +69,7 @@ def save_adapters(path, model: torch.nn.Module, metadata: dict | None = None, ex
             for pname, p in module.named_parameters():
                 tensors[f"extra::{mname}.{pname}"] = p
     blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    adapter_ids = {id(p) for a in adapters.values() for p in a.parameters()}
+    adapter_ids = {id(p) for p in adapter_parameters(adapters)}
     from . import __version__
     meta = {"format": FORMAT, "library_version": __version__, "sha256": hashlib.sha256(blob).hexdigest(),
             "modules": modules, "ranks": {n: m["rank"] for n, m in modules.items()},

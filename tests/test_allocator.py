@@ -1,0 +1,137 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adalora
+from adalora import AdapterConfig, RankAllocator, ScheduleConfig, ScoreConfig
+
+
+def _model(seed=0, dims=((12, 10), (10, 12), (12, 10))):
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Linear(d_in, d_out) for d_out, d_in in dims]).double()
+
+
+def _setup(seed=0, kind="sensitivity_uncertainty", **sched):
+    m = _model(seed)
+    ad = adalora.inject(m, AdapterConfig(targets=["0", "1", "2"], init_rank=4, alpha=4.0))
+    adalora.mark_only_adapters_trainable(m)
+    cfg = ScheduleConfig(**{**dict(target_rank=2, total_steps=40, init_warmup=4, final_warmup=10,
+                                   mask_interval=3), **sched})
+    return m, ad, RankAllocator(ad, cfg, ScoreConfig(kind=kind, seed=1))
+
+
+def _train(m, ad, alloc, steps, start=0, opt=None, seed=123, compact_at=None, orth=0.1):
+    opt = opt or torch.optim.AdamW(adalora.adapter_parameters(ad), lr=1e-2)
+    losses, records = [], []
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(seed * 1000 + step)     # batch depends on the step only
+        x = torch.randn(8, 10, generator=g, dtype=torch.float64)
+        loss = m(x).pow(2).mean() + orth * adalora.orthogonality_penalty(ad)
+        loss.backward()
+        opt.step()
+        alloc.update_importance(step)
+        rec = alloc.mask_to_budget(step)
+        if rec:
+            records.append(rec)
+        opt.zero_grad(set_to_none=True)
+        if compact_at is not None and step == compact_at:
+            alloc.compact(opt)
+        losses.append(loss.item())
+    return losses, records, opt
+
+
+def test_keeps_exactly_budget_with_ties_and_global_order():
+    m, ad, alloc = _setup(kind="magnitude")
+    with torch.no_grad():
+        vals = [[3.0, 1.0, 1.0, 0.5], [1.0, 1.0, 2.0, 0.0], [1.0, 4.0, 1.0, 1.0]]
+        for a, v in zip(ad.values(), vals):
+            a.lam.copy_(torch.tensor(v))
+    rec = alloc._allocate(step=5, budget=5)
+    # brute force: sort by (-score, global index) and keep the first 5
+    flat = [(v, i) for i, v in enumerate(sum(vals, []))]
+    kept = {i for _, i in sorted(flat, key=lambda t: (-t[0], t[1]))[:5]}
+    got = {k * 4 + j for k, a in enumerate(ad.values()) for j in range(4) if a.rank_mask[j]}
+    assert got == kept and rec.budget == 5 and sum(rec.ranks.values()) == 5
+    # 4, 3, 2 and then the tie at 1.0 goes to the earliest adapter and index: one global order.
+    # (The reference "score <= kth value" rule would prune all seven 1.0s and keep only 3.)
+    assert rec.ranks == {"0": 3, "1": 1, "2": 1}
+    assert rec.threshold == 1.0
+    assert rec.params_kept == 3 * 23 + 1 * 23 + 1 * 23
+    for a in ad.values():
+        assert torch.all(a.lam[~a.rank_mask] == 0)
+
+
+def test_budget_follows_schedule_and_final_mask_is_frozen():
+    m, ad, alloc = _setup()
+    losses, records, _ = _train(m, ad, alloc, 40)
+    cfg = alloc.schedule
+    assert [r.step for r in records] == [t for t in range(40) if adalora.schedule.is_mask_step(t, cfg)]
+    for r in records:
+        assert r.budget == adalora.schedule.budget_at(r.step, cfg, 12, 6) == sum(r.ranks.values())
+    assert records[-1].step == 30 and records[-1].budget == 6
+    assert alloc.scorer.ibar is None          # EMAs freed after the final allocation
+    for a in ad.values():                     # re-applied every step: Adam cannot revive a pruned lam
+        assert torch.all(a.lam[~a.rank_mask] == 0)
+    assert alloc.finalize().ranks == records[-1].ranks
+
+
+def test_importance_stops_at_final_step():
+    m, ad, alloc = _setup()
+    _train(m, ad, alloc, 30)                  # steps 0..29: all update
+    assert alloc.scorer.updates == 30
+    assert alloc.update_importance(30) is False
+
+
+def test_finalize_raises_when_never_allocated_and_bad_target():
+    m, ad, alloc = _setup()
+    with pytest.raises(RuntimeError, match="never reached its final allocation"):
+        alloc.finalize()
+    with pytest.raises(ValueError, match="target_rank below AdapterConfig.init_rank"):
+        RankAllocator(ad, ScheduleConfig(target_rank=4, total_steps=40, init_warmup=1, final_warmup=1))
+    with pytest.raises(ValueError, match="needs SVD adapters"):
+        lm = _model()
+        RankAllocator(adalora.inject(lm, AdapterConfig(method="lora", targets=["0"])), alloc.schedule)
+
+
+def test_resume_is_bit_identical():
+    m1, ad1, al1 = _setup(seed=3)
+    full, _, _ = _train(m1, ad1, al1, 40)
+
+    m2, ad2, al2 = _setup(seed=3)
+    first, _, opt2 = _train(m2, ad2, al2, 17)
+    state = copy.deepcopy({"model": m2.state_dict(), "opt": opt2.state_dict(), "alloc": al2.state_dict()})
+    m3, ad3, al3 = _setup(seed=99)
+    m3.load_state_dict(state["model"])
+    al3.load_state_dict(state["alloc"])
+    opt3 = torch.optim.AdamW(adalora.adapter_parameters(ad3), lr=1e-2)
+    opt3.load_state_dict(state["opt"])
+    rest, _, _ = _train(m3, ad3, al3, 23, start=17, opt=opt3)
+    assert first + rest == full
+    for a, b in zip(ad1.values(), ad3.values()):
+        assert torch.equal(a.P, b.P) and torch.equal(a.lam, b.lam) and torch.equal(a.rank_mask, b.rank_mask)
+
+
+def test_compact_then_continue_matches_uncompacted():
+    ma, ada, ala = _setup(seed=5)
+    mb, adb, alb = _setup(seed=5)
+    # Without the orthogonality term: with it, the compacted penalty covers only the kept
+    # singular vectors, a different (smaller) objective than the full-size one (see compact()).
+    la, _, _ = _train(ma, ada, ala, 40, seed=7, orth=0.0)
+    lb, _, _ = _train(mb, adb, alb, 40, seed=7, compact_at=31, orth=0.0)
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-6
+    assert [a.rank for a in adb.values()] == [int(a.rank_mask.sum()) for a in ada.values()]
+    x = torch.randn(3, 10, dtype=torch.float64)
+    assert torch.allclose(ma(x), mb(x), atol=1e-9)
+
+
+def test_state_dict_round_trip_after_compact():
+    m, ad, al = _setup()
+    _train(m, ad, al, 35, compact_at=31)
+    sd = copy.deepcopy({"m": m.state_dict(), "a": al.state_dict()})
+    m2, ad2, al2 = _setup(seed=8)
+    al2.load_state_dict(sd["a"])             # resizes the compacted layers first ...
+    m2.load_state_dict(sd["m"])              # ... so the weights fit
+    x = torch.randn(2, 10, dtype=torch.float64)
+    assert torch.equal(m(x), m2(x)) and al2.ranks() == al.ranks()

@@ -1,0 +1,59 @@
+import pytest
+
+from adalora import ScheduleConfig
+from adalora.schedule import budget_at, is_mask_step, phase, preview, target_budget
+
+CFG = ScheduleConfig(target_rank=8, total_steps=1000, init_warmup=100, final_warmup=300, mask_interval=10)
+B0, BT = 12 * 10, 8 * 10
+
+
+def test_endpoints_and_flat_phases():
+    assert [budget_at(t, CFG, B0, BT) for t in (0, 50, 100)] == [B0] * 3
+    assert [budget_at(t, CFG, B0, BT) for t in (700, 701, 1000)] == [BT] * 3
+    assert (phase(100, CFG), phase(101, CFG), phase(699, CFG), phase(700, CFG)) == (
+        "warmup", "budgeting", "budgeting", "final")
+
+
+def test_exact_cubic_midpoint():
+    # t = t_i + (T - t_f - t_i)/2 = 400: bT + (b0 - bT) * (1/2)^3 = 80 + 40/8 = 85
+    assert budget_at(400, CFG, B0, BT) == 85
+    # truncation like the reference codes: t=101 -> 80 + 40 * (1 - 1/600)^3 = 119.8 -> 119
+    assert budget_at(101, CFG, B0, BT) == 119
+
+
+def test_monotone_non_increasing():
+    b = preview(CFG, B0, BT)
+    assert len(b) == 1001 and all(x >= y for x, y in zip(b, b[1:]))
+
+
+def test_linear_and_constant_shapes():
+    lin = ScheduleConfig(target_rank=8, total_steps=1000, init_warmup=100, final_warmup=300, shape="linear")
+    assert budget_at(400, lin, B0, BT) == 100
+    const = ScheduleConfig(target_rank=8, total_steps=1000, init_warmup=100, final_warmup=300, shape="constant")
+    assert budget_at(101, const, B0, BT) == BT and budget_at(100, const, B0, BT) == B0
+
+
+def test_mask_steps():
+    steps = [t for t in range(1001) if is_mask_step(t, CFG)]
+    assert steps[0] == 110 and steps[-1] == 700 and 100 not in steps and 701 not in steps
+    odd = ScheduleConfig(target_rank=8, total_steps=1000, init_warmup=100, final_warmup=305, mask_interval=10)
+    assert is_mask_step(695, odd)  # the final allocation is forced whatever mask_interval says
+
+
+def test_target_budget():
+    assert target_budget(CFG, 10) == 80
+    assert target_budget(ScheduleConfig(target_rank=1.5, total_steps=10, init_warmup=0, final_warmup=0), 5) == 8
+    assert target_budget(ScheduleConfig(target_total=7, total_steps=10, init_warmup=0, final_warmup=0), 5) == 7
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(total_steps=100, init_warmup=50, final_warmup=50), "init_warmup \\+ final_warmup"),
+    (dict(total_steps=0), "total_steps"),
+    (dict(mask_interval=0), "mask_interval"),
+    (dict(init_warmup=-1), "init_warmup"),
+    (dict(target_rank=-1.0), "target_rank"),
+    (dict(shape="exp"), "shape"),
+])
+def test_invalid_schedules_name_the_fix(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ScheduleConfig(**{**dict(total_steps=1000, init_warmup=10, final_warmup=10), **kwargs})
