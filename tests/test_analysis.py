@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from scipy import stats
 
 from analysis import runs as R
-#TMP from analysis import tables as T
+from analysis import tables as T
 
 TYPES = {"attention.self.query": 0, "attention.self.key": 1, "attention.self.value": 2,
          "attention.output.dense": 3, "intermediate.dense": 4, "output.dense": 5}
@@ -77,13 +77,17 @@ def _write_job(d: Path, method: str, seed: int, status: str | None, last_step: i
                 ranks = {m: int(round(R0 - frac * (R0 - final[m]))) for m in MODULES}
                 f.write(json.dumps({"step": t, "budget": b, "threshold": None if t == 0 else 0.01 * frac,
                                     "ranks": ranks, "params_kept": sum(ranks.values()) * 2 * 64}) + "\n")
-        lam, mask, scores = {}, {}, {}
+        # adalora.save_adapters' layout: alive values of lam and their positions; r0 in adapters.json
+        tensors, scores, meta = {}, {}, {}
         for m in MODULES:
-            alive = np.arange(R0) < final[m]
-            lam[m + ".lam"] = np.where(alive, np.sort(rng.random(R0))[::-1] + 0.1, 0.0).astype(np.float32)
-            mask[m + ".rank_mask"] = alive
+            kept = np.sort(rng.choice(R0, final[m], replace=False))
+            tensors[m + ".lam"] = (np.sort(rng.random(final[m]))[::-1] + 0.1).astype(np.float32)
+            tensors[m + ".kept"] = kept.astype(np.int64)
+            meta[m] = {"type": "svd", "rank": final[m], "r0": R0}
+            alive = np.isin(np.arange(R0), kept)
             scores[m] = np.where(alive, 10 ** rng.uniform(-2, 0, R0), 10 ** rng.uniform(-5, -2.5, R0)).astype(np.float32)
-        save_file({**lam, **mask}, str(d / "adapters.safetensors"))
+        save_file(tensors, str(d / "adapters.safetensors"))
+        (d / "adapters.json").write_text(json.dumps({"format": "adalora-adapters/1", "modules": meta}))
         save_file(scores, str(d / "importance.safetensors"))
     if status is None:
         return

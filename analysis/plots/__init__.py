@@ -4,13 +4,13 @@
     heatmap     rank_heatmap, rank_heatmaps        final rank, layers x matrix type
     timeline    rank_timeline                      budget scheduled vs realised, rank per module
     allocation  allocation_summary                 rank per layer (stacked) and per matrix type
-    spectra     spectra                            learned λ per module, importance scores
+    spectrum    spectra                            learned λ per module, importance scores
     comparison  metric_vs_params, learning_curves  methods across budgets and seeds
 """
 from analysis.plots.allocation import allocation_summary
 from analysis.plots.comparison import learning_curves, metric_vs_params
 from analysis.plots.heatmap import rank_grid, rank_heatmap, rank_heatmaps
-from analysis.plots.spectra import spectra
+from analysis.plots.spectrum import spectra
 from analysis.plots.style import METHOD_COLOURS, TYPE_COLOURS, method_colour, save, type_colour
 from analysis.plots.timeline import rank_timeline
 

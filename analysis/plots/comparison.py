@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import EngFormatter, NullFormatter
 
 from analysis.plots.style import LINESTYLES, method_colour, method_name, plt
 
@@ -39,6 +40,12 @@ def metric_vs_params(sweep, metric: str = "accuracy", split: str = "test",
                         capsize=3, lw=1.8, label=f"{method_name(label)} ({budgets}; {n} seeds)" if budgets
                         else f"{method_name(label)} ({n} seeds)")
         ax.set_xscale("log")
+        lo, hi = sub[params].min(), sub[params].max()
+        if hi / lo < 4:  # a single budget would otherwise zoom the log axis onto the ±2% dodge
+            ax.set_xlim(lo / 2, hi * 2)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        # under a decade of range there is one major tick at most: label the minor ones too
+        ax.xaxis.set_minor_formatter(EngFormatter(sep="") if hi / lo < 10 else NullFormatter())
         ax.set_xlabel(f"{PARAM_LABELS.get(params, params)} (count, log scale)")
         ax.set_ylabel(f"{split} {metric}")
         ax.set_title(f"{split} {metric} vs parameters" + (f": {task}" if task else ""))
