@@ -211,6 +211,17 @@ class NF4Linear(nn.Module):
                          torch.Size((self.out_features, self.in_features)), self.orig_dtype,
                          self.block_size, self.dq_block_size)
 
+    def _apply(self, fn, recurse=True):
+        # `.to(torch.bfloat16)` / `.half()` would cast every floating buffer; the fp32 scales
+        # are part of the format (QLoRA keeps c2 and the DQ constants in fp32), so a dtype cast
+        # of the model may move them to another device but never round them.
+        scales = {n: getattr(self, n) for n in ("absmax", "absmax2", "absmax_offset")}
+        super()._apply(fn, recurse)
+        for n, old in scales.items():
+            if old is not None and getattr(self, n).dtype != old.dtype:
+                setattr(self, n, old.to(getattr(self, n).device))
+        return self
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """A fresh full-precision copy of W (d_out, d_in), for inspection and tests."""
         return dequantize(self.qweight, dtype or self.compute_dtype)
