@@ -258,6 +258,9 @@ def quantize_model(model: nn.Module, targets=None, skip=(), compute_dtype: torch
             continue
         if (targets is None or _matches(name, targets)) and not _matches(name, skip):
             chosen.append((name, parent, child, module))
+    unused = [t for t in (targets or ()) if not any(_matches(n, [t]) for n, *_ in chosen)]
+    if unused:  # a typo would otherwise leave the model silently in full precision
+        raise ValueError(f"quantize_model targets {unused} matched no nn.Linear; use dotted-name suffixes")
     for name, parent, child, linear in chosen:
         setattr(parent, child, NF4Linear.from_linear(linear, compute_dtype, block_size, double_quant))
         linear.weight = None  # drop the full-precision copy even if someone still holds the old module

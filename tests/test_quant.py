@@ -179,6 +179,8 @@ def test_quantize_model_replaces_exactly_the_targets():
     rest = quantize_model(model, skip=["classifier"])
     assert rest == ["layer.0.dense", "layer.1.value", "layer.1.dense"]  # MHA out_proj left alone
     assert isinstance(model.classifier, nn.Linear)
+    with pytest.raises(ValueError, match="matched no"):
+        quantize_model(model, targets=["qurey"])
 
 
 def test_matches_bitsandbytes_nf4():
