@@ -132,3 +132,132 @@ def sweep_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sweep(sweep_dir):
     return R.load_sweep(sweep_dir)
+
+
+# --- loaders ----------------------------------------------------------------------------------
+
+def test_loader_recovers_every_run_and_marks_the_unfinished(sweep):
+    runs = sweep.runs.set_index("run")
+    assert list(runs.index) == [str(i) for i in range(len(JOBS))]
+    assert list(runs["status"]) == ["completed"] * 4 + ["failed", "no_summary"]
+    assert list(runs["ok"]) == [True] * 4 + [False, False]
+    assert "out of memory" in runs.loc["4", "notes"]
+    assert "unreadable" in runs.loc["5", "notes"]  # the half-written line is counted, not fatal
+    # the run without summary.json still says what it was, from its Hydra overrides
+    assert runs.loc["5", "method"] == "lora" and runs.loc["5", "seed"] == 2
+    assert list(sweep.problems()["run"]) == ["4", "5"]
+    assert runs.loc["0", "final.test.accuracy"] == pytest.approx(0.85)
+    assert runs.loc["2", "params.trainable_end"] == len(MODULES) * 4 * 2 * 64 + 1538
+
+
+def test_ranks_and_allocations_match_ranks_jsonl(sweep, sweep_dir):
+    records = [json.loads(line) for line in (sweep_dir / "0" / "ranks.jsonl").read_text().splitlines()]
+    alloc = sweep.allocations[sweep.allocations["run"] == "0"]
+    assert list(alloc["step"]) == [r["step"] for r in records]
+    assert list(alloc["realised"]) == [sum(r["ranks"].values()) for r in records]
+    ranks = sweep.ranks[(sweep.ranks["run"] == "0") & (sweep.ranks["step"] == records[-1]["step"])]
+    assert dict(zip(ranks["module"], ranks["rank"])) == records[-1]["ranks"]
+    assert sweep.final_ranks("0") == _final_ranks(0)
+    assert sweep.schedule("0") == SCHEDULE and sweep.schedule("2") is None
+
+
+def test_load_run_of_a_single_folder(sweep_dir):
+    one = R.load_run(sweep_dir / "1")
+    assert len(one.runs) == 1 and one.runs["run"].iloc[0] == "1" and one.runs["ok"].iloc[0]
+
+
+def test_spectrum_puts_kept_values_back_at_their_positions(sweep_dir):
+    spec = R.load_spectrum(sweep_dir / "0")
+    final = _final_ranks(0)
+    assert spec.groupby("module").size().eq(R0).all()
+    assert spec.groupby("module")["alive"].sum().to_dict() == final
+    assert (spec.loc[~spec["alive"], "lam"] == 0).all()
+    assert R.load_spectrum(sweep_dir / "2").empty  # LoRA run: no lam saved
+
+
+@pytest.mark.parametrize("name, layer, mtype", [
+    ("encoder.layer.3.attention.self.query", 3, "q"), ("encoder.layer.3.attention.output.dense", 3, "o"),
+    ("encoder.layer.3.intermediate.dense", 3, "ffn-in"), ("encoder.layer.3.output.dense", 3, "ffn-out"),
+    ("deberta.encoder.layer.0.attention.self.value_proj", 0, "v"), ("transformer.h.7.attn.c_attn", 7, "qkv"),
+    ("transformer.h.7.mlp.c_proj", 7, "ffn-out"), ("model.layers.2.self_attn.o_proj", 2, "o"),
+    ("model.layers.2.mlp.gate_proj", 2, "ffn-gate"), ("model.decoder.layers.1.fc2", 1, "ffn-out"),
+    ("classifier.dense", None, "dense"),
+])
+def test_module_names_map_to_layer_and_matrix_type(name, layer, mtype):
+    from analysis.names import layer_index, matrix_type
+    assert (layer_index(name), matrix_type(name)) == (layer, mtype)
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def test_summary_table_mean_and_sd_equal_numpy(sweep):
+    table = T.summary_table(sweep, "accuracy", "test").set_index("label")
+    for method in ("adalora", "lora"):
+        values = np.array([ACC[(method, s)] - 0.01 for s in (0, 1)])
+        assert table.loc[method, "mean"] == pytest.approx(values.mean())
+        assert table.loc[method, "sd"] == pytest.approx(values.std(ddof=1))
+        assert table.loc[method, "n"] == 2  # the failed seed 2 is not a result
+
+
+def test_paired_comparison_equals_scipy(sweep):
+    paired = T.paired_comparison(sweep, "accuracy", "test").iloc[0]
+    a = np.array([ACC[("adalora", s)] - 0.01 for s in (0, 1)])
+    b = np.array([ACC[("lora", s)] - 0.01 for s in (0, 1)])
+    ref = stats.ttest_rel(a, b)
+    assert paired["n"] == 2 and paired["budget"] == "r=4"
+    assert paired["mean_diff"] == pytest.approx((a - b).mean())
+    assert paired["p_value"] == pytest.approx(ref.pvalue) and paired["t"] == pytest.approx(ref.statistic)
+    assert paired["ci_low"] <= paired["mean_diff"] <= paired["ci_high"]
+
+
+def test_bootstrap_ci_brackets_the_mean_and_matches_resampling_by_hand():
+    d = np.array([0.01, 0.03, -0.005, 0.02, 0.015])
+    lo, hi = T.bootstrap_ci(d, n_boot=20_000, seed=1)
+    rng = np.random.default_rng(2)
+    means = d[rng.integers(0, d.size, (20_000, d.size))].mean(axis=1)
+    assert lo == pytest.approx(np.percentile(means, 2.5), abs=2e-3)
+    assert hi == pytest.approx(np.percentile(means, 97.5), abs=2e-3)
+
+
+def test_tables_are_written_as_csv_markdown_latex(sweep, tmp_path):
+    table = T.summary_table(sweep, "accuracy", "val")
+    paths = T.write(table, T.format_summary(table), tmp_path / "t")
+    assert pd.read_csv(paths["csv"])["mean"].tolist() == pytest.approx(table["mean"].tolist())
+    assert "0.8700 ± 0.0141 (n=2)" in paths["md"].read_text()
+    assert r"\pm" in paths["tex"].read_text() and r"\toprule" in paths["tex"].read_text()
+
+
+# --- report and schedule CLIs ------------------------------------------------------------------
+
+def test_report_end_to_end(sweep_dir, tmp_path):
+    from analysis import report
+    assert report.main([str(sweep_dir), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| sst2 |" in text and "adalora − lora" in text
+    assert "`4` **failed**" in text and "`5` **no_summary**" in text
+    links = [line[line.index("(") + 1:-1] for line in text.splitlines() if line.startswith("![")]
+    assert {"figures/metric_vs_params.png", "figures/learning_curves.png", "figures/heatmap_0.png",
+            "figures/timeline_0.png", "figures/allocation_0.png", "figures/spectra_0.png"} <= set(links)
+    for link in links:
+        png = (tmp_path / "rep" / link).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "rep" / "table_test_accuracy.tex").exists()
+
+
+def test_schedule_cli_prints_phases_and_writes_png(tmp_path):
+    out = tmp_path / "schedule.png"
+    res = subprocess.run([sys.executable, "-m", "analysis.schedule", "--total-steps", "1000", "--init-warmup", "100",
+                          "--final-warmup", "300", "--mask-interval", "10", "--init-rank", "12", "--target-rank", "8",
+                          "--n-adapters", "12", "--out", str(out)],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr
+    assert "b_0 = 144, target b_T = 96" in res.stdout
+    assert "final allocation forced at step 700" in res.stdout
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.with_suffix(".pdf").exists()
+
+
+def test_schedule_cli_rejects_an_invalid_schedule(capsys):
+    from analysis import schedule
+    assert schedule.main(["--total-steps", "100", "--init-warmup", "60", "--final-warmup", "50",
+                          "--n-adapters", "4", "--out", "unused.png"]) == 2
+    assert "train longer" in capsys.readouterr().err

@@ -30,9 +30,8 @@ def _draw(ax, grid: pd.DataFrame, vmax: float, cmap):
 
 
 def _cmap():
-    cmap = plt.get_cmap("viridis_r").copy()
-    cmap.set_bad("#eeeeee")  # matrices that were not adapted: grey, not rank 0
-    return cmap
+    # matrices that were not adapted: grey, not rank 0
+    return plt.get_cmap("viridis_r").with_extremes(bad="#eeeeee")
 
 
 def _vmax(sweep, runs) -> float:
