@@ -38,7 +38,9 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
 
 def _base_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     if is_quantized(base):
-        return next(base.buffers()).device, base.compute_dtype
+        # fp32 adapters on a 4-bit base (as peft does): small updates of lam, and the zeros the
+        # allocator writes into it, would round away in bf16.
+        return next(base.buffers()).device, torch.float32
     return base.weight.device, base.weight.dtype
 
 

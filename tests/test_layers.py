@@ -8,7 +8,6 @@ import torch.nn as nn
 import adalora
 from adalora.layers import LoRALinear, SVDLinear
 
-torch.set_default_dtype(torch.float64)
 
 
 class Conv1D(nn.Module):
@@ -17,8 +16,8 @@ class Conv1D(nn.Module):
     def __init__(self, nf, nx):
         super().__init__()
         self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.randn(nf))
+        self.weight = nn.Parameter(torch.randn(nx, nf, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(nf, dtype=torch.float64))
 
     def forward(self, x):
         return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
@@ -28,13 +27,13 @@ def _dense_w0(base):
     return base.weight.T if isinstance(base, Conv1D) else base.weight
 
 
-@pytest.mark.parametrize("make_base", [lambda: nn.Linear(7, 5), lambda: Conv1D(5, 7)])
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(7, 5).double(), lambda: Conv1D(5, 7)])
 def test_svd_forward_equals_dense(make_base):
     torch.manual_seed(0)
     layer = SVDLinear(make_base(), rank=3, alpha=6.0)
     with torch.no_grad():
-        layer.lam.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    x = torch.randn(4, 2, 7)
+        layer.lam.copy_(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+    x = torch.randn(4, 2, 7, dtype=torch.float64)
     w = _dense_w0(layer.base) + (6.0 / 3) * layer.P @ torch.diag(layer.lam) @ layer.Q
     ref = x @ w.T + layer.base.bias
     assert torch.allclose(layer(x), ref, atol=1e-12)
@@ -43,31 +42,31 @@ def test_svd_forward_equals_dense(make_base):
 
 def test_svd_init_matches_design():
     torch.manual_seed(0)
-    layer = SVDLinear(nn.Linear(300, 200), rank=12, alpha=16.0)
+    layer = SVDLinear(nn.Linear(300, 200).double(), rank=12, alpha=16.0)
     assert layer.P.shape == (200, 12) and layer.lam.shape == (12,) and layer.Q.shape == (12, 300)
     assert torch.all(layer.lam == 0) and layer.rank_mask.all()
     assert abs(layer.P.std().item() - 0.02) < 2e-3 and abs(layer.Q.std().item() - 0.02) < 2e-3
     assert layer.scaling == 16.0 / 12
-    x = torch.randn(3, 300)
+    x = torch.randn(3, 300, dtype=torch.float64)
     assert torch.equal(layer(x), layer.base(x))      # ΔW = 0 at init
 
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_forward_equals_dense(rslora):
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(6, 4), rank=4, alpha=8.0, rslora=rslora)
+    layer = LoRALinear(nn.Linear(6, 4).double(), rank=4, alpha=8.0, rslora=rslora)
     assert torch.all(layer.B == 0)
     with torch.no_grad():
         layer.B.normal_()
     s = 8.0 / math.sqrt(4) if rslora else 8.0 / 4
     assert layer.scaling == s
-    x = torch.randn(5, 6)
+    x = torch.randn(5, 6, dtype=torch.float64)
     ref = x @ (layer.base.weight + s * layer.B @ layer.A).T + layer.base.bias
     assert torch.allclose(layer(x), ref, atol=1e-12)
 
 
 @pytest.mark.parametrize("cls", ["svd", "lora"])
-@pytest.mark.parametrize("make_base", [lambda: nn.Linear(7, 5), lambda: Conv1D(5, 7)])
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(7, 5).double(), lambda: Conv1D(5, 7)])
 def test_merge_unmerge_round_trip(cls, make_base):
     torch.manual_seed(1)
     base = make_base()
@@ -77,7 +76,7 @@ def test_merge_unmerge_round_trip(cls, make_base):
         for p in layer.parameters():
             if p is not base.weight and p is not base.bias:
                 p.normal_()
-    x = torch.randn(4, 7)
+    x = torch.randn(4, 7, dtype=torch.float64)
     y = layer(x)
     layer.merge()
     assert layer.merged and torch.allclose(layer(x), y, atol=1e-12)
@@ -88,8 +87,7 @@ def test_merge_unmerge_round_trip(cls, make_base):
 
 
 def test_rank_zero_adapters_contribute_nothing():
-    base = nn.Linear(4, 3)
-    for layer in (SVDLinear(base, 0, 8.0), LoRALinear(nn.Linear(4, 3), 0, 8.0)):
+    for layer in (SVDLinear(nn.Linear(4, 3), 0, 8.0), LoRALinear(nn.Linear(4, 3), 0, 8.0)):
         x = torch.randn(2, 4)
         assert torch.equal(layer(x), layer.base(x))
         assert layer.delta_weight().shape == (3, 4) and torch.all(layer.delta_weight() == 0)
@@ -97,8 +95,8 @@ def test_rank_zero_adapters_contribute_nothing():
 
 def test_state_dict_keeps_base_names_and_loads_plain_checkpoint():
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    adapted = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()
+    adapted = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()
     adalora.inject(adapted, adalora.AdapterConfig(targets=["0"], init_rank=2))
     keys = set(adapted.state_dict())
     assert {"0.weight", "0.bias", "0.P", "0.lam", "0.Q", "0.rank_mask"} <= keys
@@ -111,10 +109,10 @@ def test_state_dict_keeps_base_names_and_loads_plain_checkpoint():
 
 def test_dropout_applies_to_adapter_input_only():
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(8, 8), 4, 4.0, dropout=0.5)
+    layer = LoRALinear(nn.Linear(8, 8).double(), 4, 4.0, dropout=0.5)
     with torch.no_grad():
         layer.B.normal_()
-    x = torch.randn(16, 8)
+    x = torch.randn(16, 8, dtype=torch.float64)
     layer.train()
     y1, y2 = layer(x), layer(x)
     assert not torch.allclose(y1, y2)
