@@ -14,6 +14,10 @@ SCORE_KINDS = ("sensitivity_uncertainty", "sensitivity", "magnitude", "random")
 ORTH_FORMS = ("reference", "paper")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ValueError(msg)
@@ -47,9 +51,10 @@ class AdapterConfig:
                "AdapterConfig.targets must be non-empty strings (module name suffixes)")
         _check(isinstance(self.init_rank, int) and not isinstance(self.init_rank, bool) and self.init_rank >= 0,
                f"AdapterConfig.init_rank={self.init_rank!r}: use an integer >= 0")
-        _check(math.isfinite(self.alpha) and self.alpha > 0, f"AdapterConfig.alpha={self.alpha}: use a positive number")
-        _check(0.0 <= self.dropout < 1.0, f"AdapterConfig.dropout={self.dropout}: use a value in [0, 1)")
-        _check(math.isfinite(self.init_std) and self.init_std > 0,
+        _check(_is_number(self.alpha) and self.alpha > 0, f"AdapterConfig.alpha={self.alpha!r}: use a positive number")
+        _check(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
+               f"AdapterConfig.dropout={self.dropout!r}: use a value in [0, 1)")
+        _check(_is_number(self.init_std) and self.init_std > 0,
                f"AdapterConfig.init_std={self.init_std}: use a positive number")
         self.rank_pattern = dict(self.rank_pattern)
         for k, v in self.rank_pattern.items():
@@ -84,23 +89,29 @@ class ScheduleConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                    f"ScheduleConfig.{name}={v!r}: use an integer >= 0")
-        _check(self.init_warmup + self.final_warmup < self.total_steps,
-               f"ScheduleConfig: init_warmup + final_warmup = {self.init_warmup + self.final_warmup} >= "
-               f"total_steps = {self.total_steps}, so no step is left to prune in: shorten the warmups "
-               "or train longer")
+        _check(self.init_warmup < self.final_step,
+               f"ScheduleConfig: init_warmup + final_warmup = {self.init_warmup + self.final_warmup} leaves no "
+               f"step to prune in before the final allocation (total_steps = {self.total_steps}): shorten "
+               "the warmups or train longer")
         if self.target_total is not None:
             _check(isinstance(self.target_total, int) and not isinstance(self.target_total, bool)
                    and self.target_total >= 0,
                    f"ScheduleConfig.target_total={self.target_total!r}: use an integer >= 0")
         else:
             _check(self.target_rank is not None, "ScheduleConfig: set target_rank (average) or target_total")
-            _check(math.isfinite(self.target_rank) and self.target_rank >= 0,
-                   f"ScheduleConfig.target_rank={self.target_rank}: use a number >= 0")
+        if self.target_rank is not None:
+            _check(isinstance(self.target_rank, (int, float)) and not isinstance(self.target_rank, bool)
+                   and math.isfinite(self.target_rank) and self.target_rank >= 0,
+                   f"ScheduleConfig.target_rank={self.target_rank!r}: use a number >= 0")
 
     @property
     def final_step(self) -> int:
-        """``T - t_f``: the step of the final allocation."""
-        return self.total_steps - self.final_warmup
+        """``T − t_f``: the step of the final allocation (steps run ``0 … T−1``).
+
+        With ``final_warmup = 0`` that step would never run, so the last step ``T − 1`` takes the
+        final allocation instead (the reference codes then never force one at all).
+        """
+        return min(self.total_steps - self.final_warmup, self.total_steps - 1)
 
 
 @dataclass
@@ -116,5 +127,5 @@ class ScoreConfig:
         _check(self.kind in SCORE_KINDS, f"ScoreConfig.kind={self.kind!r}: use one of {SCORE_KINDS}")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, float)) and 0.0 < v < 1.0,
+            _check(_is_number(v) and 0.0 < v < 1.0,
                    f"ScoreConfig.{name}={v!r}: use a value strictly between 0 and 1 (the paper uses 0.85)")

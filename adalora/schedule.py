@@ -17,9 +17,9 @@ def target_budget(cfg: ScheduleConfig, n_adapters: int) -> int:
 
 
 def phase(step: int, cfg: ScheduleConfig) -> str:
-    if step <= cfg.init_warmup:
-        return "warmup"
-    return "budgeting" if step < cfg.final_step else "final"
+    if step >= cfg.final_step:
+        return "final"
+    return "warmup" if step <= cfg.init_warmup else "budgeting"
 
 
 def budget_at(step: int, cfg: ScheduleConfig, initial_budget: int, target_budget: int) -> int:
@@ -30,7 +30,7 @@ def budget_at(step: int, cfg: ScheduleConfig, initial_budget: int, target_budget
     if p == "final":
         return target_budget
     # DEVIATION: (t − t_i) in the numerator as both reference codes; the paper prints (t − t_i − t_f).
-    frac = 1.0 - (step - cfg.init_warmup) / (cfg.final_step - cfg.init_warmup)
+    frac = 1.0 - (step - cfg.init_warmup) / (cfg.total_steps - cfg.final_warmup - cfg.init_warmup)
     decay = {"cubic": frac ** 3, "linear": frac, "constant": 0.0}[cfg.shape]
     # int() truncates as the reference codes do, so masks agree with peft step for step.
     return int(target_budget + (initial_budget - target_budget) * decay)

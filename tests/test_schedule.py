@@ -48,6 +48,7 @@ def test_target_budget():
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(total_steps=100, init_warmup=50, final_warmup=50), "init_warmup \\+ final_warmup"),
+    (dict(total_steps=100, init_warmup=99, final_warmup=0), "leaves no step to prune"),
     (dict(total_steps=0), "total_steps"),
     (dict(mask_interval=0), "mask_interval"),
     (dict(init_warmup=-1), "init_warmup"),
@@ -57,3 +58,9 @@ def test_target_budget():
 def test_invalid_schedules_name_the_fix(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ScheduleConfig(**{**dict(total_steps=1000, init_warmup=10, final_warmup=10), **kwargs})
+
+
+def test_zero_final_warmup_finalizes_on_the_last_step():
+    cfg = ScheduleConfig(target_rank=8, total_steps=50, init_warmup=10, final_warmup=0, mask_interval=5)
+    assert cfg.final_step == 49 and phase(49, cfg) == "final" and is_mask_step(49, cfg)
+    assert budget_at(49, cfg, B0, BT) == BT and phase(48, cfg) == "budgeting"
