@@ -1,0 +1,210 @@
+"""experiments/ + conf/: maths against hand arithmetic, every experiment config, the run-folder
+contract, budget matching, resume equality. Tiny random BERT and small data subsets only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exp_utils import REPO, TINY, compose, read_jsonl, run_inproc
+from experiments import budget as B
+from experiments.config import ConfigError, TaskConfig
+from experiments.loop import micro_batch_indices
+from experiments.metrics import classification_metrics
+from experiments.tasks import hash_split, load_task
+
+
+# ---- pure functions -----------------------------------------------------------------------
+def test_metrics_match_hand_computation():
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+    p = np.array([0, 1, 1, 1, 0, 0, 1, 1])
+    m = classification_metrics(y, p, 2)
+    tp, tn, fp, fn = 3, 2, 2, 1
+    mcc = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    f1_pos, f1_neg = 2 * tp / (2 * tp + fp + fn), 2 * tn / (2 * tn + fn + fp)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["macro_f1"] == pytest.approx((f1_pos + f1_neg) / 2)
+    assert m["mcc"] == pytest.approx(mcc)
+    # multi-class: perfect predictions give 1, a class never seen or predicted counts F1 = 0
+    m3 = classification_metrics(np.array([0, 1, 2, 2]), np.array([0, 1, 2, 2]), 4)
+    assert m3["accuracy"] == 1 and m3["mcc"] == pytest.approx(1) and m3["macro_f1"] == 0.75
+
+
+def test_budget_matching_counts_parameters_not_ranks():
+    # tiny BERT: 2 layers x (4 matrices 32x32 + 32->64 + 64->32)
+    shapes = {}
+    for i in range(2):
+        for t in ("q", "k", "v", "o"):
+            shapes[f"{i}.{t}"] = (32, 32)
+        shapes[f"{i}.fi"], shapes[f"{i}.fo"] = (64, 32), (32, 64)
+    assert B.adalora_target_params(shapes, 6.0) == 6 * 2 * (4 * 65 + 2 * 97)       # 5448
+    assert B.lora_params(shapes, 1) == 2 * (4 * 64 + 2 * 96)                        # 896
+    assert B.matched_lora_rank(shapes, 5448) == 6          # 6*896=5376 beats 7*896=6272
+    assert B.matched_lora_rank(shapes, 6000) == 7
+    assert B.target_rank_from_lora(shapes, 4, 12) == pytest.approx(4 * 896 / (2 * 454))
+    with pytest.raises(ConfigError, match="init_rank"):
+        B.target_rank_from_lora(shapes, 13, 12)
+    # a rank of a 384x1536 matrix costs 4x... not 1x one of 384x384
+    assert B.lora_params({"a": (384, 1536)}, 1) == 1920 and B.lora_params({"a": (384, 384)}, 1) == 768
+
+
+def test_hash_split_and_data_stream_are_deterministic():
+    assert hash_split("a movie", 0.1, 0.1) == hash_split("a movie", 0.1, 0.1)
+    a = micro_batch_indices(10, 4, 3, seed=1)           # crosses the epoch boundary (12 > 10)
+    assert a.tolist() == micro_batch_indices(10, 4, 3, seed=1).tolist()
+    epoch0 = torch.cat([micro_batch_indices(10, 5, k, 0) for k in (0, 1)])
+    assert sorted(epoch0.tolist()) == list(range(10))   # each epoch is a permutation
+
+
+def test_offline_datasets_load_with_the_documented_sizes():
+    d = load_task(TaskConfig())
+    assert len(d.train) + len(d.val) + len(d.test) == 12752 and d.label_names == ["rotten", "fresh"]
+    texts = [e.text for e in d.train]
+    assert len(set(texts)) == len(texts) and not set(texts) & {e.text for e in d.test}
+    r8 = load_task(TaskConfig(dataset="reuters_r8", max_len=64))
+    assert r8.num_labels == 8 and len(r8.test) == 2189 and len(r8.train) + len(r8.val) == 5485
+
+
+# ---- configs ------------------------------------------------------------------------------
+GLUE_COLS = ["sentence", "sentence1", "sentence2", "question", "question1", "question2",
+             "premise", "hypothesis"]
+
+
+@pytest.fixture(scope="module")
+def glue_like_tsv(tmp_path_factory):
+    """A small file with every GLUE column name, standing in for hf:glue/* (no network)."""
+    p = tmp_path_factory.mktemp("data") / "glue.tsv"
+    rows = ["\t".join(GLUE_COLS + ["label"])]
+    words = "good bad fine awful great dull fun slow".split()
+    for i in range(96):
+        rows.append("\t".join(f"{words[(i + j) % 8]} film {i}" for j in range(len(GLUE_COLS)))
+                    + f"\t{i % 2}")
+    p.write_text("\n".join(rows) + "\n")
+    return p
+
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_experiment_files_hold_the_paper_settings():
+    rc, _ = compose(["experiment=glue_rte"])
+    assert (rc.method.init_rank, rc.schedule.target_rank) == (2, 1)
+    assert (rc.schedule.init_warmup, rc.schedule.final_warmup, rc.schedule.mask_interval) == (600, 1800, 1)
+    assert rc.method.orth_weight == 0.3 and rc.trainer.lr == 1.2e-3 and rc.seed == 6
+    assert rc.task.dataset == "hf:glue/rte" and rc.model.name_or_path == "microsoft/deberta-v3-base"
+    assert len(EXPERIMENTS) >= 7
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_two_steps(name, tmp_path, glue_like_tsv):
+    s = run_inproc(tmp_path / name, [
+        f"experiment={name}", f"task.dataset=file:{glue_like_tsv}", "model.name_or_path=tiny-random",
+        "model.tiny_arch=deberta_v2", "model.tokenizer=minilm", "trainer.max_steps=2",
+        "schedule.init_warmup=0", "schedule.final_warmup=1", "task.max_len=32",
+        "trainer.eval_every=0", "trainer.progress=false", "logger.tensorboard=false"])
+    assert s["status"] == "completed" and s["steps"] == 2
+    assert len(s["final_ranks"]) == 2 * 6 and s["schedule"]["total_steps"] == 2
+
+
+@pytest.mark.parametrize("ablation", sorted(p.stem for p in (REPO / "conf" / "ablation").glob("*.yaml")
+                                             if p.stem not in ("none", "lora_on_found_ranks")))
+def test_ablations_compose_and_change_what_they_name(ablation):
+    rc, _ = compose([f"ablation={ablation}"])
+    base, _ = compose([])
+    assert rc.ablation == ablation and rc != base
+
+
+# ---- one real (tiny) run: the contract ----------------------------------------------------
+SUMMARY_KEYS = {"status", "error", "method", "ablation", "task", "model", "seed", "init_rank",
+                "target_rank", "lora_rank", "budget", "schedule", "params", "final", "final_ranks",
+                "module_shapes", "steps", "wall_time_s", "versions", "git_commit"}
+
+
+@pytest.fixture(scope="module")
+def adalora_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs") / "adalora"
+    run_inproc(d, TINY + ["trainer.epochs=2", "trainer.checkpoint_every=8", "budget=matched"])
+    return d
+
+
+def test_run_writes_every_file_of_the_contract(adalora_run):
+    d = adalora_run
+    for f in ("metrics.jsonl", "ranks.jsonl", "summary.json", "adapters.safetensors",
+              "adapters.json", "checkpoint.pt", "importance.safetensors", "tb"):
+        assert (d / f).exists(), f
+    s = json.loads((d / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(s) and s["status"] == "completed" and s["error"] is None
+    assert set(s["budget"]) == {"target_params", "matched_lora_rank", "lora_params"}
+    assert set(s["params"]) == {"trainable_start", "trainable_end", "adapter_start", "adapter_end", "base"}
+    assert set(s["final"]) == {"val", "test"} and {"accuracy", "macro_f1", "mcc", "loss"} <= set(s["final"]["test"])
+    assert set(s["schedule"]) == {"total_steps", "init_warmup", "final_warmup", "mask_interval",
+                                  "shape", "initial_budget", "target_budget"}
+    assert s["steps"] == s["schedule"]["total_steps"] == 16          # 2 epochs x 128 / 16
+    assert s["budget"]["target_params"] == 5448 and s["budget"]["matched_lora_rank"] == 6
+    names = list(s["final_ranks"])
+    assert names[0] == "encoder.layer.0.attention.self.query" and len(names) == 12
+    assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"] == 72
+    ranks = read_jsonl(d / "ranks.jsonl")
+    assert ranks[0]["step"] == 0 and ranks[0]["budget"] == s["schedule"]["initial_budget"]
+    assert ranks[-1]["ranks"] == s["final_ranks"] and ranks[-1]["budget"] == 72
+    assert set(ranks[1]) == {"step", "budget", "threshold", "ranks", "params_kept"}
+    budgets = [r["budget"] for r in ranks]
+    assert budgets == sorted(budgets, reverse=True)
+    metrics = read_jsonl(d / "metrics.jsonl")
+    train = [m for m in metrics if m["split"] == "train"]
+    assert len(train) == 16 and {"loss", "orth", "lr", "epoch", "time_s"} <= set(train[0])
+    assert {m["split"] for m in metrics} == {"train", "val", "test"}
+    imp = load_file(str(d / "importance.safetensors"))
+    assert set(imp) == set(names) and imp[names[0]].shape == (12,)
+    assert s["params"]["adapter_end"] < s["params"]["adapter_start"]
+    assert (d / "tb").is_dir() and any((d / "tb").iterdir())
+
+
+def test_matched_lora_records_both_counts(tmp_path):
+    s = run_inproc(tmp_path / "lora", TINY + ["method=lora", "budget=matched", "trainer.max_steps=2"])
+    assert s["lora_rank"] == 6 and s["budget"] == {"target_params": 5448, "matched_lora_rank": 6,
+                                                   "lora_params": 6 * 896}
+    assert s["params"]["adapter_start"] == 6 * 896 and s["schedule"] is None
+
+
+def test_adalora_target_from_a_lora_budget(tmp_path):
+    s = run_inproc(tmp_path / "r", TINY + ["budget=from_lora", "budget.lora_rank=4",
+                                           "trainer.max_steps=10"])
+    assert s["target_rank"] == pytest.approx(4 * 896 / 908)
+    assert s["budget"]["lora_params"] == 4 * 896
+    assert abs(s["budget"]["target_params"] - 4 * 896) <= 1
+
+
+def test_lora_on_found_ranks_reuses_the_adalora_allocation(adalora_run, tmp_path):
+    s = run_inproc(tmp_path / "found", TINY + ["ablation=lora_on_found_ranks",
+                                               f"method.rank_pattern_from={adalora_run}",
+                                               "trainer.max_steps=2"])
+    found = json.loads((adalora_run / "summary.json").read_text())["final_ranks"]
+    assert s["method"] == "lora" and s["final_ranks"] == found
+
+
+@pytest.mark.parametrize("method", ["svd_lora", "full", "head"])
+def test_baseline_methods_run(method, tmp_path):
+    s = run_inproc(tmp_path / method, TINY + [f"method={method}", "trainer.max_steps=2"])
+    assert s["status"] == "completed" and s["method"] == method
+    if method == "head":
+        assert s["params"]["trainable_start"] == 32 * 2 + 2
+
+
+def test_resume_after_interruption_is_bitwise_equal(adalora_run, tmp_path):
+    d = tmp_path / "stopped"
+    s = run_inproc(d, TINY + ["trainer.epochs=2", "trainer.checkpoint_every=8", "budget=matched",
+                              "trainer.stop_at_step=5"])       # mid-budgeting (t_i=2, T-t_f=11)
+    assert s["status"] == "interrupted" and s["steps"] == 5
+    s = run_inproc(d, TINY + ["trainer.epochs=2", "trainer.checkpoint_every=8", "budget=matched",
+                              f"trainer.resume={d}"])
+    assert s["status"] == "completed"
+    a, b = load_file(str(adalora_run / "adapters.safetensors")), load_file(str(d / "adapters.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_jsonl(d / "ranks.jsonl") == read_jsonl(adalora_run / "ranks.jsonl")
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "time_s"} for m in ms]
+    assert strip(read_jsonl(d / "metrics.jsonl")) == strip(read_jsonl(adalora_run / "metrics.jsonl"))
