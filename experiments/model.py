@@ -59,7 +59,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise ConfigError(f"cannot load tokenizer '{name}': {type(e).__name__}: "
+        raise ConfigError(f"cannot load model/tokenizer '{name}': {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
 
 

@@ -1,0 +1,133 @@
+"""The command line as a user meets it (subprocesses): bad input gives one line on stderr and a
+non-zero exit without touching finished runs; joblib and submitit sweeps; SIGTERM pre-emption
+then resume; and one run with the real offline model and data (marked slow, CI runs it)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exp_utils import REPO, TINY, read_jsonl, run_cli, snapshot
+
+FAST = TINY + ["task.max_train_samples=64", "trainer.max_steps=4", "logger.tensorboard=false"]
+
+
+def assert_one_line_error(p, *words):
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("method=foo", ["unknown method 'foo'", "adalora"]),
+    ("task=nope", ["unknown task 'nope'", "rotten_tomatoes"]),
+    ("model.name_or_path=/no/such/model", ["/no/such/model"]),
+    ("method.targets=[nothing_here]", ["matched no linear layer"]),
+    ("schedule.init_warmup=3 schedule.final_warmup=3", ["impossible schedule", "total_steps=4"]),
+    ("schedule.score=bogus", ["schedule.score"]),
+])
+def test_bad_input_is_one_line_and_exit_2(override, words, tmp_path):
+    p = run_cli(FAST + override.split() + [f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line_error(p, *words)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_missing_dataset_package_names_the_pip_package(tmp_path):
+    # Shadow `datasets` with a package whose import fails, so the test holds whether or not
+    # the real one is installed.
+    (tmp_path / "shadow" / "datasets").mkdir(parents=True)
+    (tmp_path / "shadow" / "datasets" / "__init__.py").write_text("raise ImportError('blocked')\n")
+    p = run_cli(FAST + ["task.dataset=hf:glue/rte", f"hydra.run.dir={tmp_path / 'run'}"],
+                env_extra={"PYTHONPATH": f"{tmp_path / 'shadow'}{os.pathsep}{REPO}"})
+    assert_one_line_error(p, "pip install datasets")
+
+
+def test_missing_label_column(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("text,sentiment\n" + "".join(f"review {i},{i % 2}\n" for i in range(40)))
+    p = run_cli(FAST + [f"task.dataset=file:{f}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line_error(p, "no column 'label'", "sentiment")
+
+
+def _fake_finished_run(d: Path) -> dict:
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (d / "summary.json").write_text(json.dumps({"status": "completed"}))
+    (d / "metrics.jsonl").write_text('{"step": 1}\n')
+    return snapshot(d)
+
+
+def test_finished_run_folder_is_refused_and_untouched(tmp_path):
+    d = tmp_path / "done"
+    before = _fake_finished_run(d)
+    p = run_cli(FAST + [f"hydra.run.dir={d}"])
+    assert_one_line_error(p, "completed run")
+    assert snapshot(d) == before
+    sweep = tmp_path / "sweep"
+    before = _fake_finished_run(sweep / "0")
+    p = run_cli(["-m", *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}"])
+    assert_one_line_error(p, "completed run")
+    assert snapshot(sweep / "0") == before and not (sweep / "1").exists()
+
+
+def test_joblib_multirun_two_jobs(tmp_path):
+    p = run_cli(["-m", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                 "method=adalora,lora", "budget=matched", f"hydra.sweep.dir={tmp_path}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = [json.loads((tmp_path / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert [x["method"] for x in s] == ["adalora", "lora"] and all(x["status"] == "completed" for x in s)
+    assert s[0]["budget"]["target_params"] == s[1]["budget"]["target_params"]
+    assert s[1]["lora_rank"] == s[0]["budget"]["matched_lora_rank"]
+
+
+def test_submitit_local_runs_one_job(tmp_path):
+    p = run_cli(["-m", *FAST, "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_sigterm_checkpoints_then_resume_completes(tmp_path):
+    d = tmp_path / "pre"
+    args = TINY + ["task.max_train_samples=512", "trainer.epochs=3", "logger.tensorboard=false",
+                   "trainer.checkpoint_every=1000"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, f"hydra.run.dir={d}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (d / "metrics.jsonl").is_file() and len(read_jsonl(d / "metrics.jsonl")) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    s = json.loads((d / "summary.json").read_text())
+    assert s["status"] == "interrupted" and 3 <= s["steps"] < 96 and (d / "checkpoint.pt").is_file()
+    p = run_cli(args + [f"trainer.resume={d}"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((d / "summary.json").read_text())
+    assert s["status"] == "completed" and s["steps"] == 96
+    steps = [m["step"] for m in read_jsonl(d / "metrics.jsonl") if m["split"] == "train"]
+    assert steps == list(range(1, 97))                # no step logged twice, none missing
+
+
+@pytest.mark.slow
+def test_real_model_and_data_learn(tmp_path):
+    """all-MiniLM-L6-v2 + Rotten Tomatoes from the offline wheels, a few AdaLoRA steps."""
+    p = run_cli(["task.max_train_samples=256", "task.max_eval_samples=128", "trainer.progress=false",
+                 "logger.tensorboard=false", "trainer.eval_every=0", f"hydra.run.dir={tmp_path}"],
+                timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "completed" and s["model"] == "minilm" and s["steps"] == 8
+    assert s["params"]["base"] > 22_000_000 and len(s["final_ranks"]) == 36
+    assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"] == 216
+    assert "final ranks (layer x matrix)" in p.stdout and "run folder:" in p.stdout
+    assert s["final"]["test"]["loss"] < 0.75           # a head on mean-pooled MiniLM learns fast
