@@ -44,6 +44,9 @@ class ImportanceScorer:
     def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         grads = []
         for i, p in enumerate(params):
+            if p.grad is None and p.numel() == 0:
+                grads.append(torch.zeros_like(p))   # a rank-0 adapter: forward skips it, nothing to score
+                continue
             if p.grad is None:
                 layer = self.layers[i // 3]
                 raise RuntimeError(
@@ -64,11 +67,14 @@ class ImportanceScorer:
             return True
         params = self.params()
         grads = self._grads(params)
+        if params[0].dtype in (torch.float16, torch.bfloat16):
+            # Form |w · g| in fp32: the product rounded to bf16 would lose 2^-9 before the fp32 EMAs.
+            params, grads = [p.float() for p in params], [g.float() for g in grads]
         ipt = torch._foreach_mul(params, grads)                     # I = |w · g|, transient
         torch._foreach_abs_(ipt)
         if grads_finite is None:
             # One fused reduction and a single host sync for the finiteness check.
-            grads_finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(ipt, float("inf"))).sum()))
+            grads_finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(ipt)).sum()))
         if not grads_finite:
             self.skipped += 1
             return False
@@ -78,8 +84,6 @@ class ImportanceScorer:
                                           else p.dtype) for p in params]
             if self.cfg.kind == "sensitivity_uncertainty":
                 self.ubar = [torch.zeros_like(t) for t in self.ibar]
-        if ipt[0].dtype != self.ibar[0].dtype:
-            ipt = [t.to(self.ibar[0].dtype) for t in ipt]           # fp32 state for bf16/fp16 adapters
         torch._foreach_mul_(self.ibar, b1)                          # Ī ← β1 Ī + (1−β1) I
         torch._foreach_add_(self.ibar, ipt, alpha=1 - b1)
         if self.ubar is not None:
