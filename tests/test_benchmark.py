@@ -1,0 +1,67 @@
+"""The benchmark runs end to end on a tiny CPU shape and writes every variant (no timing asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check_outputs(out: Path, variants: list[str], alloc_layers: list[int]) -> dict:
+    result = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    assert list(result["variants"]) == variants
+    for name, r in result["variants"].items():
+        assert len(r["rounds_ms"]) == result["config"]["rounds"]
+        assert r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] and r["trainable_params"] > 0
+        assert f"| {name} |" in md
+    assert [row["layers"] for row in result["allocator"]] == alloc_layers
+    return result
+
+
+def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
+    pytest.importorskip("peft", reason="peft is in the dev extra; the peft rows need it")
+    cfg = benchmark.parse_args(["--preset", "tiny", "--device", "cpu", "--warmup", "1", "--rounds", "2",
+                                "--steps", "2", "--alloc-layers", "1,2", "--alloc-steps", "2", "--out", str(tmp_path)])
+    benchmark.run(cfg)
+    result = _check_outputs(tmp_path, benchmark.VARIANTS[:-3] + ["peft_lora", "peft_adalora", "lora_final"], [1, 2])
+    assert set(result["ratios"]) >= {"adalora/floor", "adalora/lora", "peft_adalora/adalora", "lora/peft_lora",
+                                     "adalora_compact/lora_final"}
+    v = result["variants"]
+    # Structural facts, not timings: AdaLoRA keeps Ī and Ū (2 copies of the adapter parameters),
+    # peft keeps ipt as well (3); compact() leaves the LoRA-of-final-ranks parameter count (+ lam).
+    head = v["floor"]["trainable_params"] - 64            # the floor trains the head and the LN scale (hidden 64)
+    adapter_params = v["adalora"]["trainable_params"] - head
+    assert adapter_params == 2 * 12 * (4 * (64 + 64 + 1) + 2 * (128 + 64 + 1))
+    assert v["adalora"]["alloc_state_bytes"] == 2 * 4 * adapter_params
+    assert v["peft_adalora"]["alloc_state_bytes"] == 3 * v["adalora"]["alloc_state_bytes"] // 2
+    ranks = v["adalora_compact"]["final_ranks"]
+    assert sum(ranks.values()) == 8 * 6 * 2
+    assert v["adalora_compact"]["trainable_params"] - v["lora_final"]["trainable_params"] == sum(ranks.values())
+    row = result["allocator"][1]
+    assert row["ours_state_bytes"] == 2 * row["adapter_param_bytes"]
+    assert row["peft_state_bytes"] == 3 * row["adapter_param_bytes"]
+
+
+def test_benchmark_flags_and_hydra_overrides_parse():
+    cfg = benchmark.parse_args(["--preset=large", "--dtype", "bf16", "--compile", "variants=floor,adalora",
+                                "--alloc-layers", "[]", "--layers", "3"])
+    assert (cfg.layers, cfg.hidden, cfg.seq, cfg.dtype, cfg.compile) == (3, 1024, 256, "bf16", True)
+    assert cfg.variants == ["floor", "adalora"] and cfg.alloc_layers == []
+    with pytest.raises(ValueError, match="unknown variants"):
+        benchmark.BenchConfig(variants=["adalora", "qlora"])
+    with pytest.raises(SystemExit, match="unknown option"):
+        benchmark.parse_args(["--nope", "1"])
+
+
+def test_benchmark_hydra_entry_point(tmp_path):
+    pytest.importorskip("hydra")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.benchmark", "preset=tiny", "device=cpu", "warmup=1", "rounds=1",
+           "steps=1", "variants=[floor,lora,adalora]", "alloc_layers=[1]", "alloc_steps=1", f"hydra.run.dir={out}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    _check_outputs(out, ["floor", "lora", "adalora"], [1])
