@@ -57,6 +57,7 @@ class RankAllocator:
         self.final_done = False
         self.compacted = False
         self.final_scores: list[torch.Tensor] | None = None
+        self._lam_masks: list[torch.Tensor] | None = None     # rank_mask cast to lam's dtype
 
     # -- the two per-step calls ------------------------------------------------------------------
     def update_importance(self, step: int, grads_finite: bool | None = None) -> bool:
@@ -93,8 +94,11 @@ class RankAllocator:
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[order[:budget]] = True
         threshold = float(flat[order[budget]]) if budget < flat.numel() else None
-        for layer, m in zip(self.layers, torch.split(keep, [layer.rank for layer in self.layers])):
-            layer.rank_mask.copy_(m)
+        sizes = [layer.rank for layer in self.layers]
+        torch._foreach_copy_([layer.rank_mask for layer in self.layers], list(keep.split(sizes)))
+        dtypes = {layer.lam.dtype for layer in self.layers}
+        # One cast for all layers, cached: the final phase re-applies these every step with one kernel.
+        self._lam_masks = list(keep.to(dtypes.pop()).split(sizes)) if len(dtypes) == 1 else None
         self._apply_masks()
         ranks = self.ranks()
         return AllocationRecord(step=step, budget=int(keep.sum()), threshold=threshold, ranks=ranks,
@@ -103,8 +107,9 @@ class RankAllocator:
     def _apply_masks(self) -> None:
         if self.compacted:
             return
-        lams = [layer.lam.data for layer in self.layers]
-        torch._foreach_mul_(lams, [layer.rank_mask.to(layer.lam.dtype) for layer in self.layers])
+        if self._lam_masks is None:
+            self._lam_masks = [layer.rank_mask.to(layer.lam.dtype) for layer in self.layers]
+        torch._foreach_mul_([layer.lam.data for layer in self.layers], self._lam_masks)
 
     # -- read-outs ---------------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
@@ -182,6 +187,7 @@ class RankAllocator:
                 raise ValueError("allocator state masks do not match the adapters' ranks: load the "
                                  "allocator state into a model injected with the saved config")
             layer.rank_mask.copy_(m)
+        self._lam_masks = None
         self.scorer.load_state_dict(sd["scorer"])
         self.final_done, self.compacted = bool(sd["final_done"]), bool(sd["compacted"])
         self.final_scores = None if sd["final_scores"] is None else [s.clone() for s in sd["final_scores"]]
