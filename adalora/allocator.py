@@ -85,9 +85,8 @@ class RankAllocator:
         return None
 
     def _allocate(self, step: int, budget: int) -> AllocationRecord:
-        scores = self.scorer.scores(step)
-        # At least fp32, and fp64 when the model is: float32 would tie scores that differ below its precision.
-        flat = torch.cat([s.to(torch.promote_types(s.dtype, torch.float32)) for s in scores])   # (Σ r_k,)
+        # (Σ r_k,) in layer order; fp64 when the model is (fp32 would tie scores it cannot tell apart).
+        flat = self.scorer.flat_scores(step)
         # Exactly `budget` kept: a stable descending sort breaks ties by adapter order then index
         # (the reference "score <= kth value" rule prunes every tie and so over-prunes).
         order = torch.sort(flat, descending=True, stable=True).indices

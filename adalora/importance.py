@@ -4,10 +4,12 @@ For every element ``w`` of ``P``, ``lam``, ``Q``:
 ``I = |w · ∂L/∂w|``; ``Ī ← β1 Ī + (1−β1) I``; ``Ū ← β2 Ū + (1−β2) |I − Ī|``; ``s = Ī · Ū``.
 Triplet score of singular value ``i``: ``S_i = s(lam_i) + mean_j s(P_ji) + mean_j s(Q_ij)``.
 
-The update runs as a handful of fused multi-tensor kernels (``torch._foreach_*``) over all
-adapters at once; the only state is ``Ī`` and ``Ū`` (``I`` is transient).
+The update runs on flat buffers, a handful of kernels per step whatever the number of adapters;
+the only state is ``Ī`` and ``Ū`` (``I`` and the gathered weights/gradients are transient).
 """
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 
@@ -16,41 +18,81 @@ from .layers import SVDLinear
 
 
 def triplet_scores(s_P: torch.Tensor, s_lam: torch.Tensor, s_Q: torch.Tensor) -> torch.Tensor:
-    """Eq. 9: ``(d_out, r), (r,), (r, d_in) -> (r,)``."""
-    return s_lam + s_P.mean(dim=0) + s_Q.mean(dim=1)
+    """Eq. 9: ``(..., d_out, r), (..., r), (..., r, d_in) -> (..., r)`` (batched over leading dims).
+
+    Summed as ``s_lam + (mean s_Q + mean s_P)``, the order peft uses, so ties resolve alike.
+    """
+    return s_lam + (s_Q.mean(dim=-1) + s_P.mean(dim=-2))
+
+
+class _Layout:
+    """Where each adapter's ``P``, ``lam``, ``Q`` sit in the flat state buffers.
+
+    Adapters of one shape ``(d_out, r, d_in)`` form a group laid out as ``[P_1..P_n, lam_1..lam_n,
+    Q_1..Q_n]``, so a group's scores are three batched reductions over views: the work per step
+    is a few kernels per distinct shape, not per adapter.
+    """
+
+    def __init__(self, layers: list[SVDLinear]):
+        self.ranks = tuple(layer.rank for layer in layers)
+        groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+        for k, layer in enumerate(layers):
+            groups[(layer.out_features, layer.rank, layer.in_features)].append(k)
+        self.groups = []                          # (layer indices, d_out, r, d_in, offset)
+        self.order: list[tuple[int, str]] = []    # (layer index, attr) in buffer order
+        offset = 0
+        for (d_out, r, d_in), ks in groups.items():
+            self.groups.append((ks, d_out, r, d_in, offset))
+            offset += len(ks) * r * (d_out + 1 + d_in)
+            self.order += [(k, a) for a in ("P", "lam", "Q") for k in ks]
+        self.numel = offset
+        # scores come out group by group; this permutation puts them back in layer order
+        pos = {}
+        i = 0
+        for ks, _, r, _, _ in self.groups:
+            for k in ks:
+                pos[k] = range(i, i + r)
+                i += r
+        self.perm = torch.tensor([j for k in range(len(layers)) for j in pos[k]], dtype=torch.long)
+
+    def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor]:
+        return [getattr(layers[k], a) for k, a in self.order]
 
 
 class ImportanceScorer:
-    """Holds the EMAs ``Ī``, ``Ū`` for the SVD adapters given, in their order.
+    """Holds the EMAs ``Ī``, ``Ū`` for the SVD adapters given, as two flat buffers.
 
     ``kind``: ``sensitivity_uncertainty`` (``s = Ī·Ū``, default), ``sensitivity`` (``s = Ī``),
     ``magnitude`` (``S = |lam_i|``, no state) or ``random`` (fresh uniform scores per call,
     seeded by ``(seed, step)`` so that a resumed run draws the same numbers).
+    State is fp32 for bf16/fp16 adapters, else the adapters' dtype.
     """
 
     def __init__(self, layers: list[SVDLinear], cfg: ScoreConfig):
         self.layers = layers
         self.cfg = cfg
         self.uses_grad = cfg.kind in ("sensitivity_uncertainty", "sensitivity")
-        self.ibar: list[torch.Tensor] | None = None
-        self.ubar: list[torch.Tensor] | None = None
+        self.ibar: torch.Tensor | None = None     # (Σ numel of P, lam, Q,) in layout order
+        self.ubar: torch.Tensor | None = None
         self.updates = 0
         self.skipped = 0
+        self._layout_cache: _Layout | None = None
 
-    def params(self) -> list[torch.Tensor]:
-        # Read from the layers each time: resize() replaces the Parameter objects.
-        return [t for layer in self.layers for t in (layer.P, layer.lam, layer.Q)]
+    def _layout(self) -> _Layout:
+        # Rebuilt only when ranks change (compaction, loading a pruned adapter).
+        if self._layout_cache is None or self._layout_cache.ranks != tuple(l.rank for l in self.layers):
+            self._layout_cache = _Layout(self.layers)
+        return self._layout_cache
 
-    def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _grads(self, layout: _Layout, params: list[torch.Tensor]) -> list[torch.Tensor]:
         grads = []
-        for i, p in enumerate(params):
+        for (k, attr), p in zip(layout.order, params):
             if p.grad is None and p.numel() == 0:
-                grads.append(torch.zeros_like(p))   # a rank-0 adapter: forward skips it, nothing to score
+                grads.append(p)                     # a rank-0 adapter: forward skips it, nothing to score
                 continue
             if p.grad is None:
-                layer = self.layers[i // 3]
                 raise RuntimeError(
-                    f"no gradient for {('P', 'lam', 'Q')[i % 3]} of an SVD adapter {layer.extra_repr()}: "
+                    f"no gradient for {attr} of SVD adapter #{k} ({self.layers[k].extra_repr()}): "
                     "call update_importance after loss.backward() and before optimizer.zero_grad(), "
                     "and keep adapter parameters trainable (mark_only_adapters_trainable)")
             grads.append(p.grad)
@@ -65,66 +107,87 @@ class ImportanceScorer:
         """
         if not self.uses_grad:
             return True
-        params = self.params()
-        grads = self._grads(params)
-        if params[0].dtype in (torch.float16, torch.bfloat16):
-            # Form |w · g| in fp32: the product rounded to bf16 would lose 2^-9 before the fp32 EMAs.
-            params, grads = [p.float() for p in params], [g.float() for g in grads]
-        ipt = torch._foreach_mul(params, grads)                     # I = |w · g|, transient
-        torch._foreach_abs_(ipt)
+        layout = self._layout()
+        params = layout.tensors(self.layers)
+        grads = self._grads(layout, params)
+        state_dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
+        # Two gathers into flat buffers, then everything is a handful of kernels whatever the
+        # number of adapters; |w · g| is formed in the state dtype (fp32 for bf16 adapters).
+        w = torch.cat([p.detach().reshape(-1) for p in params]).to(state_dtype)
+        ipt = torch.cat([g.reshape(-1) for g in grads]).to(state_dtype).mul_(w).abs_()   # I = |w · g|
         if grads_finite is None:
-            # One fused reduction and a single host sync for the finiteness check.
-            grads_finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(ipt)).sum()))
+            grads_finite = bool(torch.isfinite(ipt.sum()))        # the step's one host sync
         if not grads_finite:
             self.skipped += 1
             return False
         b1, b2 = self.cfg.beta1, self.cfg.beta2
         if self.ibar is None:
-            self.ibar = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16)
-                                          else p.dtype) for p in params]
+            self.ibar = torch.zeros_like(ipt)
             if self.cfg.kind == "sensitivity_uncertainty":
-                self.ubar = [torch.zeros_like(t) for t in self.ibar]
-        torch._foreach_mul_(self.ibar, b1)                          # Ī ← β1 Ī + (1−β1) I
-        torch._foreach_add_(self.ibar, ipt, alpha=1 - b1)
+                self.ubar = torch.zeros_like(ipt)
+        self.ibar.mul_(b1).add_(ipt, alpha=1 - b1)               # Ī ← β1 Ī + (1−β1) I
         if self.ubar is not None:
-            torch._foreach_sub_(ipt, self.ibar)                     # |I − Ī| with the updated Ī
-            torch._foreach_abs_(ipt)
-            torch._foreach_mul_(self.ubar, b2)                      # Ū ← β2 Ū + (1−β2) |I − Ī|
-            torch._foreach_add_(self.ubar, ipt, alpha=1 - b2)
+            ipt.sub_(self.ibar).abs_()                            # |I − Ī| with the updated Ī
+            self.ubar.mul_(b2).add_(ipt, alpha=1 - b2)            # Ū ← β2 Ū + (1−β2) |I − Ī|
         self.updates += 1
         return True
 
     @torch.no_grad()
-    def scores(self, step: int = 0) -> list[torch.Tensor]:
-        """Triplet scores ``S_k (r_k,)`` per layer, in layer order."""
+    def flat_scores(self, step: int = 0) -> torch.Tensor:
+        """Triplet scores of all singular values, layer order then index: ``(Σ r_k,)``."""
         if self.cfg.kind == "magnitude":
-            return [layer.lam.detach().abs().float() for layer in self.layers]
+            return torch.cat([layer.lam.detach().abs().float() for layer in self.layers])
+        device = self.layers[0].lam.device
         if self.cfg.kind == "random":
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-            return [torch.rand(layer.rank, generator=g).to(layer.lam.device) for layer in self.layers]
+            return torch.rand(sum(layer.rank for layer in self.layers), generator=g).to(device)
+        layout = self._layout()
         if self.ibar is None:
             # Never updated (e.g. masking before any backward): every triplet scores zero.
-            return [torch.zeros(layer.rank, device=layer.lam.device) for layer in self.layers]
-        s = self.ibar if self.ubar is None else torch._foreach_mul(self.ibar, self.ubar)
-        return [triplet_scores(s[3 * k], s[3 * k + 1], s[3 * k + 2]) for k in range(len(self.layers))]
+            return torch.zeros(sum(layout.ranks), device=device)
+        s = self.ibar if self.ubar is None else self.ibar * self.ubar
+        per_group = []
+        for ks, d_out, r, d_in, off in layout.groups:
+            n = len(ks)
+            sP = s[off:off + n * d_out * r].view(n, d_out, r)
+            off += n * d_out * r
+            sl = s[off:off + n * r].view(n, r)
+            off += n * r
+            sQ = s[off:off + n * r * d_in].view(n, r, d_in)
+            per_group.append(triplet_scores(sP, sl, sQ).reshape(-1))
+        return torch.cat(per_group)[layout.perm.to(s.device)]
+
+    def scores(self, step: int = 0) -> list[torch.Tensor]:
+        """Triplet scores ``S_k (r_k,)`` per layer, in layer order."""
+        return list(self.flat_scores(step).split([layer.rank for layer in self.layers]))
 
     def free(self) -> None:
         """Drop the EMAs (after the final allocation nothing is scored any more)."""
         self.ibar = self.ubar = None
 
-    @torch.no_grad()
-    def slice_(self, k: int, keep: torch.Tensor) -> None:
-        """Keep EMA entries of layer ``k`` for singular values ``keep`` (after a resize)."""
-        for buf in (self.ibar, self.ubar):
-            if buf is not None:
-                buf[3 * k] = buf[3 * k][:, keep].clone()
-                buf[3 * k + 1] = buf[3 * k + 1][keep].clone()
-                buf[3 * k + 2] = buf[3 * k + 2][keep].clone()
+    def _per_parameter(self, flat: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """The flat buffer as one tensor per parameter, layer order ``[P_1, lam_1, Q_1, P_2, ...]``."""
+        if flat is None:
+            return None
+        layout = self._layout()
+        params = layout.tensors(self.layers)
+        pieces = dict(zip(layout.order, flat.split([p.numel() for p in params])))
+        return [pieces[(k, a)].view(getattr(self.layers[k], a).shape).clone()
+                for k in range(len(self.layers)) for a in ("P", "lam", "Q")]
 
     def state_dict(self) -> dict:
-        return {"ibar": self.ibar, "ubar": self.ubar, "updates": self.updates, "skipped": self.skipped}
+        return {"ibar": self._per_parameter(self.ibar), "ubar": self._per_parameter(self.ubar),
+                "updates": self.updates, "skipped": self.skipped}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.ibar = None if sd["ibar"] is None else [t.clone() for t in sd["ibar"]]
-        self.ubar = None if sd["ubar"] is None else [t.clone() for t in sd["ubar"]]
+        """Accepts per-parameter lists in layer order ``[P_1, lam_1, Q_1, ...]`` (as ``state_dict`` gives)."""
+        layout = self._layout()
+
+        def flat(ts):
+            if ts is None:
+                return None
+            by_key = {(k, a): ts[3 * k + i] for k in range(len(self.layers)) for i, a in enumerate(("P", "lam", "Q"))}
+            return torch.cat([by_key[key].reshape(-1) for key in layout.order]).clone()
+
+        self.ibar, self.ubar = flat(sd["ibar"]), flat(sd["ubar"])
         self.updates, self.skipped = int(sd["updates"]), int(sd["skipped"])

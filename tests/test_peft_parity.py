@@ -297,7 +297,7 @@ def _set_scores(theirs, alloc, adapters, gen):
             shape = (-1, 1) if key == "lora_E" else i.shape
             ra.exp_avg_ipt[f"{prefix}.{key}.default"] = i.clone().reshape(shape)
             ra.exp_avg_unc[f"{prefix}.{key}.default"] = u.clone().reshape(shape)
-    alloc.scorer.ibar, alloc.scorer.ubar = ibar, ubar
+    alloc.scorer.load_state_dict({"ibar": ibar, "ubar": ubar, "updates": 0, "skipped": 0})
 
 
 def _peft_mask(theirs, adapters, budget):
@@ -328,11 +328,12 @@ def test_near_tied_float64_scores_are_ranked_like_peft():
     # Make every triplet score a distinct power of two except two that differ only far below float32's
     # resolution: singular value 0 of the first adapter just *below* singular value 0 of the last.
     ra = theirs.base_model.rankallocator
+    state = alloc.scorer.state_dict()                   # per parameter, layer order (P, lam, Q)
     for k, name in enumerate(names):
         prefix = name
         for key in ("lora_A", "lora_B"):
             ra.exp_avg_ipt[f"{prefix}.{key}.default"].zero_()
-        alloc.scorer.ibar[3 * k].zero_(), alloc.scorer.ibar[3 * k + 2].zero_()
+        state["ibar"][3 * k].zero_(), state["ibar"][3 * k + 2].zero_()
         e = 2.0 ** torch.arange(INIT_R, dtype=DT) * 4.0 ** k      # distinct, well separated
         if k == 0:
             e[0] = 1.0 - 1e-12
@@ -340,8 +341,9 @@ def test_near_tied_float64_scores_are_ranked_like_peft():
             e[0] = 1.0
         ra.exp_avg_ipt[f"{prefix}.lora_E.default"] = e.clone().reshape(-1, 1)
         ra.exp_avg_unc[f"{prefix}.lora_E.default"] = torch.ones(INIT_R, 1, dtype=DT)
-        alloc.scorer.ibar[3 * k + 1] = e.clone()
-        alloc.scorer.ubar[3 * k + 1] = torch.ones(INIT_R, dtype=DT)
+        state["ibar"][3 * k + 1] = e.clone()
+        state["ubar"][3 * k + 1] = torch.ones(INIT_R, dtype=DT)
+    alloc.scorer.load_state_dict(state)
     # Scores below 1 - 1e-12: none (the smallest others are 2**1 * 4**0 = 2). So keeping all but one
     # must drop the first adapter's singular value 0, whose score is the smaller of the near-tie.
     budget = 6 * INIT_R - 1
