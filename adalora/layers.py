@@ -72,7 +72,7 @@ class AdapterLayer(nn.Module):
         if self.merged or self.rank == 0:
             return y
         h = self._lowrank(self.drop(x).to(self._adapter_dtype()))
-        return y + (self.scaling * h).to(y.dtype)
+        return torch.add(y, h.to(y.dtype), alpha=self.scaling)     # one kernel for scale and add
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * ΔW`` as a dense ``(d_out, d_in)`` matrix in the adapter dtype."""
