@@ -70,10 +70,14 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
     total = derive_total_steps(n_train, cfg, world_size)
     backbone = model.backbone
     if cfg.model.quantize == "nf4":
-        if not hasattr(adalora, "quantize_model"):
-            raise ConfigError("model.quantize=nf4 needs adalora.quantize_model (adalora/quant.py)")
-        # Quantize every linear of the encoder; the head lives outside the backbone.
-        quantized = adalora.quantize_model(backbone, targets=None, skip=[HEAD])
+        try:
+            from adalora.quant import quantize_model
+        except ImportError:
+            raise ConfigError("model.quantize=nf4 needs adalora/quant.py (adalora.quantize_model)")
+        # Every linear of the encoder (adapted or not) goes to NF4; the head is outside the
+        # backbone and stays full precision (skip is belt and braces for custom backbones).
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        quantized = quantize_model(backbone, targets=None, skip=[HEAD], compute_dtype=compute)
     else:
         quantized = []
     out = Built(model, {}, None, None, None, total, quantized=quantized)
@@ -165,4 +169,7 @@ def count_params(model: PooledClassifier, adapters: Dict[str, nn.Module], alloca
     adapter_ids = {id(p) for a in adapters.values() for p in a.parameters()
                    if p.requires_grad}
     base = sum(p.numel() for p in model.backbone.parameters() if id(p) not in adapter_ids)
+    # NF4 weights are packed buffers, not parameters: count their logical elements.
+    base += sum(m.in_features * m.out_features for m in model.backbone.modules()
+                if getattr(m, "quantized", False))
     return {"adapter": adapter, "adapter_kept": kept, "trainable": trainable, "base": base}

@@ -44,6 +44,18 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(msg) from None
 
 
+def check_key(key: str) -> None:
+    """``trainer.lrr=1``: name the section's fields instead of Hydra's multi-line report."""
+    import dataclasses
+    head, _, rest = key.partition(".")
+    section = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}.get(head)
+    if not rest or not dataclasses.is_dataclass(section):
+        return
+    names = [f.name for f in dataclasses.fields(section)]
+    if rest.split(".")[0] not in names:
+        fail(f"unknown key '{key}'; {head} has: {', '.join(names)}")
+
+
 def check_argv(argv: list[str]) -> None:
     """Checks Hydra would only make after touching the run folder or with a multi-line report:
     unknown group options, and run/sweep folders that already hold a completed run."""
@@ -52,12 +64,13 @@ def check_argv(argv: list[str]) -> None:
         if "=" not in arg or arg.startswith("-"):
             continue
         key, _, value = arg.lstrip("+~").partition("=")
+        check_key(key)
         if key in GROUPS and value not in ("null", ""):
             for v in value.split(","):
                 if not (CONF_DIR / key / f"{v}.yaml").is_file():
                     opts = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
                     fail(f"unknown {key} '{v}'; choose one of {', '.join(opts)}")
-        if key == "hydra.run.dir":
+        if key in ("hydra.run.dir", "trainer.resume"):
             s = read_summary(Path(value))
             if s is not None and s.get("status") == "completed":
                 fail(f"{value} already holds a completed run; choose a new hydra.run.dir")

@@ -208,3 +208,15 @@ def test_resume_after_interruption_is_bitwise_equal(adalora_run, tmp_path):
     assert read_jsonl(d / "ranks.jsonl") == read_jsonl(adalora_run / "ranks.jsonl")
     strip = lambda ms: [{k: v for k, v in m.items() if k != "time_s"} for m in ms]
     assert strip(read_jsonl(d / "metrics.jsonl")) == strip(read_jsonl(adalora_run / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("extra", [["trainer.compact=true"], ["trainer.precision=bf16"],
+                                   ["trainer.grad_accum=2", "trainer.batch_size=8"],
+                                   ["model.quantize=nf4"]])
+def test_loop_options_reach_the_target_budget(extra, tmp_path):
+    s = run_inproc(tmp_path / "r", TINY + ["trainer.epochs=1", "logger.tensorboard=false"] + extra)
+    assert s["status"] == "completed" and s["steps"] == 8       # 128 / (16 per step), any accum
+    assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"]
+    assert s["params"]["base"] == 1_010_304                     # NF4 counts logical weights too
+    if "model.quantize=nf4" in extra:
+        assert s["quantized_modules"] == 12

@@ -33,6 +33,7 @@ def assert_one_line_error(p, *words):
     ("method.targets=[nothing_here]", ["matched no linear layer"]),
     ("schedule.init_warmup=3 schedule.final_warmup=3", ["impossible schedule", "total_steps=4"]),
     ("schedule.score=bogus", ["schedule.score"]),
+    ("trainer.lrr=1", ["unknown key 'trainer.lrr'", "head_lr"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(override, words, tmp_path):
     p = run_cli(FAST + override.split() + [f"hydra.run.dir={tmp_path / 'run'}"])
