@@ -112,10 +112,13 @@ def test_every_experiment_composes_and_runs_two_steps(name, tmp_path, glue_like_
 
 @pytest.mark.parametrize("ablation", sorted(p.stem for p in (REPO / "conf" / "ablation").glob("*.yaml")
                                              if p.stem not in ("none", "lora_on_found_ranks")))
-def test_ablations_compose_and_change_what_they_name(ablation):
+def test_ablations_compose_change_what_they_name_and_run(ablation, tmp_path):
     rc, _ = compose([f"ablation={ablation}"])
     base, _ = compose([])
     assert rc.ablation == ablation and rc != base
+    s = run_inproc(tmp_path / ablation, TINY + [f"ablation={ablation}", "logger.tensorboard=false"])
+    assert s["status"] == "completed" and s["ablation"] == ablation
+    assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"]
 
 
 # ---- one real (tiny) run: the contract ----------------------------------------------------
