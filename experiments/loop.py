@@ -37,6 +37,7 @@ class LoopResult:
     status: str                      # completed | interrupted
     steps: int
     final: Dict[str, Dict[str, float]]
+    skipped_steps: int = 0           # non-finite gradients: update and scoring skipped
 
 
 def batch_at(data: Dict[str, torch.Tensor], idx: torch.Tensor, device) -> Dict[str, torch.Tensor]:
@@ -156,7 +157,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     if t.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, leave=False)
-    t0, acc_loss, acc_orth, acc_n, nonfinite = time.time(), 0.0, 0.0, 0, 0
+    t0, acc_loss, acc_orth, acc_n, nonfinite, skipped = time.time(), 0.0, 0.0, 0, 0, 0
     model.train()
     try:
         while step < total:
@@ -179,7 +180,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             finite = bool(torch.isfinite(norm))
-            nonfinite = 0 if finite else nonfinite + 1
+            nonfinite, skipped = (0, skipped) if finite else (nonfinite + 1, skipped + 1)
             if nonfinite > 20 and not scaler.is_enabled():
                 raise FloatingPointError(f"{nonfinite} consecutive non-finite gradients at step "
                                          f"{step}: lower trainer.lr or use trainer.precision=fp32")
@@ -222,7 +223,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or stopping:
                 save_checkpoint()
             if stopping:
-                return LoopResult("interrupted", step, {})
+                return LoopResult("interrupted", step, {}, skipped)
     finally:
         stop.restore()
         if bar is not None:
@@ -236,4 +237,4 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                             "time_s": time.time() - t0})
     if t.checkpoint_every:
         save_checkpoint()
-    return LoopResult("completed", step, final)
+    return LoopResult("completed", step, final, skipped)

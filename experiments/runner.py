@@ -154,7 +154,7 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]
     try:
         result = train(cfg, built, splits, data.num_labels, writer, device, resume_state,
                        ckpt_extra={"config": json.dumps(config)})
-        summary["steps"] = result.steps
+        summary["steps"], summary["skipped_steps"] = result.steps, result.skipped_steps
         if result.status == "completed":
             if a is not None:
                 a.finalize()   # raises if the final allocation never happened
