@@ -99,28 +99,27 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
                                      targets=list(m.targets), target_regex=m.target_regex,
                                      init_rank=init_rank, alpha=m.alpha, dropout=m.dropout,
                                      rslora=m.rslora, rank_pattern=rank_pattern)
-    try:
-        shapes = _shapes(backbone, adapter_cfg(m.init_rank))
-    except ValueError as e:
-        raise ConfigError(str(e).splitlines()[0])
-
-    # Budget matching, in parameters (experiments/budget.py).
+    # Budget matching, in parameters (experiments/budget.py). Only a matched LoRA needs the
+    # shapes before injecting (its rank depends on them); everything else reads them after.
     s = cfg.schedule
     target_rank, matched_r, init_rank = s.target_rank, None, m.init_rank
-    if m.prunes and cfg.budget.match == "from_lora":
-        matched_r = cfg.budget.lora_rank
-        target_rank = B.target_rank_from_lora(shapes, matched_r, m.init_rank)
-    target_params = B.adalora_target_params(shapes, target_rank)
-    if cfg.budget.match == "matched" and not rank_pattern:
-        matched_r = B.matched_lora_rank(shapes, target_params)
-        if m.name == "lora":
-            init_rank = matched_r
+    matched = cfg.budget.match == "matched" and not rank_pattern
     try:
+        if matched and m.name == "lora":
+            shapes = _shapes(backbone, adapter_cfg(1))
+            init_rank = B.matched_lora_rank(shapes, B.adalora_target_params(shapes, target_rank))
         acfg = adapter_cfg(init_rank)
         out.adapters = adalora.inject(backbone, acfg)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0])
     out.adapter_cfg = acfg
+    shapes = dict(adalora.adapter_shapes(out.adapters))
+    if m.prunes and cfg.budget.match == "from_lora":
+        matched_r = cfg.budget.lora_rank
+        target_rank = B.target_rank_from_lora(shapes, matched_r, m.init_rank)
+    target_params = B.adalora_target_params(shapes, target_rank)
+    if matched:
+        matched_r = B.matched_lora_rank(shapes, target_params)
     if m.name == "lora":
         out.lora_rank = init_rank
         lora_p = sum(a.A.numel() + a.B.numel() for a in out.adapters.values())
