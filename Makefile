@@ -10,6 +10,8 @@ install:
 test: install
 	$(PY) -m pytest -q
 
+# A fresh folder per demo: a finished run is never overwritten.
 demo: install
-	$(PY) -m experiments.train -m method=adalora,lora budget=matched hydra.sweep.dir=multirun/demo
-	$(PY) -m analysis.report multirun/demo
+	D=multirun/demo-$$(date +%Y%m%d-%H%M%S); \
+	$(PY) -m experiments.train -m method=adalora,lora budget=matched hydra.sweep.dir=$$D && \
+	$(PY) -m analysis.report $$D

@@ -78,7 +78,9 @@ def load_model(cfg: ModelConfig, num_labels: int, vocab_size: int) -> PooledClas
     else:
         path = resolve_path(cfg.name_or_path)
         try:
-            backbone = transformers.AutoModel.from_pretrained(path)
+            # fp32 master weights whatever the checkpoint's dtype (transformers 5 loads a fp16
+            # file as fp16); mixed precision is the trainer's autocast, not the stored weights.
+            backbone = transformers.AutoModel.from_pretrained(path).float()
         except Exception as e:
             raise ConfigError(f"cannot load model '{cfg.name_or_path}': {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}")
