@@ -88,7 +88,8 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
             p.requires_grad_(True)
         return out
     if m.name.startswith("peft_"):
-        raise ConfigError(f"method={m.name} is not wired yet; use method=adalora or method=lora")
+        from .peft_methods import build_peft     # imports peft only for these methods
+        return build_peft(cfg, model, out, n_train)
 
     rank_pattern = dict(m.rank_pattern)
     if m.rank_pattern_from:

@@ -1,0 +1,338 @@
+"""method=peft_adalora / method=peft_lora: Hugging Face peft's own adapters behind our interfaces,
+so the study compares implementations on the same task, budget, seeds and loop (issue 8, question 4).
+
+peft injects its layers into ``model.backbone``; each one is then wrapped in a thin *view* that
+is an ``adalora.SVDLinear`` (``P = lora_B``, ``lam = lora_E``, ``Q = lora_A``, the same Parameter
+objects) or an ``adalora.LoRALinear`` (``A = lora_A.weight``, ``B = lora_B.weight``) whose
+``forward`` is peft's. So, with the loop and runner unchanged:
+
+- ``adalora.orthogonality_penalty(adapters)`` is peft's regularizer: peft sums
+  ``‖A Aᵀ − I‖_F`` and ``‖Bᵀ B − I‖_F`` over every lora_A/lora_B and divides by their count, which
+  is our reference form. peft's own term is switched off (``orth_reg_weight=0``): it lives in
+  ``AdaLoraModel.forward`` and only fires when the model returns a loss, which ours never does.
+- the views sit at the encoder's dotted names, so ranks, shapes, parameter counts, checkpoints
+  and ``adapters.safetensors`` use the names of our runs (the analysis correlates them).
+- ``PeftAdaLoRAAllocator`` calls peft's ``AdaLoraModel.update_and_allocate(step)`` verbatim and
+  only *observes* it to produce our AllocationRecords.
+
+peft's parameters are named ``<module>.inner.lora_A.default`` etc. inside the backbone.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+import adalora
+from adalora.allocator import AllocationRecord
+
+from . import budget as B
+from .config import ConfigError, RunConfig
+
+ADAPTER = "default"          # peft's adapter name; one trainable adapter per model
+
+
+def require_peft(method: str):
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"method={method} needs Hugging Face peft: pip install peft") from None
+    return peft
+
+
+# ---- views: our adapter interface over peft's layers ---------------------------------------
+class PeftSVDView(adalora.SVDLinear):
+    """One peft AdaLoRA ``SVDLinear`` seen as ours: ``P = lora_B (d_out, r0)``, ``lam = lora_E (r0, 1)``
+    (peft's shape), ``Q = lora_A (r0, d_in)``. ``rank_mask`` mirrors peft's ``rank_pattern``; the
+    allocator keeps it current. Forward, merge and unmerge are peft's."""
+
+    def __init__(self, inner: nn.Module):
+        nn.Module.__init__(self)      # not SVDLinear.__init__: the parameters are peft's
+        self.inner = inner
+        self.out_features, self.in_features = inner.out_features, inner.in_features
+        self.r0 = int(inner.r[ADAPTER])
+        # peft's forward: ... * scaling / (ranknum + 1e-5), ranknum = r0 for the whole run
+        self.scaling = float(inner.scaling[ADAPTER]) / (float(inner.ranknum[ADAPTER]) + 1e-5)
+        self.register_buffer("rank_mask", torch.ones(self.r0, dtype=torch.bool,
+                                                     device=inner.lora_E[ADAPTER].device))
+
+    P = property(lambda self: self.inner.lora_B[ADAPTER])
+    lam = property(lambda self: self.inner.lora_E[ADAPTER])
+    Q = property(lambda self: self.inner.lora_A[ADAPTER])
+    base = property(lambda self: self.inner.get_base_layer())
+    merged = property(lambda self: self.inner.merged)
+
+    @property
+    def rank(self) -> int:
+        return self.r0
+
+    def forward(self, x, *args, **kwargs):
+        return self.inner(x, *args, **kwargs)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.inner.get_delta_weight(ADAPTER)
+
+    def merge(self) -> None:
+        self.inner.merge()
+
+    def unmerge(self) -> None:
+        if self.inner.merged:
+            self.inner.unmerge()
+
+    def resize(self, keep):
+        raise NotImplementedError("peft AdaLoRA adapters are masked, not resized, during training")
+
+
+class PeftLoRAView(adalora.LoRALinear):
+    """One peft LoRA ``Linear`` seen as ours: ``A = lora_A.weight (r, d_in)``, ``B = lora_B.weight (d_out, r)``."""
+
+    def __init__(self, inner: nn.Module):
+        nn.Module.__init__(self)
+        self.inner = inner
+        self.out_features, self.in_features = inner.out_features, inner.in_features
+        self.scaling = float(inner.scaling[ADAPTER])
+
+    A = property(lambda self: self.inner.lora_A[ADAPTER].weight)
+    B = property(lambda self: self.inner.lora_B[ADAPTER].weight)
+    base = property(lambda self: self.inner.get_base_layer())
+    merged = property(lambda self: self.inner.merged)
+
+    def forward(self, x, *args, **kwargs):
+        return self.inner(x, *args, **kwargs)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.inner.get_delta_weight(ADAPTER)
+
+    def merge(self) -> None:
+        self.inner.merge()
+
+    def unmerge(self) -> None:
+        if self.inner.merged:
+            self.inner.unmerge()
+
+
+def wrap_peft_layers(backbone: nn.Module, names: List[str], view_cls) -> Dict[str, nn.Module]:
+    """Put a view around the peft layer at each of ``names`` (our dotted names); refuse any
+    difference between the modules peft adapted and those our inject would adapt."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    adapted = [n for n, mod in backbone.named_modules() if isinstance(mod, BaseTunerLayer)]
+    if adapted != names:
+        extra, missing = sorted(set(adapted) - set(names)), sorted(set(names) - set(adapted))
+        raise ConfigError(f"peft adapted other modules than ours (extra {extra[:3]}, missing "
+                          f"{missing[:3]}): use plain module-name suffixes in method.targets")
+    views = {}
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        view = view_cls(backbone.get_submodule(n))
+        setattr(backbone.get_submodule(parent) if parent else backbone, child, view)
+        views[n] = view
+    return views
+
+
+# ---- the allocator: peft's update_and_allocate behind our interface -------------------------
+class PeftAdaLoRAAllocator:
+    """Adapts ``peft.AdaLoraModel.update_and_allocate(step)`` to the loop's allocator calls.
+
+    peft updates its importance EMAs and masks in one call after ``optimizer.step()``, which is
+    where the loop calls ``update_importance`` then ``mask_to_budget`` back to back: so
+    ``update_importance`` only notes whether the gradients were finite and ``mask_to_budget``
+    makes peft's call. Records: budget from peft's ``budget_schedule``, ranks from its
+    ``rank_pattern``, threshold recomputed from its scores as its ``kthvalue`` does.
+    """
+    score_before_step = False
+
+    def __init__(self, tuner, views: Dict[str, PeftSVDView]):
+        self.tuner, self.views, self.names = tuner, views, list(views)
+        self.pcfg = tuner.peft_config[ADAPTER]
+        self.ra = tuner.rankallocator
+        self.initial_budget, self.target_budget = int(self.ra.init_bgt), int(self.ra.target_bgt)
+        self.total_steps = self.pcfg.total_step
+        self.final_step = self.pcfg.total_step - self.pcfg.tfinal
+        self.final_done = False
+        self.final_scores: Optional[List[torch.Tensor]] = None
+        self._finite = True
+        # peft keys everything by parameter name: map each view to its lora_A/E/B names.
+        ids = {id(p): n for n, p in tuner.model.named_parameters()}
+        self.pnames = {n: (ids[id(v.Q)], ids[id(v.lam)], ids[id(v.P)]) for n, v in views.items()}
+
+    # -- the two per-step calls ------------------------------------------------------------------
+    def update_importance(self, step: int, grads_finite: Optional[bool] = None) -> bool:
+        self._finite = grads_finite is not False
+        return self._finite and step < self.final_step
+
+    @torch.no_grad()
+    def mask_to_budget(self, step: int) -> Optional[AllocationRecord]:
+        if step > self.final_step:
+            self.tuner.update_and_allocate(step)       # peft re-applies its frozen rank_pattern
+            return None
+        budget, mask_ind = self.ra.budget_schedule(step)
+        final = step == self.final_step
+        if final:                  # peft scores nothing at this step and frees its EMAs after it
+            self.final_scores = [s.clone() for s in self._scores()]
+        if self._finite or final:
+            self.tuner.update_and_allocate(step)
+        elif mask_ind:
+            # DEVIATION: non-finite gradients would turn peft's EMAs into NaN; as our allocator
+            # does, skip the importance update but keep the mask step.
+            self.pcfg.rank_pattern = self.ra.mask_to_budget(self.tuner.model, budget)
+        if not (mask_ind or final):
+            return None
+        scores = self.final_scores if final else self._scores()
+        self._sync_masks()
+        k = self.initial_budget - budget
+        threshold = float(torch.kthvalue(torch.cat(scores).float().cpu(), k)[0]) if k >= 1 else None
+        self.final_done = self.final_done or final
+        ranks = self.ranks()
+        return AllocationRecord(step=step, budget=int(budget), threshold=threshold, ranks=ranks,
+                                params_kept=self._params(ranks))
+
+    def _scores(self) -> List[torch.Tensor]:
+        """Triplet scores ``(r0,)`` per module from peft's EMAs, combined as its ``mask_to_budget``
+        does: ``s(E_i) + mean_j s(A_ij) + mean_j s(B_ji)``."""
+        if not self.ra.exp_avg_ipt:
+            return [torch.zeros(v.r0) for v in self.views.values()]
+        el = self.ra._element_score
+        return [el(e).view(-1) + el(a).mean(dim=1) + el(b).mean(dim=0)
+                for a, e, b in self.pnames.values()]
+
+    def _sync_masks(self) -> None:
+        rp = self.pcfg.rank_pattern
+        for n, v in self.views.items():
+            v.rank_mask.copy_(torch.tensor(rp[self.pnames[n][1]], dtype=torch.bool))
+
+    # -- read-outs --------------------------------------------------------------------------------
+    def ranks(self) -> Dict[str, int]:
+        return {n: int(v.rank_mask.sum()) for n, v in self.views.items()}
+
+    def _params(self, ranks: Dict[str, int]) -> int:
+        return sum(ranks[n] * (v.in_features + v.out_features + 1) for n, v in self.views.items())
+
+    def params_kept(self) -> int:
+        return self._params(self.ranks())
+
+    def initial_record(self) -> AllocationRecord:
+        ranks = self.ranks()
+        return AllocationRecord(step=0, budget=sum(ranks.values()), threshold=None, ranks=ranks,
+                                params_kept=self._params(ranks))
+
+    def triplet_scores(self) -> Dict[str, torch.Tensor]:
+        scores = self.final_scores if self.final_scores is not None else self._scores()
+        return dict(zip(self.names, scores))
+
+    def finalize(self) -> AllocationRecord:
+        if not self.final_done:
+            raise RuntimeError(f"peft AdaLoRA never reached its final allocation (step "
+                               f"{self.final_step} = total_step - tfinal)")
+        ranks = self.ranks()
+        return AllocationRecord(step=self.total_steps, budget=sum(ranks.values()), threshold=None,
+                                ranks=ranks, params_kept=self._params(ranks))
+
+    def compact(self, optimizer=None) -> None:
+        raise NotImplementedError("peft AdaLoRA masks, it does not compact (trainer.compact=false)")
+
+    # -- checkpoint -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        clone = lambda d: {k: v.detach().clone() for k, v in d.items()}
+        return {"names": list(self.names), "final_done": self.final_done,
+                "final_scores": self.final_scores, "rank_pattern": self.pcfg.rank_pattern,
+                "ipt": clone(self.ra.ipt), "exp_avg_ipt": clone(self.ra.exp_avg_ipt),
+                "exp_avg_unc": clone(self.ra.exp_avg_unc)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if list(sd["names"]) != self.names:
+            raise ValueError("allocator state is for other adapters: use the saved run's targets")
+        dev = lambda d: {k: v.clone().to(self.views[self.names[0]].lam.device) for k, v in d.items()}
+        self.ra.ipt, self.ra.exp_avg_ipt = dev(sd["ipt"]), dev(sd["exp_avg_ipt"])
+        self.ra.exp_avg_unc = dev(sd["exp_avg_unc"])
+        self.pcfg.rank_pattern = sd["rank_pattern"]
+        self.final_done = bool(sd["final_done"])
+        self.final_scores = None if sd["final_scores"] is None else [s.clone() for s in sd["final_scores"]]
+
+
+# ---- build ---------------------------------------------------------------------------------
+def _refuse_unsupported(cfg: RunConfig) -> None:
+    m, s, t = cfg.method, cfg.schedule, cfg.trainer
+    bad = [(m.rank_pattern or m.rank_pattern_from, "method.rank_pattern / rank_pattern_from"),
+           (cfg.model.quantize != "none", "model.quantize=nf4"),
+           (t.compact, "trainer.compact=true")]
+    if m.name == "peft_adalora":
+        bad += [(s.shape != "cubic", f"schedule.shape={s.shape} (peft has the cubic schedule only)"),
+                (s.score != "sensitivity_uncertainty", f"schedule.score={s.score}"),
+                (s.score_before_step, "schedule.score_before_step=true"),
+                (s.target_total is not None, "schedule.target_total (peft takes an average target_r)"),
+                (m.rslora, "method.rslora=true")]
+    for cond, what in bad:
+        if cond:
+            raise ConfigError(f"method={m.name} does not support {what}; use method="
+                              f"{m.name[len('peft_'):]} for that")
+
+
+def build_peft(cfg: RunConfig, model: nn.Module, out, n_train: int):
+    """Fill ``out`` (a build.Built) for method=peft_adalora or peft_lora."""
+    from .build import HEAD, _shapes
+    m, s = cfg.method, cfg.schedule
+    require_peft(m.name)
+    from peft import AdaLoraConfig, LoraConfig
+    from peft.tuners.adalora import AdaLoraModel
+    from peft.tuners.lora import LoraModel
+    _refuse_unsupported(cfg)
+    backbone = model.backbone
+    # Our inject on a throwaway copy: the names (in module order) and shapes of our runs.
+    try:
+        shapes = _shapes(backbone, adalora.AdapterConfig(
+            method="lora", targets=list(m.targets), target_regex=m.target_regex, init_rank=1,
+            alpha=m.alpha))
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0])
+    names = list(shapes)
+    targets = m.target_regex if m.target_regex else list(m.targets)
+    target_rank, matched_r = s.target_rank, None
+
+    if m.name == "peft_lora":
+        r = m.init_rank
+        if cfg.budget.match == "matched":
+            matched_r = r = B.matched_lora_rank(shapes, B.adalora_target_params(shapes, target_rank))
+        pcfg = LoraConfig(r=r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets,
+                          use_rslora=m.rslora, bias="none")
+        tuner = LoraModel(backbone, pcfg, ADAPTER)
+        out.adapters = wrap_peft_layers(backbone, names, PeftLoRAView)
+        out.lora_rank = r
+        out.budget = {"target_params": B.adalora_target_params(shapes, target_rank) if matched_r else None,
+                      "matched_lora_rank": matched_r, "lora_params": B.lora_params(shapes, r)}
+    else:
+        if cfg.budget.match == "from_lora":
+            matched_r = cfg.budget.lora_rank
+            target_rank = B.target_rank_from_lora(shapes, matched_r, m.init_rank)
+        # peft's target_r is an int (its budget is target_r x n_modules): round and record it.
+        target_r = int(round(target_rank))
+        if not 1 <= target_r < m.init_rank:
+            raise ConfigError(f"method=peft_adalora: target_rank {target_rank:g} rounds to {target_r}; "
+                              f"peft needs an integer in [1, method.init_rank={m.init_rank})")
+        ti, tf = s.warmups(out.total_steps)
+        try:
+            pcfg = AdaLoraConfig(init_r=m.init_rank, target_r=target_r, tinit=ti, tfinal=tf,
+                                 deltaT=s.mask_interval, beta1=s.beta1, beta2=s.beta2,
+                                 total_step=out.total_steps, lora_alpha=m.alpha,
+                                 lora_dropout=m.dropout, target_modules=targets,
+                                 orth_reg_weight=0.0)   # the loop adds it: see the module docstring
+        except ValueError as e:
+            raise ConfigError(f"impossible schedule (total_steps={out.total_steps} derived from "
+                              f"{n_train} examples): {str(e).splitlines()[0]}")
+        tuner = AdaLoraModel(backbone, pcfg, ADAPTER)
+        out.adapters = wrap_peft_layers(backbone, names, PeftSVDView)
+        out.allocator = PeftAdaLoRAAllocator(tuner, out.adapters)
+        out.init_warmup, out.final_warmup, out.target_rank = ti, tf, float(target_r)
+        target_params = B.adalora_target_params(shapes, target_r)
+        if cfg.budget.match == "matched":
+            matched_r = B.matched_lora_rank(shapes, target_params)
+        out.budget = {"target_params": target_params, "matched_lora_rank": matched_r,
+                      "lora_params": None if matched_r is None else B.lora_params(shapes, matched_r)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for v in out.adapters.values():
+        for p in ([v.P, v.lam, v.Q] if isinstance(v, PeftSVDView) else [v.A, v.B]):
+            p.requires_grad_(True)
+    for p in getattr(model, HEAD).parameters():
+        p.requires_grad_(True)
+    return out
