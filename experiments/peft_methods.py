@@ -151,7 +151,7 @@ class PeftAdaLoRAAllocator:
         self.final_step = self.pcfg.total_step - self.pcfg.tfinal
         self.final_done = False
         self.final_scores: Optional[List[torch.Tensor]] = None
-        self._finite = True
+        self._finite, self._moved = True, True
         # peft keys everything by parameter name: map each view to its lora_A/E/B names.
         ids = {id(p): n for n, p in tuner.model.named_parameters()}
         self.pnames = {n: (ids[id(v.Q)], ids[id(v.lam)], ids[id(v.P)]) for n, v in views.items()}
@@ -166,6 +166,8 @@ class PeftAdaLoRAAllocator:
         if step > self.final_step:
             self.tuner.update_and_allocate(step)       # peft re-applies its frozen rank_pattern
             return None
+        if not self._moved:
+            self._to_param_devices()
         budget, mask_ind = self.ra.budget_schedule(step)
         final = step == self.final_step
         if final:                  # peft scores nothing at this step and frees its EMAs after it
@@ -186,6 +188,13 @@ class PeftAdaLoRAAllocator:
         ranks = self.ranks()
         return AllocationRecord(step=step, budget=int(budget), threshold=threshold, ranks=ranks,
                                 params_kept=self._params(ranks))
+
+    def _to_param_devices(self) -> None:
+        params = dict(self.tuner.model.named_parameters())
+        for d in (self.ra.ipt, self.ra.exp_avg_ipt, self.ra.exp_avg_unc):
+            for k, v in d.items():
+                d[k] = v.to(params[k].device)
+        self._moved = True
 
     def _scores(self) -> List[torch.Tensor]:
         """Triplet scores ``(r0,)`` per module from peft's EMAs, combined as its ``mask_to_budget``
@@ -242,9 +251,10 @@ class PeftAdaLoRAAllocator:
     def load_state_dict(self, sd: dict) -> None:
         if list(sd["names"]) != self.names:
             raise ValueError("allocator state is for other adapters: use the saved run's targets")
-        dev = lambda d: {k: v.clone().to(self.views[self.names[0]].lam.device) for k, v in d.items()}
-        self.ra.ipt, self.ra.exp_avg_ipt = dev(sd["ipt"]), dev(sd["exp_avg_ipt"])
-        self.ra.exp_avg_unc = dev(sd["exp_avg_unc"])
+        # The loop loads this before moving the model to its device: _to_param_devices, later.
+        self.ra.ipt, self.ra.exp_avg_ipt = dict(sd["ipt"]), dict(sd["exp_avg_ipt"])
+        self.ra.exp_avg_unc = dict(sd["exp_avg_unc"])
+        self._moved = False
         self.pcfg.rank_pattern = sd["rank_pattern"]
         self.final_done = bool(sd["final_done"])
         self.final_scores = None if sd["final_scores"] is None else [s.clone() for s in sd["final_scores"]]
