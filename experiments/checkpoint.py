@@ -7,6 +7,7 @@ it loads with ``torch.load(weights_only=True)``: no code runs from a file someon
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 import adalora
+
+from .config import ConfigError
 
 NAME = "checkpoint.pt"
 
@@ -67,7 +70,10 @@ def set_rng_state(s: Dict[str, Any]) -> None:
 
 
 def save(run_dir: Path, state: Dict[str, Any]) -> Path:
+    """Write ``state`` atomically: a SIGKILL at any moment leaves the previous complete file."""
     path = Path(run_dir) / NAME
+    for stale in Path(run_dir).glob(f".{NAME}.*.tmp"):   # left by a writer killed mid-save
+        stale.unlink(missing_ok=True)                    # (one writer per folder: rank 0)
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{NAME}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -79,8 +85,38 @@ def save(run_dir: Path, state: Dict[str, Any]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(Path(run_dir))                            # the rename itself survives power loss
     return path
 
 
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return                                           # not supported (e.g. Windows)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def load(run_dir: Path) -> Dict[str, Any]:
-    return torch.load(Path(run_dir) / NAME, map_location="cpu", weights_only=True)
+    """Tensors and plain containers only (``weights_only=True``): a file carrying pickled
+    objects is refused before any of its code can run."""
+    path = Path(run_dir) / NAME
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{path} holds pickled objects other than tensors and plain "
+                          "containers; refused (torch.load weights_only=True). Resume only "
+                          f"from checkpoints this toolkit wrote ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                          f"{_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__

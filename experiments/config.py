@@ -169,6 +169,12 @@ class TrainerConfig:
     compact: bool = False
     num_threads: Optional[int] = None
     progress: bool = True
+    # Stop with status failed after this many consecutive optimizer steps with a non-finite
+    # loss or gradient (each is skipped: no update, no importance update). With fp16's
+    # GradScaler, gradient overflows are the scaler's business; only a non-finite loss counts.
+    max_nonfinite_steps: int = 5
+    # Under torchrun: ddp. fsdp is designed (README) but not implemented yet.
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1 and self.grad_accum >= 1,
@@ -181,6 +187,11 @@ class TrainerConfig:
                "trainer.precision must be fp32, bf16 or fp16")
         _check(0.0 <= self.warmup_ratio < 1.0, "trainer.warmup_ratio must be in [0, 1)")
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps must be >= 1")
+        _check(self.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be >= 1")
+        _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy must be ddp (or fsdp, not "
+               "supported yet)")
+        _check(self.strategy != "fsdp", "trainer.strategy=fsdp is not supported yet (sharded "
+               "adapters need gathered importance scores, see README); use trainer.strategy=ddp")
 
 
 @dataclass

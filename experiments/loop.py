@@ -2,18 +2,24 @@
 
 Per optimizer step (``step`` counts optimizer steps, never micro-batches):
 
-    for each of grad_accum micro-batches:
+    for each of grad_accum micro-batches:               # all but the last under DDP no_sync
         loss = task_loss + orth_weight * orthogonality_penalty(adapters), / grad_accum
-        loss.backward()
+        loss.backward()                                  # DDP all-reduces on the last one
     scaler.unscale_(opt); clip_grad_norm_(...)         # the scorer sees unscaled gradients
     [paper_order ablation: allocator.update_importance(step) here]
-    opt.step(); sched.step()
-    allocator.update_importance(step)
+    opt.step(); sched.step()                           # skipped if the gradient is not finite
+    allocator.update_importance(step)                  # skipped too (counted)
     record = allocator.mask_to_budget(step)            # written to ranks.jsonl when not None
+    [DDP: all-reduce a checksum of the masks; raise if ranks differ]
     opt.zero_grad(set_to_none=True); step += 1
+
+Data parallel (experiments/distributed.py): rank r trains on the r-th slice of each global
+micro-batch; gradients are the full global batch's on every rank, so the allocator's scores
+and masks are the same everywhere. Only rank 0 evaluates and writes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 import adalora
 
 from . import checkpoint as ckpt
+from . import distributed as D
 from .build import Built, param_groups
 from .config import RunConfig
 from .logging import RunWriter
@@ -34,7 +41,7 @@ from .metrics import classification_metrics
 
 @dataclass
 class LoopResult:
-    status: str                      # completed | interrupted
+    status: str                      # completed | interrupted (failures raise)
     steps: int
     final: Dict[str, Dict[str, float]]
     skipped_steps: int = 0           # non-finite gradients: update and scoring skipped
@@ -116,7 +123,8 @@ class StopFlag:
 
 def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor]],
           num_labels: int, writer: RunWriter, device: torch.device,
-          resume_state: Optional[dict] = None, ckpt_extra: Optional[dict] = None) -> LoopResult:
+          resume_state: Optional[dict] = None, ckpt_extra: Optional[dict] = None,
+          dist: D.Dist = D.Dist()) -> LoopResult:
     t, model, adapters, allocator = cfg.trainer, built.model, built.adapters, built.allocator
     total = built.total_steps
     svd = [a for a in adapters.values() if isinstance(a, adalora.SVDLinear)]
@@ -132,58 +140,81 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         ckpt.load_trainable_state(model, resume_state["model"])
         step, position = resume_state["step"], resume_state["position"]
     model.to(device)
+    # Adapters are already injected: DDP all-reduces the very tensors the allocator scores.
+    net = D.wrap(model, device, dist)
     opt = torch.optim.AdamW(param_groups(cfg, model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
-        ckpt.set_rng_state(resume_state["rng"])
+        rngs = resume_state.get("rng_ranks") or [resume_state["rng"]]
+        ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
     elif allocator is not None:
         writer.log_ranks(allocator.initial_record().to_dict())
     params = [p for g in opt.param_groups for p in g["params"]]
 
     def save_checkpoint() -> None:
-        ckpt.save(writer.dir, {
-            "step": step, "position": position, "model": ckpt.trainable_state(model),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
-            "allocator": allocator.state_dict() if allocator is not None else None,
-            "wall_time_s": time.time() - t0, **(ckpt_extra or {})})
+        rngs = D.all_gather_object(ckpt.rng_state(), dist)      # a collective: every rank
+        if dist.is_main:
+            ckpt.save(writer.dir, {
+                "step": step, "position": position, "model": ckpt.trainable_state(model),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+                "world_size": dist.world_size,
+                "allocator": allocator.state_dict() if allocator is not None else None,
+                "wall_time_s": time.time() - t0, **(ckpt_extra or {})})
 
     train_data, n_train = splits["train"], splits["train"]["labels"].shape[0]
+    per_step = t.batch_size * dist.world_size          # examples per micro-batch, all ranks
     stop = StopFlag()
     bar = None
-    if t.progress:
+    if t.progress and dist.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, leave=False)
     t0, acc_loss, acc_orth, acc_n, nonfinite, skipped = time.time(), 0.0, 0.0, 0, 0, 0
-    model.train()
+    net.train()
     try:
         while step < total:
             # ---- forward/backward over grad_accum micro-batches ----
-            for _ in range(t.grad_accum):
-                idx = micro_batch_indices(n_train, t.batch_size, position, cfg.seed)
+            loss_finite = True
+            for i in range(t.grad_accum):
+                idx = D.shard(micro_batch_indices(n_train, per_step, position, cfg.seed), dist)
                 b = batch_at(train_data, idx, device)
                 labels = b.pop("labels")
                 position += 1
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    task_loss = F.cross_entropy(model(**b).float(), labels)
-                orth = adalora.orthogonality_penalty(adapters, form=cfg.method.orth_form) \
-                    if orth_weight > 0 else torch.zeros((), device=device)
-                loss = (task_loss + orth_weight * orth) / t.grad_accum
-                scaler.scale(loss).backward()
-                acc_loss += task_loss.item() / t.grad_accum
+                # DDP: all-reduce once per optimizer step, on the last micro-batch.
+                last = i == t.grad_accum - 1
+                with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        task_loss = F.cross_entropy(net(**b).float(), labels)
+                    orth = adalora.orthogonality_penalty(adapters, form=cfg.method.orth_form) \
+                        if orth_weight > 0 else torch.zeros((), device=device)
+                    loss = (task_loss + orth_weight * orth) / t.grad_accum
+                    scaler.scale(loss).backward()
+                loss_value = task_loss.item()
+                loss_finite = loss_finite and math.isfinite(loss_value)
+                acc_loss += loss_value / t.grad_accum
                 acc_orth += float(orth.detach()) / t.grad_accum
             acc_n += 1
             # ---- unscale, clip; a non-finite norm skips the update and the scoring ----
             scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-            finite = bool(torch.isfinite(norm))
-            nonfinite, skipped = (0, skipped) if finite else (nonfinite + 1, skipped + 1)
-            if nonfinite > 20 and not scaler.is_enabled():
-                raise FloatingPointError(f"{nonfinite} consecutive non-finite gradients at step "
-                                         f"{step}: lower trainer.lr or use trainer.precision=fp32")
+            finite = bool(torch.isfinite(norm))      # same on every rank: grads are all-reduced
+            # One all-reduce for the step's per-rank facts: a stop signal, a non-finite loss.
+            stopping, loss_bad = D.any_rank([stop.signum is not None, not loss_finite], dist)
+            # Without a scaler any non-finite step counts; with one, overflows are its job and
+            # only a non-finite loss (which no scale fixes) counts towards the limit.
+            bad = loss_bad if scaler.is_enabled() else (loss_bad or not finite)
+            finite = finite and not loss_bad
+            nonfinite = nonfinite + 1 if bad else 0
+            skipped += 0 if finite else 1
+            if nonfinite >= t.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite} consecutive optimizer steps with a non-finite loss or gradient "
+                    f"(last at step {step}; trainer.max_nonfinite_steps={t.max_nonfinite_steps}): "
+                    "lower trainer.lr, check the data, or use trainer.precision=fp32; the last "
+                    "good checkpoint is kept")
             if allocator is not None and allocator.score_before_step:
                 allocator.update_importance(step, grads_finite=finite)   # paper_order ablation
             if scaler.is_enabled():
@@ -198,29 +229,32 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 was_final = allocator.final_done
                 record = allocator.mask_to_budget(step)
                 if record is not None:
+                    D.check_masks(allocator, step, dist)
                     writer.log_ranks(record.to_dict())
                 if t.compact and allocator.final_done and not was_final:
                     allocator.compact(opt)
                     params = [p for g in opt.param_groups for p in g["params"]]
+                    net = D.wrap(model, device, dist)     # DDP must hold the new tensors
             opt.zero_grad(set_to_none=True)
             step += 1
             # ---- bookkeeping: logs, evals, checkpoints, early stop ----
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{acc_loss / max(acc_n, 1):.3f}")
-            epoch = position * t.batch_size / n_train
+            epoch = position * per_step / n_train
             if step % cfg.logger.log_every == 0 or step == total:
+                acc_loss, acc_orth = D.mean([acc_loss, acc_orth], dist)   # global-batch loss
                 writer.log_metrics({"step": step, "split": "train", "loss": acc_loss / acc_n,
                                     "orth": acc_orth / acc_n, "lr": sched.get_last_lr()[0],
                                     "epoch": epoch, "time_s": time.time() - t0})
                 acc_loss, acc_orth, acc_n = 0.0, 0.0, 0
-            if t.eval_every and step % t.eval_every == 0 and step < total:
+            if t.eval_every and step % t.eval_every == 0 and step < total and dist.is_main:
                 m = evaluate(model, splits["val"], cfg, device, amp_dtype, num_labels)
                 writer.log_metrics({"step": step, "split": "val", "lr": sched.get_last_lr()[0],
                                     **m, "epoch": epoch, "time_s": time.time() - t0})
-            stopping = stop.signum is not None or (t.stop_at_step is not None
-                                                   and step >= t.stop_at_step and step < total)
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or stopping:
+            stopping = stopping or (t.stop_at_step is not None and total > step >= t.stop_at_step)
+            # A checkpoint only after a good step: the last one on disk is always a good one.
+            if (t.checkpoint_every and step % t.checkpoint_every == 0 and not bad) or stopping:
                 save_checkpoint()
             if stopping:
                 return LoopResult("interrupted", step, {}, skipped)
@@ -230,11 +264,12 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             bar.close()
 
     final = {}
-    for split in ("val", "test"):
-        final[split] = evaluate(model, splits[split], cfg, device, amp_dtype, num_labels)
-        writer.log_metrics({"step": step, "split": split, "lr": sched.get_last_lr()[0],
-                            **final[split], "epoch": position * t.batch_size / n_train,
-                            "time_s": time.time() - t0})
+    if dist.is_main:          # eval on the unwrapped model: no collectives, other ranks done
+        for split in ("val", "test"):
+            final[split] = evaluate(model, splits[split], cfg, device, amp_dtype, num_labels)
+            writer.log_metrics({"step": step, "split": split, "lr": sched.get_last_lr()[0],
+                                **final[split], "epoch": position * per_step / n_train,
+                                "time_s": time.time() - t0})
     if t.checkpoint_every:
         save_checkpoint()
     return LoopResult("completed", step, final, skipped)

@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -18,6 +19,7 @@ import torch
 import adalora
 
 from . import checkpoint as ckpt
+from . import distributed as D
 from .build import HEAD, build, count_params
 from .config import ConfigError, RunConfig
 from .logging import RunWriter, read_summary
@@ -27,7 +29,8 @@ from .tasks import load_task
 
 # Keys that may differ between a run and its resumption without changing the result.
 RESUME_FREE = ("trainer.resume", "trainer.stop_at_step", "trainer.checkpoint_every",
-               "trainer.progress", "trainer.eval_every", "logger.")
+               "trainer.progress", "trainer.eval_every", "trainer.max_nonfinite_steps",
+               "trainer.num_threads", "logger.")
 
 
 def seed_everything(seed: int) -> None:
@@ -100,26 +103,55 @@ def layer_table(ranks: Dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]:
-    """Train one configuration into ``run_dir``; return the summary written there."""
+class _NoWriter:
+    """What ranks other than 0 write into the run folder: nothing."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+
+    def log_metrics(self, record) -> None:
+        pass
+
+    log_ranks = write_summary = log_metrics
+
+    def close(self) -> None:
+        pass
+
+
+def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
+        dist: Optional[D.Dist] = None) -> Dict[str, Any]:
+    """Train one configuration into ``run_dir``; return the summary written there.
+
+    Under torchrun every rank calls this with the same ``run_dir`` (rank 0's); rank 0 alone
+    reads the old folder and writes the new files, other ranks write only ``error.rank<r>.txt``
+    when they fail."""
     run_dir = Path(run_dir)
-    old = read_summary(run_dir)
-    if old is not None and old.get("status") == "completed":
-        raise ConfigError(f"{run_dir} already holds a completed run; choose a new run folder")
-    resume_state = check_resumable(run_dir, config) if cfg.trainer.resume else None
+    dist = dist or D.current()
+
+    def resume_state_on_main() -> Optional[dict]:
+        old = read_summary(run_dir)
+        if old is not None and old.get("status") == "completed":
+            raise ConfigError(f"{run_dir} already holds a completed run; choose a new run folder")
+        return check_resumable(run_dir, config) if cfg.trainer.resume else None
+    resume_state = D.on_main(resume_state_on_main, dist)         # broadcast to every rank
+    if resume_state is not None and resume_state.get("world_size", 1) != dist.world_size:
+        raise ConfigError(f"trainer.resume: the checkpoint was written by {resume_state.get('world_size', 1)}"
+                          f" process(es), this run has {dist.world_size}; total_steps and the data "
+                          "order depend on it: resume with the same --nproc_per_node")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    device = torch.device("cuda" if cfg.trainer.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.trainer.device == "auto" else cfg.trainer.device))
+    device = D.device_for(cfg.trainer.device, dist)
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)       # the same model and adapter init on every rank
     t0 = time.time()
 
     data = load_task(cfg.task)
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, data.num_labels, len(tok))
-    built = build(cfg, model, len(data.train))
+    built = build(cfg, model, len(data.train), world_size=dist.world_size)
+    if dist.rank > 0:               # own dropout streams; rank 0 keeps the 1-process stream
+        torch.manual_seed((cfg.seed << 16) + dist.rank)
     splits = {s: tokenize(tok, getattr(data, s), cfg.task.max_len) for s in ("train", "val", "test")}
     p0 = count_params(model, built.adapters, built.allocator)
 
@@ -143,21 +175,24 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]
         "steps": built.total_steps, "wall_time_s": None, "versions": versions(),
         "git_commit": git_commit(), "num_labels": data.num_labels,
         "label_names": data.label_names, "quantized_modules": len(built.quantized),
-        "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
+        "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+        "world_size": dist.world_size}
     if resume_state is not None:
         summary["wall_time_s_before_resume"] = resume_state.get("wall_time_s", 0.0)
-    writer = RunWriter(run_dir, tensorboard=cfg.logger.tensorboard)
-    if resume_state is not None:
+    writer = RunWriter(run_dir, tensorboard=cfg.logger.tensorboard) if dist.is_main \
+        else _NoWriter(run_dir)
+    if resume_state is not None and dist.is_main:
         for f in ("metrics.jsonl", "ranks.jsonl"):   # drop lines past the checkpoint
             truncate_after(run_dir / f, resume_state["step"])
     writer.write_summary(summary)
     try:
         result = train(cfg, built, splits, data.num_labels, writer, device, resume_state,
-                       ckpt_extra={"config": json.dumps(config)})
+                       ckpt_extra={"config": json.dumps(config)}, dist=dist)
         summary["steps"], summary["skipped_steps"] = result.steps, result.skipped_steps
-        if result.status == "completed":
+        if result.status == "completed" and a is not None:
+            a.finalize()   # raises if the final allocation never happened
+        if result.status == "completed" and dist.is_main:
             if a is not None:
-                a.finalize()   # raises if the final allocation never happened
                 from safetensors.torch import save_file
                 save_file({n: s.float().contiguous().cpu() for n, s in a.triplet_scores().items()},
                           str(run_dir / "importance.safetensors"))
@@ -167,6 +202,8 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]
     except BaseException as e:
         summary["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         summary["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if not dist.is_main:
+            write_rank_error(run_dir, dist.rank, e)
         raise
     finally:
         p1 = count_params(model, built.adapters, a)
@@ -178,6 +215,15 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]
         writer.write_summary(summary)
         writer.close()
     return summary
+
+
+def write_rank_error(run_dir: Path, rank: int, e: BaseException) -> None:
+    """A non-zero rank's only file: why it failed (rank 0's error goes to summary.json)."""
+    try:
+        (run_dir / f"error.rank{rank}.txt").write_text(
+            "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    except OSError:
+        pass                      # no shared folder on this node: stderr still has it
 
 
 def save_weights(model, built, run_dir: Path, summary: Dict[str, Any]) -> None:

@@ -4,6 +4,12 @@ Hydra stops here: the composed config is converted once to the RunConfig datacla
 (``OmegaConf.to_object`` runs every ``__post_init__`` check) and handed to ``runner.run``.
 Bad input of any kind (unknown group option, invalid value, missing dataset package, a run
 folder that already holds a finished run) prints one line to stderr and exits with code 2.
+In a multirun the failing job instead writes ``summary.json`` with status failed and the
+error, and the sweep goes on (Hydra reports the failure at the end).
+
+Under ``torchrun --nproc_per_node N -m experiments.train ...`` rank 0 lets Hydra create the
+run folder and broadcasts its path; the other ranks run Hydra with ``hydra.run.dir=.``, no
+``.hydra/`` and no log file, so one run has one folder.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed as D
 from .config import ConfigError, RunConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -81,15 +88,35 @@ def check_argv(argv: list[str]) -> None:
                     fail(f"{job} already holds a completed run; choose a new hydra.sweep.dir")
 
 
+def record_failed_job(run_dir: Path, cfg: DictConfig, error: str) -> None:
+    """A multirun job refused at start: its folder says why, unless it holds a run already."""
+    from .logging import atomic_write_json, read_summary
+    if read_summary(run_dir) is not None:
+        return
+    pick = lambda key: OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)  # noqa: E731
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "summary.json", {
+        "status": "failed", "error": f"ConfigError: {error}", "method": pick("method.name"),
+        "ablation": pick("ablation"), "task": pick("task.name"), "model": pick("model.name"),
+        "seed": pick("seed")})
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from hydra.types import RunMode
     from .runner import layer_table, run
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    dist = D.current()
+    run_dir = Path(D.broadcast_object(HydraConfig.get().runtime.output_dir, dist))
     try:
         rc = to_run_config(cfg)
-        summary = run(rc, run_dir, OmegaConf.to_container(cfg, resolve=True))
+        summary = run(rc, run_dir, OmegaConf.to_container(cfg, resolve=True), dist)
     except ConfigError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            record_failed_job(run_dir, cfg, str(e))
+            raise                 # Hydra marks this job failed and runs the others
         fail(str(e))
+    if not dist.is_main:
+        return float("nan")
     final = summary.get("final", {}).get("test", {})
     metric = rc.task.metric
     print(f"\n{summary['method']} on {summary['task']} ({summary['model']}): status "
@@ -110,9 +137,26 @@ def main(cfg: DictConfig) -> float:
     return float(final.get(metric, float("nan")))
 
 
+RANK_LOCAL_HYDRA = ("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging=")
+
+
 def cli() -> None:
-    check_argv(sys.argv[1:])
-    main()
+    argv = sys.argv[1:]
+    check_argv(argv)
+    if not D.launched():
+        main()
+        return
+    if "-m" in argv or "--multirun" in argv:
+        fail("torchrun runs one job: drop -m, or launch one torchrun per sweep point")
+    from torch.distributed.elastic.multiprocessing.errors import record
+    dist = D.init()
+    if not dist.is_main:          # Hydra must not create a folder (or a log) per rank
+        sys.argv = [sys.argv[0]] + [a for a in argv if not a.startswith(RANK_LOCAL_HYDRA)] + [
+            "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    try:
+        record(main)()            # torchrun's error file names the failing rank's traceback
+    finally:
+        D.shutdown()
 
 
 if __name__ == "__main__":
