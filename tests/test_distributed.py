@@ -1,0 +1,198 @@
+"""Data parallel on CPU (gloo, 2 processes through the real ``torchrun ... experiments.train``):
+(a) masks at every mask step, final ranks and final adapters identical on both ranks, one run
+folder that only rank 0 writes; (b) 2 processes x batch B == 1 process x batch 2B; (c) gradient
+accumulation 2 x B == one step of 2B; the mask checksum catches diverging ranks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exp_utils import REPO, TINY, read_jsonl, run_inproc
+
+# Wraps the CLI of experiments.train: records every rank's masks at each mask step and dumps
+# its final trainable state, so the test can compare ranks (rank 1 writes nothing itself).
+DRIVER = r'''
+import os, sys, torch
+import adalora
+import experiments.runner as R
+from experiments import checkpoint as ckpt
+
+rank, dump, masks = int(os.environ["RANK"]), os.environ["DDP_DUMP"], []
+orig_mask = adalora.RankAllocator.mask_to_budget
+def mask_to_budget(self, step):
+    rec = orig_mask(self, step)
+    if rec is not None:
+        masks.append((step, [layer.rank_mask.clone() for layer in self.layers]))
+    return rec
+adalora.RankAllocator.mask_to_budget = mask_to_budget
+if os.environ.get("NO_DROPOUT"):
+    orig_load = R.load_model
+    def load_model(*a, **k):
+        m = orig_load(*a, **k)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        return m
+    R.load_model = load_model
+orig_train = R.train
+def train(cfg, built, *a, **k):
+    res = orig_train(cfg, built, *a, **k)
+    torch.save({"state": ckpt.trainable_state(built.model), "masks": masks,
+                "ranks": built.allocator.ranks()}, f"{dump}/rank{rank}.pt")
+    return res
+R.train = train
+import runpy   # as `python -m experiments.train` (Hydra finds conf/ from the module's file)
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+'''
+
+BASE = [a for a in TINY if not a.startswith("trainer.batch_size")] + [
+    "logger.tensorboard=false", "trainer.num_threads=1"]
+
+
+def torchrun(tmp_path: Path, args, no_dropout=False, cwd=None, timeout=120):
+    driver, dump = tmp_path / "ddp_driver.py", tmp_path / "dump"
+    driver.write_text(DRIVER)
+    dump.mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), DDP_DUMP=str(dump), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if no_dropout:
+        env["NO_DROPOUT"] = "1"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(driver), *args], cwd=cwd or REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    return p, dump
+
+
+def no_dropout(monkeypatch):
+    import experiments.runner as R
+    orig = R.load_model
+
+    def load_model(*a, **k):
+        m = orig(*a, **k)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        return m
+    monkeypatch.setattr(R, "load_model", load_model)
+
+
+def test_two_ranks_hold_identical_masks_and_adapters_and_one_run_folder(tmp_path):
+    # grad_accum=2 exercises no_sync; compact re-wraps DDP around the shrunk adapters; dropout
+    # stays on (each rank its own stream): masks agree because the gradients are all-reduced.
+    work = tmp_path / "cwd"
+    work.mkdir()
+    p, dump = torchrun(tmp_path, BASE + ["trainer.batch_size=4", "trainer.grad_accum=2",
+                                         "trainer.epochs=2", "trainer.compact=true",
+                                         "schedule.mask_interval=1"], cwd=work)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = [d for d in (work / "outputs").glob("*/*") if d.is_dir()]
+    assert len(runs) == 1 and sorted(x.name for x in work.iterdir()) == ["outputs"]
+    run = runs[0]
+    assert sorted(x.name for x in run.iterdir()) == [
+        ".hydra", "adapters.json", "adapters.safetensors", "head.safetensors",
+        "importance.safetensors", "metrics.jsonl", "ranks.jsonl", "summary.json", "train.log"]
+    s = json.loads((run / "summary.json").read_text())
+    # 2 epochs x 128 examples / (4 per rank x 2 micro-batches x 2 ranks) = 16 optimizer steps
+    assert s["status"] == "completed" and s["world_size"] == 2
+    assert s["steps"] == s["schedule"]["total_steps"] == 16
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert [st for st, _ in r0["masks"]] == [st for st, _ in r1["masks"]]
+    assert len(r0["masks"]) >= 8                      # every step of the budgeting phase
+    for (_, m0), (_, m1) in zip(r0["masks"], r1["masks"]):
+        assert all(torch.equal(a, b) for a, b in zip(m0, m1))
+    assert r0["ranks"] == r1["ranks"] == s["final_ranks"]
+    assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"]
+    assert set(r0["state"]) == set(r1["state"])
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    saved = load_file(str(run / "adapters.safetensors"))      # what rank 0 wrote is rank 1's too
+    shared = [k for k in saved if f"backbone.{k}" in r1["state"]]
+    assert len(shared) >= 12 and all(torch.equal(saved[k], r1["state"][f"backbone.{k}"]) for k in shared)
+    train_steps = [m["step"] for m in read_jsonl(run / "metrics.jsonl") if m["split"] == "train"]
+    assert train_steps == list(range(1, 17))           # logged once, by rank 0
+
+
+def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path, monkeypatch):
+    args = BASE + ["trainer.epochs=2", "schedule.mask_interval=1"]
+    ddp_dir = tmp_path / "ddp"
+    p, _ = torchrun(tmp_path, args + ["trainer.batch_size=8", f"hydra.run.dir={ddp_dir}"],
+                    no_dropout=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    no_dropout(monkeypatch)
+    s1 = run_inproc(tmp_path / "single", args + ["trainer.batch_size=16"])
+    s2 = json.loads((ddp_dir / "summary.json").read_text())
+    assert s1["steps"] == s2["steps"] == 16 and s2["world_size"] == 2
+    rk1, rk2 = read_jsonl(tmp_path / "single" / "ranks.jsonl"), read_jsonl(ddp_dir / "ranks.jsonl")
+    assert [(r["step"], r["budget"], r["ranks"]) for r in rk1] == \
+           [(r["step"], r["budget"], r["ranks"]) for r in rk2]
+    a1 = load_file(str(tmp_path / "single" / "adapters.safetensors"))
+    a2 = load_file(str(ddp_dir / "adapters.safetensors"))
+    assert set(a1) == set(a2)
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-5, msg=k)
+    l1 = [m["loss"] for m in read_jsonl(tmp_path / "single" / "metrics.jsonl") if m["split"] == "train"]
+    l2 = [m["loss"] for m in read_jsonl(ddp_dir / "metrics.jsonl") if m["split"] == "train"]
+    assert l2 == pytest.approx(l1, rel=1e-4)           # the logged loss is the global batch's
+
+
+def test_grad_accumulation_2xb_equals_one_step_of_2b(tmp_path, monkeypatch):
+    no_dropout(monkeypatch)
+    args = BASE + ["trainer.epochs=2", "schedule.mask_interval=1"]
+    s1 = run_inproc(tmp_path / "big", args + ["trainer.batch_size=16"])
+    s2 = run_inproc(tmp_path / "acc", args + ["trainer.batch_size=8", "trainer.grad_accum=2"])
+    assert s1["steps"] == s2["steps"] == 16
+    r1, r2 = read_jsonl(tmp_path / "big" / "ranks.jsonl"), read_jsonl(tmp_path / "acc" / "ranks.jsonl")
+    assert [(r["step"], r["ranks"]) for r in r1] == [(r["step"], r["ranks"]) for r in r2]
+    a1 = load_file(str(tmp_path / "big" / "adapters.safetensors"))
+    a2 = load_file(str(tmp_path / "acc" / "adapters.safetensors"))
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ---- the divergence check itself ------------------------------------------------------------
+def _mask_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    from experiments import distributed as D
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+
+    class Layer:
+        def __init__(self, m):
+            self.rank_mask = m
+
+    masks = [torch.tensor([True, False, True, True]), torch.tensor([False, True, True])]
+    alloc = type("A", (), {"layers": [Layer(m.clone()) for m in masks]})()
+    D.check_masks(alloc, 3, D.current())                 # equal: passes
+    if rank == 1:   # same count, one kept singular value moved to another position
+        alloc.layers[0].rank_mask = torch.tensor([True, True, False, True])
+    try:
+        D.check_masks(alloc, 4, D.current())
+        result = "no error"
+    except RuntimeError as e:
+        result = str(e)
+    Path(out, f"rank{rank}.txt").write_text(result)
+    dist.destroy_process_group()
+
+
+def test_mask_checksum_raises_on_every_rank_when_masks_diverge(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_mask_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for r in (0, 1):
+        msg = (tmp_path / f"rank{r}.txt").read_text()
+        assert msg.startswith("rank masks diverged across ranks at step 4"), msg
+
+
+def test_shard_and_checksum_are_pure():
+    from experiments import distributed as D
+    idx = torch.arange(10, 18)
+    parts = [D.shard(idx, D.Dist(r, 2)) for r in (0, 1)]
+    assert torch.equal(torch.cat(parts), idx)           # contiguous slices, in rank order
+    a = [torch.tensor([True, False, True])]
+    b = [torch.tensor([False, True, True])]
+    assert D.mask_checksum(a) == D.mask_checksum([m.clone() for m in a])
+    assert D.mask_checksum(a) != D.mask_checksum(b)
