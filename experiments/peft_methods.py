@@ -144,6 +144,7 @@ class PeftAdaLoRAAllocator:
 
     def __init__(self, tuner, views: Dict[str, PeftSVDView]):
         self.tuner, self.views, self.names = tuner, views, list(views)
+        self.layers = list(views.values())       # as RankAllocator.layers (DDP mask checksum)
         self.pcfg = tuner.peft_config[ADAPTER]
         self.ra = tuner.rankallocator
         self.initial_budget, self.target_budget = int(self.ra.init_bgt), int(self.ra.target_bgt)
