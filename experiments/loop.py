@@ -154,7 +154,11 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         writer.log_ranks(allocator.initial_record().to_dict())
     params = [p for g in opt.param_groups for p in g["params"]]
 
+    saved_step = resume_state["step"] if resume_state is not None else None
+
     def save_checkpoint() -> None:
+        nonlocal saved_step
+        saved_step = step
         rngs = D.all_gather_object(ckpt.rng_state(), dist)      # a collective: every rank
         if dist.is_main:
             ckpt.save(writer.dir, {
@@ -210,11 +214,11 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             nonfinite = nonfinite + 1 if bad else 0
             skipped += 0 if finite else 1
             if nonfinite >= t.max_nonfinite_steps:
+                kept = f"; checkpoint.pt (step {saved_step}) is kept" if saved_step is not None else ""
                 raise FloatingPointError(
                     f"{nonfinite} consecutive optimizer steps with a non-finite loss or gradient "
                     f"(last at step {step}; trainer.max_nonfinite_steps={t.max_nonfinite_steps}): "
-                    "lower trainer.lr, check the data, or use trainer.precision=fp32; the last "
-                    "good checkpoint is kept")
+                    f"lower trainer.lr, check the data, or use trainer.precision=fp32{kept}")
             if allocator is not None and allocator.score_before_step:
                 allocator.update_importance(step, grads_finite=finite)   # paper_order ablation
             if scaler.is_enabled():

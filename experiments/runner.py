@@ -179,11 +179,16 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         "world_size": dist.world_size}
     if resume_state is not None:
         summary["wall_time_s_before_resume"] = resume_state.get("wall_time_s", 0.0)
+    if resume_state is not None and dist.is_main:
+        # Drop lines past the checkpoint (before the writer opens the files for appending).
+        # metrics.jsonl counts steps done (logged after step += 1); ranks.jsonl records carry
+        # the 0-based index of the step that masked, so a record of step index k belongs to a
+        # checkpoint of step > k (a kill between the record and the checkpoint must not leave
+        # it twice).
+        truncate_after(run_dir / "metrics.jsonl", resume_state["step"])
+        truncate_after(run_dir / "ranks.jsonl", resume_state["step"] - 1)
     writer = RunWriter(run_dir, tensorboard=cfg.logger.tensorboard) if dist.is_main \
         else _NoWriter(run_dir)
-    if resume_state is not None and dist.is_main:
-        for f in ("metrics.jsonl", "ranks.jsonl"):   # drop lines past the checkpoint
-            truncate_after(run_dir / f, resume_state["step"])
     writer.write_summary(summary)
     try:
         result = train(cfg, built, splits, data.num_labels, writer, device, resume_state,
@@ -246,4 +251,6 @@ def truncate_after(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError):
             pass                      # a torn last line from a killed run
-    path.write_text("".join(k + "\n" for k in keep))
+    tmp = path.with_name(f".{path.name}.truncate.tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)             # a kill here leaves the old or the new file, never half
