@@ -58,8 +58,9 @@ def test_sigkill_during_checkpoint_writes_then_sigint_then_resume(tmp_path):
     status interrupted plus a checkpoint. The final resumed run equals an uninterrupted run
     bitwise, and every step is logged exactly once."""
     n_kills = int(os.environ.get("FAULT_INJECTIONS", "6"))
-    args = FAST + ["task.max_train_samples=64", "trainer.epochs=40", "trainer.checkpoint_every=1",
-                   "trainer.batch_size=16", "logger.log_every=1"]       # 160 steps
+    args = FAST + ["task.max_train_samples=64", f"trainer.epochs={7 * n_kills}",
+                   "trainer.checkpoint_every=1", "trainer.batch_size=16",
+                   "logger.log_every=1"]                  # 4 steps an epoch: 168 for 6 kills
     ref = run_inproc(tmp_path / "ref", args)
     total = ref["steps"]
     d = tmp_path / "run"
