@@ -262,9 +262,7 @@ def test_malformed_dataset_files_load_or_fail_in_one_line(tmp_path, case):
             assert 0 <= ex.label < d.num_labels and d.label_names[ex.label] in truth[ex.text]
 
 
-# Known holes in experiments/tasks/files.py (owned elsewhere, reported in issue 6): each must
-# become a one-line ConfigError. strict=True: the test turns red once fixed, to drop the mark.
-@pytest.mark.xfail(strict=True, reason="tasks/files.py: reported in issue 6, not fixed yet")
+# Malformed rows that once crashed or became a class named "None": each is a one-line ConfigError.
 @pytest.mark.parametrize("name, body", ids=lambda v: v if v.endswith(("l", "v")) else "", argvalues=[
     ("null_label.jsonl", "".join(json.dumps({"text": f"t{i}", "label": None if i == 3 else i % 2})
                                  + "\n" for i in range(60))),

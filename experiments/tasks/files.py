@@ -24,9 +24,15 @@ def read_records(path: str) -> List[Dict[str, object]]:
     if not os.path.isfile(path):
         raise ConfigError(f"file '{path}' does not exist")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (Excel's habit) must not become part of the first column name
+        with open(path, encoding="utf-8-sig", newline="") as f:
             if ext == ".jsonl":
-                return [json.loads(line) for line in f if line.strip()]
+                rows = [json.loads(line) for line in f if line.strip()]
+                for i, r in enumerate(rows):
+                    if not isinstance(r, dict):
+                        raise ConfigError(f"file '{path}': JSON line {i + 1} is not an object; "
+                                          "write one {{\"text\": ..., \"label\": ...}} per line")
+                return rows
             return list(csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ","))
     except UnicodeDecodeError as e:
         raise ConfigError(f"file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})")
@@ -43,8 +49,16 @@ def to_examples(records: List[Dict[str, object]], cfg: TaskConfig, where: str,
         if c is not None and c not in cols:
             raise ConfigError(f"{where} has no column '{c}' (columns: {', '.join(map(str, cols))});"
                               f" set task.text_column / task.label_column")
-    raw = [str(r[cfg.label_column]) for r in records]
+    needed = [c for c in (cfg.text_column, cfg.label_column, cfg.text_pair_column) if c is not None]
+    for i, r in enumerate(records):
+        missing = [c for c in needed if r.get(c) is None or str(r.get(c)).strip() == ""]
+        if missing:
+            raise ConfigError(f"{where}: row {i + 1} has no value for '{missing[0]}'; "
+                              "fill or drop incomplete rows")
+    raw = [str(r[cfg.label_column]).strip() for r in records]
     ids, names = encode_labels(raw, names)
+    if len(names) < 2:
+        raise ConfigError(f"{where}: every row has label '{raw[0]}'; a classifier needs two classes or more")
     pc = cfg.text_pair_column
     return [Example(str(r[cfg.text_column]), y, None if pc is None else str(r[pc]))
             for r, y in zip(records, ids)], names
@@ -66,7 +80,7 @@ def load_file(path: str, cfg: TaskConfig) -> TextData:
         if files["train"] is None:
             raise ConfigError(f"folder '{path}' has no train.csv|tsv|jsonl")
         recs = {s: read_records(p) for s, p in files.items() if p is not None}
-        all_raw = [str(r.get(cfg.label_column)) for rs in recs.values() for r in rs]
+        all_raw = [str(r.get(cfg.label_column)).strip() for rs in recs.values() for r in rs]
         names = sorted(set(all_raw))
         out = {s: to_examples(rs, cfg, files[s], names)[0] for s, rs in recs.items()}
         if "val" not in out or "test" not in out:
