@@ -26,3 +26,9 @@ while read -r seed dir; do
       method.rank_pattern_from="$dir" seed="$seed" hydra.run.dir="$ROOT/found/seed$seed" "$@" &
 done < "$ROOT/found_ranks_sources.txt"
 wait
+# Q4: peft's AdaLoRA against ours (the committed numbers come from this reduced CPU setting)
+for s in 0 1 2; do for m in adalora peft_adalora; do
+  python -m experiments.train experiment=study_budgets task=rotten_tomatoes +rank_budget=r2 method=$m seed=$s \
+      trainer.epochs=1 task.max_train_samples=3000 hydra.run.dir="$ROOT/peft_cpu/${m}_$s" "$@"
+done; done
+# numbers and figures: python analysis/studies/minilm_rt_r8/summarize.py "$ROOT" --peft "$ROOT/peft_cpu"
