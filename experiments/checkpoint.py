@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
@@ -20,6 +19,7 @@ from torch import nn
 import adalora
 
 from .config import ConfigError
+from .logging import atomic_file
 
 NAME = "checkpoint.pt"
 
@@ -74,17 +74,8 @@ def save(run_dir: Path, state: Dict[str, Any]) -> Path:
     path = Path(run_dir) / NAME
     for stale in Path(run_dir).glob(f".{NAME}.*.tmp"):   # left by a writer killed mid-save
         stale.unlink(missing_ok=True)                    # (one writer per folder: rank 0)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{NAME}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     _fsync_dir(Path(run_dir))                            # the rename itself survives power loss
     return path
 

@@ -5,12 +5,13 @@ sees half a file. Only rank 0 of a distributed run constructs a RunWriter.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 
 def _jsonable(x: Any) -> Any:
@@ -24,19 +25,30 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[str]:
+    """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
+
+    A kill at any moment leaves either the old complete file or the new one, never half of one;
+    a failure removes the temp file. Temp names are ``.<name>.*.tmp``.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
 
 
 def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:

@@ -81,7 +81,7 @@ class PeftSVDView(adalora.SVDLinear):
             self.inner.unmerge()
 
     def resize(self, keep):
-        raise NotImplementedError("peft AdaLoRA adapters are masked, not resized, during training")
+        raise RuntimeError("peft AdaLoRA adapters are masked, not resized: compact() is refused for method=peft_adalora")
 
 
 class PeftLoRAView(adalora.LoRALinear):
@@ -239,7 +239,7 @@ class PeftAdaLoRAAllocator:
                                 ranks=ranks, params_kept=self._params(ranks))
 
     def compact(self, optimizer=None) -> None:
-        raise NotImplementedError("peft AdaLoRA masks, it does not compact (trainer.compact=false)")
+        raise RuntimeError("peft AdaLoRA masks, it does not compact: set trainer.compact=false")
 
     # -- checkpoint -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
