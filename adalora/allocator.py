@@ -58,6 +58,7 @@ class RankAllocator:
         self.compacted = False
         self.final_scores: list[torch.Tensor] | None = None
         self._lam_masks: list[torch.Tensor] | None = None     # rank_mask cast to lam's dtype
+        self._segment: tuple | None = None                    # (ranks, adapter id per singular value)
 
     # -- the two per-step calls ------------------------------------------------------------------
     def update_importance(self, step: int, grads_finite: bool | None = None) -> bool:
@@ -112,8 +113,14 @@ class RankAllocator:
 
     # -- read-outs ---------------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
-        counts = torch.stack([layer.rank_mask.sum() for layer in self.layers]).tolist()   # one sync
-        return dict(zip(self.names, counts))
+        sizes = tuple(layer.rank for layer in self.layers)
+        masks = torch.cat([layer.rank_mask for layer in self.layers])
+        if self._segment is None or self._segment[0] != sizes or self._segment[1].device != masks.device:
+            ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+            self._segment = (sizes, ids.to(masks.device))
+        counts = torch.zeros(len(sizes), dtype=torch.long, device=masks.device)
+        counts.index_add_(0, self._segment[1], masks.long())     # a few kernels, whatever N
+        return dict(zip(self.names, counts.tolist()))             # one sync
 
     def _params(self, ranks: dict[str, int]) -> int:
         return sum(ranks[n] * (layer.in_features + layer.out_features + 1) for n, layer in zip(self.names, self.layers))
