@@ -42,7 +42,27 @@ def require_peft(method: str):
 
 
 # ---- views: our adapter interface over peft's layers ---------------------------------------
-class PeftSVDView(adalora.SVDLinear):
+class _PeftView:
+    """What both views share: peft's layer (``inner``) does the forward, the delta and merging."""
+
+    base = property(lambda self: self.inner.get_base_layer())
+    merged = property(lambda self: self.inner.merged)
+
+    def forward(self, x, *args, **kwargs):
+        return self.inner(x, *args, **kwargs)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.inner.get_delta_weight(ADAPTER)
+
+    def merge(self) -> None:
+        self.inner.merge()
+
+    def unmerge(self) -> None:
+        if self.inner.merged:
+            self.inner.unmerge()
+
+
+class PeftSVDView(_PeftView, adalora.SVDLinear):
     """One peft AdaLoRA ``SVDLinear`` seen as ours: ``P = lora_B (d_out, r0)``, ``lam = lora_E (r0, 1)``
     (peft's shape), ``Q = lora_A (r0, d_in)``. ``rank_mask`` mirrors peft's ``rank_pattern``; the
     allocator keeps it current. Forward, merge and unmerge are peft's."""
@@ -60,31 +80,17 @@ class PeftSVDView(adalora.SVDLinear):
     P = property(lambda self: self.inner.lora_B[ADAPTER])
     lam = property(lambda self: self.inner.lora_E[ADAPTER])
     Q = property(lambda self: self.inner.lora_A[ADAPTER])
-    base = property(lambda self: self.inner.get_base_layer())
-    merged = property(lambda self: self.inner.merged)
 
     @property
     def rank(self) -> int:
         return self.r0
 
-    def forward(self, x, *args, **kwargs):
-        return self.inner(x, *args, **kwargs)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.inner.get_delta_weight(ADAPTER)
-
-    def merge(self) -> None:
-        self.inner.merge()
-
-    def unmerge(self) -> None:
-        if self.inner.merged:
-            self.inner.unmerge()
-
     def resize(self, keep):
-        raise RuntimeError("peft AdaLoRA adapters are masked, not resized: compact() is refused for method=peft_adalora")
+        raise RuntimeError("peft AdaLoRA adapters are masked, not resized: "
+                           "compact() is refused for method=peft_adalora")
 
 
-class PeftLoRAView(adalora.LoRALinear):
+class PeftLoRAView(_PeftView, adalora.LoRALinear):
     """One peft LoRA ``Linear`` seen as ours: ``A = lora_A.weight (r, d_in)``, ``B = lora_B.weight (d_out, r)``."""
 
     def __init__(self, inner: nn.Module):
@@ -95,21 +101,6 @@ class PeftLoRAView(adalora.LoRALinear):
 
     A = property(lambda self: self.inner.lora_A[ADAPTER].weight)
     B = property(lambda self: self.inner.lora_B[ADAPTER].weight)
-    base = property(lambda self: self.inner.get_base_layer())
-    merged = property(lambda self: self.inner.merged)
-
-    def forward(self, x, *args, **kwargs):
-        return self.inner(x, *args, **kwargs)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.inner.get_delta_weight(ADAPTER)
-
-    def merge(self) -> None:
-        self.inner.merge()
-
-    def unmerge(self) -> None:
-        if self.inner.merged:
-            self.inner.unmerge()
 
 
 def wrap_peft_layers(backbone: nn.Module, names: List[str], view_cls) -> Dict[str, nn.Module]:
