@@ -33,6 +33,15 @@ class AllocationRecord:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of(cls, step: int, ranks: dict[str, int], layers: dict, budget: int | None = None,
+           threshold: float | None = None) -> "AllocationRecord":
+        """The record of ``ranks`` over ``layers`` ({name: layer with in/out_features}); the
+        budget defaults to the ranks' sum, ``params_kept`` counts d_in + d_out + 1 per singular value."""
+        params = sum(ranks[n] * (layer.in_features + layer.out_features + 1) for n, layer in layers.items())
+        return cls(step=step, budget=sum(ranks.values()) if budget is None else budget,
+                   threshold=threshold, ranks=ranks, params_kept=params)
+
 
 class RankAllocator:
     """Scores every singular value of the SVD adapters and masks all but the global top ``b(t)``."""
@@ -43,6 +52,7 @@ class RankAllocator:
         if not self.names:
             raise ValueError("RankAllocator needs SVD adapters: inject with AdapterConfig(method='adalora')")
         self.layers: list[SVDLinear] = [adapters[n] for n in self.names]
+        self.adapters = {n: adapters[n] for n in self.names}     # the SVD adapters only
         self.schedule = schedule_cfg
         self.score_cfg = score_cfg or ScoreConfig()
         # Recorded for the loop and checkpoints; the ablation itself is where the loop calls us.
@@ -101,8 +111,7 @@ class RankAllocator:
         self._lam_masks = list(keep.to(dtypes.pop()).split(sizes)) if len(dtypes) == 1 else None
         self._apply_masks()
         ranks = self.ranks()
-        return AllocationRecord(step=step, budget=int(keep.sum()), threshold=threshold, ranks=ranks,
-                                params_kept=self._params(ranks))
+        return AllocationRecord.of(step, ranks, self.adapters, budget=budget, threshold=threshold)
 
     def _apply_masks(self) -> None:
         if self.compacted:
@@ -122,16 +131,11 @@ class RankAllocator:
         counts.index_add_(0, self._segment[1], masks.long())     # a few kernels, whatever N
         return dict(zip(self.names, counts.tolist()))             # one sync
 
-    def _params(self, ranks: dict[str, int]) -> int:
-        return sum(ranks[n] * (layer.in_features + layer.out_features + 1) for n, layer in zip(self.names, self.layers))
-
     def params_kept(self) -> int:
-        return self._params(self.ranks())
+        return AllocationRecord.of(0, self.ranks(), self.adapters).params_kept
 
     def initial_record(self) -> AllocationRecord:
-        ranks = self.ranks()
-        return AllocationRecord(step=0, budget=sum(ranks.values()), threshold=None, ranks=ranks,
-                                params_kept=self._params(ranks))
+        return AllocationRecord.of(0, self.ranks(), self.adapters)
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """Scores ``S_k (r0_k,)`` per module: frozen at the final allocation, else the current ones."""
@@ -146,9 +150,7 @@ class RankAllocator:
                 "final_warmup): call allocator.update_importance(step) and mask_to_budget(step) once per "
                 "optimizer step with step counting optimizer steps, and set ScheduleConfig.total_steps to "
                 "the number of optimizer steps actually run")
-        ranks = self.ranks()
-        return AllocationRecord(step=self.schedule.total_steps, budget=sum(ranks.values()), threshold=None,
-                                ranks=ranks, params_kept=self._params(ranks))
+        return AllocationRecord.of(self.schedule.total_steps, self.ranks(), self.adapters)
 
     # -- compaction -----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -177,9 +177,7 @@ class PeftAdaLoRAAllocator:
         k = self.initial_budget - budget
         threshold = float(torch.kthvalue(torch.cat(scores).float().cpu(), k)[0]) if k >= 1 else None
         self.final_done = self.final_done or final
-        ranks = self.ranks()
-        return AllocationRecord(step=step, budget=int(budget), threshold=threshold, ranks=ranks,
-                                params_kept=self._params(ranks))
+        return AllocationRecord.of(step, self.ranks(), self.views, budget=int(budget), threshold=threshold)
 
     def _to_param_devices(self) -> None:
         params = dict(self.tuner.model.named_parameters())
@@ -206,16 +204,11 @@ class PeftAdaLoRAAllocator:
     def ranks(self) -> Dict[str, int]:
         return {n: int(v.rank_mask.sum()) for n, v in self.views.items()}
 
-    def _params(self, ranks: Dict[str, int]) -> int:
-        return sum(ranks[n] * (v.in_features + v.out_features + 1) for n, v in self.views.items())
-
     def params_kept(self) -> int:
-        return self._params(self.ranks())
+        return AllocationRecord.of(0, self.ranks(), self.views).params_kept
 
     def initial_record(self) -> AllocationRecord:
-        ranks = self.ranks()
-        return AllocationRecord(step=0, budget=sum(ranks.values()), threshold=None, ranks=ranks,
-                                params_kept=self._params(ranks))
+        return AllocationRecord.of(0, self.ranks(), self.views)
 
     def triplet_scores(self) -> Dict[str, torch.Tensor]:
         scores = self.final_scores if self.final_scores is not None else self._scores()
@@ -225,9 +218,7 @@ class PeftAdaLoRAAllocator:
         if not self.final_done:
             raise RuntimeError(f"peft AdaLoRA never reached its final allocation (step "
                                f"{self.final_step} = total_step - tfinal)")
-        ranks = self.ranks()
-        return AllocationRecord(step=self.total_steps, budget=sum(ranks.values()), threshold=None,
-                                ranks=ranks, params_kept=self._params(ranks))
+        return AllocationRecord.of(self.total_steps, self.ranks(), self.views)
 
     def compact(self, optimizer=None) -> None:
         raise RuntimeError("peft AdaLoRA masks, it does not compact: set trainer.compact=false")
