@@ -26,17 +26,6 @@ T_INIT, T_FINAL, DELTA_T = 3, 6, 2
 INIT_R, TARGET_R, ORTH = 4, 2, 0.1
 
 
-@pytest.fixture(autouse=True)
-def _float32_one_thread():
-    # Other test modules may change the global default dtype; tiny models run faster on one thread.
-    old_dtype, old_threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old_dtype)
-    torch.set_num_threads(old_threads)
-
-
 class _Data(torch.utils.data.Dataset):
     def __init__(self, n: int, seed: int):
         g = torch.Generator().manual_seed(seed)

@@ -59,24 +59,6 @@ def _trainable_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: intra-op threads only add synchronisation (much slower on a loaded 2-core box).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _float32_default():
-    # Other test modules may change the global default dtype; these models are built explicitly in float64.
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _adalora_pair():
     base = _bert()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(

@@ -28,15 +28,6 @@ STEPS, T_INIT, T_FINAL, DELTA_T = 300, 50, 100, 5
 BATCH, NOISE, ORTH, LR = 64, 0.5, 0.3, 0.02
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: intra-op threads only add synchronisation (on a loaded 2-core box, 6x slower).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class Maps(nn.Module):
     """Six independent linear maps; input ``(B, 6, D)`` -> output ``(B, 6, D)``."""
 
