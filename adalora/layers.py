@@ -57,8 +57,8 @@ class AdapterLayer(nn.Module):
             raise TypeError(f"cannot wrap {type(base).__name__}: adapters wrap nn.Linear, Conv1D or NF4Linear")
         self.base = base
         self.out_features, self.in_features = base_shape(base)
-        # No dropout kernel at all when it is off (the common case).
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # No dropout kernel, and no module call, when it is off (the common case).
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
         self.merged = False
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
@@ -68,11 +68,16 @@ class AdapterLayer(nn.Module):
 
     # -- shared behaviour ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In bf16 a step is bound by launching kernels from Python (README, Performance): this
+        # path adds no casts, copies or module calls beyond the two products and one fused add.
         y = self.base(x)
         if self.merged or self.rank == 0:
             return y
-        h = self._lowrank(self.drop(x).to(self._adapter_dtype()))
-        return torch.add(y, h.to(y.dtype), alpha=self.scaling)     # one kernel for scale and add
+        if self.drop is not None:
+            x = self.drop(x)
+        dtype = self._adapter_dtype()
+        h = self._lowrank(x if x.dtype == dtype else x.to(dtype))
+        return torch.add(y, h if h.dtype == y.dtype else h.to(y.dtype), alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * ΔW`` as a dense ``(d_out, d_in)`` matrix in the adapter dtype."""

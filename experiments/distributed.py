@@ -48,15 +48,27 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def gpu_index(local_rank: int) -> int:
+    """This rank's GPU. Ranks share GPUs only under ``ADALORA_DIST_BACKEND=gloo`` (NCCL refuses two
+    ranks on one device): a way to run the distributed path on a one-GPU machine, not a speed-up."""
+    n = torch.cuda.device_count()
+    if local_rank >= n and os.environ.get("ADALORA_DIST_BACKEND") != "gloo":
+        raise ValueError(f"local rank {local_rank} but {n} GPU(s): use torchrun --nproc_per_node {n} "
+                         "(or ADALORA_DIST_BACKEND=gloo to share GPUs, for testing)")
+    return local_rank % n
+
+
 def init(timeout_s: float = 1800.0) -> Dist:
-    """Join the process group torchrun describes: gloo for CPU tensors, NCCL for CUDA ones."""
+    """Join the process group torchrun describes: gloo for CPU tensors, NCCL for CUDA ones
+    (``ADALORA_DIST_BACKEND`` overrides, e.g. ``gloo``)."""
     if not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = os.environ.get("ADALORA_DIST_BACKEND")
         if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-            backend = "cpu:gloo,cuda:nccl"     # small control tensors stay on the CPU
+            torch.cuda.set_device(gpu_index(local))
+            backend = backend or "cpu:gloo,cuda:nccl"     # small control tensors stay on the CPU
         else:
-            backend = "gloo"
+            backend = backend or "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return current()
 
@@ -74,7 +86,7 @@ def device_for(requested: str, d: Dist) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(requested)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
+        dev = torch.device("cuda", gpu_index(d.local_rank) if d.enabled else torch.cuda.current_device())
     return dev
 
 

@@ -149,7 +149,10 @@ def cli() -> None:
     if "-m" in argv or "--multirun" in argv:
         fail("torchrun runs one job: drop -m, or launch one torchrun per sweep point")
     from torch.distributed.elastic.multiprocessing.errors import record
-    dist = D.init()
+    try:
+        dist = D.init()
+    except ValueError as e:
+        fail(str(e))
     if not dist.is_main:          # Hydra must not create a folder (or a log) per rank
         sys.argv = [sys.argv[0]] + [a for a in argv if not a.startswith(RANK_LOCAL_HYDRA)] + [
             "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
