@@ -43,6 +43,34 @@ class AllocationRecord:
                    threshold=threshold, ranks=ranks, params_kept=params)
 
 
+class _PendingRecord(AllocationRecord):
+    """An ``AllocationRecord`` whose ranks and threshold are still device tensors, so that a mask
+    step issues no host sync (a loop that drops the record never waits on the GPU); the first
+    read of ``ranks``, ``threshold`` or ``params_kept`` (``to_dict``, ``==``, ``repr``) makes the
+    one transfer and fills the fields in."""
+
+    def __init__(self, step: int, budget: int, counts: torch.Tensor, threshold: torch.Tensor | None,
+                 layers: dict):
+        object.__setattr__(self, "step", step)
+        object.__setattr__(self, "budget", budget)
+        object.__setattr__(self, "_pending", (counts, threshold, layers))
+
+    def __getattr__(self, name: str):
+        pending = self.__dict__.get("_pending")
+        if pending is None or name not in ("ranks", "threshold", "params_kept"):
+            raise AttributeError(name)
+        counts, threshold, layers = pending
+        done = AllocationRecord.of(self.step, dict(zip(layers, counts.tolist())), layers, self.budget,
+                                   None if threshold is None else float(threshold))
+        for f in ("ranks", "threshold", "params_kept"):
+            object.__setattr__(self, f, getattr(done, f))
+        del self.__dict__["_pending"]
+        return getattr(self, name)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AllocationRecord) and self.to_dict() == other.to_dict()
+
+
 class RankAllocator:
     """Scores every singular value of the SVD adapters and masks all but the global top ``b(t)``."""
 
@@ -103,15 +131,14 @@ class RankAllocator:
         order = torch.sort(flat, descending=True, stable=True).indices
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[order[:budget]] = True
-        threshold = float(flat[order[budget]]) if budget < flat.numel() else None
+        threshold = flat[order[budget:budget + 1]] if budget < flat.numel() else None   # (1,), on the device
         sizes = [layer.rank for layer in self.layers]
         torch._foreach_copy_([layer.rank_mask for layer in self.layers], list(keep.split(sizes)))
         dtypes = {layer.lam.dtype for layer in self.layers}
         # One cast for all layers, cached: the final phase re-applies these every step with one kernel.
         self._lam_masks = list(keep.to(dtypes.pop()).split(sizes)) if len(dtypes) == 1 else None
         self._apply_masks()
-        ranks = self.ranks()
-        return AllocationRecord.of(step, ranks, self.adapters, budget=budget, threshold=threshold)
+        return _PendingRecord(step, budget, self._counts(), threshold, self.adapters)
 
     def _apply_masks(self) -> None:
         if self.compacted:
@@ -122,14 +149,17 @@ class RankAllocator:
 
     # -- read-outs ---------------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
+        return dict(zip(self.names, self._counts().tolist()))             # one sync
+
+    def _counts(self) -> torch.Tensor:
+        """Kept singular values per adapter, on the device: ``(n_adapters,)``."""
         sizes = tuple(layer.rank for layer in self.layers)
         masks = torch.cat([layer.rank_mask for layer in self.layers])
         if self._segment is None or self._segment[0] != sizes or self._segment[1].device != masks.device:
             ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
             self._segment = (sizes, ids.to(masks.device))
         counts = torch.zeros(len(sizes), dtype=torch.long, device=masks.device)
-        counts.index_add_(0, self._segment[1], masks.long())     # a few kernels, whatever N
-        return dict(zip(self.names, counts.tolist()))             # one sync
+        return counts.index_add_(0, self._segment[1], masks.long())     # a few kernels, whatever N
 
     def params_kept(self) -> int:
         return AllocationRecord.of(0, self.ranks(), self.adapters).params_kept

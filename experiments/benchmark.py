@@ -379,7 +379,7 @@ def run_allocator_scaling(cfg: BenchConfig, dev: torch.device) -> list[dict]:
                 target_rank=cfg.target_rank, total_steps=BIG_T, init_warmup=0, final_warmup=1000, mask_interval=every))
 
             def ours(t):
-                alloc.update_importance(t)
+                alloc.update_importance(t, grads_finite=True)   # as in the timed steps above
                 alloc.mask_to_budget(t)
             key = "ours_mask_every_step" if every == 1 else "ours_mask_every_10"
             row[key + "_ms"] = _time_alloc(ours, cfg.alloc_steps, dev)

@@ -135,3 +135,29 @@ def test_state_dict_round_trip_after_compact():
     m2.load_state_dict(sd["m"])              # ... so the weights fit
     x = torch.randn(2, 10, dtype=torch.float64)
     assert torch.equal(m(x), m2(x)) and al2.ranks() == al.ranks()
+
+
+def test_mask_step_syncs_nothing_until_the_record_is_read():
+    """A mask step leaves ranks and threshold on the device (no host sync when the loop drops the
+    record); reading the record gives what the materialised ranks() reports."""
+    from experiments.benchmark import count_ops
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    adapters = adalora.inject(model, adalora.AdapterConfig(targets=["0", "1"], init_rank=4))
+    alloc = adalora.RankAllocator(adapters, adalora.ScheduleConfig(
+        target_rank=2, total_steps=20, init_warmup=0, final_warmup=5, mask_interval=1))
+    for p in adalora.adapter_parameters(adapters):
+        p.grad = torch.randn_like(p)
+    box = {}
+
+    def step():
+        alloc.update_importance(3, grads_finite=True)
+        box["rec"] = alloc.mask_to_budget(3)
+    counted = count_ops(step)
+    assert counted["host_syncs"] == 0
+    rec = box["rec"]
+    assert rec.ranks == alloc.ranks() and sum(rec.ranks.values()) == rec.budget
+    flat = torch.cat([alloc.triplet_scores()[n] for n in alloc.names])
+    assert rec.threshold == float(torch.sort(flat, descending=True, stable=True).values[rec.budget])
+    assert rec.to_dict()["params_kept"] == sum(r * 17 for r in rec.ranks.values())
+    assert rec == adalora.AllocationRecord.of(3, alloc.ranks(), alloc.adapters, rec.budget, rec.threshold)
