@@ -128,7 +128,7 @@ def _add_base_prefix(module, state_dict, prefix, local_metadata, strict, missing
 
 
 class SVDLinear(AdapterLayer):
-    """AdaLoRA adapter: ``y = x W0ᵀ + b + (α / r0) · ((drop(x) Qᵀ) ⊙ lam) Pᵀ``.
+    """AdaLoRA adapter: ``y = x W0ᵀ + b + (α / r0) · drop(x) (diag(lam) Q)ᵀ Pᵀ`` (= P Λ Q, Eq. 3).
 
     ``P (d_out, r)``, ``lam (r,)``, ``Q (r, d_in)``; ``r`` starts at ``r0`` and only shrinks through
     ``resize`` (after the final allocation, or when loading a pruned adapter).
@@ -154,7 +154,10 @@ class SVDLinear(AdapterLayer):
         return self.lam.dtype
 
     def _lowrank(self, x):
-        return F.linear(F.linear(x, self.Q) * self.lam, self.P)
+        # lam scales the rows of Q (r, d_in), not the activations (..., r): the same product in
+        # peft's order, with the elementwise work and lam's gradient reduction on the small
+        # weight instead of on batch x sequence rows.
+        return F.linear(F.linear(x, self.Q * self.lam.unsqueeze(1)), self.P)
 
     def _delta_unscaled(self):
         return (self.P * self.lam) @ self.Q

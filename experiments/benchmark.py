@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, List, Optional
 
@@ -172,11 +173,15 @@ def _make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, peft_allo
         return loss
     # The penalty is compiled with the model: its gradient then joins the forward path's inside
     # one backward graph instead of a second accumulation kernel per P and Q.
+    fn = loss_fn
     if cfg.compile:
-        # Every variant's closure shares loss_fn's code object, and Dynamo caches per code object:
-        # one compiled entry per variant must fit under the recompile limit (default 8).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(VARIANTS))
-    fn = torch.compile(loss_fn, mode=cfg.compile_mode) if cfg.compile else loss_fn
+        # Dynamo caches compiled code per code object, and every variant's closure shares loss_fn's:
+        # each call would first test the other variants' guards (hundreds of tensors each), a CPU
+        # cost a one-model training script never pays. A copy of the code object per variant
+        # gives each its own cache.
+        fn = types.FunctionType(loss_fn.__code__.replace(), loss_fn.__globals__, loss_fn.__name__,
+                                loss_fn.__defaults__, loss_fn.__closure__)
+        fn = torch.compile(fn, mode=cfg.compile_mode)
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
 
     def step():

@@ -133,6 +133,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None        # default: same as name_or_path; tiny-random -> minilm
     pooling: str = "mean"
     head_dropout: float = 0.1
+    dropout: Optional[float] = None        # null: the checkpoint's; a value sets every backbone nn.Dropout
     quantize: str = "none"                 # none | nf4 (adalora.quantize_model)
     tiny_arch: str = "bert"                # tiny-random: bert | deberta_v2
     tiny_hidden: int = 32
@@ -142,6 +143,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.pooling in ("mean", "cls"), "model.pooling must be mean or cls")
+        _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout must be null or in [0, 1)")
         _check(self.quantize in ("none", "nf4"), "model.quantize must be none or nf4")
         _check(self.tiny_arch in ("bert", "deberta_v2"), "model.tiny_arch must be bert or deberta_v2")
 

@@ -84,6 +84,10 @@ def load_model(cfg: ModelConfig, num_labels: int, vocab_size: int) -> PooledClas
         except Exception as e:
             raise ConfigError(f"cannot load model '{cfg.name_or_path}': {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}")
+    if cfg.dropout is not None:     # e.g. 0 for runs that must match bitwise-comparable references
+        for m in backbone.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = cfg.dropout
     hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.d_model
     return PooledClassifier(backbone, hidden, num_labels, cfg.pooling, cfg.head_dropout)
 
