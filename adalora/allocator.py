@@ -132,29 +132,36 @@ class RankAllocator:
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[order[:budget]] = True
         threshold = flat[order[budget:budget + 1]] if budget < flat.numel() else None   # (1,), on the device
-        sizes = [layer.rank for layer in self.layers]
-        torch._foreach_copy_([layer.rank_mask for layer in self.layers], list(keep.split(sizes)))
-        dtypes = {layer.lam.dtype for layer in self.layers}
+        lams = self._lams()
+        sizes = [lam.shape[0] for lam in lams]
+        torch._foreach_copy_([layer._buffers["rank_mask"] for layer in self.layers], list(keep.split(sizes)))
+        dtypes = {lam.dtype for lam in lams}
         # One cast for all layers, cached: the final phase re-applies these every step with one kernel.
         self._lam_masks = list(keep.to(dtypes.pop()).split(sizes)) if len(dtypes) == 1 else None
-        self._apply_masks()
-        return _PendingRecord(step, budget, self._counts(), threshold, self.adapters)
+        self._apply_masks(lams)
+        return _PendingRecord(step, budget, self._counts(keep), threshold, self.adapters)
 
-    def _apply_masks(self) -> None:
+    def _lams(self) -> list[torch.Tensor]:
+        return [layer._parameters["lam"] for layer in self.layers]   # not getattr: ~1 µs each
+
+    @torch.no_grad()
+    def _apply_masks(self, lams: list[torch.Tensor] | None = None) -> None:
         if self.compacted:
             return
         if self._lam_masks is None:
             self._lam_masks = [layer.rank_mask.to(layer.lam.dtype) for layer in self.layers]
-        torch._foreach_mul_([layer.lam.data for layer in self.layers], self._lam_masks)
+        torch._foreach_mul_(lams or self._lams(), self._lam_masks)
 
     # -- read-outs ---------------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
         return dict(zip(self.names, self._counts().tolist()))             # one sync
 
-    def _counts(self) -> torch.Tensor:
-        """Kept singular values per adapter, on the device: ``(n_adapters,)``."""
+    def _counts(self, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Kept singular values per adapter, on the device: ``(n_adapters,)``; ``masks`` is the
+        concatenated ``rank_mask`` when the caller has it."""
         sizes = tuple(layer.rank for layer in self.layers)
-        masks = torch.cat([layer.rank_mask for layer in self.layers])
+        if masks is None:
+            masks = torch.cat([layer.rank_mask for layer in self.layers])
         if self._segment is None or self._segment[0] != sizes or self._segment[1].device != masks.device:
             ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
             self._segment = (sizes, ids.to(masks.device))

@@ -56,7 +56,21 @@ class _Layout:
         self.perm = torch.tensor([j for k in range(len(layers)) for j in pos[k]], dtype=torch.long)
 
     def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor]:
-        return [getattr(layers[k], a) for k, a in self.order]
+        # _parameters, not getattr: nn.Module.__getattr__ costs ~1 µs per call, and this runs
+        # every step for every parameter (the step is host-bound under CUDA graphs).
+        return [layers[k]._parameters[a] for k, a in self.order]
+
+    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (in ``order``) as one flat buffer: one ``cat`` per group and kind instead of
+        a reshape per tensor (same memory order: a cat of ``(d_out, r)`` blocks along dim 0 is
+        the blocks flattened one after the other)."""
+        pieces, i = [], 0
+        for ks, *_ in self.groups:
+            n = len(ks)
+            for _ in range(3):                   # P blocks, lam vectors, Q blocks
+                pieces.append(torch.cat(tensors[i:i + n]).view(-1))
+                i += n
+        return torch.cat(pieces)
 
 
 class ImportanceScorer:
@@ -113,8 +127,8 @@ class ImportanceScorer:
         state_dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
         # Two gathers into flat buffers, then everything is a handful of kernels whatever the
         # number of adapters; |w · g| is formed in the state dtype (fp32 for bf16 adapters).
-        w = torch.cat([p.detach().reshape(-1) for p in params]).to(state_dtype)
-        ipt = torch.cat([g.reshape(-1) for g in grads]).to(state_dtype).mul_(w).abs_()   # I = |w · g|
+        w = layout.flatten(params).to(state_dtype)             # under no_grad: no detach needed
+        ipt = layout.flatten(grads).to(state_dtype).mul_(w).abs_()   # I = |w · g|
         if grads_finite is None:
             grads_finite = bool(torch.isfinite(ipt.sum()))        # the step's one host sync
         if not grads_finite:

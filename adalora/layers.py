@@ -148,7 +148,7 @@ class SVDLinear(AdapterLayer):
 
     @property
     def rank(self) -> int:
-        return self.lam.shape[0]
+        return self._parameters["lam"].shape[0]     # read every step by the allocator: skip __getattr__
 
     def _adapter_dtype(self) -> torch.dtype:
         return self.lam.dtype
@@ -193,7 +193,7 @@ class LoRALinear(AdapterLayer):
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        return self._parameters["A"].shape[0]
 
     def _adapter_dtype(self) -> torch.dtype:
         return self.A.dtype
