@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 
 from .config import ScoreConfig
-from .layers import SVDLinear
+from .layers import SVDLinear, fast_param
 
 
 def triplet_scores(s_P: torch.Tensor, s_lam: torch.Tensor, s_Q: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ class _Layout:
     def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor]:
         # _parameters, not getattr: nn.Module.__getattr__ costs ~1 µs per call, and this runs
         # every step for every parameter (the step is host-bound under CUDA graphs).
-        return [layers[k]._parameters[a] for k, a in self.order]
+        return [fast_param(layers[k], a) for k, a in self.order]
 
     def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """``tensors`` (in ``order``) as one flat buffer: one ``cat`` per group and kind instead of

@@ -36,6 +36,13 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
     return base.out_features, base.in_features
 
 
+def fast_param(module: nn.Module, name: str) -> torch.Tensor:
+    """``getattr(module, name)`` for a parameter without ``nn.Module.__getattr__`` (~1 µs a call,
+    paid per adapter per step by the allocator); falls back for views that expose a property."""
+    p = module._parameters.get(name)
+    return p if p is not None else getattr(module, name)
+
+
 def _base_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     if is_quantized(base):
         # fp32 adapters on a 4-bit base (as peft does): small updates of lam, and the zeros the
@@ -148,7 +155,7 @@ class SVDLinear(AdapterLayer):
 
     @property
     def rank(self) -> int:
-        return self._parameters["lam"].shape[0]     # read every step by the allocator: skip __getattr__
+        return fast_param(self, "lam").shape[0]     # read every step by the allocator
 
     def _adapter_dtype(self) -> torch.dtype:
         return self.lam.dtype
@@ -193,7 +200,7 @@ class LoRALinear(AdapterLayer):
 
     @property
     def rank(self) -> int:
-        return self._parameters["A"].shape[0]
+        return fast_param(self, "A").shape[0]
 
     def _adapter_dtype(self) -> torch.dtype:
         return self.A.dtype
