@@ -7,14 +7,21 @@ import torch.nn as nn
 import adalora
 
 
-def test_compiled_model_matches_eager_and_masking_does_not_recompile(monkeypatch):
+def build(total_steps: int, init_warmup: int, final_warmup: int, mask_interval: int, opt_cls, lr: float):
+    """An MLP with SVD adapters on two layers, its allocator (4 singular values -> 2) and optimizer."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     adapters = adalora.inject(model, adalora.AdapterConfig(targets=["0", "2"], init_rank=4))
     adalora.mark_only_adapters_trainable(model, extra=("4",))
     alloc = adalora.RankAllocator(adapters, adalora.ScheduleConfig(
-        target_rank=2, total_steps=12, init_warmup=2, final_warmup=4, mask_interval=2))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        target_rank=2, total_steps=total_steps, init_warmup=init_warmup, final_warmup=final_warmup,
+        mask_interval=mask_interval))
+    opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return model, adapters, alloc, opt
+
+
+def test_compiled_model_matches_eager_and_masking_does_not_recompile(monkeypatch):
+    model, adapters, alloc, opt = build(12, 2, 4, 2, torch.optim.AdamW, 1e-2)
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     compiled = torch.compile(model, backend="aot_eager")
@@ -36,21 +43,11 @@ def test_compiled_model_matches_eager_and_masking_does_not_recompile(monkeypatch
 def test_compiled_loss_with_penalty_gives_eager_gradients_without_recompiling(monkeypatch):
     """The benchmark's compiled region: forward and orthogonality penalty in one graph. Gradients
     match eager to float32 round-off, through mask steps, without a recompilation."""
-    def build():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-        adapters = adalora.inject(model, adalora.AdapterConfig(targets=["0", "2"], init_rank=4))
-        adalora.mark_only_adapters_trainable(model, extra=("4",))
-        alloc = adalora.RankAllocator(adapters, adalora.ScheduleConfig(
-            target_rank=2, total_steps=10, init_warmup=1, final_warmup=3, mask_interval=1))
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        return model, adapters, alloc, opt
-
     runs = []
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     for compiled in (False, True):
-        model, adapters, alloc, opt = build()
+        model, adapters, alloc, opt = build(10, 1, 3, 1, torch.optim.SGD, 0.1)
 
         def loss_fn(x):
             return model(x).pow(2).mean() + 0.1 * adalora.orthogonality_penalty(adapters)

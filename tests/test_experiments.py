@@ -228,3 +228,24 @@ def test_loop_options_reach_the_target_budget(extra, tmp_path):
     assert s["params"]["base"] == 1_010_304                     # NF4 counts logical weights too
     if "model.quantize=nf4" in extra:
         assert s["quantized_modules"] == 12
+
+
+def test_model_dropout_sets_every_backbone_dropout_and_null_keeps_the_checkpoints():
+    from experiments.config import ModelConfig
+    from experiments.model import load_model
+    for value, expect in ((0.0, {0.0}), (None, {0.1})):   # BertConfig's default dropout is 0.1
+        m = load_model(ModelConfig(name_or_path="tiny-random", dropout=value), num_labels=2, vocab_size=100)
+        assert {d.p for d in m.backbone.modules() if isinstance(d, torch.nn.Dropout)} == expect
+    with pytest.raises(ConfigError, match="model.dropout"):
+        ModelConfig(dropout=1.0)
+
+
+def test_ranks_share_a_gpu_only_under_gloo(monkeypatch):
+    from experiments import distributed as D
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("ADALORA_DIST_BACKEND", raising=False)
+    assert D.gpu_index(0) == 0
+    with pytest.raises(ValueError, match="--nproc_per_node 1"):
+        D.gpu_index(1)
+    monkeypatch.setenv("ADALORA_DIST_BACKEND", "gloo")
+    assert D.gpu_index(1) == 0
