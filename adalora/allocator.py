@@ -70,6 +70,10 @@ class _PendingRecord(AllocationRecord):
     def __eq__(self, other) -> bool:
         return isinstance(other, AllocationRecord) and self.to_dict() == other.to_dict()
 
+    def __reduce__(self):
+        # pickle / deepcopy give the plain record (no device tensors, no reference to the model)
+        return (AllocationRecord, (self.step, self.budget, self.threshold, self.ranks, self.params_kept))
+
 
 class RankAllocator:
     """Scores every singular value of the SVD adapters and masks all but the global top ``b(t)``."""

@@ -161,3 +161,7 @@ def test_mask_step_syncs_nothing_until_the_record_is_read():
     assert rec.threshold == float(torch.sort(flat, descending=True, stable=True).values[rec.budget])
     assert rec.to_dict()["params_kept"] == sum(r * 17 for r in rec.ranks.values())
     assert rec == adalora.AllocationRecord.of(3, alloc.ranks(), alloc.adapters, rec.budget, rec.threshold)
+    import copy
+    import pickle
+    for clone in (pickle.loads(pickle.dumps(rec)), copy.deepcopy(rec)):
+        assert type(clone) is adalora.AllocationRecord and clone == rec
