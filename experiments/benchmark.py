@@ -60,6 +60,7 @@ class BenchConfig:
     device: str = "auto"                  # auto | cpu | cuda
     compile: bool = False                 # torch.compile model forward + penalty (optimizer, allocator eager)
     compile_mode: str = "default"         # torch.compile mode; reduce-overhead replays CUDA graphs
+    compile_backend: str = "inductor"     # aot_eager: trace only (fast; tests, debugging)
     tf32: bool = False
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
     warmup: int = 3
@@ -181,7 +182,8 @@ def _make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, peft_allo
         # gives each its own cache.
         fn = types.FunctionType(loss_fn.__code__.replace(), loss_fn.__globals__, loss_fn.__name__,
                                 loss_fn.__defaults__, loss_fn.__closure__)
-        fn = torch.compile(fn, mode=cfg.compile_mode)
+        fn = torch.compile(fn, backend=cfg.compile_backend,
+                           mode=None if cfg.compile_backend != "inductor" else cfg.compile_mode)
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
 
     def step():
