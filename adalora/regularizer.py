@@ -5,6 +5,7 @@ hidden in ``forward`` (peft's is, and is silently skipped when the model compute
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
@@ -16,23 +17,53 @@ from .layers import SVDLinear
 def _gram_residual_norms(mats: list[torch.Tensor], left: bool, squared: bool) -> torch.Tensor:
     """Sum over ``mats`` of ``‖MᵀM − I‖_F`` (``left``, M = P (d_out, r)) or ``‖MMᵀ − I‖_F`` (M = Q (r, d_in)).
 
-    Matrices of one shape are stacked and handled by one batched matmul, so the cost is a few
-    kernels per distinct shape rather than per adapter.
+    Matrices are batched by their full dimension ``d``, whatever their rank, so the cost is a few
+    kernels per distinct ``d`` rather than per adapter or per rank (compacted adapters have many
+    ranks). A batch of unequal ranks is zero-padded to the largest, and the residual is masked
+    to each matrix's own ``r × r`` block, so padding adds exactly nothing. Each matrix enters as
+    itself (never a transposed view), so its gradient arrives in its own memory layout and
+    autograd need not copy it.
     """
-    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    groups: dict[int, list[torch.Tensor]] = defaultdict(list)
     for m in mats:
-        groups[tuple(m.shape)].append(m)
+        r, d = (m.shape[1], m.shape[0]) if left else m.shape
+        if r > 0:                                                   # rank 0: nothing to penalise
+            groups[d].append(m)
     total = mats[0].new_zeros(())
-    for shape, ms in groups.items():
-        r = shape[1] if left else shape[0]
-        if r == 0:
-            continue  # a rank-0 adapter has an empty Gram matrix: nothing to penalise
-        x = torch.stack(ms)                                        # (n, d_out, r) or (n, r, d_in)
+    for d, ms in groups.items():
+        ranks = tuple(m.shape[1] if left else m.shape[0] for m in ms)
+        r = max(ranks)
+        mask = None
+        if min(ranks) == r:
+            x = torch.stack(ms)                                     # (n, d, r) or (n, r, d)
+        else:
+            # One cat and one scatter into the zero padding, however many matrices and ranks.
+            where, mask = _padding(ranks, d, left, ms[0].device)
+            n = len(ms)
+            flat = torch.cat([m.reshape(-1) for m in ms])
+            x = ms[0].new_zeros(n * d * r).index_copy(0, where, flat)
+            x = x.view(n, d, r) if left else x.view(n, r, d)
         gram = x.transpose(1, 2) @ x if left else x @ x.transpose(1, 2)   # (n, r, r)
-        eye = torch.eye(r, device=x.device, dtype=x.dtype)
-        sq = (gram - eye).pow(2).sum(dim=(1, 2))                   # (n,) squared Frobenius norms
+        resid = gram - torch.eye(r, device=x.device, dtype=x.dtype)
+        if mask is not None:
+            resid = resid * mask.to(x.dtype)                        # each matrix's own r x r block
+        sq = resid.pow(2).sum(dim=(1, 2))                           # (n,) squared Frobenius norms
         total = total + (sq.sum() if squared else sq.sqrt().sum())
     return total
+
+
+@functools.lru_cache(maxsize=64)
+def _padding(ranks: tuple[int, ...], d: int, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For matrices of ``ranks`` padded to ``R = max(ranks)``: where each element of each matrix
+    (flattened, concatenated) lands in the flat ``(n, d, R)`` (``left``) or ``(n, R, d)`` buffer,
+    and the ``(n, R, R)`` mask of each matrix's own block. Cached: compacted ranks stay fixed."""
+    big = max(ranks)
+    where = []
+    for k, r in enumerate(ranks):
+        i, j = torch.meshgrid(torch.arange(d if left else r), torch.arange(r if left else d), indexing="ij")
+        where.append((k * d * big + i * (big if left else d) + j).reshape(-1))
+    valid = torch.arange(big) < torch.tensor(ranks).unsqueeze(1)                  # (n, R)
+    return torch.cat(where).to(device), (valid.unsqueeze(2) & valid.unsqueeze(1)).to(device)
 
 
 def orthogonality_penalty(adapters: dict, form: str = "reference") -> torch.Tensor:

@@ -47,3 +47,45 @@ def test_gradient_flows_and_bad_form_rejected():
     with pytest.raises(ValueError, match="form="):
         adalora.orthogonality_penalty(ad, form="frobenius")
     assert adalora.orthogonality_penalty({}) == 0
+
+
+def test_mixed_ranks_after_compaction_match_dense_reference_values_and_gradients():
+    """Adapters of one shape but different ranks (as after compact(), rank 0 included) are batched
+    with zero padding and a mask: value and gradients equal the per-matrix dense formula, and the
+    number of operations does not grow with the number of distinct ranks."""
+    from experiments.benchmark import count_ops
+
+    def build(ranks):
+        ad = _adapters([(6, 5)] * len(ranks) + [(4, 9)] * len(ranks), r=4, seed=1)
+        for a, r in zip(ad.values(), ranks + ranks[::-1]):
+            a.resize(torch.arange(r))
+        return ad
+
+    def dense(ad, form):
+        terms = []
+        for a in ad.values():
+            r = a.rank
+            if r == 0:
+                continue
+            for res in (a.P.T @ a.P - torch.eye(r, dtype=a.P.dtype), a.Q @ a.Q.T - torch.eye(r, dtype=a.Q.dtype)):
+                sq = res.pow(2).sum()
+                terms.append(sq if form == "paper" else sq.sqrt())
+        total = sum(terms)
+        return total if form == "paper" else total / (2 * len(ad))
+
+    ranks = [4, 3, 0, 1, 3, 2]
+    for form in ("reference", "paper"):
+        ad = build(ranks)
+        params = [p for a in ad.values() for p in (a.P, a.Q)]
+        got = adalora.orthogonality_penalty(ad, form)
+        g_got = torch.autograd.grad(got, params, allow_unused=True)   # rank-0 factors: unused
+        want = dense(ad, form)
+        g_want = torch.autograd.grad(want, params, allow_unused=True)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+        for p, a, b in zip(params, g_got, g_want):
+            zero = torch.zeros_like(p)
+            assert torch.allclose(zero if a is None else a, zero if b is None else b, rtol=0, atol=1e-12)
+    few, many = build(ranks), build([4, 3, 2, 1, 4, 1, 3, 2, 2, 1, 4, 3, 1, 1, 2])
+    adalora.orthogonality_penalty(many)        # builds the cached padding indices once
+    assert count_ops(lambda: adalora.orthogonality_penalty(few))["ops"] == \
+        count_ops(lambda: adalora.orthogonality_penalty(many))["ops"]     # per distinct d, not per rank
