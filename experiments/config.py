@@ -169,6 +169,10 @@ class TrainerConfig:
     checkpoint_every: int = 0
     resume: Optional[str] = None
     compact: bool = False
+    # torch.compile of the training forward: none | default | reduce-overhead (CUDA graphs) |
+    # max-autotune. The allocator and the penalty stay eager; evaluation stays eager.
+    compile: str = "none"
+    compile_backend: str = "inductor"      # aot_eager: trace only, no code generation (debugging)
     num_threads: Optional[int] = None
     progress: bool = True
     # Stop with status failed after this many consecutive optimizer steps with a non-finite
@@ -190,6 +194,8 @@ class TrainerConfig:
         _check(0.0 <= self.warmup_ratio < 1.0, "trainer.warmup_ratio must be in [0, 1)")
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be >= 1")
+        _check(self.compile in ("none", "default", "reduce-overhead", "max-autotune"),
+               "trainer.compile must be none, default, reduce-overhead or max-autotune")
         _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy must be ddp (or fsdp, not "
                "supported yet)")
         _check(self.strategy != "fsdp", "trainer.strategy=fsdp is not supported yet (sharded "

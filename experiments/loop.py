@@ -52,7 +52,9 @@ def batch_at(data: Dict[str, torch.Tensor], idx: torch.Tensor, device) -> Dict[s
     short texts; results do not depend on it since padded positions are masked)."""
     b = {k: v[idx] for k, v in data.items()}
     L = int(b["attention_mask"].sum(1).max())
-    return {k: (v[:, :L] if v.dim() == 2 else v).to(device) for k, v in b.items()}
+    # contiguous: a trimmed slice and an untrimmed batch then have the same strides, which a
+    # compiled forward (trainer.compile) would otherwise guard on and recompile for
+    return {k: (v[:, :L].contiguous() if v.dim() == 2 else v).to(device) for k, v in b.items()}
 
 
 def micro_batch_indices(n: int, batch: int, position: int, seed: int) -> torch.Tensor:
@@ -85,6 +87,16 @@ def evaluate(model, data, cfg: RunConfig, device, amp_dtype, num_labels: int) ->
     m = classification_metrics(data["labels"].numpy(), torch.cat(preds).numpy(), num_labels)
     m["loss"] = loss_sum / n
     return m
+
+
+def _compiled(net: torch.nn.Module, t) -> torch.nn.Module:
+    """``trainer.compile``: the training forward through torch.compile. Masking writes lam in
+    place and needs no recompilation; sequence lengths vary per batch, so Dynamo turns them
+    dynamic after the second length it sees."""
+    if t.compile == "none":
+        return net
+    mode = None if t.compile == "default" or t.compile_backend != "inductor" else t.compile
+    return torch.compile(net, backend=t.compile_backend, mode=mode)
 
 
 def lr_lambda(cfg: RunConfig, total: int):
@@ -142,6 +154,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     model.to(device)
     # Adapters are already injected: DDP all-reduces the very tensors the allocator scores.
     net = D.wrap(model, device, dist)
+    fwd = _compiled(net, t)
     opt = torch.optim.AdamW(param_groups(cfg, model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     if resume_state is not None:
@@ -191,7 +204,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 last = i == t.grad_accum - 1
                 with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        task_loss = F.cross_entropy(net(**b).float(), labels)
+                        task_loss = F.cross_entropy(fwd(**b).float(), labels)
                     orth = adalora.orthogonality_penalty(adapters, form=cfg.method.orth_form) \
                         if orth_weight > 0 else torch.zeros((), device=device)
                     loss = (task_loss + orth_weight * orth) / t.grad_accum
@@ -239,6 +252,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                     allocator.compact(opt)
                     params = [p for g in opt.param_groups for p in g["params"]]
                     net = D.wrap(model, device, dist)     # DDP must hold the new tensors
+                    fwd = _compiled(net, t)               # and the graph the new shapes
             opt.zero_grad(set_to_none=True)
             step += 1
             # ---- bookkeeping: logs, evals, checkpoints, early stop ----
