@@ -49,11 +49,16 @@ class _PendingRecord(AllocationRecord):
     read of ``ranks``, ``threshold`` or ``params_kept`` (``to_dict``, ``==``, ``repr``) makes the
     one transfer and fills the fields in."""
 
-    def __init__(self, step: int, budget: int, counts: torch.Tensor, threshold: torch.Tensor | None,
-                 layers: dict):
+    def __init__(self, step: int, budget: int, threshold=None, ranks=None, params_kept=None, *,
+                 pending: tuple | None = None):
+        # pending = (counts (n,), threshold (1,) or None, layers): the device-side form. Without
+        # it the fields are given, as dataclasses.replace passes them.
+        if pending is None:
+            super().__init__(step, budget, threshold, ranks, params_kept)
+            return
         object.__setattr__(self, "step", step)
         object.__setattr__(self, "budget", budget)
-        object.__setattr__(self, "_pending", (counts, threshold, layers))
+        object.__setattr__(self, "_pending", pending)
 
     def __getattr__(self, name: str):
         pending = self.__dict__.get("_pending")
@@ -143,7 +148,7 @@ class RankAllocator:
         # One cast for all layers, cached: the final phase re-applies these every step with one kernel.
         self._lam_masks = list(keep.to(dtypes.pop()).split(sizes)) if len(dtypes) == 1 else None
         self._apply_masks(lams)
-        return _PendingRecord(step, budget, self._counts(keep), threshold, self.adapters)
+        return _PendingRecord(step, budget, pending=(self._counts(keep), threshold, self.adapters))
 
     def _lams(self) -> list[torch.Tensor]:
         return [fast_param(layer, "lam") for layer in self.layers]

@@ -165,3 +165,7 @@ def test_mask_step_syncs_nothing_until_the_record_is_read():
     import pickle
     for clone in (pickle.loads(pickle.dumps(rec)), copy.deepcopy(rec)):
         assert type(clone) is adalora.AllocationRecord and clone == rec
+    import dataclasses
+    assert dataclasses.replace(rec, step=7).to_dict() == {**rec.to_dict(), "step": 7}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.step = 8
