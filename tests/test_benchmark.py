@@ -67,12 +67,9 @@ def test_benchmark_hydra_entry_point(tmp_path):
     _check_outputs(out, ["floor", "lora", "adalora"], [1])
 
 
-def test_compiled_variants_each_compile_once(tmp_path, monkeypatch):
+def test_compiled_variants_each_compile_once(tmp_path, no_recompiles):
     """Every variant's loss closure has its own Dynamo cache (one compile each, no recompiles
     across variants or steps, masking included) and `graphs` in a suite entry means reduce-overhead."""
-    import torch._dynamo
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     cfg = benchmark.parse_args(["--suite", "tiny:fp32:graphs", "--device", "cpu", "--compile-backend", "aot_eager",
                                 "--variants", "floor,lora,adalora,adalora_compact,lora_final", "--warmup", "1",
                                 "--rounds", "2", "--steps", "3", "--alloc-layers", "[]", "--out", str(tmp_path)])

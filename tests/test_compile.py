@@ -1,7 +1,6 @@
 """torch.compile over a model with adapters: same outputs as eager, and masking (an in-place
 write to lam by the allocator, outside the compiled region) does not trigger a recompilation."""
 import torch
-import torch._dynamo
 import torch.nn as nn
 
 import adalora
@@ -20,10 +19,8 @@ def build(total_steps: int, init_warmup: int, final_warmup: int, mask_interval: 
     return model, adapters, alloc, opt
 
 
-def test_compiled_model_matches_eager_and_masking_does_not_recompile(monkeypatch):
+def test_compiled_model_matches_eager_and_masking_does_not_recompile(no_recompiles):
     model, adapters, alloc, opt = build(12, 2, 4, 2, torch.optim.AdamW, 1e-2)
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     compiled = torch.compile(model, backend="aot_eager")
     records = []
     for step in range(12):
@@ -40,12 +37,10 @@ def test_compiled_model_matches_eager_and_masking_does_not_recompile(monkeypatch
     assert sum(alloc.finalize().ranks.values()) == 4
 
 
-def test_compiled_loss_with_penalty_gives_eager_gradients_without_recompiling(monkeypatch):
+def test_compiled_loss_with_penalty_gives_eager_gradients_without_recompiling(no_recompiles):
     """The benchmark's compiled region: forward and orthogonality penalty in one graph. Gradients
     match eager to float32 round-off, through mask steps, without a recompilation."""
     runs = []
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     for compiled in (False, True):
         model, adapters, alloc, opt = build(10, 1, 3, 1, torch.optim.SGD, 0.1)
 
