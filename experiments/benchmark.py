@@ -131,9 +131,8 @@ def _nbytes(ts) -> int:
 
 
 def _scorer_bytes(alloc) -> int:
-    """Bytes of Ī and Ū, whether the scorer keeps per-parameter lists or flat buffers."""
-    bufs = (alloc.scorer.ibar, alloc.scorer.ubar)
-    return sum(_nbytes([b] if torch.is_tensor(b) else b) for b in bufs if b is not None)
+    """Bytes of Ī and Ū (the scorer's two flat buffers)."""
+    return _nbytes([alloc.scorer.ibar, alloc.scorer.ubar])
 
 
 # -- variants ----------------------------------------------------------------------------------------
@@ -354,8 +353,22 @@ def count_ops(fn) -> dict:
             self.ops += not func.is_view          # views move no data: count ops that do
             self.syncs += func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "item")
             return func(*args, **(kwargs or {}))
-    with Count() as c:
-        fn()
+    # tolist() and numpy() read memory without dispatching an op: count those reads separately.
+    readers = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            c.syncs += 1
+            return readers[name](self, *args, **kwargs)
+        return read
+    try:
+        for name in readers:
+            setattr(torch.Tensor, name, counted(name))
+        with Count() as c:
+            fn()
+    finally:
+        for name, method in readers.items():
+            setattr(torch.Tensor, name, method)
     return {"ops": c.ops, "host_syncs": c.syncs}
 
 

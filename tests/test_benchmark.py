@@ -73,7 +73,10 @@ def test_compiled_variants_each_compile_once(tmp_path, no_recompiles):
     cfg = benchmark.parse_args(["--suite", "tiny:fp32:graphs", "--device", "cpu", "--compile-backend", "aot_eager",
                                 "--variants", "floor,lora,adalora,adalora_compact,lora_final", "--warmup", "1",
                                 "--rounds", "2", "--steps", "3", "--alloc-layers", "[]", "--out", str(tmp_path)])
+    from torch._dynamo.utils import counters
+    counters.clear()
     benchmark.run(cfg)
+    assert counters["stats"]["unique_graphs"] == 5          # one graph per variant, each compiled once
     result = json.loads((tmp_path / "tiny_fp32_graphs" / "results.json").read_text())
     assert result["config"]["compile"] and result["config"]["compile_mode"] == "reduce-overhead"
     assert list(result["variants"]) == ["floor", "lora", "adalora", "adalora_compact", "lora_final"]

@@ -41,6 +41,8 @@ def test_compiled_loss_with_penalty_gives_eager_gradients_without_recompiling(no
     """The benchmark's compiled region: forward and orthogonality penalty in one graph. Gradients
     match eager to float32 round-off, through mask steps, without a recompilation."""
     runs = []
+    from torch._dynamo.utils import counters
+    counters.clear()
     for compiled in (False, True):
         model, adapters, alloc, opt = build(10, 1, 3, 1, torch.optim.SGD, 0.1)
 
@@ -59,6 +61,7 @@ def test_compiled_loss_with_penalty_gives_eager_gradients_without_recompiling(no
             alloc.mask_to_budget(step)
             opt.zero_grad(set_to_none=True)
         runs.append((losses, grads, alloc.ranks()))
+    assert counters["stats"]["unique_graphs"] == 1              # compiled once, then reused
     (le, ge, re), (lc, gc, rc) = runs
     assert re == rc and sum(rc.values()) == 4
     assert max(abs(a - b) for a, b in zip(le, lc)) < 1e-5

@@ -258,10 +258,14 @@ def test_compiled_training_forward_matches_eager(tmp_path):
     common = TINY + ["method=adalora", "trainer.epochs=2", "trainer.max_steps=12", "model.dropout=0", "model.head_dropout=0",
                      "trainer.eval_every=0", "schedule.init_warmup=2", "schedule.final_warmup=4",
                      "schedule.mask_interval=2"]
+    from torch._dynamo.utils import counters
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["trainer.compile=default", "trainer.compile_backend=aot_eager"])):
+        counters.clear()
         summary = run_inproc(tmp_path / name, common + extra)
         assert summary["status"] == "completed"
+        # the option really compiles: a static graph, then one with dynamic sequence length
+        assert counters["stats"]["unique_graphs"] == (0 if name == "eager" else 2)
         runs[name] = (read_jsonl(tmp_path / name / "ranks.jsonl"),
                       [m["loss"] for m in read_jsonl(tmp_path / name / "metrics.jsonl") if m["split"] == "train"],
                       summary["final_ranks"])
