@@ -148,12 +148,12 @@ class RankAllocator:
         # One cast for all layers, cached: the final phase re-applies these every step with one kernel.
         self._lam_masks = list(keep.to(dtypes.pop()).split(sizes)) if len(dtypes) == 1 else None
         self._apply_masks(lams)
-        return _PendingRecord(step, budget, pending=(self._counts(keep), threshold, self.adapters))
+        return _PendingRecord(step, budget, pending=(self._counts(keep, tuple(sizes)), threshold, self.adapters))
 
     def _lams(self) -> list[torch.Tensor]:
         return [fast_param(layer, "lam") for layer in self.layers]
 
-    @torch.no_grad()
+    @torch.no_grad()      # in place on the lam leaves; _allocate is also called directly (tests)
     def _apply_masks(self, lams: list[torch.Tensor] | None = None) -> None:
         if self.compacted:
             return
@@ -165,10 +165,11 @@ class RankAllocator:
     def ranks(self) -> dict[str, int]:
         return dict(zip(self.names, self._counts().tolist()))             # one sync
 
-    def _counts(self, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Kept singular values per adapter, on the device: ``(n_adapters,)``; ``masks`` is the
-        concatenated ``rank_mask`` when the caller has it."""
-        sizes = tuple(layer.rank for layer in self.layers)
+    def _counts(self, masks: torch.Tensor | None = None, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Kept singular values per adapter, on the device: ``(n_adapters,)``. A caller that holds
+        the concatenated ``rank_mask`` and the ranks passes them."""
+        if sizes is None:
+            sizes = tuple(layer.rank for layer in self.layers)
         if masks is None:
             masks = torch.cat([layer.rank_mask for layer in self.layers])
         if self._segment is None or self._segment[0] != sizes or self._segment[1].device != masks.device:

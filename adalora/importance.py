@@ -169,7 +169,9 @@ class ImportanceScorer:
             off += n * r
             sQ = s[off:off + n * r * d_in].view(n, r, d_in)
             per_group.append(triplet_scores(sP, sl, sQ).reshape(-1))
-        return torch.cat(per_group)[layout.perm.to(s.device)]
+        if layout.perm.device != s.device:
+            layout.perm = layout.perm.to(s.device)     # once, not a host-to-device copy per mask step
+        return torch.cat(per_group)[layout.perm]
 
     def scores(self, step: int = 0) -> list[torch.Tensor]:
         """Triplet scores ``S_k (r_k,)`` per layer, in layer order."""

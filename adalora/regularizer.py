@@ -24,21 +24,21 @@ def _gram_residual_norms(mats: list[torch.Tensor], left: bool, squared: bool) ->
     itself (never a transposed view), so its gradient arrives in its own memory layout and
     autograd need not copy it.
     """
-    groups: dict[int, list[torch.Tensor]] = defaultdict(list)
+    groups: dict[int, tuple[list[torch.Tensor], list[int]]] = defaultdict(lambda: ([], []))
     for m in mats:
         r, d = (m.shape[1], m.shape[0]) if left else m.shape
         if r > 0:                                                   # rank 0: nothing to penalise
-            groups[d].append(m)
+            groups[d][0].append(m)
+            groups[d][1].append(r)
     total = mats[0].new_zeros(())
-    for d, ms in groups.items():
-        ranks = tuple(m.shape[1] if left else m.shape[0] for m in ms)
+    for d, (ms, ranks) in groups.items():
         r = max(ranks)
         mask = None
         if min(ranks) == r:
             x = torch.stack(ms)                                     # (n, d, r) or (n, r, d)
         else:
             # One cat and one scatter into the zero padding, however many matrices and ranks.
-            where, mask = _padding(ranks, d, left, ms[0].device)
+            where, mask = _padding(tuple(ranks), d, left, ms[0].device, ms[0].dtype)
             n = len(ms)
             flat = torch.cat([m.reshape(-1) for m in ms])
             x = ms[0].new_zeros(n * d * r).index_copy(0, where, flat)
@@ -46,24 +46,26 @@ def _gram_residual_norms(mats: list[torch.Tensor], left: bool, squared: bool) ->
         gram = x.transpose(1, 2) @ x if left else x @ x.transpose(1, 2)   # (n, r, r)
         resid = gram - torch.eye(r, device=x.device, dtype=x.dtype)
         if mask is not None:
-            resid = resid * mask.to(x.dtype)                        # each matrix's own r x r block
+            resid = resid * mask                                    # each matrix's own r x r block
         sq = resid.pow(2).sum(dim=(1, 2))                           # (n,) squared Frobenius norms
         total = total + (sq.sum() if squared else sq.sqrt().sum())
     return total
 
 
 @functools.lru_cache(maxsize=64)
-def _padding(ranks: tuple[int, ...], d: int, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _padding(ranks: tuple[int, ...], d: int, left: bool, device: torch.device,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """For matrices of ``ranks`` padded to ``R = max(ranks)``: where each element of each matrix
     (flattened, concatenated) lands in the flat ``(n, d, R)`` (``left``) or ``(n, R, d)`` buffer,
-    and the ``(n, R, R)`` mask of each matrix's own block. Cached: compacted ranks stay fixed."""
+    and the ``(n, R, R)`` 0/1 mask (in ``dtype``) of each matrix's own block. Cached: compacted
+    ranks stay fixed, so the penalty pays no index or mask work per step."""
     big = max(ranks)
     where = []
     for k, r in enumerate(ranks):
         i, j = torch.meshgrid(torch.arange(d if left else r), torch.arange(r if left else d), indexing="ij")
         where.append((k * d * big + i * (big if left else d) + j).reshape(-1))
     valid = torch.arange(big) < torch.tensor(ranks).unsqueeze(1)                  # (n, R)
-    return torch.cat(where).to(device), (valid.unsqueeze(2) & valid.unsqueeze(1)).to(device)
+    return torch.cat(where).to(device), (valid.unsqueeze(2) & valid.unsqueeze(1)).to(device, dtype)
 
 
 def orthogonality_penalty(adapters: dict, form: str = "reference") -> torch.Tensor:
