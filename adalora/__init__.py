@@ -13,14 +13,14 @@ from .inject import (adapter_parameters, adapter_shapes, count_parameters, find_
 from .io import export_lora, load_adapters, read_adapters, save_adapters
 from .layers import AdapterLayer, LoRALinear, SVDLinear
 from .quant import NF4Linear, NF4Tensor, dequantize, quantize_model, quantize_nf4
-from .regularizer import orthogonality_penalty
+from .regularizer import orthogonality_grad_, orthogonality_penalty
 
 __all__ = [
     "AdapterConfig", "ScheduleConfig", "ScoreConfig",
     "AdapterLayer", "SVDLinear", "LoRALinear",
     "inject", "find_adapters", "adapter_parameters", "adapter_shapes", "count_parameters",
     "mark_only_adapters_trainable", "merge", "unmerge",
-    "orthogonality_penalty", "ImportanceScorer", "triplet_scores",
+    "orthogonality_penalty", "orthogonality_grad_", "ImportanceScorer", "triplet_scores",
     "RankAllocator", "AllocationRecord", "schedule",
     "save_adapters", "load_adapters", "read_adapters", "export_lora",
     "NF4Linear", "NF4Tensor", "quantize_nf4", "dequantize", "quantize_model",

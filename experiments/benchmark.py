@@ -5,8 +5,10 @@ full fine-tuning and HF peft, timed side by side in one process with interleaved
     python -m experiments.benchmark --preset base --dtype bf16 --out DIR      # plain flags (no Hydra needed)
     python -m experiments.benchmark --suite base:bf16,base:fp32,large:bf16:compile,base:bf16:graphs --out DIR
 
-(``compile``: torch.compile of the model forward and the penalty; ``graphs``: the same in mode
-``reduce-overhead``, which replays the forward and backward as CUDA graphs.)
+(``compile``: torch.compile of the model forward and loss; ``graphs``: the same in mode
+``reduce-overhead``, which replays the forward and backward as CUDA graphs; ``cudagraphs``: the
+eager kernels, no code generation, replayed as CUDA graphs (fast to compile). The orthogonality
+penalty's gradient is added after backward by ``orthogonality_grad_``, as the experiments loop does.)
 
 Every variant is a random-init BERT-shaped ``BertForSequenceClassification`` (2 labels) trained
 with AdamW on one fixed random batch; adapters sit on query/key/value/attention-output/ffn-in/ffn-out
@@ -58,9 +60,9 @@ class BenchConfig:
     dtype: str = "fp32"                   # fp32 | bf16
     bf16_mode: str = "weights"            # weights: model, adapters, AdamW in bf16 | autocast: fp32 + autocast
     device: str = "auto"                  # auto | cpu | cuda
-    compile: bool = False                 # torch.compile model forward + penalty (optimizer, allocator eager)
+    compile: bool = False                 # torch.compile model forward (penalty grad, optimizer, allocator eager)
     compile_mode: str = "default"         # torch.compile mode; reduce-overhead replays CUDA graphs
-    compile_backend: str = "inductor"     # aot_eager: trace only (fast; tests, debugging)
+    compile_backend: str = "inductor"     # aot_eager: trace only (fast; tests); cudagraphs: eager kernels as CUDA graphs
     tf32: bool = False
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
     warmup: int = 3
@@ -167,12 +169,8 @@ def _make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, peft_allo
 
     def loss_fn():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(**batch).loss
-            if adapters is not None and cfg.orth_weight > 0:
-                loss = loss + cfg.orth_weight * adalora.orthogonality_penalty(adapters)
-        return loss
-    # The penalty is compiled with the model: its gradient then joins the forward path's inside
-    # one backward graph instead of a second accumulation kernel per P and Q.
+            return model(**batch).loss
+    orth = adapters is not None and cfg.orth_weight > 0
     fn = loss_fn
     if cfg.compile:
         # Dynamo caches compiled code per code object, and every variant's closure shares loss_fn's:
@@ -183,13 +181,15 @@ def _make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, peft_allo
                                 loss_fn.__defaults__, loss_fn.__closure__)
         fn = torch.compile(fn, backend=cfg.compile_backend,
                            mode=None if cfg.compile_backend != "inductor" else cfg.compile_mode)
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    graphs = cfg.compile and (cfg.compile_mode == "reduce-overhead" or cfg.compile_backend == "cudagraphs")
 
     def step():
         t = counter[0]
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         fn().backward()
+        if orth:   # γ·∇R added as the experiments loop adds it: batched, after backward
+            adalora.orthogonality_grad_(adapters, cfg.orth_weight)
         opt.step()
         if alloc is not None:
             # peft checks nothing; a real loop passes the verdict it has (the experiments loop: the
@@ -443,11 +443,18 @@ def _env(dev) -> dict:
     return env
 
 
+def _mode(c: dict) -> str:
+    if not c["compile"]:
+        return ", eager"
+    backend = c.get("compile_backend", "inductor")
+    return f", torch.compile {c.get('compile_mode', 'default') if backend == 'inductor' else 'backend ' + backend}"
+
+
 def markdown(result: dict) -> str:
     c, env = result["config"], result["env"]
     lines = [f"## {c['layers']} x {c['hidden']}, seq {c['seq']}, batch {c['batch']}, {c['dtype']}"
              f"{' (' + c['bf16_mode'] + ')' if c['dtype'] == 'bf16' else ''}"
-             f"{(', torch.compile ' + c.get('compile_mode', 'default')) if c['compile'] else ', eager'} on {env.get('gpu') or 'CPU'} "
+             f"{_mode(c)} on {env.get('gpu') or 'CPU'} "
              f"({env['threads']} threads; torch {env['torch']}, peft {env['peft']})", "",
              f"{c['rounds']} interleaved rounds x {c['steps']} steps after {c['warmup']} warm-up steps. "
              f"Peak memory: {'CUDA max allocated' if 'gpu' in env else 'RSS growth (coarse)'} per variant.", "",
@@ -485,8 +492,10 @@ def run(cfg: BenchConfig) -> dict:
         results, md = {}, []
         for i, entry in enumerate(cfg.suite):
             preset, dtype, *rest = entry.split(":")
-            sub = replace(cfg, suite=[], preset=preset, dtype=dtype, compile="compile" in rest or "graphs" in rest,
+            sub = replace(cfg, suite=[], preset=preset, dtype=dtype,
+                          compile=bool({"compile", "graphs", "cudagraphs"} & set(rest)),
                           compile_mode="reduce-overhead" if "graphs" in rest else cfg.compile_mode,
+                          compile_backend="cudagraphs" if "cudagraphs" in rest else cfg.compile_backend,
                           layers=None, hidden=None, heads=None, intermediate=None, seq=None, batch=None,
                           alloc_layers=cfg.alloc_layers if i == 0 else [], out=os.path.join(out, entry.replace(":", "_")))
             results[entry] = run(sub)

@@ -3,9 +3,10 @@
 Per optimizer step (``step`` counts optimizer steps, never micro-batches):
 
     for each of grad_accum micro-batches:               # all but the last under DDP no_sync
-        loss = task_loss + orth_weight * orthogonality_penalty(adapters), / grad_accum
-        loss.backward()                                  # DDP all-reduces on the last one
-    scaler.unscale_(opt); clip_grad_norm_(...)         # the scorer sees unscaled gradients
+        (task_loss / grad_accum).backward()              # DDP all-reduces on the last one
+    scaler.unscale_(opt)                               # the scorer sees unscaled gradients
+    orthogonality_grad_(adapters, orth_weight)         # += γ∇R: as if γR were in every loss
+    clip_grad_norm_(...)
     [paper_order ablation: allocator.update_importance(step) here]
     opt.step(); sched.step()                           # skipped if the gradient is not finite
     allocator.update_importance(step)                  # skipped too (counted)
@@ -205,17 +206,17 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         task_loss = F.cross_entropy(fwd(**b).float(), labels)
-                    orth = adalora.orthogonality_penalty(adapters, form=cfg.method.orth_form) \
-                        if orth_weight > 0 else torch.zeros((), device=device)
-                    loss = (task_loss + orth_weight * orth) / t.grad_accum
-                    scaler.scale(loss).backward()
+                    scaler.scale(task_loss / t.grad_accum).backward()
                 loss_value = task_loss.item()
                 loss_finite = loss_finite and math.isfinite(loss_value)
                 acc_loss += loss_value / t.grad_accum
-                acc_orth += float(orth.detach()) / t.grad_accum
             acc_n += 1
-            # ---- unscale, clip; a non-finite norm skips the update and the scoring ----
+            # ---- unscale, add γ·∇R, clip; a non-finite norm skips the update and the scoring ----
             scaler.unscale_(opt)
+            if orth_weight > 0:
+                # R does not depend on the batch: adding γ∇R once equals adding γR/accum to every
+                # micro-batch's loss, in a few batched kernels instead of a second autograd path.
+                acc_orth += float(adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form))
             norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             finite = bool(torch.isfinite(norm))      # same on every rank: grads are all-reduced
             # One all-reduce for the step's per-rank facts: a stop signal, a non-finite loss.

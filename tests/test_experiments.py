@@ -272,3 +272,30 @@ def test_compiled_training_forward_matches_eager(tmp_path):
     (re, le, fe), (rc, lc, fc) = runs["eager"], runs["compiled"]
     assert [r["ranks"] for r in re] == [r["ranks"] for r in rc] and fe == fc and len(re) > 2
     assert np.allclose(le, lc, rtol=0, atol=1e-5)
+
+
+def test_loop_adds_the_penalty_gradient_as_autograd_would(tmp_path, monkeypatch):
+    """The loop adds γ∇R once per optimizer step with orthogonality_grad_. Put back as autograd of
+    γR (the same gradient as γR/accum in each micro-batch's loss), it trains to the same adapters
+    and masks; with γ = 0 the adapters differ, so the term is really there."""
+    import adalora
+    common = TINY + ["method=adalora", "trainer.epochs=2", "trainer.max_steps=8", "trainer.grad_accum=2", "model.dropout=0",
+                     "model.head_dropout=0", "trainer.eval_every=0", "schedule.init_warmup=2",
+                     "schedule.final_warmup=4", "schedule.mask_interval=2"]
+    run_inproc(tmp_path / "fused", common + ["method.orth_weight=0.5"])
+    run_inproc(tmp_path / "none", common + ["method.orth_weight=0"])
+
+    def by_autograd(adapters, weight, form="reference"):
+        value = adalora.orthogonality_penalty(adapters, form)
+        (weight * value).backward()
+        return value.detach()
+    monkeypatch.setattr(adalora, "orthogonality_grad_", by_autograd)
+    run_inproc(tmp_path / "autograd", common + ["method.orth_weight=0.5"])
+    fused, ref, none = (load_file(str(tmp_path / d / "adapters.safetensors")) for d in ("fused", "autograd", "none"))
+    assert all(torch.allclose(fused[k], ref[k], rtol=0, atol=1e-6) for k in fused)
+    assert any(fused[k].shape != none[k].shape or not torch.allclose(fused[k], none[k], rtol=0, atol=1e-4)
+               for k in fused if k.endswith(".P"))
+    assert read_jsonl(tmp_path / "fused" / "ranks.jsonl") == read_jsonl(tmp_path / "autograd" / "ranks.jsonl")
+    orth = [m["orth"] for m in read_jsonl(tmp_path / "fused" / "metrics.jsonl") if m["split"] == "train"]
+    assert orth == pytest.approx([m["orth"] for m in read_jsonl(tmp_path / "autograd" / "metrics.jsonl")
+                                  if m["split"] == "train"], rel=1e-6) and all(o > 0 for o in orth)

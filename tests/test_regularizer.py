@@ -89,3 +89,47 @@ def test_mixed_ranks_after_compaction_match_dense_reference_values_and_gradients
     adalora.orthogonality_penalty(many)        # builds the cached padding indices once
     assert count_ops(lambda: adalora.orthogonality_penalty(few))["ops"] == \
         count_ops(lambda: adalora.orthogonality_penalty(many))["ops"]     # per distinct d, not per rank
+
+
+@pytest.mark.parametrize("form", ["reference", "paper"])
+def test_fused_gradient_equals_autograd_of_the_penalty(form):
+    """orthogonality_grad_ adds exactly what (γ·R).backward() adds, for equal ranks (one stacked
+    batch per dimension), mixed ranks after compaction (padded batch) and rank 0; creates a
+    missing .grad, adds to an existing one, leaves frozen factors alone, and returns R."""
+    torch.manual_seed(3)
+    shapes = [(6, 5)] * 3 + [(4, 9)] * 2 + [(6, 9), (7, 3)]
+    ad = {f"m{i}": SVDLinear(nn.Linear(d_in, d_out).double(), 4, 1.0) for i, (d_out, d_in) in enumerate(shapes)}
+    for a, r in zip(ad.values(), [4, 2, 0, 3, 4, 1, 4]):
+        if r < 4:
+            a.resize(torch.arange(r))
+    ad["lora"] = LoRALinear(nn.Linear(3, 3).double(), 2, 1.0)
+    ad["m6"].Q.requires_grad_(False)
+    weight = 0.3
+    params = [p for a in ad.values() if isinstance(a, SVDLinear) for p in (a.P, a.Q) if p.requires_grad]
+    want = torch.autograd.grad(weight * adalora.orthogonality_penalty(ad, form), params, allow_unused=True)
+    prior = {p: (None if k % 3 == 0 else torch.randn_like(p)) for k, p in enumerate(params)}
+    for p in params:
+        p.grad = None if prior[p] is None else prior[p].clone()
+    value = adalora.orthogonality_grad_(ad, weight, form)
+    assert torch.allclose(value, adalora.orthogonality_penalty(ad, form).detach(), rtol=0, atol=1e-12)
+    for p, w in zip(params, want):
+        w = torch.zeros_like(p) if w is None else w                 # rank 0: no gradient to add
+        expected = w if prior[p] is None else prior[p] + w
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+    assert ad["m6"].Q.grad is None and ad["lora"].A.grad is None
+
+
+def test_fused_gradient_is_zero_not_nan_at_orthonormal_factors():
+    """At PᵀP = I the unsquared norm has a kink: its subgradient 0 is what we add (the square
+    root's autograd gives NaN there)."""
+    ad = _adapters([(8, 6)], r=3)
+    with torch.no_grad():
+        ad["m0"].P.copy_(torch.eye(8, 3, dtype=torch.float64))     # PᵀP − I exactly 0
+    assert torch.isnan(torch.autograd.grad(adalora.orthogonality_penalty(ad), ad["m0"].P)[0]).all()
+    value = adalora.orthogonality_grad_(ad, 1.0)
+    assert torch.equal(ad["m0"].P.grad, torch.zeros(8, 3, dtype=torch.float64))
+    assert ad["m0"].Q.grad.abs().sum() > 0 and value > 0
+    with pytest.raises(ValueError, match="form="):
+        adalora.orthogonality_grad_(ad, 1.0, form="frobenius")
+    assert adalora.orthogonality_grad_({}, 1.0) == 0
