@@ -5,9 +5,10 @@ full fine-tuning and HF peft, timed side by side in one process with interleaved
     python -m experiments.benchmark --preset base --dtype bf16 --out DIR      # plain flags (no Hydra needed)
     python -m experiments.benchmark --suite base:bf16,base:fp32,large:bf16:compile,base:bf16:graphs --out DIR
 
-(``compile``: torch.compile of the model forward and loss; ``graphs``: the same in mode
-``reduce-overhead``, which replays the forward and backward as CUDA graphs. The orthogonality
-penalty's gradient is added after backward by ``orthogonality_grad_``, as the experiments loop does.)
+(``compile``: torch.compile of the model forward and loss, orthogonality penalty included;
+``graphs``: the same in mode ``reduce-overhead``, which replays the forward and backward as CUDA
+graphs. Eager variants add the penalty's gradient after backward with ``orthogonality_grad_``, as
+the experiments loop does.)
 
 Every variant is a random-init BERT-shaped ``BertForSequenceClassification`` (2 labels) trained
 with AdamW on one fixed random batch; adapters sit on query/key/value/attention-output/ffn-in/ffn-out
@@ -59,7 +60,7 @@ class BenchConfig:
     dtype: str = "fp32"                   # fp32 | bf16
     bf16_mode: str = "weights"            # weights: model, adapters, AdamW in bf16 | autocast: fp32 + autocast
     device: str = "auto"                  # auto | cpu | cuda
-    compile: bool = False                 # torch.compile model forward (penalty grad, optimizer, allocator eager)
+    compile: bool = False                 # torch.compile model forward + penalty (optimizer, allocator eager)
     compile_mode: str = "default"         # torch.compile mode; reduce-overhead replays CUDA graphs
     # aot_eager: trace only (fast; tests). cudagraphs replays the eager kernels but copies every
     # parameter into its static buffer at each replay (measured: host-bound), so prefer graphs.
@@ -170,7 +171,14 @@ def _make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, peft_allo
 
     def loss_fn():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            return model(**batch).loss
+            loss = model(**batch).loss
+            if orth and cfg.compile:
+                loss = loss + cfg.orth_weight * adalora.orthogonality_penalty(adapters)
+        return loss
+    # Each mode gets the penalty's cheaper path, both the same gradient (tests/test_regularizer.py).
+    # Eager: orthogonality_grad_ after backward, a few batched kernels instead of a second autograd
+    # path that autograd joins with one add per P and Q. Compiled: in the graph, where the compiler
+    # fuses that join and, under CUDA graphs, the host launches nothing for it.
     orth = adapters is not None and cfg.orth_weight > 0
     fn = loss_fn
     if cfg.compile:
@@ -189,7 +197,7 @@ def _make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, peft_allo
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         fn().backward()
-        if orth:   # γ·∇R added as the experiments loop adds it: batched, after backward
+        if orth and not cfg.compile:
             adalora.orthogonality_grad_(adapters, cfg.orth_weight)
         opt.step()
         if alloc is not None:
