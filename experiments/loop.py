@@ -5,7 +5,7 @@ Per optimizer step (``step`` counts optimizer steps, never micro-batches):
     for each of grad_accum micro-batches:               # all but the last under DDP no_sync
         (task_loss / grad_accum).backward()              # DDP all-reduces on the last one
     scaler.unscale_(opt)                               # the scorer sees unscaled gradients
-    orthogonality_grad_(adapters, orth_weight)         # += γ∇R: as if γR were in every loss
+    orthogonality_grad_(adapters, orth_weight)         # += γ∇R, as γR/accum in each loss would
     clip_grad_norm_(...)
     [paper_order ablation: allocator.update_importance(step) here]
     opt.step(); sched.step()                           # skipped if the gradient is not finite
