@@ -70,21 +70,27 @@ class AdapterLayer(nn.Module):
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
-    # Subclasses define ``rank``, ``scaling``, ``_lowrank(x)`` (unscaled ``(..., d_out)``),
-    # ``_delta_unscaled()`` (``(d_out, d_in)``) and ``_adapter_dtype()``.
+    # Subclasses define ``rank``, ``scaling``, ``_down(x)`` (``(..., r)``), ``_up()`` (the
+    # ``(d_out, r)`` factor), ``_delta_unscaled()`` (``(d_out, d_in)``) and ``_adapter_dtype()``.
 
     # -- shared behaviour ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In bf16 a step is bound by launching kernels from Python (README, Performance): this
-        # path adds no casts, copies or module calls beyond the two products and one fused add.
+        # path adds no casts, copies or module calls beyond the two products.
         y = self.base(x)
         if self.merged or self.rank == 0:
             return y
         if self.drop is not None:
             x = self.drop(x)
         dtype = self._adapter_dtype()
-        h = self._lowrank(x if x.dtype == dtype else x.to(dtype))
-        return torch.add(y, h if h.dtype == y.dtype else h.to(y.dtype), alpha=self.scaling)
+        h = self._down(x if x.dtype == dtype else x.to(dtype))                  # (..., r)
+        if h.dtype == y.dtype:
+            # y + s·h·upᵀ as one GEMM that adds into y in its epilogue; its backward scales the
+            # r-wide products, not the (tokens, d_out) gradient. Two full-size elementwise passes
+            # per adapter fewer than y + s·linear(h, up).
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self._up().t(),
+                               alpha=self.scaling).view(y.shape)
+        return torch.add(y, F.linear(h, self._up()).to(y.dtype), alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * ΔW`` as a dense ``(d_out, d_in)`` matrix in the adapter dtype."""
@@ -160,11 +166,14 @@ class SVDLinear(AdapterLayer):
     def _adapter_dtype(self) -> torch.dtype:
         return self.lam.dtype
 
-    def _lowrank(self, x):
+    def _down(self, x):
         # lam scales the rows of Q (r, d_in), not the activations (..., r): the same product in
         # peft's order, with the elementwise work and lam's gradient reduction on the small
         # weight instead of on batch x sequence rows.
-        return F.linear(F.linear(x, self.Q * self.lam.unsqueeze(1)), self.P)
+        return F.linear(x, self.Q * self.lam.unsqueeze(1))
+
+    def _up(self):
+        return self.P
 
     def _delta_unscaled(self):
         return (self.P * self.lam) @ self.Q
@@ -205,8 +214,11 @@ class LoRALinear(AdapterLayer):
     def _adapter_dtype(self) -> torch.dtype:
         return self.A.dtype
 
-    def _lowrank(self, x):
-        return F.linear(F.linear(x, self.A), self.B)
+    def _down(self, x):
+        return F.linear(x, self.A)
+
+    def _up(self):
+        return self.B
 
     def _delta_unscaled(self):
         return self.B @ self.A
