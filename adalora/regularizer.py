@@ -143,9 +143,14 @@ def _add_to_grads(ms: list[torch.Tensor], g: torch.Tensor, where) -> None:
     else:
         parts = [p.view(m.shape) for p, m in
                  zip(g.reshape(-1).index_select(0, where).split([m.numel() for m in ms]), ms)]
-    have = [(m.grad, p) for m, p in zip(ms, parts) if m.requires_grad and m.grad is not None]
+    grads, adds = [], []
     for m, p in zip(ms, parts):
-        if m.requires_grad and m.grad is None:
+        if not m.requires_grad:
+            continue
+        if m.grad is None:
             m.grad = p.clone(memory_format=torch.contiguous_format)
-    if have:
-        torch._foreach_add_([h for h, _ in have], [p for _, p in have])
+        else:
+            grads.append(m.grad)
+            adds.append(p)
+    if grads:
+        torch._foreach_add_(grads, adds)

@@ -168,6 +168,11 @@ def build_model(cfg: BenchConfig, dev: torch.device):
 def _make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, peft_alloc=None, counter=None):
     amp = cfg.dtype == "bf16" and cfg.bf16_mode == "autocast"
     counter = counter if counter is not None else [1]
+    # Each mode gets the penalty's cheaper path, both the same gradient (tests/test_benchmark.py).
+    # Eager: orthogonality_grad_ after backward, a few batched kernels instead of a second autograd
+    # path that autograd joins with one add per P and Q. Compiled: in the graph, where the compiler
+    # fuses that join and, under CUDA graphs, the host launches nothing for it.
+    orth = adapters is not None and cfg.orth_weight > 0
 
     def loss_fn():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -175,11 +180,6 @@ def _make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, peft_allo
             if orth and cfg.compile:
                 loss = loss + cfg.orth_weight * adalora.orthogonality_penalty(adapters)
         return loss
-    # Each mode gets the penalty's cheaper path, both the same gradient (tests/test_regularizer.py).
-    # Eager: orthogonality_grad_ after backward, a few batched kernels instead of a second autograd
-    # path that autograd joins with one add per P and Q. Compiled: in the graph, where the compiler
-    # fuses that join and, under CUDA graphs, the host launches nothing for it.
-    orth = adapters is not None and cfg.orth_weight > 0
     fn = loss_fn
     if cfg.compile:
         # Dynamo caches compiled code per code object, and every variant's closure shares loss_fn's:

@@ -80,3 +80,27 @@ def test_compiled_variants_each_compile_once(tmp_path, no_recompiles):
     result = json.loads((tmp_path / "tiny_fp32_graphs" / "results.json").read_text())
     assert result["config"]["compile"] and result["config"]["compile_mode"] == "reduce-overhead"
     assert list(result["variants"]) == ["floor", "lora", "adalora", "adalora_compact", "lora_final"]
+
+
+def test_eager_and_compiled_steps_train_alike_with_the_penalty():
+    """The eager step adds γ∇R after backward, the compiled one has γR in its graph: the same
+    training either way (so the timed variants do the same work), and not the training of γ = 0."""
+    import torch
+    from dataclasses import replace
+    base = benchmark.parse_args(["--preset", "tiny", "--device", "cpu", "--compile-backend", "aot_eager"])
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, base.vocab, (base.batch, base.seq), generator=g),
+             "attention_mask": torch.ones(base.batch, base.seq, dtype=torch.long),
+             "labels": torch.randint(0, 2, (base.batch,), generator=g)}
+    trained = {}
+    gamma = 5.0                        # large, so 4 steps move P and Q by more than the tolerance
+    for name, cfg in (("eager", replace(base, orth_weight=gamma)),
+                      ("compiled", replace(base, orth_weight=gamma, compile=True)),
+                      ("no_penalty", replace(base, orth_weight=0.0))):
+        v = benchmark.build_variant("adalora", cfg, torch.device("cpu"), batch, {})
+        for _ in range(4):
+            v.step()
+        trained[name] = {n: p.detach().clone() for n, p in v.model.named_parameters() if n.endswith((".P", ".Q"))}
+    eager, compiled, none = trained["eager"], trained["compiled"], trained["no_penalty"]
+    assert all(torch.allclose(eager[n], compiled[n], rtol=0, atol=1e-6) for n in eager)
+    assert not all(torch.allclose(eager[n], none[n], rtol=0, atol=1e-6) for n in eager)

@@ -126,3 +126,20 @@ def test_adapter_follows_base_device_and_dtype():
         dt = layer.base.weight.dtype
         assert all(p.dtype == dt for p in layer.parameters())
         assert layer(torch.randn(2, 4, dtype=dt)).dtype == dt
+
+
+@pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
+def test_adapter_dtype_unlike_the_base_output_adds_in_the_base_dtype(cls):
+    """Adapters in another dtype than the base's output (fp32 adapters on an NF4 base computing in
+    bf16) skip the fused addmm and add a cast product: the same value as the dense formula."""
+    torch.manual_seed(0)
+    layer = cls(nn.Linear(7, 5), rank=3, alpha=6.0)
+    with torch.no_grad():
+        for name, p in list(layer.named_parameters(recurse=False)):
+            setattr(layer, name, nn.Parameter(torch.randn_like(p, dtype=torch.float64)))
+    assert layer._adapter_dtype() == torch.float64
+    x = torch.randn(4, 2, 7)
+    ref = x.double() @ (layer.base.weight.double() + layer.delta_weight()).T + layer.base.bias.double()
+    out = layer(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, rtol=0, atol=1e-5)
