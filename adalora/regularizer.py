@@ -59,9 +59,19 @@ def _gram_residual_norms(mats: list[torch.Tensor], left: bool, squared: bool) ->
     return total
 
 
-@functools.lru_cache(maxsize=64)
+@torch.compiler.assume_constant_result
 def _padding(ranks: tuple[int, ...], d: int, left: bool, device: torch.device,
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Under torch.compile these become constants of the graph. Dynamo ignores lru_cache and
+    # would trace the index construction into the graph, an arange and a meshgrid per matrix
+    # rebuilt every step; measured on the GPU as compact() running slower than before it.
+    # Ranks come from static shapes, so new ranks recompile and give new constants.
+    return _padding_cached(ranks, d, left, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _padding_cached(ranks: tuple[int, ...], d: int, left: bool, device: torch.device,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """For matrices of ``ranks`` padded to ``R = max(ranks)``: where each element of each matrix
     (flattened, concatenated) lands in the flat ``(n, d, R)`` (``left``) or ``(n, R, d)`` buffer,
     and the ``(n, R, R)`` 0/1 mask (in ``dtype``) of each matrix's own block. Cached: compacted

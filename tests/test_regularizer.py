@@ -133,3 +133,27 @@ def test_fused_gradient_is_zero_not_nan_at_orthonormal_factors():
     with pytest.raises(ValueError, match="form="):
         adalora.orthogonality_grad_(ad, 1.0, form="frobenius")
     assert adalora.orthogonality_grad_({}, 1.0) == 0
+
+
+def test_compiled_penalty_on_mixed_ranks_takes_the_padding_as_constants(no_recompiles):
+    """Under torch.compile the padding indices of compacted (mixed-rank) adapters are constants of
+    the graph, not rebuilt in it every step: Dynamo ignores lru_cache and would otherwise trace
+    the index construction (an arange and a meshgrid per matrix). Value and gradients equal eager."""
+    ad = _adapters([(6, 5)] * 4 + [(4, 9)] * 4, r=4, seed=2)
+    for a, r in zip(ad.values(), [4, 3, 1, 2, 2, 4, 3, 1]):
+        a.resize(torch.arange(r))
+    params = [p for a in ad.values() for p in (a.P, a.Q)]
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return gm
+
+    compiled = torch.compile(lambda: adalora.orthogonality_penalty(ad), backend=backend)
+    for _ in range(2):                                    # the second call reuses the graph
+        got = compiled()
+        want = adalora.orthogonality_penalty(ad)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert traced and not [t for t in traced if "arange" in t or "meshgrid" in t]
