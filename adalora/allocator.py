@@ -19,7 +19,7 @@ import torch
 from . import schedule
 from .config import ScheduleConfig, ScoreConfig
 from .importance import ImportanceScorer
-from .layers import SVDLinear, fast_param
+from .layers import SVDLinear, fast_param, like_param
 
 
 @dataclass(frozen=True)
@@ -256,5 +256,6 @@ def _swap_in_optimizer(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new:
                 group["params"][i] = new
     state = opt.state.pop(old, None)
     if state is not None:
-        opt.state[new] = {k: (v.index_select(dim, keep.to(v.device)).clone()
+        # In the new parameter's layout (P is column-major): fused AdamW needs state and parameter alike.
+        opt.state[new] = {k: (like_param(v.index_select(dim, keep.to(v.device)), new)
                               if torch.is_tensor(v) and v.shape == old.shape else v) for k, v in state.items()}

@@ -11,7 +11,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -43,6 +42,19 @@ def fast_param(module: nn.Module, name: str) -> torch.Tensor:
     return p if p is not None else getattr(module, name)
 
 
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The 2-D ``t`` with the same values, stored column-major (strides ``(1, rows)``): the layout
+    of the ``(d_out, r)`` up factors, whose transpose the forward multiplies by."""
+    return t.t().contiguous().t()
+
+
+def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` copied into ``param``'s memory layout. Gradients and optimizer state written by
+    hand must match their parameter's strides: fused AdamW raises on a mismatch on CUDA and, on
+    the CPU (torch 2.13), silently updates the wrong elements."""
+    return torch.empty_like(param, memory_format=torch.preserve_format).copy_(value)
+
+
 def _base_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     if is_quantized(base):
         # fp32 adapters on a 4-bit base (as peft does): small updates of lam, and the zeros the
@@ -70,8 +82,9 @@ class AdapterLayer(nn.Module):
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
-    # Subclasses define ``rank``, ``scaling``, ``_down(x)`` (``(..., r)``), ``_up()`` (the
-    # ``(d_out, r)`` factor), ``_delta_unscaled()`` (``(d_out, d_in)``) and ``_adapter_dtype()``.
+    # Subclasses define ``rank``, ``scaling``, ``_down_weight()`` (the ``(r, d_in)`` factor, lam
+    # folded in), ``_up()`` (the ``(d_out, r)`` factor, stored column-major), ``_delta_unscaled()``
+    # (``(d_out, d_in)``) and ``_adapter_dtype()``.
 
     # -- shared behaviour ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,14 +96,18 @@ class AdapterLayer(nn.Module):
         if self.drop is not None:
             x = self.drop(x)
         dtype = self._adapter_dtype()
-        h = self._down(x if x.dtype == dtype else x.to(dtype))                  # (..., r)
-        if h.dtype == y.dtype:
+        x2 = x.reshape(-1, x.shape[-1])                                         # (N, d_in)
+        # hᵀ = W_down xᵀ is (r, N), and the up factor is stored column-major, so upᵀ is a row-major
+        # (r, d_out): every operand of every product, backward included, then has a leading
+        # dimension of N, d_in or d_out, never r. A bf16 row of r = 12 (AdaLoRA's usual r0) is
+        # 24 bytes, off the 16-byte alignment that cuBLAS's fast kernels need (README, Performance).
+        ht = torch.mm(self._down_weight(), (x2 if x2.dtype == dtype else x2.to(dtype)).t())
+        y2 = y.reshape(-1, y.shape[-1])                                         # (N, d_out)
+        if ht.dtype == y.dtype:
             # y + s·h·upᵀ as one GEMM that adds into y in its epilogue; its backward scales the
-            # r-wide products, not the (tokens, d_out) gradient. Two full-size elementwise passes
-            # per adapter fewer than y + s·linear(h, up).
-            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self._up().t(),
-                               alpha=self.scaling).view(y.shape)
-        return torch.add(y, F.linear(h, self._up()).to(y.dtype), alpha=self.scaling)
+            # r-wide products, not the (N, d_out) gradient.
+            return torch.addmm(y2, ht.t(), self._up().t(), alpha=self.scaling).view(y.shape)
+        return torch.add(y2, torch.mm(ht.t(), self._up().t()).to(y.dtype), alpha=self.scaling).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * ΔW`` as a dense ``(d_out, d_in)`` matrix in the adapter dtype."""
@@ -143,7 +160,7 @@ def _add_base_prefix(module, state_dict, prefix, local_metadata, strict, missing
 class SVDLinear(AdapterLayer):
     """AdaLoRA adapter: ``y = x W0ᵀ + b + (α / r0) · drop(x) (diag(lam) Q)ᵀ Pᵀ`` (= P Λ Q, Eq. 3).
 
-    ``P (d_out, r)``, ``lam (r,)``, ``Q (r, d_in)``; ``r`` starts at ``r0`` and only shrinks through
+    ``P (d_out, r)`` (stored column-major), ``lam (r,)``, ``Q (r, d_in)``; ``r`` starts at ``r0`` and only shrinks through
     ``resize`` (after the final allocation, or when loading a pruned adapter).
     The scale divides by the *initial* rank and never changes: the reference code does this
     and its author found rescaling after pruning hurt results.
@@ -154,7 +171,7 @@ class SVDLinear(AdapterLayer):
         device, dtype = _base_device_dtype(base)
         self.r0 = rank
         self.scaling = alpha / rank if rank > 0 else 0.0
-        self.P = nn.Parameter(torch.randn(self.out_features, rank, device=device, dtype=dtype) * init_std)
+        self.P = nn.Parameter(column_major(torch.randn(self.out_features, rank, device=device, dtype=dtype) * init_std))
         self.lam = nn.Parameter(torch.zeros(rank, device=device, dtype=dtype))
         self.Q = nn.Parameter(torch.randn(rank, self.in_features, device=device, dtype=dtype) * init_std)
         self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
@@ -166,11 +183,11 @@ class SVDLinear(AdapterLayer):
     def _adapter_dtype(self) -> torch.dtype:
         return self.lam.dtype
 
-    def _down(self, x):
-        # lam scales the rows of Q (r, d_in), not the activations (..., r): the same product in
-        # peft's order, with the elementwise work and lam's gradient reduction on the small
-        # weight instead of on batch x sequence rows.
-        return F.linear(x, self.Q * self.lam.unsqueeze(1))
+    def _down_weight(self):
+        # lam scales the rows of Q (r, d_in), not the activations (r, N): the same product, with
+        # the elementwise work and lam's gradient reduction on the small weight instead of on
+        # batch x sequence columns.
+        return self.Q * self.lam.unsqueeze(1)
 
     def _up(self):
         return self.P
@@ -186,7 +203,7 @@ class SVDLinear(AdapterLayer):
         does that); ``scaling`` stays ``α / r0``.
         """
         keep = keep.to(self.lam.device)
-        self.P = nn.Parameter(self.P[:, keep].clone(), requires_grad=self.P.requires_grad)
+        self.P = nn.Parameter(column_major(self.P[:, keep]), requires_grad=self.P.requires_grad)
         self.lam = nn.Parameter(self.lam[keep].clone(), requires_grad=self.lam.requires_grad)
         self.Q = nn.Parameter(self.Q[keep, :].clone(), requires_grad=self.Q.requires_grad)
         self.rank_mask = self.rank_mask[keep].clone()
@@ -195,7 +212,8 @@ class SVDLinear(AdapterLayer):
 class LoRALinear(AdapterLayer):
     """LoRA adapter: ``y = x W0ᵀ + b + (α / r) · (drop(x) Aᵀ) Bᵀ``; rsLoRA uses ``α / √r``.
 
-    ``A (r, d_in)`` Kaiming-uniform (as loralib and peft), ``B (d_out, r)`` zero, so ΔW = 0 at init.
+    ``A (r, d_in)`` Kaiming-uniform (as loralib and peft), ``B (d_out, r)`` zero (stored
+    column-major), so ΔW = 0 at init.
     """
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
@@ -203,7 +221,7 @@ class LoRALinear(AdapterLayer):
         device, dtype = _base_device_dtype(base)
         self.scaling = (alpha / math.sqrt(rank) if rslora else alpha / rank) if rank > 0 else 0.0
         self.A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
-        self.B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        self.B = nn.Parameter(column_major(torch.zeros(self.out_features, rank, device=device, dtype=dtype)))
         if rank > 0:
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
@@ -214,8 +232,8 @@ class LoRALinear(AdapterLayer):
     def _adapter_dtype(self) -> torch.dtype:
         return self.A.dtype
 
-    def _down(self, x):
-        return F.linear(x, self.A)
+    def _down_weight(self):
+        return self.A
 
     def _up(self):
         return self.B

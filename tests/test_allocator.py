@@ -169,3 +169,29 @@ def test_mask_step_syncs_nothing_until_the_record_is_read():
     assert dataclasses.replace(rec, step=7).to_dict() == {**rec.to_dict(), "step": 7}
     with pytest.raises(dataclasses.FrozenInstanceError):
         rec.step = 8
+
+
+def test_fused_adamw_trains_alike_through_hand_written_grads_and_compact():
+    """Up factors are stored column-major. The gradients and optimizer state the library writes by
+    hand (orthogonality_grad_'s first gradient, compact()'s sliced AdamW moments) follow each
+    parameter's layout, so fused AdamW, which on the CPU silently misreads a mismatched layout,
+    trains exactly as the multi-tensor AdamW does."""
+    models = []
+    for fused in (False, True):
+        m, ad, al = _setup(seed=5)
+        opt = torch.optim.AdamW(adalora.adapter_parameters(ad), lr=1e-2, fused=fused, foreach=not fused)
+        for step in range(40):
+            x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            opt.zero_grad(set_to_none=True)
+            adalora.orthogonality_grad_(ad, 0.1)       # before backward: it creates every P and Q grad
+            m(x).pow(2).mean().backward()
+            opt.step()
+            al.update_importance(step)
+            al.mask_to_budget(step)
+            if step == 31:
+                al.compact(opt)
+        for a in ad.values():
+            assert a.P.t().is_contiguous() and opt.state[a.P]["exp_avg"].t().is_contiguous()
+        models.append(m)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-9)

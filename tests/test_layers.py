@@ -143,3 +143,40 @@ def test_adapter_dtype_unlike_the_base_output_adds_in_the_base_dtype(cls):
     out = layer(x)
     assert out.dtype == torch.float32
     assert torch.allclose(out.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_up_factors_are_column_major_from_init_resize_and_load(tmp_path):
+    """P and B are stored column-major, so the forward's hᵀ form multiplies by a row-major upᵀ
+    (every leading dimension N, d_in or d_out, never the rank); autograd then gives their
+    gradients the same layout. Init, resize (compact) and load_adapters all keep it, and the
+    values are those of the row-major factors (seeded init unchanged)."""
+    def up(a):
+        return a.P if isinstance(a, SVDLinear) else a.B
+
+    def build(method):
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Linear(7, 5).double())
+        return m, adalora.inject(m, adalora.AdapterConfig(method=method, init_rank=3, targets=("0",)))["0"]
+
+    base = nn.Linear(7, 5).double()
+    torch.manual_seed(0)
+    row_major_p = torch.randn(5, 3, dtype=torch.float64) * 0.02     # SVDLinear's P draw, as before
+    torch.manual_seed(0)
+    svd = SVDLinear(base, 3, 1.0)
+    assert torch.equal(svd.P, row_major_p)
+    x = torch.randn(2, 4, 7, dtype=torch.float64)
+    for method in ("adalora", "lora"):
+        model, a = build(method)
+        with torch.no_grad():
+            up(a).normal_()
+            (a.lam if method == "adalora" else a.A).normal_()
+        assert up(a).t().is_contiguous() and not up(a).is_contiguous()
+        a(x).pow(2).sum().backward()
+        assert up(a).grad.stride() == up(a).stride()
+        if method == "adalora":
+            a.resize(torch.tensor([0, 2]))
+            assert a.P.t().is_contiguous() and a.P.shape == (5, 2)
+        adalora.save_adapters(tmp_path / method, model)
+        fresh, b = build(method)
+        adalora.load_adapters(tmp_path / method, fresh)
+        assert up(b).t().is_contiguous() and torch.equal(fresh(x), model(x))

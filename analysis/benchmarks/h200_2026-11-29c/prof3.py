@@ -43,15 +43,40 @@ def set_pad(on):
     SVDLinear._up = lambda self: _pad_cols(self.P, self.rank)
     LoRALinear._down = lambda self, x: F.linear(x, _pad_rows(self.A, self.rank))
     LoRALinear._up = lambda self: _pad_cols(self.B, self.rank)
+from adalora.layers import AdapterLayer
+FWD = AdapterLayer.forward
+def fwd_t(self, x):
+    # Transposed low-rank path: hT = W_down x^T is (r, N), row stride N; the up factor is stored
+    # column-major so up^T is row-major (r, d_out). Every product's leading dimension is then N,
+    # d_in or d_out: 16-byte aligned whatever r is.
+    y = self.base(x)
+    if self.merged or self.rank == 0:
+        return y
+    if self.drop is not None:
+        x = self.drop(x)
+    w = self.Q * self.lam.unsqueeze(1) if isinstance(self, SVDLinear) else self.A
+    x2 = x.reshape(-1, x.shape[-1])
+    ht = torch.mm(w, x2.t())
+    return torch.addmm(y.reshape(-1, y.shape[-1]), ht.t(), self._up().t(), alpha=self.scaling).view(y.shape)
+def set_t(on, model=None):
+    AdapterLayer.forward = fwd_t if on else FWD
+    if on and model is not None:
+        for m in model.modules():
+            if isinstance(m, AdapterLayer):
+                up = m.P if isinstance(m, SVDLinear) else m.B
+                up.data = up.data.t().contiguous().t()
 for spec in sys.argv[3:]:
     spec0, pad = spec.removesuffix("+pad"), spec.endswith("+pad")
+    spec0, tr = spec0.removesuffix("+T"), spec0.endswith("+T")
     set_pad(pad)
+    set_t(tr)
     name, _, r = spec0.partition("@")
     cfg = base
     if r:
         cfg = replace(cfg, init_rank=int(r)) if name.startswith("adalora") else replace(cfg, lora_rank=int(r))
     t0 = time.perf_counter()
     v = B.build_variant(name, cfg, dev, batch, fr)
+    set_t(tr, v.model)
     for _ in range(6): v.step()
     B._sync(dev)
     setup = time.perf_counter() - t0
