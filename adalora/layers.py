@@ -50,8 +50,9 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 
 def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``value`` copied into ``param``'s memory layout. Gradients and optimizer state written by
-    hand must match their parameter's strides: fused AdamW raises on a mismatch on CUDA and, on
-    the CPU (torch 2.13), silently updates the wrong elements."""
+    hand must match their parameter's strides: with a mismatch, fused AdamW on this CPU build
+    (torch 2.13) silently updates the wrong elements (tested), and on CUDA it has raised
+    (pytorch/pytorch#106951). Autograd already gives gradients their parameter's layout."""
     return torch.empty_like(param, memory_format=torch.preserve_format).copy_(value)
 
 
@@ -160,8 +161,9 @@ def _add_base_prefix(module, state_dict, prefix, local_metadata, strict, missing
 class SVDLinear(AdapterLayer):
     """AdaLoRA adapter: ``y = x W0ᵀ + b + (α / r0) · drop(x) (diag(lam) Q)ᵀ Pᵀ`` (= P Λ Q, Eq. 3).
 
-    ``P (d_out, r)`` (stored column-major), ``lam (r,)``, ``Q (r, d_in)``; ``r`` starts at ``r0`` and only shrinks through
-    ``resize`` (after the final allocation, or when loading a pruned adapter).
+    ``P (d_out, r)`` (stored column-major), ``lam (r,)``, ``Q (r, d_in)``; ``r`` starts at ``r0``
+    and only shrinks through ``resize`` (after the final allocation, or when loading a pruned
+    adapter).
     The scale divides by the *initial* rank and never changes: the reference code does this
     and its author found rescaling after pruning hurt results.
     """
@@ -171,7 +173,8 @@ class SVDLinear(AdapterLayer):
         device, dtype = _base_device_dtype(base)
         self.r0 = rank
         self.scaling = alpha / rank if rank > 0 else 0.0
-        self.P = nn.Parameter(column_major(torch.randn(self.out_features, rank, device=device, dtype=dtype) * init_std))
+        p = torch.randn(self.out_features, rank, device=device, dtype=dtype) * init_std
+        self.P = nn.Parameter(column_major(p))           # the same draw as a row-major P
         self.lam = nn.Parameter(torch.zeros(rank, device=device, dtype=dtype))
         self.Q = nn.Parameter(torch.randn(rank, self.in_features, device=device, dtype=dtype) * init_std)
         self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
