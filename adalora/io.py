@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .inject import adapter_parameters, find_adapters
-from .layers import AdapterLayer, LoRALinear, SVDLinear, column_major
+from .layers import AdapterLayer, LoRALinear, SVDLinear
 
 FORMAT = "adalora-adapters/1"
 
@@ -133,12 +133,7 @@ def load_adapters(path, model: torch.nn.Module) -> dict:
     for name, info in saved.items():
         layer = adapters[name]
         names = ("P", "lam", "Q") if info["type"] == "svd" else ("A", "B")
-        for attr in names:
-            old = getattr(layer, attr)
-            new = tensors[f"{name}.{attr}"].to(device=old.device, dtype=old.dtype)
-            if attr in ("P", "B"):
-                new = column_major(new)           # the layout the forward multiplies by (layers.py)
-            setattr(layer, attr, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+        layer.set_factors(**{attr: tensors[f"{name}.{attr}"] for attr in names})
         if info["type"] == "svd":
             layer.rank_mask = torch.ones(info["rank"], dtype=torch.bool, device=layer.lam.device)
         layer.scaling = info["scaling"]

@@ -84,8 +84,12 @@ class AdapterLayer(nn.Module):
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
     # Subclasses define ``rank``, ``scaling``, ``_down_weight()`` (the ``(r, d_in)`` factor, lam
-    # folded in), ``_up()`` (the ``(d_out, r)`` factor, stored column-major), ``_delta_unscaled()``
-    # (``(d_out, d_in)``) and ``_adapter_dtype()``.
+    # folded in), ``_UP`` (the name of the ``(d_out, r)`` factor, stored column-major),
+    # ``_delta_unscaled()`` (``(d_out, d_in)``) and ``_adapter_dtype()``.
+    _UP = ""
+
+    def _up(self) -> torch.Tensor:
+        return fast_param(self, self._UP)
 
     # -- shared behaviour ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +113,18 @@ class AdapterLayer(nn.Module):
             # r-wide products, not the (N, d_out) gradient.
             return torch.addmm(y2, ht.t(), self._up().t(), alpha=self.scaling).view(y.shape)
         return torch.add(y2, torch.mm(ht.t(), self._up().t()).to(y.dtype), alpha=self.scaling).view(y.shape)
+
+    @torch.no_grad()
+    def set_factors(self, **factors: torch.Tensor) -> None:
+        """Replace factors by name (``P=..., lam=..., Q=...`` or ``A=..., B=...``), possibly of
+        another rank: new ``nn.Parameter`` objects in the old ones' device, dtype and
+        ``requires_grad``, the up factor (``_UP``) stored column-major. An optimizer holding the old
+        parameters must be told (``RankAllocator.compact`` does that)."""
+        for name, value in factors.items():
+            old = self._parameters[name]
+            value = value.to(device=old.device, dtype=old.dtype)
+            value = column_major(value) if name == self._UP else value.clone()
+            setattr(self, name, nn.Parameter(value, requires_grad=old.requires_grad))
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * ΔW`` as a dense ``(d_out, d_in)`` matrix in the adapter dtype."""
@@ -168,6 +184,8 @@ class SVDLinear(AdapterLayer):
     and its author found rescaling after pruning hurt results.
     """
 
+    _UP = "P"
+
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, init_std: float = 0.02):
         super().__init__(base, dropout)
         device, dtype = _base_device_dtype(base)
@@ -192,9 +210,6 @@ class SVDLinear(AdapterLayer):
         # batch x sequence columns.
         return self.Q * self.lam.unsqueeze(1)
 
-    def _up(self):
-        return self.P
-
     def _delta_unscaled(self):
         return (self.P * self.lam) @ self.Q
 
@@ -206,9 +221,7 @@ class SVDLinear(AdapterLayer):
         does that); ``scaling`` stays ``α / r0``.
         """
         keep = keep.to(self.lam.device)
-        self.P = nn.Parameter(column_major(self.P[:, keep]), requires_grad=self.P.requires_grad)
-        self.lam = nn.Parameter(self.lam[keep].clone(), requires_grad=self.lam.requires_grad)
-        self.Q = nn.Parameter(self.Q[keep, :].clone(), requires_grad=self.Q.requires_grad)
+        self.set_factors(P=self.P[:, keep], lam=self.lam[keep], Q=self.Q[keep, :])
         self.rank_mask = self.rank_mask[keep].clone()
 
 
@@ -218,6 +231,8 @@ class LoRALinear(AdapterLayer):
     ``A (r, d_in)`` Kaiming-uniform (as loralib and peft), ``B (d_out, r)`` zero (stored
     column-major), so ΔW = 0 at init.
     """
+
+    _UP = "B"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__(base, dropout)
@@ -237,9 +252,6 @@ class LoRALinear(AdapterLayer):
 
     def _down_weight(self):
         return self.A
-
-    def _up(self):
-        return self.B
 
     def _delta_unscaled(self):
         return self.B @ self.A

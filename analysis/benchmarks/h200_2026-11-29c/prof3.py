@@ -44,6 +44,9 @@ def set_pad(on):
     LoRALinear._down = lambda self, x: F.linear(x, _pad_rows(self.A, self.rank))
     LoRALinear._up = lambda self: _pad_cols(self.B, self.rank)
 from adalora.layers import AdapterLayer
+# `+T` was the prototype of fd40888. From fd40888 on the library's forward *is* this form and its
+# up factors are already column-major, so `+T` changes nothing; the "before" rows of
+# profiles_3ed7354 need a checkout of 3ed7354.
 FWD = AdapterLayer.forward
 def fwd_t(self, x):
     # Transposed low-rank path: hT = W_down x^T is (r, N), row stride N; the up factor is stored
