@@ -43,9 +43,10 @@ def fast_param(module: nn.Module, name: str) -> torch.Tensor:
 
 
 def column_major(t: torch.Tensor) -> torch.Tensor:
-    """The 2-D ``t`` with the same values, stored column-major (strides ``(1, rows)``): the layout
-    of the ``(d_out, r)`` up factors, whose transpose the forward multiplies by."""
-    return t.t().contiguous().t()
+    """A copy of the 2-D ``t`` stored column-major (strides ``(1, rows)``): the layout of the
+    ``(d_out, r)`` up factors, whose transpose the forward multiplies by. Always a copy, also of a
+    ``t`` already column-major, so a new parameter never aliases the caller's tensor."""
+    return t.t().clone(memory_format=torch.contiguous_format).t()
 
 
 def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,7 @@ class AdapterLayer(nn.Module):
         for name, value in factors.items():
             old = self._parameters[name]
             value = value.to(device=old.device, dtype=old.dtype)
-            value = column_major(value) if name == self._UP else value.clone()
+            value = column_major(value) if name == self._UP else value.clone()   # never the caller's memory
             setattr(self, name, nn.Parameter(value, requires_grad=old.requires_grad))
 
     def delta_weight(self) -> torch.Tensor:

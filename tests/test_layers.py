@@ -180,3 +180,7 @@ def test_up_factors_are_column_major_from_init_resize_and_load(tmp_path):
         fresh, b = build(method)
         adalora.load_adapters(tmp_path / method, fresh)
         assert up(b).t().is_contiguous() and torch.equal(fresh(x), model(x))
+        given = up(a).detach().clone()                        # column-major already, as P and B are
+        given = given.t().contiguous().t()
+        b.set_factors(**{"P" if method == "adalora" else "B": given})
+        assert up(b).t().is_contiguous() and up(b).data_ptr() != given.data_ptr()
