@@ -1,9 +1,12 @@
 """Rank allocator: global top-``b(t)`` pruning of singular values on the budget schedule (paper Eq. 8).
 
-The training loop calls, once per optimizer step and in this order (DESIGN section 3)::
+The training loop calls, once per optimizer step (``step`` counts optimizer steps, never
+micro-batches) and in this order (adalora/README.md)::
 
+    (loss + γ·R).backward()                     # or orthogonality_grad_(adapters, γ) after backward
+    [scaler.unscale_(opt); clip_grad_norm_(...)]
     opt.step(); sched.step()
-    allocator.update_importance(step)
+    allocator.update_importance(step)           # needs the .grad of P, lam, Q: before zero_grad
     record = allocator.mask_to_budget(step)     # None off mask steps
     opt.zero_grad(set_to_none=True)
 
@@ -45,7 +48,7 @@ class AllocationRecord:
 
 class _PendingRecord(AllocationRecord):
     """An ``AllocationRecord`` whose ranks and threshold are still device tensors, so that a mask
-    step issues no host sync (a loop that drops the record never waits on the GPU); the first
+    step makes no host sync (a loop that drops the record never waits on the GPU); the first
     read of ``ranks``, ``threshold`` or ``params_kept`` (``to_dict``, ``==``, ``repr``) makes the
     one transfer and fills the fields in."""
 
@@ -93,6 +96,9 @@ class RankAllocator:
         self.schedule = schedule_cfg
         self.score_cfg = score_cfg or ScoreConfig()
         # Recorded for the loop and checkpoints; the ablation itself is where the loop calls us.
+        # DEVIATION: the default order scores after opt.step() (|w_{t+1} · g_t|), as both reference
+        # codes call their allocator, so results compare with theirs; the paper's Algorithm 1 scores
+        # before the update (|w_t · g_t|). score_before_step=True marks a loop that does that.
         self.score_before_step = score_before_step
         self.initial_budget = sum(layer.r0 for layer in self.layers)
         self.target_budget = schedule.target_budget(schedule_cfg, len(self.layers))
@@ -135,8 +141,9 @@ class RankAllocator:
     def _allocate(self, step: int, budget: int) -> AllocationRecord:
         # (Σ r_k,) in layer order; fp64 when the model is (fp32 would tie scores it cannot tell apart).
         flat = self.scorer.flat_scores(step)
-        # Exactly `budget` kept: a stable descending sort breaks ties by adapter order then index
-        # (the reference "score <= kth value" rule prunes every tie and so over-prunes).
+        # DEVIATION (from the reference codes, not the paper): exactly `budget` kept, the paper's
+        # top-b(t); a stable descending sort breaks ties by adapter order then index. The reference
+        # "score <= kth value" rule prunes every tie and so keeps fewer than b(t).
         order = torch.sort(flat, descending=True, stable=True).indices
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[order[:budget]] = True

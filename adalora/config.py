@@ -64,7 +64,7 @@ class AdapterConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Budget schedule of DESIGN section 3, counted in singular values over all SVD adapters.
+    """Budget schedule ``b(t)`` (``adalora.schedule``), counted in singular values over all SVD adapters.
 
     ``target_rank`` is the *average* final rank per adapter (``b_T = round(target_rank * n)``);
     ``target_total`` sets ``b_T`` directly and wins when given. ``final_warmup`` is a duration
@@ -109,14 +109,18 @@ class ScheduleConfig:
         """``T − t_f``: the step of the final allocation (steps run ``0 … T−1``).
 
         With ``final_warmup = 0`` that step would never run, so the last step ``T − 1`` takes the
-        final allocation instead (the reference codes then never force one at all).
+        final allocation instead.
         """
+        # DEVIATION (from the reference codes): with final_warmup = 0 they never force a final
+        # allocation, so training ends on whatever budget the last mask step set; here b_T is always
+        # reached and finalize() can check it.
         return min(self.total_steps - self.final_warmup, self.total_steps - 1)
 
 
 @dataclass
 class ScoreConfig:
-    """Importance score (DESIGN section 3, Eqs. 10-13 of the paper)."""
+    """Importance score (``adalora.importance``; Eqs. 10-13 of the paper): EMA factors ``beta1``
+    (``Ī``) and ``beta2`` (``Ū``), the score ``kind`` and the seed of ``kind="random"``."""
 
     beta1: float = 0.85
     beta2: float = 0.85

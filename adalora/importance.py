@@ -56,8 +56,8 @@ class _Layout:
         self.perm = torch.tensor([j for k in range(len(layers)) for j in pos[k]], dtype=torch.long)
 
     def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor]:
-        # _parameters, not getattr: nn.Module.__getattr__ costs ~1 µs per call, and this runs
-        # every step for every parameter (the step is host-bound under CUDA graphs).
+        # _parameters, not getattr: this runs every step for every parameter, and under CUDA
+        # graphs the step waits on host time such as nn.Module.__getattr__'s lookup.
         return [fast_param(layers[k], a) for k, a in self.order]
 
     def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -36,8 +36,9 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
 
 
 def fast_param(module: nn.Module, name: str) -> torch.Tensor:
-    """``getattr(module, name)`` for a parameter without ``nn.Module.__getattr__`` (~1 µs a call,
-    paid per adapter per step by the allocator); falls back for views that expose a property."""
+    """``getattr(module, name)`` for a parameter without going through ``nn.Module.__getattr__``,
+    whose lookup the allocator would otherwise pay per adapter per step in host time; falls back
+    for views that expose a property."""
     p = module._parameters.get(name)
     return p if p is not None else getattr(module, name)
 
@@ -51,9 +52,11 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 
 def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``value`` copied into ``param``'s memory layout. Gradients and optimizer state written by
-    hand must match their parameter's strides: with a mismatch, fused AdamW on this CPU build
-    (torch 2.13) silently updates the wrong elements (tested), and on CUDA it has raised
-    (pytorch/pytorch#106951). Autograd already gives gradients their parameter's layout."""
+    hand must match their parameter's strides: fused AdamW walks gradient, state and parameter
+    as if they had one layout, so with a mismatch it silently updates the wrong elements on the
+    CPU (torch 2.13), and on CUDA it can raise. The up factors ``P`` and ``B`` are stored
+    column-major, so a plain ``torch.zeros(d_out, r)`` does not fit them. Autograd already gives
+    gradients their parameter's layout."""
     return torch.empty_like(param, memory_format=torch.preserve_format).copy_(value)
 
 
@@ -94,8 +97,8 @@ class AdapterLayer(nn.Module):
 
     # -- shared behaviour ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In bf16 a step is bound by launching kernels from Python (README, Performance): this
-        # path adds no casts, copies or module calls beyond the two products.
+        # A bf16 step is bound by how fast Python launches kernels, so this path adds no casts,
+        # copies or module calls beyond the two products.
         y = self.base(x)
         if self.merged or self.rank == 0:
             return y
@@ -106,7 +109,7 @@ class AdapterLayer(nn.Module):
         # hᵀ = W_down xᵀ is (r, N), and the up factor is stored column-major, so upᵀ is a row-major
         # (r, d_out): every operand of every product, backward included, then has a leading
         # dimension of N, d_in or d_out, never r. A bf16 row of r = 12 (AdaLoRA's usual r0) is
-        # 24 bytes, off the 16-byte alignment that cuBLAS's fast kernels need (README, Performance).
+        # 24 bytes, off the 16-byte alignment that cuBLAS's fast kernels need (adalora/README.md).
         ht = torch.mm(self._down_weight(), (x2 if x2.dtype == dtype else x2.to(dtype)).t())
         y2 = y.reshape(-1, y.shape[-1])                                         # (N, d_out)
         if ht.dtype == y.dtype:
@@ -181,8 +184,8 @@ class SVDLinear(AdapterLayer):
     ``P (d_out, r)`` (stored column-major), ``lam (r,)``, ``Q (r, d_in)``; ``r`` starts at ``r0``
     and only shrinks through ``resize`` (after the final allocation, or when loading a pruned
     adapter).
-    The scale divides by the *initial* rank and never changes: the reference code does this
-    and its author found rescaling after pruning hurt results.
+    The scale divides by the *initial* rank and never changes, as in the reference code: the
+    kept triplets' contribution does not jump when others are pruned or the adapter is compacted.
     """
 
     _UP = "P"

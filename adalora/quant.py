@@ -3,11 +3,12 @@
 QLoRA stores the frozen base in 4-bit NormalFloat (NF4): each block of 64 weights is divided by
 its absolute maximum and every value is replaced by the nearest of 16 code values that are
 quantiles of N(0, 1). The fp32 block scales are themselves quantized ("double quantization",
-8 bit, blocks of 256). Compute happens in bf16 after dequantization, so only the adapters carry
-full-precision trainable parameters:  Y = X · doubleDequant(c1, c2, W_NF4)ᵀ + adapter(X)  (QLoRA eq. 6).
+8 bit, blocks of 256). Compute happens in the compute dtype (bf16 by default) after
+dequantization, so only the adapters carry full-precision trainable parameters:
+Y = X · doubleDequant(c1, c2, W_NF4)ᵀ + adapter(X)  (QLoRA eq. 6).
 
-Everything follows bitsandbytes (functional.py, backends/default/ops.py) bit for bit where it is
-cheap to do so: the same code books, nearest-code rounding by midpoints, high nibble first
+The storage format is bitsandbytes' NF4, so that its packed bytes and block scales are
+reproduced exactly: the same code books, nearest-code rounding by midpoints, high nibble first
 packing, mean-centred absmax quantized with the dynamic 8-bit map. No CUDA kernels: the weight
 is dequantized in full for each matmul, which costs memory for one layer at a time.
 """
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The published NF4 table: bitsandbytes functional.py `get_4bit_type("nf4")`, which equals
+# The published NF4 table: bitsandbytes' `get_4bit_type("nf4")`, which equals
 # `create_normal_map(offset=0.9677083, use_extra_value=True)` (QLoRA appendix E).
 NF4_TABLE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -47,7 +48,7 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
     """The 8-bit dynamic tree map (Dettmers 2016) that bitsandbytes uses for the second-level
-    quantization of the block scales; ported from bitsandbytes functional.py (256 sorted values)."""
+    quantization of the block scales; ported from bitsandbytes' `create_dynamic_map` (256 sorted values)."""
     data: list[float] = []
     non_sign_bits = total_bits - 1
     additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
@@ -72,7 +73,8 @@ def _code(name: str, device) -> Tensor:
 
 
 def _nearest(scaled: Tensor, code: Tensor) -> Tensor:
-    """Index of the nearest code value; ties go up, as in bitsandbytes (bucketize on midpoints)."""
+    """Index of the nearest code value (bucketize on the midpoints between codes); a value exactly
+    on a midpoint takes the lower code."""
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
 
 

@@ -69,10 +69,10 @@ def _gram_residual_norms(mats: list[torch.Tensor], squared: bool) -> torch.Tenso
 @torch.compiler.assume_constant_result
 def _padding(ranks: tuple[int, ...], d: int, device: torch.device,
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # Under torch.compile these become constants of the graph. Dynamo ignores lru_cache and
-    # would trace the index construction into the graph, rebuilt at every step (measured:
-    # compact() under CUDA graphs went from 17.5 to 11.1 ms a step with this). Ranks come from
-    # static shapes, so new ranks recompile with new constants.
+    # Under torch.compile these become constants of the graph: Dynamo ignores lru_cache and would
+    # otherwise trace the index construction into the graph and rebuild it at every step of a
+    # compacted (mixed-rank) model. Ranks come from static shapes, so new ranks recompile with
+    # new constants.
     return _padding_cached(ranks, d, device, dtype)
 
 
@@ -96,7 +96,7 @@ def _svd_adapters(adapters: dict, form: str) -> list[SVDLinear]:
 
 
 def orthogonality_penalty(adapters: dict, form: str = "reference") -> torch.Tensor:
-    """``R`` of DESIGN section 3 over the SVD adapters in ``adapters`` (LoRA adapters are ignored).
+    """The orthogonality penalty ``R`` over the SVD adapters in ``adapters`` (LoRA adapters are ignored).
 
     ``"reference"`` (default, both public implementations):
     ``Σ_k (‖P_kᵀP_k − I‖_F + ‖Q_k Q_kᵀ − I‖_F) / (2|S|)``.
