@@ -1,4 +1,5 @@
-"""Run folders -> tidy pandas tables. The only module that parses run folders (DESIGN section 5).
+"""Run folders -> tidy pandas tables. The only module that parses run folders, whose layout is the
+run-folder contract (experiments/README.md).
 
 `load_sweep(dirs)` finds every run folder under the given directories (single runs, Hydra
 multirun folders with numbered jobs, or nested dated folders) and returns a `Sweep` of tables:

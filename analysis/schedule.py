@@ -19,7 +19,8 @@ PHASE_COLOURS = {"warmup": "#e8f0fa", "budgeting": "#fdf1e4", "final": "#eaf6ea"
 
 
 def scheduled_budget(schedule: dict, steps) -> np.ndarray:
-    """b(t) at the given steps for a run's `summary.schedule` dict (the keys of CONTRACT.md)."""
+    """b(t) at the given steps for a run's `summary.schedule` dict (keys as in the
+    run-folder contract, experiments/README.md)."""
     from adalora.schedule import budget_at  # lazy: adalora imports torch; tables need neither
     cfg = _config(schedule)
     return np.array([budget_at(int(t), cfg, int(schedule["initial_budget"]), int(schedule["target_budget"]))

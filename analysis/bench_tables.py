@@ -1,0 +1,214 @@
+"""Markdown tables of the measured runs, from analysis/benchmarks/*.json only.
+
+    python -m analysis.bench_tables                 # every table, each after a <!-- bench_tables:NAME --> line
+    python -m analysis.bench_tables medians ratios  # only these, without the marker lines
+    python -m analysis.bench_tables --check analysis/README.md   # exit 1 if a quoted table is stale
+
+analysis/README.md quotes these tables between the same marker lines, so the Markdown can be
+regenerated from the results files and compared with what the README says. Standard library only:
+the numbers are read, never recomputed from a benchmark run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent / "benchmarks"
+
+# Medians table columns: (header, variants); two variants share a cell as "first / second".
+MEDIAN_COLUMNS = (
+    ("floor", ("floor",)), ("full FT", ("full",)), ("our LoRA", ("lora",)), ("peft LoRA", ("peft_lora",)),
+    ("our AdaLoRA every step / every 10", ("adalora", "adalora_every10")),
+    ("after `compact()` / LoRA at final ranks", ("adalora_compact", "lora_final")),
+    ("peft AdaLoRA", ("peft_adalora",)),
+)
+RATIOS = ("adalora_every10/floor", "adalora/floor", "lora/floor", "full/floor", "adalora/lora",
+          "adalora_every10/lora", "peft_adalora/adalora", "lora/peft_lora", "adalora_compact/lora_final")
+
+
+def load(folder: Path = HERE) -> dict[str, dict]:
+    """file name -> parsed results file, in name order."""
+    return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def benchmarks(files: dict[str, dict]) -> list[tuple[str, dict]]:
+    """Benchmark files in table order: CUDA graphs, then eager, then CPU; base before large."""
+    presets = ("tiny", "small", "base", "large")
+
+    def key(item):
+        c = item[1]["config"]
+        return (c["device"] != "cuda", c["compile_mode"] != "reduce-overhead",
+                presets.index(c["preset"]) if c["preset"] in presets else len(presets))
+    return sorted(((n, d) for n, d in files.items() if d.get("kind") == "benchmark"), key=key)
+
+
+def label(d: dict) -> str:
+    c = d["config"]
+    mode = "graphs" if c["compile"] and c["compile_mode"] == "reduce-overhead" else ("compiled" if c["compile"] else "eager")
+    return f"{c['preset']}, {mode}" + ("" if c["device"] == "cuda" else f", {c['dtype']}, CPU")
+
+
+def short_machine(d: dict) -> str:
+    return "1x H200" if "H200" in d["machine"] else ("2-core CPU" if "2-core" in d["machine"] else d["machine"])
+
+
+def table(header: list[str], rows: list[list[str]], align: str) -> str:
+    """Pipe table; `align` has one letter per column, l or r (numbers are right-aligned)."""
+    align = ["---:" if a == "r" else "---" for a in align]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _ms(d: dict, variant: str) -> str | None:
+    v = d["variants"].get(variant)
+    return None if v is None else f"{v['median_ms']:.1f}"
+
+
+def medians(files) -> str:
+    rows = []
+    for name, d in benchmarks(files):
+        cells = []
+        for _, variants in MEDIAN_COLUMNS:
+            values = [_ms(d, v) for v in variants]
+            cells.append("" if all(v is None for v in values) else " / ".join(v or "–" for v in values))
+        rows.append([label(d), short_machine(d), *cells, f"`{name}`"])
+    return table(["shape, mode", "machine", *(c for c, _ in MEDIAN_COLUMNS), "results file"], rows,
+                 "ll" + "r" * len(MEDIAN_COLUMNS) + "l")
+
+
+def files_table(files) -> str:
+    rows = []
+    for name, d in benchmarks(files) + [(n, d) for n, d in files.items() if d.get("kind") != "benchmark"]:
+        v = d["versions"]
+        commit = d.get("commit") or "/".join(c[:7] for c in d.get("commits", []))
+        rows.append([f"`{name}`", d["machine"], v.get("torch") or "–", v.get("transformers") or "–",
+                     v.get("peft") or "not used", v.get("python") or "–", d["date"], commit if "/" in commit else commit[:7]])
+    return table(["results file", "machine", "torch", "transformers", "peft", "python", "date", "commit"], rows,
+                 "l" * 8)
+
+
+def commands(files) -> str:
+    lines = ["```bash"]
+    for name, d in benchmarks(files) + [(n, d) for n, d in files.items() if d.get("kind") != "benchmark"]:
+        lines.append(f"# {name}")
+        lines += d["command"] if isinstance(d["command"], list) else [d["command"]]
+    return "\n".join(lines + ["```"])
+
+
+def ratios(files) -> str:
+    runs = benchmarks(files)
+    rows = []
+    for r in RATIOS:
+        cells = [f"{d['ratios'][r]:.2f}" if r in d["ratios"] else "" for _, d in runs]
+        if any(cells):
+            rows.append([f"`{r}`", *cells])
+    return table(["median ÷ median", *(f"{label(d)} ({short_machine(d)})" for _, d in runs)], rows,
+                 "l" + "r" * len(runs))
+
+
+def memory(files) -> str:
+    def cell(d, variant, key):
+        v = d["variants"].get(variant)
+        if v is None:
+            return ""
+        return f"{v[key] / 2**20:.1f}" if key.endswith("bytes") else f"{v[key]:.0f}"
+    rows = [[label(d), short_machine(d), cell(d, "floor", "peak_mem_mb"), cell(d, "lora", "peak_mem_mb"),
+             cell(d, "adalora_every10", "peak_mem_mb"), cell(d, "peft_adalora", "peak_mem_mb"),
+             cell(d, "adalora_every10", "alloc_state_bytes"), cell(d, "peft_adalora", "alloc_state_bytes")]
+            for _, d in benchmarks(files)]
+    return table(["shape, mode", "machine", "peak MiB floor", "peak MiB our LoRA", "peak MiB our AdaLoRA (every 10)",
+                  "peak MiB peft AdaLoRA", "our allocator state MiB", "peft allocator state MiB"], rows, "llrrrrrr")
+
+
+def allocator(files) -> str:
+    rows = []
+    for name, d in benchmarks(files):
+        for r in d.get("allocator") or []:
+            ours, plain, peft = r["ours_mask_every_step_ops"], r["ours_nonmask_step_ops"], r.get("peft_mask_every_step_ops", {})
+            rows.append([short_machine(d), str(r["layers"]), str(r["adapters"]), f"{r['ours_mask_every_step_ms']:.2f}",
+                         f"{r['ours_mask_every_10_ms']:.2f}", f"{r.get('peft_mask_every_step_ms', float('nan')):.2f}",
+                         f"{ours['ops']} / {plain['ops']}", f"{ours['host_syncs']} / {plain['host_syncs']}",
+                         f"{peft.get('ops', '–'):,}", str(peft.get("host_syncs", "–")), f"`{name}`"])
+    return table(["machine", "layers", "adapters", "ours ms, mask every step", "ours ms, mask every 10",
+                  "peft ms, every step", "ours ops mask / plain step", "ours host syncs mask / plain",
+                  "peft ops a step", "peft host syncs a step", "results file"], rows, "lrrrrrrrrrl")
+
+
+def training(files) -> str:
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "training":
+            continue
+        for r in d["runs"]:
+            acc = f"{r['test_accuracy']:.4f}" if "test_accuracy" in r else "–"
+            first = r["time_s_at_first_train_log"]
+            rows.append([r["run"], r["status"], str(r["last_logged_train_step"]), f"{first['time_s']:.1f}",
+                         f"{r['time_s_at_last_train_log']:.1f}", acc, f"`{name}`"])
+    return table(["run", "status", "last logged step", "time s at first logged step", "time s at last logged step",
+                  "test accuracy", "results file"], rows, "llrrrrl")
+
+
+def ddp_runs(files) -> str:
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "ddp_one_gpu":
+            continue
+        for r in d["runs"]:
+            rows.append([f"`{r['run']}`", f"{r['processes']} × {r['batch_per_process']}", r["precision"],
+                         "yes" if r["dropout"] else "no", str(r["seed"]), r["status"], f"{r['test_accuracy']:.4f}"])
+    return table(["run", "processes × batch", "precision", "dropout", "seed", "status", "test accuracy"], rows,
+                 "llllrlr")
+
+
+def ddp_compare(files) -> str:
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "ddp_one_gpu":
+            continue
+        for c in d["comparisons"]:
+            first = c["first_differing_record_step"]
+            rows.append([c["what"], str(c["final_ranks_l1"]), "yes" if c["records_ranks_identical"] else "no",
+                         "–" if first is None else str(first), f"{c['test_accuracy_a']:.4f} / {c['test_accuracy_b']:.4f}"])
+    return table(["comparison", "final ranks, L1 distance", "all allocation records' ranks identical",
+                  "first differing record (step)", "test accuracy a / b"], rows, "lrlrr")
+
+
+TABLES = {"medians": medians, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
+          "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare}
+
+
+def render(names=None, folder: Path = HERE, markers: bool = True) -> str:
+    files = load(folder)
+    out = []
+    for n in names or TABLES:
+        out += ([f"<!-- bench_tables:{n} -->"] if markers else []) + [TABLES[n](files), ""]
+    return "\n".join(out)
+
+
+def check(doc: Path, folder: Path = HERE) -> list[str]:
+    """Names of the tables whose marked copy in `doc` differs from what the files give now."""
+    text, files, stale = Path(doc).read_text(), load(folder), []
+    for n, make in TABLES.items():
+        marker = f"<!-- bench_tables:{n} -->\n"
+        if marker in text and not text.split(marker, 1)[1].startswith(make(files) + "\n"):
+            stale.append(n)
+    return stale
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--check"] and len(argv) == 2:
+        stale = check(Path(argv[1]))
+        print(f"stale tables in {argv[1]}: {', '.join(stale)}" if stale else f"{argv[1]}: tables up to date")
+        return 1 if stale else 0
+    unknown = [a for a in argv if a not in TABLES]
+    if unknown:
+        print(f"unknown table(s) {', '.join(unknown)}; choose from {', '.join(TABLES)}", file=sys.stderr)
+        return 2
+    print(render(argv or None, markers=not argv), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
