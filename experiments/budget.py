@@ -10,11 +10,23 @@ which is exact in total when all matrices have the same shape and an estimate ot
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Tuple
+
+from torch import nn
+
+import adalora
 
 from .config import ConfigError
 
 Shapes = Dict[str, Tuple[int, int]]  # {module: (d_out, d_in)}
+
+
+def adapted_shapes(backbone: nn.Module, acfg: adalora.AdapterConfig) -> Shapes:
+    """Shapes of the matrices ``acfg`` would adapt, from an inject into a throwaway copy: the
+    names then match exactly as the library matches them, and a matched LoRA's rank can be
+    priced before the real inject picks it."""
+    return dict(adalora.adapter_shapes(adalora.inject(copy.deepcopy(backbone), acfg)))
 
 
 def lora_params(shapes: Shapes, rank: int, rank_pattern: Dict[str, int] | None = None) -> int:

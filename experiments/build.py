@@ -3,7 +3,6 @@ optimizer parameter groups, budget bookkeeping. Library ValueErrors raised here 
 errors (targets matching nothing, impossible schedules) and become one-line ConfigErrors."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -17,10 +16,7 @@ import adalora
 
 from . import budget as B
 from .config import ConfigError, RunConfig
-from .model import PooledClassifier
-
-HEAD = "classifier"
-
+from .model import HEAD, PooledClassifier, method_targets
 
 @dataclass
 class Built:
@@ -58,13 +54,6 @@ def read_found_ranks(run_dir: str) -> Dict[str, int]:
     return {k: int(v) for k, v in s["final_ranks"].items()}
 
 
-def _shapes(backbone: nn.Module, acfg) -> Dict[str, tuple]:
-    """Shapes of the matrices ``acfg`` would adapt: inject into a throwaway copy, so the names
-    match exactly as the library matches them (budget matching must know shapes before the
-    real inject picks the rank)."""
-    return dict(adalora.adapter_shapes(adalora.inject(copy.deepcopy(backbone), acfg)))
-
-
 def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int = 1) -> Built:
     m = cfg.method
     total = derive_total_steps(n_train, cfg, world_size)
@@ -95,11 +84,10 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
     if m.rank_pattern_from:
         rank_pattern.update(read_found_ranks(m.rank_pattern_from))
 
+    targets = method_targets(m.targets, m.target_regex, backbone)
+
     def adapter_cfg(init_rank: int):
-        return adalora.AdapterConfig(method="adalora" if m.uses_svd else "lora",
-                                     targets=list(m.targets), target_regex=m.target_regex,
-                                     init_rank=init_rank, alpha=m.alpha, dropout=m.dropout,
-                                     rslora=m.rslora, rank_pattern=rank_pattern)
+        return m.adapter_config(targets, init_rank, rank_pattern)
     # Budget matching, in parameters (experiments/budget.py). Only a matched LoRA needs the
     # shapes before injecting (its rank depends on them); everything else reads them after.
     s = cfg.schedule
@@ -107,7 +95,7 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
     matched = cfg.budget.match == "matched" and not rank_pattern
     try:
         if matched and m.name == "lora":
-            shapes = _shapes(backbone, adapter_cfg(1))
+            shapes = B.adapted_shapes(backbone, adapter_cfg(1))
             init_rank = B.matched_lora_rank(shapes, B.adalora_target_params(shapes, target_rank))
         acfg = adapter_cfg(init_rank)
         out.adapters = adalora.inject(backbone, acfg)
@@ -138,7 +126,7 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
             out.schedule_cfg = adalora.ScheduleConfig(
                 target_rank=target_rank, target_total=s.target_total, total_steps=total,
                 init_warmup=ti, final_warmup=tf, mask_interval=s.mask_interval, shape=s.shape)
-            score = adalora.ScoreConfig(beta1=s.beta1, beta2=s.beta2, kind=s.score, seed=cfg.seed)
+            score = s.score_config(cfg.seed)
             out.allocator = adalora.RankAllocator(out.adapters, out.schedule_cfg, score,
                                                   score_before_step=s.score_before_step)
         except ValueError as e:

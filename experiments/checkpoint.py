@@ -19,7 +19,7 @@ from torch import nn
 import adalora
 
 from .config import ConfigError
-from .logging import atomic_file
+from .runlog import atomic_file
 
 NAME = "checkpoint.pt"
 

@@ -4,13 +4,19 @@ The YAML files under conf/ only fill these dataclasses (Hydra's structured-confi
 each dataclass validates itself in ``__post_init__`` and names the fix. ``main()`` converts the
 composed config once with ``OmegaConf.to_object`` and nothing below it sees Hydra.
 
-The library's own configs (``adalora.AdapterConfig``, ``ScheduleConfig``, ``ScoreConfig``) are
-built from these in ``experiments/build.py`` and validate their part again.
+Every field that configures the library takes its default and its allowed values from the
+library's own dataclasses (``adalora.AdapterConfig``, ``ScheduleConfig``, ``ScoreConfig``), and
+is validated by building them: one source of truth. A value the application wants different
+is set in a YAML file under conf/, with a comment saying why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Dict, List, Optional
+
+import adalora
+from adalora.config import ORTH_FORMS, SCHEDULE_SHAPES, SCORE_KINDS
 
 
 class ConfigError(ValueError):
@@ -22,27 +28,51 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def library_default(owner, name: str):
+    """The library's default for ``name``: a dataclass field, or a keyword of a function."""
+    if isinstance(owner, type) and hasattr(owner, "__dataclass_fields__"):
+        f = {f.name: f for f in fields(owner)}[name]
+        return f.default_factory() if f.default is MISSING else f.default
+    return inspect.signature(owner).parameters[name].default
+
+
+def _lib(owner, name: str):
+    """A dataclass default taken from the library (a fresh copy for mutable values)."""
+    default = library_default(owner, name)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default))
+    return field(default=default)
+
+
+def _validated(section: str, build) -> None:
+    """Build a library config to validate: its ValueError, re-labelled for the YAML section."""
+    try:
+        build()
+    except ValueError as e:
+        raise ConfigError(f"{section}: {str(e).splitlines()[0]}") from None
+
+
 METHODS = ("adalora", "lora", "svd_lora", "full", "head", "peft_adalora", "peft_lora")
-# The paper adapts every linear map of each block (DESIGN section 3; anchors-code D.2).
-ALL_BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-                    "output.dense"]
+_LIB_TOTAL = library_default(adalora.ScheduleConfig, "total_steps")
 
 
 @dataclass
 class MethodConfig:
     name: str = "adalora"
-    targets: List[str] = field(default_factory=lambda: list(ALL_BERT_TARGETS))
-    target_regex: Optional[str] = None
+    # null: every linear map of each block of the model (experiments/model.py, by model type),
+    # as the paper adapts; or module-name suffixes, or target_regex.
+    targets: Optional[List[str]] = None
+    target_regex: Optional[str] = _lib(adalora.AdapterConfig, "target_regex")
     # AdaLoRA / svd_lora: the initial rank r0 of every SVD adapter. lora: the LoRA rank r
     # (replaced by the matched rank under budget=matched).
-    init_rank: int = 12
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    orth_weight: float = 0.1
-    orth_form: str = "reference"
+    init_rank: int = _lib(adalora.AdapterConfig, "init_rank")
+    alpha: float = _lib(adalora.AdapterConfig, "alpha")
+    dropout: float = _lib(adalora.AdapterConfig, "dropout")
+    rslora: bool = _lib(adalora.AdapterConfig, "rslora")
+    orth_weight: float = 0.1               # γ; the paper's GLUE runs use 0.1 to 0.5
+    orth_form: str = _lib(adalora.orthogonality_penalty, "form")
     # lora only: per-module ranks {name_or_suffix: r}; or read from a finished AdaLoRA run.
-    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    rank_pattern: Dict[str, int] = _lib(adalora.AdapterConfig, "rank_pattern")
     rank_pattern_from: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -50,11 +80,14 @@ class MethodConfig:
                f"unknown method '{self.name}'; choose one of {', '.join(METHODS)}")
         _check(self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")
         _check(self.orth_weight >= 0, "method.orth_weight must be >= 0")
-        _check(self.orth_form in ("reference", "paper"),
-               "method.orth_form must be 'reference' or 'paper'")
-        _check(0.0 <= self.dropout < 1.0, "method.dropout must be in [0, 1)")
-        _check(bool(self.targets) or bool(self.target_regex) or self.name in ("full", "head"),
-               "method.targets is empty; give module-name suffixes or method.target_regex")
+        _check(self.orth_form in ORTH_FORMS,
+               f"method.orth_form='{self.orth_form}'; choose one of {', '.join(ORTH_FORMS)}")
+        _check(self.targets is None or bool(self.targets) or bool(self.target_regex)
+               or self.name in ("full", "head"),
+               "method.targets is empty; give module-name suffixes, null (every linear map) or "
+               "method.target_regex")
+        if self.name not in ("full", "head"):
+            _validated("method", lambda: self.adapter_config(["_"], self.init_rank))
 
     @property
     def uses_svd(self) -> bool:
@@ -64,34 +97,42 @@ class MethodConfig:
     def prunes(self) -> bool:
         return self.name in ("adalora", "peft_adalora")
 
-
-SCORES = ("sensitivity_uncertainty", "sensitivity", "magnitude", "random")
+    def adapter_config(self, targets: List[str], init_rank: int,
+                       rank_pattern: Optional[Dict[str, int]] = None) -> adalora.AdapterConfig:
+        return adalora.AdapterConfig(
+            method="adalora" if self.uses_svd else "lora", targets=list(targets),
+            target_regex=self.target_regex, init_rank=init_rank, alpha=self.alpha,
+            dropout=self.dropout, rslora=self.rslora,
+            rank_pattern=dict(self.rank_pattern if rank_pattern is None else rank_pattern))
 
 
 @dataclass
 class ScheduleSection:
     """AdaLoRA budget schedule and importance score. total_steps is derived, never typed."""
-    target_rank: float = 6.0
-    target_total: Optional[int] = None
-    # Absolute steps win; otherwise a ratio of the derived total_steps (short runs need ratios).
+    target_rank: Optional[float] = _lib(adalora.ScheduleConfig, "target_rank")
+    target_total: Optional[int] = _lib(adalora.ScheduleConfig, "target_total")
+    # Absolute steps win; otherwise a ratio of the derived total_steps. The ratios default to
+    # the library's warmups over its total_steps.
     init_warmup: Optional[int] = None
-    init_warmup_ratio: float = 0.1
+    init_warmup_ratio: float = library_default(adalora.ScheduleConfig, "init_warmup") / _LIB_TOTAL
     final_warmup: Optional[int] = None
-    final_warmup_ratio: float = 0.3
-    mask_interval: int = 5
-    shape: str = "cubic"
-    beta1: float = 0.85
-    beta2: float = 0.85
-    score: str = "sensitivity_uncertainty"
-    score_before_step: bool = False
+    final_warmup_ratio: float = library_default(adalora.ScheduleConfig, "final_warmup") / _LIB_TOTAL
+    mask_interval: int = _lib(adalora.ScheduleConfig, "mask_interval")
+    shape: str = _lib(adalora.ScheduleConfig, "shape")
+    beta1: float = _lib(adalora.ScoreConfig, "beta1")
+    beta2: float = _lib(adalora.ScoreConfig, "beta2")
+    score: str = _lib(adalora.ScoreConfig, "kind")
+    score_before_step: bool = _lib(adalora.RankAllocator, "score_before_step")
 
     def __post_init__(self) -> None:
-        _check(self.shape in ("cubic", "linear", "constant"),
-               f"schedule.shape='{self.shape}'; choose cubic, linear or constant")
-        _check(self.score in SCORES, f"schedule.score='{self.score}'; choose one of {SCORES}")
+        _check(self.shape in SCHEDULE_SHAPES,
+               f"schedule.shape='{self.shape}'; choose one of {', '.join(SCHEDULE_SHAPES)}")
+        _check(self.score in SCORE_KINDS,
+               f"schedule.score='{self.score}'; choose one of {', '.join(SCORE_KINDS)}")
         for k in ("init_warmup_ratio", "final_warmup_ratio"):
             _check(0.0 <= getattr(self, k) < 1.0, f"schedule.{k} must be in [0, 1)")
         _check(self.mask_interval >= 1, "schedule.mask_interval must be >= 1")
+        _validated("schedule", lambda: self.score_config(seed=0))
 
     def warmups(self, total_steps: int) -> tuple[int, int]:
         ti = self.init_warmup if self.init_warmup is not None else \
@@ -99,6 +140,9 @@ class ScheduleSection:
         tf = self.final_warmup if self.final_warmup is not None else \
             int(round(self.final_warmup_ratio * total_steps))
         return ti, tf
+
+    def score_config(self, seed: int) -> adalora.ScoreConfig:
+        return adalora.ScoreConfig(beta1=self.beta1, beta2=self.beta2, kind=self.score, seed=seed)
 
 
 @dataclass
@@ -165,7 +209,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     precision: str = "fp32"                # fp32 | bf16 | fp16 (fp16 uses a GradScaler)
     device: str = "auto"
-    eval_every: int = 50
+    eval_every: int = 100
     checkpoint_every: int = 0
     resume: Optional[str] = None
     compact: bool = False
@@ -179,7 +223,7 @@ class TrainerConfig:
     # loss or gradient (each is skipped: no update, no importance update). With fp16's
     # GradScaler, gradient overflows are the scaler's business; only a non-finite loss counts.
     max_nonfinite_steps: int = 5
-    # Under torchrun: ddp. fsdp is designed (README) but not implemented yet.
+    # Under torchrun: ddp. fsdp is refused: sharded adapters would need gathered importance scores.
     strategy: str = "ddp"
 
     def __post_init__(self) -> None:
@@ -199,7 +243,7 @@ class TrainerConfig:
         _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy must be ddp (or fsdp, not "
                "supported yet)")
         _check(self.strategy != "fsdp", "trainer.strategy=fsdp is not supported yet (sharded "
-               "adapters need gathered importance scores, see README); use trainer.strategy=ddp")
+               "adapters need gathered importance scores); use trainer.strategy=ddp")
 
 
 @dataclass

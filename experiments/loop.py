@@ -1,4 +1,4 @@
-"""The training loop. Read it top to bottom: it is the spec of DESIGN section 3.
+"""The training loop. Read it top to bottom: it is the spec of the order of AdaLoRA's calls.
 
 Per optimizer step (``step`` counts optimizer steps, never micro-batches):
 
@@ -7,10 +7,11 @@ Per optimizer step (``step`` counts optimizer steps, never micro-batches):
     scaler.unscale_(opt)                               # the scorer sees unscaled gradients
     orthogonality_grad_(adapters, orth_weight)         # += γ∇R, as γR/accum in each loss would
     clip_grad_norm_(...)
-    [paper_order ablation: allocator.update_importance(step) here]
-    opt.step(); sched.step()                           # skipped if the gradient is not finite
-    allocator.update_importance(step)                  # skipped too (counted)
-    record = allocator.mask_to_budget(step)            # written to ranks.jsonl when not None
+    update(...):                                       # below; the benchmark times the same
+        [paper_order ablation: allocator.update_importance(step) here]
+        opt.step(); sched.step()                       # skipped if the gradient is not finite
+        allocator.update_importance(step)              # skipped too (counted)
+        record = allocator.mask_to_budget(step)        # written to ranks.jsonl when not None
     [DDP: all-reduce a checksum of the masks; raise if ranks differ]
     opt.zero_grad(set_to_none=True); step += 1
 
@@ -36,7 +37,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .build import Built, param_groups
 from .config import RunConfig
-from .logging import RunWriter
+from .runlog import RunWriter
 from .metrics import classification_metrics
 
 
@@ -112,6 +113,29 @@ def lr_lambda(cfg: RunConfig, total: int):
         frac = (step - warm) / max(1, total - warm)
         return max(0.0, 1 - frac) if t.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return f
+
+
+def update(opt, sched, scaler, allocator, step: int, finite: bool):
+    """The update of one optimizer step, after backward, unscaling, γ∇R and clipping:
+    ``opt.step(); sched.step(); allocator.update_importance(step); allocator.mask_to_budget(step)``.
+    Importance is scored after the step, as the reference implementations do (``|w_{t+1}·g_t|``);
+    the paper_order ablation scores before it (``|w_t·g_t|``). A non-finite gradient skips both
+    the update and the scoring. Returns the allocation record of a mask step, else None.
+    ``sched``, ``scaler`` and ``allocator`` may be None (the benchmark times this same update)."""
+    if allocator is not None and allocator.score_before_step:
+        allocator.update_importance(step, grads_finite=finite)
+    if scaler is not None and scaler.is_enabled():
+        scaler.step(opt)                    # skips the update itself on inf/nan
+        scaler.update()
+    elif finite:
+        opt.step()
+    if sched is not None:
+        sched.step()
+    if allocator is None:
+        return None
+    if not allocator.score_before_step:
+        allocator.update_importance(step, grads_finite=finite)
+    return allocator.mask_to_budget(step)
 
 
 class StopFlag:
@@ -233,19 +257,9 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                     f"{nonfinite} consecutive optimizer steps with a non-finite loss or gradient "
                     f"(last at step {step}; trainer.max_nonfinite_steps={t.max_nonfinite_steps}): "
                     f"lower trainer.lr, check the data, or use trainer.precision=fp32{kept}")
-            if allocator is not None and allocator.score_before_step:
-                allocator.update_importance(step, grads_finite=finite)   # paper_order ablation
-            if scaler.is_enabled():
-                scaler.step(opt)            # skips the update itself on inf/nan
-                scaler.update()
-            elif finite:
-                opt.step()
-            sched.step()
+            was_final = allocator is not None and allocator.final_done
+            record = update(opt, sched, scaler, allocator, step, finite)
             if allocator is not None:
-                if not allocator.score_before_step:
-                    allocator.update_importance(step, grads_finite=finite)
-                was_final = allocator.final_done
-                record = allocator.mask_to_budget(step)
                 if record is not None:
                     D.check_masks(allocator, step, dist)
                     writer.log_ranks(record.to_dict())

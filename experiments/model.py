@@ -29,6 +29,35 @@ def resolve_path(name_or_path: str) -> str:
     return name_or_path
 
 
+HEAD = "classifier"          # the fresh task head: trained in every method, never adapted
+
+# Every linear map of each block, by the backbone's model type: the default targets
+# (method.targets: null), since the paper adapts all of them.
+BLOCK_LINEARS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+             "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense",
+                   "intermediate.dense", "output.dense"],
+}
+
+
+def block_linears(backbone: nn.Module) -> List[str]:
+    """Module-name suffixes of every linear map of each block of ``backbone``."""
+    kind = getattr(getattr(backbone, "config", None), "model_type", None)
+    if kind not in BLOCK_LINEARS:
+        raise ConfigError(f"no default targets for model type {kind!r}: set method.targets to "
+                          "module-name suffixes (or method.target_regex)")
+    return list(BLOCK_LINEARS[kind])
+
+
+def method_targets(targets: Optional[List[str]], target_regex: Optional[str],
+                   backbone: nn.Module) -> List[str]:
+    """method.targets as given, or every linear map of each block when it is null."""
+    if targets is not None or target_regex:
+        return list(targets or [])
+    return block_linears(backbone)
+
+
 class PooledClassifier(nn.Module):
     """backbone -> mean (or [CLS]) pooling over real tokens -> dropout -> linear ``classifier``."""
 

@@ -1,5 +1,5 @@
 """method=peft_adalora / method=peft_lora: Hugging Face peft's own adapters behind our interfaces,
-so the study compares implementations on the same task, budget, seeds and loop (issue 8, question 4).
+so a study compares the two implementations on the same task, budget, seeds and loop.
 
 peft injects its layers into ``model.backbone``; each one is then wrapped in a thin *view* that
 is an ``adalora.SVDLinear`` (``P = lora_B``, ``lam = lora_E``, ``Q = lora_A``, the same Parameter
@@ -29,6 +29,7 @@ from adalora.allocator import AllocationRecord
 
 from . import budget as B
 from .config import ConfigError, RunConfig
+from .model import HEAD, method_targets
 
 ADAPTER = "default"          # peft's adapter name; one trainable adapter per model
 
@@ -263,7 +264,6 @@ def _refuse_unsupported(cfg: RunConfig) -> None:
 
 def build_peft(cfg: RunConfig, model: nn.Module, out, n_train: int):
     """Fill ``out`` (a build.Built) for method=peft_adalora or peft_lora."""
-    from .build import HEAD, _shapes
     m, s = cfg.method, cfg.schedule
     require_peft(m.name)
     from peft import AdaLoraConfig, LoraConfig
@@ -271,15 +271,16 @@ def build_peft(cfg: RunConfig, model: nn.Module, out, n_train: int):
     from peft.tuners.lora import LoraModel
     _refuse_unsupported(cfg)
     backbone = model.backbone
+    suffixes = method_targets(m.targets, m.target_regex, backbone)
     # Our inject on a throwaway copy: the names (in module order) and shapes of our runs.
     try:
-        shapes = _shapes(backbone, adalora.AdapterConfig(
-            method="lora", targets=list(m.targets), target_regex=m.target_regex, init_rank=1,
+        shapes = B.adapted_shapes(backbone, adalora.AdapterConfig(
+            method="lora", targets=suffixes, target_regex=m.target_regex, init_rank=1,
             alpha=m.alpha))
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0])
     names = list(shapes)
-    targets = m.target_regex if m.target_regex else list(m.targets)
+    targets = m.target_regex if m.target_regex else suffixes
     target_rank, matched_r = s.target_rank, None
 
     if m.name == "peft_lora":

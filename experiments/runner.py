@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import re
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -20,11 +18,12 @@ import adalora
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .build import HEAD, build, count_params
+from .build import build, count_params
 from .config import ConfigError, RunConfig
-from .logging import RunWriter, read_summary
+from .provenance import git_commit, versions
+from .runlog import RunWriter, read_summary
 from .loop import train
-from .model import load_model, load_tokenizer, tokenize
+from .model import HEAD, load_model, load_tokenizer, tokenize
 from .tasks import load_task
 
 # Keys that may differ between a run and its resumption without changing the result.
@@ -37,25 +36,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def versions() -> Dict[str, Optional[str]]:
-    try:
-        import transformers
-        tv = transformers.__version__
-    except ImportError:
-        tv = None
-    return {"adalora": getattr(adalora, "__version__", None), "torch": torch.__version__,
-            "transformers": tv, "python": platform.python_version()}
-
-
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

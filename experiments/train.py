@@ -13,8 +13,6 @@ run folder and broadcasts its path; the other ranks run Hydra with ``hydra.run.d
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -66,7 +64,7 @@ def check_key(key: str) -> None:
 def check_argv(argv: list[str]) -> None:
     """Checks Hydra would only make after touching the run folder or with a multi-line report:
     unknown group options, and run/sweep folders that already hold a completed run."""
-    from .logging import read_summary
+    from .runlog import read_summary
     for arg in argv:
         if "=" not in arg or arg.startswith("-"):
             continue
@@ -90,7 +88,7 @@ def check_argv(argv: list[str]) -> None:
 
 def record_failed_job(run_dir: Path, cfg: DictConfig, error: str) -> None:
     """A multirun job refused at start: its folder says why, unless it holds a run already."""
-    from .logging import atomic_write_json, read_summary
+    from .runlog import atomic_write_json, read_summary
     if read_summary(run_dir) is not None:
         return
     pick = lambda key: OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)  # noqa: E731

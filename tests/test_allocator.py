@@ -140,7 +140,7 @@ def test_state_dict_round_trip_after_compact():
 def test_mask_step_syncs_nothing_until_the_record_is_read():
     """A mask step leaves ranks and threshold on the device (no host sync when the loop drops the
     record); reading the record gives what the materialised ranks() reports."""
-    from experiments.benchmark import count_ops
+    from experiments.opcount import count_ops
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     adapters = adalora.inject(model, adalora.AdapterConfig(targets=["0", "1"], init_rank=4))

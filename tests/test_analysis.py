@@ -1,5 +1,5 @@
 """analysis/: loaders, tables and the report, on synthetic run folders written by hand to the
-contract of /work/notes/CONTRACT.md (the same keys experiments/logging.py writes)."""
+run-folder contract of experiments/README.md (the same keys experiments/runlog.py writes)."""
 from __future__ import annotations
 
 import json

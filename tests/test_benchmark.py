@@ -25,8 +25,8 @@ def _check_outputs(out: Path, variants: list[str], alloc_layers: list[int]) -> d
 
 def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
     pytest.importorskip("peft", reason="peft is in the dev extra; the peft rows need it")
-    cfg = benchmark.parse_args(["--preset", "tiny", "--device", "cpu", "--warmup", "1", "--rounds", "2",
-                                "--steps", "2", "--alloc-layers", "1,2", "--alloc-steps", "2", "--out", str(tmp_path)])
+    cfg = benchmark.BenchConfig(preset="tiny", device="cpu", warmup=1, rounds=2, steps=2, alloc_layers=[1, 2],
+                                alloc_steps=2, out=str(tmp_path))
     benchmark.run(cfg)
     result = _check_outputs(tmp_path, benchmark.VARIANTS[:-3] + ["peft_lora", "peft_adalora", "lora_final"], [1, 2])
     assert set(result["ratios"]) >= {"adalora/floor", "adalora/lora", "peft_adalora/adalora", "lora/peft_lora",
@@ -47,15 +47,28 @@ def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
     assert row["peft_state_bytes"] == 3 * row["adapter_param_bytes"]
 
 
-def test_benchmark_flags_and_hydra_overrides_parse():
-    cfg = benchmark.parse_args(["--preset=large", "--dtype", "bf16", "--compile", "variants=floor,adalora",
-                                "--alloc-layers", "[]", "--layers", "3"])
+def test_benchmark_config_checks_and_hydra_overrides():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+    ConfigStore.instance().store(name="benchmark_schema", node=benchmark.BenchConfig)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        dcfg = compose(config_name="benchmark", overrides=[
+            "preset=large", "dtype=bf16", "compile=true", "variants=[floor,adalora]", "alloc_layers=[]", "layers=3"])
+    cfg = OmegaConf.to_object(dcfg)
     assert (cfg.layers, cfg.hidden, cfg.seq, cfg.dtype, cfg.compile) == (3, 1024, 256, "bf16", True)
     assert cfg.variants == ["floor", "adalora"] and cfg.alloc_layers == []
     with pytest.raises(ValueError, match="unknown variants"):
         benchmark.BenchConfig(variants=["adalora", "qlora"])
-    with pytest.raises(SystemExit, match="unknown option"):
-        benchmark.parse_args(["--nope", "1"])
+    with pytest.raises(ValueError, match="preset:dtype"):
+        benchmark.BenchConfig(suite=["base:fp16"])
+
+
+def test_benchmark_bad_override_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "preset=huge", f"hydra.run.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "preset='huge': use one of" in r.stderr
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_benchmark_hydra_entry_point(tmp_path):
@@ -70,9 +83,9 @@ def test_benchmark_hydra_entry_point(tmp_path):
 def test_compiled_variants_each_compile_once(tmp_path, no_recompiles):
     """Every variant's loss closure has its own Dynamo cache (one compile each, no recompiles
     across variants or steps, masking included) and `graphs` in a suite entry means reduce-overhead."""
-    cfg = benchmark.parse_args(["--suite", "tiny:fp32:graphs", "--device", "cpu", "--compile-backend", "aot_eager",
-                                "--variants", "floor,lora,adalora,adalora_compact,lora_final", "--warmup", "1",
-                                "--rounds", "2", "--steps", "3", "--alloc-layers", "[]", "--out", str(tmp_path)])
+    cfg = benchmark.BenchConfig(suite=["tiny:fp32:graphs"], device="cpu", compile_backend="aot_eager",
+                                variants=["floor", "lora", "adalora", "adalora_compact", "lora_final"], warmup=1,
+                                rounds=2, steps=3, alloc_layers=[], out=str(tmp_path))
     from torch._dynamo.utils import counters
     counters.clear()
     benchmark.run(cfg)
@@ -87,7 +100,8 @@ def test_eager_and_compiled_steps_train_alike_with_the_penalty():
     training either way (so the timed variants do the same work), and not the training of γ = 0."""
     import torch
     from dataclasses import replace
-    base = benchmark.parse_args(["--preset", "tiny", "--device", "cpu", "--compile-backend", "aot_eager"])
+    from experiments.bench_variants import build_variant
+    base = benchmark.BenchConfig(preset="tiny", device="cpu", compile_backend="aot_eager")
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, base.vocab, (base.batch, base.seq), generator=g),
              "attention_mask": torch.ones(base.batch, base.seq, dtype=torch.long),
@@ -97,7 +111,7 @@ def test_eager_and_compiled_steps_train_alike_with_the_penalty():
     for name, cfg in (("eager", replace(base, orth_weight=gamma)),
                       ("compiled", replace(base, orth_weight=gamma, compile=True)),
                       ("no_penalty", replace(base, orth_weight=0.0))):
-        v = benchmark.build_variant("adalora", cfg, torch.device("cpu"), batch, {})
+        v = build_variant("adalora", cfg, torch.device("cpu"), batch, {})
         for _ in range(4):
             v.step()
         trained[name] = {n: p.detach().clone() for n, p in v.model.named_parameters() if n.endswith((".P", ".Q"))}

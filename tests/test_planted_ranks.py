@@ -11,7 +11,7 @@ Set-up choices (a sweep over 32 seeds recovered the planted ranks exactly in eve
   noise every triplet sees the same gradient noise and its score grows with its singular value.
 - Orthogonality weight 0.3 on a loss summed over output dimensions (about 40 at the start), so
   the term keeps ``P, Q`` near-orthonormal (``lam`` are then the singular values) without
-  dominating the regression (issue 2: at 0.1 on a *small* loss it swamps the task).
+  dominating the regression (at 0.1 on a *small* loss it swamps the task).
 - float64: in float32 2 of 32 seeds swapped one singular value between the rank-5 and rank-7 maps.
 A control with random scores misses by 16 on every seed, so the test can tell a working scorer.
 """

@@ -53,7 +53,7 @@ def test_mixed_ranks_after_compaction_match_dense_reference_values_and_gradients
     """Adapters of one shape but different ranks (as after compact(), rank 0 included) are batched
     with zero padding and a mask: value and gradients equal the per-matrix dense formula, and the
     number of operations does not grow with the number of distinct ranks."""
-    from experiments.benchmark import count_ops
+    from experiments.opcount import count_ops
 
     def build(ranks):
         ad = _adapters([(6, 5)] * len(ranks) + [(4, 9)] * len(ranks), r=4, seed=1)

@@ -1,4 +1,4 @@
-"""Run-folder writers (DESIGN section 5, CONTRACT.md): metrics.jsonl, ranks.jsonl, summary.json,
+"""Run-folder writers (the contract in experiments/README.md): metrics.jsonl, ranks.jsonl, summary.json,
 TensorBoard scalars. JSONL files are appended and flushed line by line so a crashed run leaves
 readable files; summary.json is replaced atomically (temp file + os.replace) so a reader never
 sees half a file. Only rank 0 of a distributed run constructs a RunWriter.

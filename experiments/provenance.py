@@ -1,0 +1,35 @@
+"""Where a result came from: the commit and the versions, recorded beside every result."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from typing import Dict, Optional
+
+import torch
+
+import adalora
+
+
+def versions() -> Dict[str, Optional[str]]:
+    out = {"adalora": getattr(adalora, "__version__", None), "torch": torch.__version__,
+           "python": platform.python_version()}
+    for mod in ("transformers", "peft"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def git_commit() -> Optional[str]:
+    """HEAD of the checkout, or ADALORA_GIT_COMMIT where the code runs from a copy without
+    its .git folder (a remote machine, a container)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("ADALORA_GIT_COMMIT") or None
