@@ -104,16 +104,18 @@ def _config(schedule: dict):
 
 
 def main(argv=None) -> int:
+    from adalora.config import SCHEDULE_SHAPES, AdapterConfig, ScheduleConfig
+    lib, lib_r0 = ScheduleConfig(), AdapterConfig().init_rank      # the library's defaults
     ap = argparse.ArgumentParser(prog="python -m analysis.schedule", description=__doc__.split("\n\n")[0])
     ap.add_argument("--total-steps", type=int, required=True, help="T, optimizer steps")
-    ap.add_argument("--init-warmup", type=int, default=100, help="t_i: steps before any pruning")
-    ap.add_argument("--final-warmup", type=int, default=300, help="t_f: last steps with a frozen mask")
-    ap.add_argument("--mask-interval", type=int, default=10, help="Delta T: steps between allocations")
-    ap.add_argument("--init-rank", type=int, default=12, help="r0 of every adapter")
-    ap.add_argument("--target-rank", type=float, default=8.0, help="average final rank per adapter")
+    ap.add_argument("--init-warmup", type=int, default=lib.init_warmup, help="t_i: steps before any pruning")
+    ap.add_argument("--final-warmup", type=int, default=lib.final_warmup, help="t_f: last steps with a frozen mask")
+    ap.add_argument("--mask-interval", type=int, default=lib.mask_interval, help="Delta T: steps between allocations")
+    ap.add_argument("--init-rank", type=int, default=lib_r0, help="r0 of every adapter")
+    ap.add_argument("--target-rank", type=float, default=lib.target_rank, help="average final rank per adapter")
     ap.add_argument("--target-total", type=int, default=None, help="b_T directly (wins over --target-rank)")
     ap.add_argument("--n-adapters", type=int, required=True, help="number of adapted matrices")
-    ap.add_argument("--shape", default="cubic", choices=("cubic", "linear", "constant"))
+    ap.add_argument("--shape", default=lib.shape, choices=SCHEDULE_SHAPES)
     ap.add_argument("--out", default="schedule.png", help="figure path; .png and .pdf are written")
     args = ap.parse_args(argv)
     from adalora.config import ScheduleConfig

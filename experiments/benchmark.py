@@ -302,7 +302,21 @@ def run(cfg: BenchConfig) -> dict:
     return result
 
 
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--resolve", "--info", "--multirun", "-m",
+               "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--package", "-p")
+
+
 def main() -> None:
+    flags = [a for a in sys.argv[1:] if a.startswith("-") and a.split("=")[0] not in HYDRA_FLAGS]
+    if flags:
+        key = flags[0].lstrip("-").split("=")[0].replace("-", "_")
+        _fail(f"{flags[0]}: the benchmark takes Hydra overrides, e.g. {key}=<value> "
+              "(python -m experiments.benchmark --help lists them)")
     import hydra
     from hydra.core.config_store import ConfigStore
     from hydra.core.hydra_config import HydraConfig
@@ -314,7 +328,7 @@ def main() -> None:
         try:
             cfg = OmegaConf.to_object(dcfg)
         except Exception as e:              # a dataclass check or an OmegaConf type error
-            raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
+            _fail(str(e).splitlines()[0])
         if cfg.out is None:
             cfg.out = HydraConfig.get().runtime.output_dir
         run(cfg)

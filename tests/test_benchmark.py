@@ -67,8 +67,12 @@ def test_benchmark_config_checks_and_hydra_overrides():
 def test_benchmark_bad_override_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "preset=huge", f"hydra.run.dir={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "preset='huge': use one of" in r.stderr
+    assert r.returncode == 2 and "preset='huge': use one of" in r.stderr
     assert not (tmp_path / "results.json").exists()
+    r = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--preset", "base"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --preset:")
+    assert "preset=<value>" in r.stderr
 
 
 def test_benchmark_hydra_entry_point(tmp_path):

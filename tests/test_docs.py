@@ -1,0 +1,88 @@
+"""The repository explains itself: its docs quote files that are in it, nothing cites a document
+outside it, and the packages import downward only."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTSIDE = re.compile(r"DESIGN(\.md| section)|CONTRACT\.md|anchors-code|NOTES\.md|\bissue \d|/work/|shared/research")
+
+
+def _tracked(*patterns):
+    out = subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("not a git checkout")
+    return [ROOT / p for p in out.stdout.split() if (ROOT / p).is_file()]
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules of ``package`` that ``path`` imports anywhere in the file (lazy imports count)."""
+    mod = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = mod.rsplit(".", node.level if not path.name == "__init__.py" else node.level - 1)[0]
+                base = f"{parent}.{base}" if base else parent
+            out |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return {m for m in out if m == package or m.startswith(package + ".")}
+
+
+def test_nothing_cites_a_document_outside_the_repository():
+    files = _tracked("*.py", "*.md", "*.yaml", "*.toml", "*.sh", "Makefile", ".ci/*")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in
+            enumerate(p.read_text(errors="replace").splitlines(), 1) if OUTSIDE.search(line)]
+    assert not hits, hits
+
+
+def test_readme_is_a_short_front_door_with_links_to_each_package():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    for doc in ("adalora/README.md", "experiments/README.md", "analysis/README.md"):
+        assert f"]({doc})" in text and (ROOT / doc).is_file()
+
+
+def test_benchmark_tables_in_the_docs_match_the_committed_results():
+    r = subprocess.run([sys.executable, "-m", "analysis.bench_tables", "--check", "analysis/README.md"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_analysis_never_imports_experiments_and_the_library_imports_neither():
+    for p in (ROOT / "analysis").rglob("*.py"):
+        assert not _imports(p, "experiments"), p
+    for p in (ROOT / "adalora").rglob("*.py"):
+        assert not (_imports(p, "experiments") | _imports(p, "analysis")), p
+
+
+def test_experiments_modules_import_without_cycles_and_shadow_no_standard_module():
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "experiments").rglob("*.py")}
+    graph = {m: {i for i in _imports(p, "experiments") if i in files and i != m} for m, p in files.items()}
+    seen, stack = set(), []
+
+    def visit(m):
+        assert m not in stack, " -> ".join(stack[stack.index(m):] + [m])
+        if m in seen:
+            return
+        stack.append(m)
+        for n in graph[m]:
+            visit(n)
+        stack.pop()
+        seen.add(m)
+    for m in graph:
+        visit(m)
+    # The application's modules are imported by relative name beside the standard library's
+    # (experiments/logging.py was such a case); the library's io is only ever adalora.io.
+    for pkg in ("experiments", "analysis"):
+        shadow = [p.stem for p in (ROOT / pkg).rglob("*.py") if p.stem in sys.stdlib_module_names]
+        assert not shadow, (pkg, shadow)
