@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 METHODS = ("adalora", "lora")
 SCHEDULE_SHAPES = ("cubic", "linear", "constant")
-SCORE_KINDS = ("sensitivity_uncertainty", "sensitivity", "magnitude", "random")
+SCORE_KINDS = ("sensitivity_uncertainty", "sensitivity", "magnitude", "random_fixed", "random_churn")
 ORTH_FORMS = ("reference", "paper")
 
 
@@ -30,6 +30,11 @@ class AdapterConfig:
     ``init_rank`` is ``r0`` of the SVD adapters for AdaLoRA and the rank ``r`` for LoRA.
     ``rank_pattern`` overrides the rank per module: keys are full dotted names or suffixes
     (the longest matching key wins), e.g. ``{"layer.5.output.dense": 3}``.
+
+    The update is scaled by ``α / r`` with ``r`` each adapter's initial rank (``r0`` for SVD
+    adapters, for the whole run), or ``α / √r`` with ``rslora``. ``scale_rank`` replaces ``r``
+    by one number for every adapter: an SVD adapter then scales like a LoRA of that rank
+    (e.g. the target rank), and LoRAs of mixed ranks share one scale.
     """
 
     method: str = "adalora"
@@ -41,6 +46,7 @@ class AdapterConfig:
     rslora: bool = False
     init_std: float = 0.02
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    scale_rank: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"AdapterConfig.method={self.method!r}: use one of {METHODS}")
@@ -56,6 +62,9 @@ class AdapterConfig:
                f"AdapterConfig.dropout={self.dropout!r}: use a value in [0, 1)")
         _check(_is_number(self.init_std) and self.init_std > 0,
                f"AdapterConfig.init_std={self.init_std}: use a positive number")
+        _check(self.scale_rank is None or (_is_number(self.scale_rank) and self.scale_rank > 0),
+               f"AdapterConfig.scale_rank={self.scale_rank!r}: use a positive number, or None for each "
+               "adapter's own rank")
         self.rank_pattern = dict(self.rank_pattern)
         for k, v in self.rank_pattern.items():
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
@@ -120,7 +129,13 @@ class ScheduleConfig:
 @dataclass
 class ScoreConfig:
     """Importance score (``adalora.importance``; Eqs. 10-13 of the paper): EMA factors ``beta1``
-    (``Ī``) and ``beta2`` (``Ū``), the score ``kind`` and the seed of ``kind="random"``."""
+    (``Ī``) and ``beta2`` (``Ū``), the score ``kind`` and the seed of the random kinds.
+
+    Ablation kinds: ``sensitivity`` (``s = Ī``), ``magnitude`` (``S = |lam_i|``),
+    ``random_fixed`` (one random score per singular value, drawn once: a random allocation on
+    the same schedule) and ``random_churn`` (new random scores at every mask step, so the kept
+    set is reshuffled each time).
+    """
 
     beta1: float = 0.85
     beta2: float = 0.85
@@ -128,6 +143,8 @@ class ScoreConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.kind != "random", "ScoreConfig.kind='random' is now 'random_churn' (new scores at "
+               "every mask step); 'random_fixed' draws one score per singular value once")
         _check(self.kind in SCORE_KINDS, f"ScoreConfig.kind={self.kind!r}: use one of {SCORE_KINDS}")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)

@@ -77,8 +77,9 @@ class ImportanceScorer:
     """Holds the EMAs ``Ī``, ``Ū`` for the SVD adapters given, as two flat buffers.
 
     ``kind``: ``sensitivity_uncertainty`` (``s = Ī·Ū``, default), ``sensitivity`` (``s = Ī``),
-    ``magnitude`` (``S = |lam_i|``, no state) or ``random`` (fresh uniform scores per call,
-    seeded by ``(seed, step)`` so that a resumed run draws the same numbers).
+    ``magnitude`` (``S = |lam_i|``, no state), ``random_fixed`` (uniform scores drawn once from
+    ``seed``: the same at every call) or ``random_churn`` (fresh uniform scores per call, seeded
+    by ``(seed, step)`` so that a resumed run draws the same numbers).
     State is fp32 for bf16/fp16 adapters, else the adapters' dtype.
     """
 
@@ -152,8 +153,11 @@ class ImportanceScorer:
         if self.cfg.kind == "magnitude":
             return torch.cat([layer.lam.detach().abs().float() for layer in self.layers])
         device = self.layers[0].lam.device
-        if self.cfg.kind == "random":
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        if self.cfg.kind in ("random_fixed", "random_churn"):
+            # random_fixed: one draw per singular value (ranks only change after the final
+            # allocation, so the positions are stable while masking); random_churn: per step.
+            draw = self.cfg.seed * 1_000_003 + (step if self.cfg.kind == "random_churn" else 0)
+            g = torch.Generator().manual_seed(draw)
             return torch.rand(sum(layer.rank for layer in self.layers), generator=g).to(device)
         layout = self._layout()
         if self.ibar is None:

@@ -1,6 +1,7 @@
 """Put adapters into a model, find them again by type, freeze the rest, merge and unmerge."""
 from __future__ import annotations
 
+import math
 import re
 
 import torch.nn as nn
@@ -52,9 +53,18 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
             layer = SVDLinear(base, r, cfg.alpha, cfg.dropout, cfg.init_std)
         else:
             layer = LoRALinear(base, r, cfg.alpha, cfg.dropout, cfg.rslora)
+        layer.scaling = scaling(cfg, r)
         _set_submodule(model, name, layer)
         adapters[name] = layer
     return adapters
+
+
+def scaling(cfg: AdapterConfig, rank: int) -> float:
+    """``α / r`` (``α / √r`` with rslora), ``r`` the adapter's initial rank or ``cfg.scale_rank``."""
+    if rank == 0:
+        return 0.0
+    r = rank if cfg.scale_rank is None else cfg.scale_rank
+    return cfg.alpha / (math.sqrt(r) if cfg.rslora else r)
 
 
 def find_adapters(model: nn.Module) -> dict[str, AdapterLayer]:

@@ -3,6 +3,7 @@ optimizer parameter groups, budget bookkeeping. Library ValueErrors raised here 
 errors (targets matching nothing, impossible schedules) and become one-line ConfigErrors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 import adalora
+from adalora.inject import scaling
 
 from . import budget as B
 from .config import ConfigError, RunConfig
@@ -116,6 +118,19 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
         lora_p = None if matched_r is None else B.lora_params(shapes, matched_r)
     out.budget = {"target_params": target_params if (m.prunes or matched_r) else None,
                   "matched_lora_rank": matched_r, "lora_params": lora_p}
+    if m.scale_rule in ("alpha_over_target", "uniform"):
+        # One shared rank in every adapter's scale: AdaLoRA's target (its update then scales
+        # like the budget-matched LoRA's), or a rank pattern's mean rank (its target, for ranks
+        # AdaLoRA found), so the pattern changes where the rank goes and not the step size.
+        n = len(out.adapters)
+        target = target_rank if s.target_total is None else s.target_total / n
+        shared = target if m.prunes else sum(a.rank for a in out.adapters.values()) / n
+        if not shared > 0:
+            raise ConfigError(f"method.scale={m.scale}: the shared rank is {shared:g}; use a "
+                              "positive target or rank pattern")
+        shared_cfg = dataclasses.replace(acfg, scale_rank=float(shared))
+        for a in out.adapters.values():
+            a.scaling = scaling(shared_cfg, a.r0 if isinstance(a, adalora.SVDLinear) else a.rank)
     for p in model.parameters():
         p.requires_grad_(False)
     adalora.mark_only_adapters_trainable(model, extra=(HEAD,))

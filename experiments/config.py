@@ -53,6 +53,12 @@ def _validated(section: str, build) -> None:
 
 
 METHODS = ("adalora", "lora", "svd_lora", "full", "head", "peft_adalora", "peft_lora")
+# method.scale: what the update's α is divided by. SVD adapters: their initial rank r0 (the
+# reference rule), the target rank (AdaLoRA's update then scales like the matched LoRA's), or
+# √r0. LoRA: each module's own rank, one shared rank (the mean; for ranks AdaLoRA found, its
+# target) so that a rank pattern does not also change the scale, or √r.
+SVD_SCALES = ("alpha_over_r0", "alpha_over_target", "rslora")
+LORA_SCALES = ("per_module", "uniform", "rslora")
 _LIB_TOTAL = library_default(adalora.ScheduleConfig, "total_steps")
 
 
@@ -69,6 +75,7 @@ class MethodConfig:
     alpha: float = _lib(adalora.AdapterConfig, "alpha")
     dropout: float = _lib(adalora.AdapterConfig, "dropout")
     rslora: bool = _lib(adalora.AdapterConfig, "rslora")
+    scale: Optional[str] = None            # null: alpha_over_r0 (SVD) or per_module (LoRA)
     orth_weight: float = 0.1               # γ; the paper's GLUE runs use 0.1 to 0.5
     orth_form: str = _lib(adalora.orthogonality_penalty, "form")
     # lora only: per-module ranks {name_or_suffix: r}; or read from a finished AdaLoRA run.
@@ -86,8 +93,25 @@ class MethodConfig:
                or self.name in ("full", "head"),
                "method.targets is empty; give module-name suffixes, null (every linear map) or "
                "method.target_regex")
-        if self.name not in ("full", "head"):
+        if self.name in ("full", "head"):
+            _check(self.scale is None, f"method.scale is for adapters; method={self.name} has none")
+        else:
+            allowed = SVD_SCALES if self.uses_svd else LORA_SCALES
+            _check(self.scale is None or self.scale in allowed,
+                   f"method.scale='{self.scale}' for method={self.name}; choose one of {', '.join(allowed)}")
+            _check(self.scale != "alpha_over_target" or self.prunes,
+                   "method.scale=alpha_over_target needs a target rank: use it with a pruning method")
+            _check(not self.rslora or self.scale in (None, "rslora"),
+                   f"method.rslora=true and method.scale={self.scale} disagree: drop one")
             _validated("method", lambda: self.adapter_config(["_"], self.init_rank))
+
+    @property
+    def scale_rule(self) -> Optional[str]:
+        if self.name in ("full", "head"):
+            return None
+        if self.scale is not None:
+            return self.scale
+        return "rslora" if self.rslora else ("alpha_over_r0" if self.uses_svd else "per_module")
 
     @property
     def uses_svd(self) -> bool:
@@ -102,7 +126,7 @@ class MethodConfig:
         return adalora.AdapterConfig(
             method="adalora" if self.uses_svd else "lora", targets=list(targets),
             target_regex=self.target_regex, init_rank=init_rank, alpha=self.alpha,
-            dropout=self.dropout, rslora=self.rslora,
+            dropout=self.dropout, rslora=self.scale_rule == "rslora",
             rank_pattern=dict(self.rank_pattern if rank_pattern is None else rank_pattern))
 
 

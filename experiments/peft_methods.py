@@ -249,7 +249,8 @@ def _refuse_unsupported(cfg: RunConfig) -> None:
     m, s, t = cfg.method, cfg.schedule, cfg.trainer
     bad = [(m.rank_pattern or m.rank_pattern_from, "method.rank_pattern / rank_pattern_from"),
            (cfg.model.quantize != "none", "model.quantize=nf4"),
-           (t.compact, "trainer.compact=true")]
+           (t.compact, "trainer.compact=true"),
+           (m.scale_rule not in ("alpha_over_r0", "per_module", "rslora"), f"method.scale={m.scale}")]
     if m.name == "peft_adalora":
         bad += [(s.shape != "cubic", f"schedule.shape={s.shape} (peft has the cubic schedule only)"),
                 (s.score != "sensitivity_uncertainty", f"schedule.score={s.score}"),

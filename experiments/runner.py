@@ -143,6 +143,7 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         "target_rank": built.target_rank, "lora_rank": built.lora_rank,
         "budget": built.budget or {"target_params": None, "matched_lora_rank": None,
                                    "lora_params": None},
+        "scale": scale_summary(m.scale_rule, built.adapters),
         "schedule": None if a is None else {
             "total_steps": built.total_steps, "init_warmup": built.init_warmup,
             "final_warmup": built.final_warmup, "mask_interval": cfg.schedule.mask_interval,
@@ -200,6 +201,15 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         writer.write_summary(summary)
         writer.close()
     return summary
+
+
+def scale_summary(rule: Optional[str], adapters) -> Optional[Dict[str, Any]]:
+    """The rule and the α/r every adapter's update is multiplied by (``scaling``: shared or mean)."""
+    if rule is None or not adapters:
+        return None
+    per_module = {n: float(a.scaling) for n, a in adapters.items()}
+    return {"rule": rule, "scaling": sum(per_module.values()) / len(per_module),
+            "per_module": per_module}
 
 
 def write_rank_error(run_dir: Path, rank: int, e: BaseException) -> None:

@@ -61,6 +61,11 @@ def check_key(key: str) -> None:
         fail(f"unknown key '{key}'; {head} has: {', '.join(names)}")
 
 
+RENAMED = {("ablation", "random"): "ablation=random_churn (new scores every mask step) or "
+                                   "ablation=random_fixed (one draw)",
+           ("schedule.score", "random"): "schedule.score=random_churn or schedule.score=random_fixed"}
+
+
 def check_argv(argv: list[str]) -> None:
     """Checks Hydra would only make after touching the run folder or with a multi-line report:
     unknown group options, and run/sweep folders that already hold a completed run."""
@@ -69,6 +74,9 @@ def check_argv(argv: list[str]) -> None:
         if "=" not in arg or arg.startswith("-"):
             continue
         key, _, value = arg.lstrip("+~").partition("=")
+        for v in value.split(","):
+            if (key, v) in RENAMED:
+                fail(f"{key}={v} was renamed: use {RENAMED[(key, v)]}")
         check_key(key)
         if key in GROUPS and value not in ("null", ""):
             for v in value.split(","):
@@ -132,7 +140,13 @@ def main(cfg: DictConfig) -> float:
     if summary["final_ranks"]:
         print("final ranks (layer x matrix):\n" + layer_table(summary["final_ranks"]))
     print(f"run folder: {run_dir}")
-    return float(final.get(metric, float("nan")))
+    return objective(summary, metric)
+
+
+def objective(summary: dict, metric: str) -> float:
+    """What ``main`` returns to a Hydra sweeper: the validation metric. Tuning on the test split
+    would make every test number optimistic, so the test metric is never returned."""
+    return float(summary.get("final", {}).get("val", {}).get(metric, float("nan")))
 
 
 RANK_LOCAL_HYDRA = ("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging=")

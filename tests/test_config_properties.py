@@ -46,7 +46,7 @@ schedule_kw = st.fixed_dictionaries({
 score_kw = st.fixed_dictionaries({
     "beta1": mostly(st.floats(0.01, 0.99), st.sampled_from([0.0, 1.0, math.nan])),
     "beta2": mostly(st.floats(0.01, 0.99), st.sampled_from([0.0, 1.0, 2.0])),
-    "kind": mostly(st.sampled_from(["sensitivity_uncertainty", "sensitivity", "magnitude", "random"]),
+    "kind": mostly(st.sampled_from(["sensitivity_uncertainty", "sensitivity", "magnitude", "random_fixed", "random_churn"]),
                    st.just("fisher")),
 })
 wild_kw = st.fixed_dictionaries({

@@ -1,5 +1,7 @@
 import pytest
 import torch
+
+import adalora
 import torch.nn as nn
 
 from adalora import ScoreConfig
@@ -60,8 +62,40 @@ def test_kinds():
                                                             for t in (layer.P, layer.lam, layer.Q))))
     assert torch.equal(ImportanceScorer([layer], ScoreConfig(kind="magnitude")).scores()[0],
                        torch.tensor([0.5, 2.0], dtype=torch.float32))
-    rnd = ImportanceScorer([layer], ScoreConfig(kind="random", seed=3))
+    rnd = ImportanceScorer([layer], ScoreConfig(kind="random_churn", seed=3))
     assert torch.equal(rnd.scores(7)[0], rnd.scores(7)[0]) and not torch.equal(rnd.scores(7)[0], rnd.scores(8)[0])
+    fixed = ImportanceScorer([layer], ScoreConfig(kind="random_fixed", seed=3))
+    assert torch.equal(fixed.scores(7)[0], fixed.scores(8)[0])          # one draw, every step
+    assert not torch.equal(fixed.scores(7)[0], ImportanceScorer([layer], ScoreConfig(kind="random_fixed", seed=4)).scores(7)[0])
+
+
+def test_random_kinds_keep_nested_sets_or_reshuffle():
+    """random_fixed keeps a fixed random order, so each budget's kept set contains the next
+    smaller one; random_churn redraws at every mask step, so kept sets are not nested."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+    adapters = adalora.inject(model, adalora.AdapterConfig(targets=["0", "1", "2", "3"], init_rank=8))
+
+    def kept_sets(kind):
+        for a in adapters.values():
+            a.rank_mask.fill_(True)
+        alloc = adalora.RankAllocator(adapters, adalora.ScheduleConfig(
+            target_rank=1, total_steps=100, init_warmup=0, final_warmup=10, mask_interval=1),
+            ScoreConfig(kind=kind, seed=1))
+        out = []
+        for t in range(1, 60, 7):
+            alloc.mask_to_budget(t)
+            out.append({(n, i) for n, a in adapters.items() for i in a.rank_mask.nonzero().flatten().tolist()})
+        return out
+    fixed = kept_sets("random_fixed")
+    assert all(small <= big for big, small in zip(fixed, fixed[1:]))
+    churn = kept_sets("random_churn")
+    assert not all(small <= big for big, small in zip(churn, churn[1:]))
+
+
+def test_random_is_renamed_with_a_message_naming_both_kinds():
+    with pytest.raises(ValueError, match="random_churn.*random_fixed"):
+        ScoreConfig(kind="random")
 
 
 def test_missing_gradient_is_a_clear_error():
