@@ -10,14 +10,15 @@
 set -euo pipefail
 STAGE=$1; ROOT=$2
 N=${N_JOBS:-16}
+PY=${PYTHON:-python3}
 HERE=$(dirname "$0")
 case $STAGE in
   tune)
-    python -m experiments.train -m experiment=v2_tune hydra/launcher=joblib hydra.launcher.n_jobs=$N \
+    $PY -m experiments.train -m experiment=v2_tune hydra/launcher=joblib hydra.launcher.n_jobs=$N \
         hydra.sweep.dir="$ROOT/tune"
-    python -m analysis.tune "$ROOT/tune" ;;
+    $PY -m analysis.tune "$ROOT/tune" ;;
   main|long)
-    python "$HERE/jobs.py" "$STAGE" "$ROOT/tune/tuned.json" "$ROOT" |
-      xargs -P "$N" -L 1 sh -c 'dir=$0; python -m experiments.train hydra.run.dir="$dir" "$@" >/dev/null 2>&1 || echo "failed: $dir"' ;;
+    $PY "$HERE/jobs.py" "$STAGE" "$ROOT/tune/tuned.json" "$ROOT" |
+      xargs -P "$N" -L 1 sh -c 'dir=$0; ${PYTHON:-python3} -m experiments.train hydra.run.dir="$dir" "$@" >/dev/null 2>&1 || echo "failed: $dir"' ;;
   *) echo "error: stage $STAGE: use tune, main or long" >&2; exit 2 ;;
 esac
