@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-TASKS = ("rotten_tomatoes", "reuters_r8", "reuters_r52")
+TASKS = ("rotten_tomatoes", "reuters_r52", "reuters_r8")          # longest first
 SEEDS = range(5)
 BUDGETS = ("r1", "r2", "r4")
 METHODS = ("adalora", "adalora_scaled", "lora")
@@ -72,9 +72,13 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: jobs.py main|long TUNED_JSON ROOT")
     stage, tuned_path, root = argv[0], Path(argv[1]), Path(argv[2])
     tuned = json.loads(tuned_path.read_text())
-    # Longest first, so the slowest runs do not start last and leave workers idle.
-    lines = [(d, o) for d, o in jobs(stage, tuned, root) if not completed(d)]
-    lines.sort(key=lambda j: ("peft" not in str(j[0]), "reuters_r8" in str(j[0])))
+    # The method grid first, then peft and the ablations (a stage cut short loses the least);
+    # within each, the longest runs first so that they do not start last and leave workers idle.
+    def order(job):
+        d = str(job[0])
+        group = 2 if any(f"/{a}_" in d for a in ABLATIONS + ("lora_on_found_ranks",)) else int("peft" in d)
+        return group, -("_e3_" in d), TASKS.index(d.split("/")[-2]) if d.split("/")[-2] in TASKS else 0
+    lines = sorted(((d, o) for d, o in jobs(stage, tuned, root) if not completed(d)), key=order)
     for d, overrides in lines:
         print(d, *overrides)
 
