@@ -100,7 +100,9 @@ def test_random_is_renamed_with_a_message_naming_both_kinds():
 
 def test_missing_gradient_is_a_clear_error():
     layer = _layer()
-    with pytest.raises(RuntimeError, match="no gradient for P.*after loss.backward"):
+    with pytest.raises(RuntimeError, match=r"^no gradient for P of SVD adapter #0 \(d_in=3, d_out=2, rank=2, scaling=0\.5\): call "
+                       r"update_importance after loss\.backward\(\) and before optimizer\.zero_grad\(\), and keep "
+                       r"adapter parameters trainable \(mark_only_adapters_trainable\)$"):
         ImportanceScorer([layer], ScoreConfig()).update()
 
 
@@ -123,3 +125,36 @@ def test_bf16_adapters_keep_fp32_state():
     scorer = ImportanceScorer([layer], ScoreConfig())
     scorer.update()
     assert scorer.ibar.dtype == scorer.ubar.dtype == torch.float32
+
+
+def test_layout_is_reused_until_ranks_change_and_scores_follow_new_ranks():
+    layers = [_layer(0), _layer(1)]
+    scorer = ImportanceScorer(layers, ScoreConfig())
+    first = scorer._layout()
+    assert scorer._layout() is first                     # built once while the ranks stay
+    layers[1].resize(torch.tensor([1]))                  # a pruned adapter: rebuilt
+    second = scorer._layout()
+    assert second is not first and second.ranks == (2, 1) and scorer._layout() is second
+    for layer in layers:
+        for p in (layer.P, layer.lam, layer.Q):
+            p.grad = torch.ones_like(p)
+    scorer.update()
+    s = scorer.scores()
+    assert [t.shape[0] for t in s] == [2, 1]
+    for layer, got in zip(layers, s):
+        # one step with g = 1: I = |w|, Ibar = 0.15 I, Ubar = 0.15 |I - Ibar| = 0.15 * 0.85 I
+        ii = [t.detach().abs() for t in (layer.P, layer.lam, layer.Q)]
+        assert torch.allclose(got, triplet_scores(*(0.15 * x * 0.15 * 0.85 * x for x in ii)), atol=1e-15)
+
+
+def test_scores_default_to_step_zero():
+    layer = _layer()
+    rnd = ImportanceScorer([layer], ScoreConfig(kind="random_churn", seed=3))
+    assert torch.equal(rnd.scores()[0], rnd.scores(0)[0]) and not torch.equal(rnd.scores()[0], rnd.scores(1)[0])
+
+
+def test_rank_0_adapters_alone_score_nothing():
+    layers = [SVDLinear(nn.Linear(3, 2), 0, 1.0), SVDLinear(nn.Linear(4, 2), 0, 1.0)]
+    scorer = ImportanceScorer(layers, ScoreConfig())
+    assert scorer.update()
+    assert scorer.flat_scores().shape == (0,) and [s.shape for s in scorer.scores()] == [(0,), (0,)]

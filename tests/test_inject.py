@@ -91,3 +91,90 @@ def test_merge_model_equals_unmerged_outputs():
     assert torch.allclose(m(x), y, atol=1e-12)
     adalora.unmerge(m)
     assert torch.allclose(m(x), y, atol=1e-12)
+
+
+# -- messages name what is available; options reach the layers --------------------------------------
+def test_no_match_lists_only_linear_layers_first_40_then_dots():
+    with pytest.raises(ValueError) as e:
+        adalora.inject(Net(), adalora.AdapterConfig(targets=["norm"]))       # a LayerNorm: not adaptable
+    assert str(e.value) == ("targets=['norm'] matched no linear layer; available: layers.0.query, layers.0.key, "
+                            "layers.0.value, layers.0.ffn, layers.1.query, layers.1.key, layers.1.value, "
+                            "layers.1.ffn, classifier")
+    with pytest.raises(ValueError, match=r"^target_regex='nothing_\.\*' matched no linear layer; available: "
+                                         r"layers\.0\.query, "):
+        adalora.inject(Net(), adalora.AdapterConfig(targets=[], target_regex="nothing_.*"))
+    for n, tail in ((40, "38, 39"), (41, "38, 39 ..."), (45, "38, 39 ...")):
+        with pytest.raises(ValueError) as e:
+            adalora.inject(nn.Sequential(*[nn.Linear(2, 2) for _ in range(n)]), adalora.AdapterConfig(targets=["x"]))
+        assert str(e.value) == "targets=['x'] matched no linear layer; available: " + \
+            ", ".join(str(i) for i in range(38)) + ", " + tail, n
+    with pytest.raises(ValueError) as e:
+        adalora.inject(nn.Sequential(nn.ReLU()), adalora.AdapterConfig(targets=["x"]))
+    assert str(e.value) == "targets=['x'] matched no linear layer; available: (none)"
+
+
+def test_unused_target_and_rank_pattern_messages_suggest_names():
+    with pytest.raises(ValueError) as e:
+        adalora.inject(Net(), adalora.AdapterConfig(targets=["query", "nope"]))
+    assert str(e.value) == ("targets ['nope'] matched no linear layer; fix the names (e.g. one of "
+                            "['classifier', 'ffn', 'key', 'query', 'value'])")
+    with pytest.raises(ValueError) as e:
+        adalora.inject(Net(), adalora.AdapterConfig(targets=["query", "key", "value", "ffn"], rank_pattern={"nope": 2}))
+    assert str(e.value) == ("rank_pattern keys ['nope'] match no adapted module; use names from ['layers.0.query', "
+                            "'layers.0.key', 'layers.0.value', 'layers.0.ffn', 'layers.1.query', 'layers.1.key']...")
+    m = Net()
+    adalora.inject(m, adalora.AdapterConfig(targets=["query"]))
+    with pytest.raises(ValueError, match=r"^model already has adapters: inject once per model \(use find_adapters "
+                                         r"to get them\)$"):
+        adalora.inject(m, adalora.AdapterConfig(targets=["key"]))
+
+
+def test_top_level_targets_are_replaced_in_place():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    ad = adalora.inject(m, adalora.AdapterConfig(targets=["0", "2"], init_rank=2))
+    assert m[0] is ad["0"] and m[2] is ad["2"] and isinstance(m[1], nn.ReLU)
+
+
+def test_options_reach_the_layers():
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(200, 300))
+    ad = adalora.inject(big, adalora.AdapterConfig(targets=["0"], init_rank=8, alpha=4.0, init_std=0.5,
+                                                   dropout=0.25))
+    a = ad["0"]
+    assert 0.45 < float(a.P.detach().std()) < 0.55 and 0.45 < float(a.Q.detach().std()) < 0.55
+    assert a.drop.p == 0.25 and a.scaling == 4.0 / 8
+    for rslora, dropout in ((True, 0.0), (False, 0.3)):
+        lad = adalora.inject(Net(), adalora.AdapterConfig(method="lora", targets=["query"], init_rank=4, alpha=8.0,
+                                                          rslora=rslora, dropout=dropout))
+        layer = lad["layers.0.query"]
+        assert layer.scaling == (8.0 / 2.0 if rslora else 8.0 / 4.0)
+        assert (layer.drop is None) if dropout == 0 else (layer.drop.p == dropout)
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_scaling_by_hand(method):
+    from adalora.inject import scaling
+    cfg = lambda **kw: adalora.AdapterConfig(method=method, targets=["query"], alpha=6.0, **kw)   # noqa: E731
+    assert scaling(cfg(), 3) == 2.0 and scaling(cfg(), 0) == 0.0
+    assert scaling(cfg(rslora=True), 4) == 3.0
+    assert scaling(cfg(scale_rank=2.0), 3) == 3.0 and scaling(cfg(scale_rank=2.0), 0) == 0.0
+    assert scaling(cfg(rslora=True, scale_rank=9.0), 4) == 2.0
+    ad = adalora.inject(Net(), adalora.AdapterConfig(method=method, targets=["query"], init_rank=4, alpha=6.0,
+                                                     rank_pattern={"layers.1.query": 0}, scale_rank=2.0))
+    assert [a.scaling for a in ad.values()] == [3.0, 0.0]
+
+
+def test_bias_options_and_suffix_extras():
+    m = Net()
+    adalora.inject(m, adalora.AdapterConfig(targets=["query"], init_rank=2))
+    adalora.mark_only_adapters_trainable(m, extra=("ffn",), bias="all")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    biases = {n for n, _ in m.named_parameters() if n.endswith("bias")}
+    assert trainable == biases | {f"layers.{i}.query.{p}" for i in (0, 1) for p in ("P", "lam", "Q")} | {
+        f"layers.{i}.ffn.weight" for i in (0, 1)}
+    assert "norm.bias" in trainable and "norm.weight" not in trainable
+    with pytest.raises(ValueError, match=r"^bias='some': use 'none', 'all' or 'adapter_only'$"):
+        adalora.mark_only_adapters_trainable(m, bias="some")
+    with pytest.raises(ValueError, match=r"^model has no adapters: call adalora\.inject\(model, cfg\) first$"):
+        adalora.mark_only_adapters_trainable(Net())

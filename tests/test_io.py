@@ -85,3 +85,88 @@ def test_export_lora_has_same_delta_weight():
     assert not unexpected
     for name in ad:
         assert torch.allclose(lad[name].delta_weight(), ad[name].delta_weight(), atol=1e-12)
+
+
+# -- file names, sidecar contents, atomic writes, refusals --------------------------------------------
+def _pair(p):
+    return p, p.with_suffix(".json")
+
+
+def test_path_rules(tmp_path):
+    m, _ = _pruned()
+    (tmp_path / "run.v1").mkdir()
+    cases = [(tmp_path / "a.safetensors", tmp_path / "a.safetensors"),          # as given
+             (tmp_path / "newdir", tmp_path / "newdir" / "adapters.safetensors"),  # no suffix: a folder
+             (tmp_path / "run.v1", tmp_path / "run.v1" / "adapters.safetensors"),  # an existing folder
+             (tmp_path / "b.bin", tmp_path / "b.safetensors"),                  # other suffix replaced
+             (tmp_path / "d.SAFETENSORS", tmp_path / "d.safetensors"),          # ... also in capitals
+             (tmp_path / "x" / "y" / "c.safetensors", tmp_path / "x" / "y" / "c.safetensors")]  # parents made
+    for given, st in cases:
+        assert adalora.save_adapters(given, m) == st
+        assert st.is_file() and st.with_suffix(".json").is_file()
+        assert adalora.read_adapters(given)[0]["ranks"] == {"0": 2, "2": 0}
+    assert adalora.read_adapters(str(tmp_path / "a.safetensors"))[0]["format"] == "adalora-adapters/1"
+
+
+def test_sidecar_contents_and_layout(tmp_path):
+    m, ad = _pruned()
+    lm = _net()
+    adalora.inject(lm, AdapterConfig(method="lora", targets=["2"], init_rank=3, alpha=6.0))
+    m.add_module("head", nn.Module())
+    m.head.proj = nn.Linear(3, 2).double()                                   # an extra, named by its suffix
+    path = adalora.save_adapters(tmp_path, m, extra=("proj",))
+    text = path.with_suffix(".json").read_text()
+    meta = json.loads(text)
+    assert text == json.dumps(meta, indent=1, sort_keys=True)                 # stable, diffable sidecar
+    assert meta["library_version"] == adalora.__version__
+    assert meta["modules"] == {
+        "0": {"type": "svd", "rank": 2, "r0": 4, "scaling": ad["0"].scaling, "shape": [8, 6]},
+        "2": {"type": "svd", "rank": 0, "r0": 4, "scaling": ad["2"].scaling, "shape": [8, 8]}}
+    _, tensors = adalora.read_adapters(path)
+    assert {k for k in tensors if k.startswith("extra::")} == {"extra::head.proj.weight", "extra::head.proj.bias"}
+    assert tensors["0.kept"].tolist() == [0, 2] and tensors["0.kept"].dtype == torch.int64
+    ad["0"].resize(torch.tensor([0, 2]))                                      # compacted: rank 2, r0 still 4
+    lpath = adalora.save_adapters(tmp_path / "lora", lm)
+    assert adalora.read_adapters(lpath)[0]["modules"] == {
+        "2": {"type": "lora", "rank": 3, "r0": 3, "scaling": 2.0, "shape": [8, 8]}}
+    meta = adalora.read_adapters(adalora.save_adapters(tmp_path / "c", m))[0]
+    assert meta["modules"]["0"]["r0"] == 4 and meta["modules"]["0"]["rank"] == 2
+
+
+def test_writes_are_atomic_beside_the_target_and_clean_up_on_failure(tmp_path, monkeypatch):
+    import os
+    m, _ = _pruned()
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append((a, b)), real_replace(a, b))[1])
+    adalora.save_adapters(tmp_path, m)
+    assert [os.path.basename(b) for _, b in moves] == ["adapters.safetensors", "adapters.json"]
+    for tmp, final in moves:                   # a hidden temp file in the target's own folder: an atomic rename
+        assert os.path.dirname(tmp) == os.path.dirname(final) == str(tmp_path)
+        assert os.path.basename(tmp).startswith("." + os.path.basename(final) + ".")
+
+    def fail(a, b):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        adalora.save_adapters(tmp_path / "second", m)
+    assert list((tmp_path / "second").iterdir()) == []                       # no temp file left behind
+
+
+def test_refusals_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match=r"^model has no adapters to save: call adalora\.inject first$"):
+        adalora.save_adapters(tmp_path, _net())
+    with pytest.raises(FileNotFoundError, match=r"adapters\.safetensors does not exist: pass the path given to "
+                                                r"save_adapters$"):
+        adalora.read_adapters(tmp_path)
+    m, _ = _pruned()
+    path = adalora.save_adapters(tmp_path, m)
+    js = path.with_suffix(".json")
+    meta = json.loads(js.read_text())
+    js.write_text(json.dumps({**meta, "format": "other/1"}))
+    with pytest.raises(ValueError, match=r"adapters\.json is not an adalora adapter sidecar \(format 'other/1'\)$"):
+        adalora.read_adapters(path)
+    js.write_text("{not json")
+    with pytest.raises(ValueError, match=r"adapters\.json is not valid JSON \(.*\): the file is damaged; re-save "
+                                         r"the adapters$"):
+        adalora.read_adapters(path)

@@ -184,3 +184,90 @@ def test_up_factors_are_column_major_from_init_resize_and_load(tmp_path):
         given = given.t().contiguous().t()
         b.set_factors(**{"P" if method == "adalora" else "B": given})
         assert up(b).t().is_contiguous() and up(b).data_ptr() != given.data_ptr()
+
+
+# -- what can be wrapped, constructor options and their defaults ---------------------------------
+def test_conv1d_and_quantized_detection():
+    from adalora.layers import is_adaptable, is_conv1d, is_quantized
+
+    class HasNf(nn.Module):                      # nf and a weight, but not called Conv1D
+        def __init__(self):
+            super().__init__()
+            self.nf, self.weight = 3, nn.Parameter(torch.zeros(2, 3))
+
+    NoWeight = type("Conv1D", (nn.Module,), {"nf": 3})     # named Conv1D, no weight
+    NoNf = type("Conv1D", (nn.Module,), {})
+    assert is_conv1d(Conv1D(3, 2)) and not is_conv1d(HasNf()) and not is_conv1d(NoWeight())
+    assert not is_conv1d(NoNf()) and not is_conv1d(nn.Linear(2, 3))
+    from adalora.quant import NF4Linear
+    q = NF4Linear.from_linear(nn.Linear(64, 8), compute_dtype=torch.float32)
+    assert is_quantized(q) and is_adaptable(q) and not is_quantized(nn.Linear(2, 2))
+    assert not is_adaptable(HasNf()) and not is_adaptable(nn.Conv2d(1, 1, 1))
+
+
+def test_adapters_on_a_quantized_base_are_fp32_and_refuse_to_merge():
+    from adalora.quant import NF4Linear
+    torch.manual_seed(0)
+    q = NF4Linear.from_linear(nn.Linear(64, 8).to(torch.bfloat16), compute_dtype=torch.bfloat16)
+    for layer in (SVDLinear(q, 2, 1.0), LoRALinear(q, 2, 1.0)):
+        assert {p.dtype for p in layer.parameters() if p.requires_grad} == {torch.float32}
+        with pytest.raises(ValueError, match=r"^cannot merge into a quantized \(NF4\) base: dequantize the model "
+                                             r"first, or serve the adapters unmerged$"):
+            layer.merge()
+        assert layer.merged is False
+
+
+def test_wrapping_anything_else_is_refused_by_type():
+    with pytest.raises(TypeError, match=r"^cannot wrap Conv2d: adapters wrap nn\.Linear, Conv1D or NF4Linear$"):
+        SVDLinear(nn.Conv2d(1, 1, 1), 2, 1.0)
+
+
+def test_constructor_defaults_scaling_and_dropout():
+    base = nn.Linear(4, 3)
+    assert adalora.layers.AdapterLayer(base).drop is None           # dropout off by default: no module
+    for cls in (SVDLinear, LoRALinear):
+        off, on = cls(nn.Linear(4, 3), 2, 1.0), cls(nn.Linear(4, 3), 2, 1.0, dropout=0.4)
+        assert off.drop is None and off.merged is False and on.drop.p == 0.4
+    assert SVDLinear(base, 1, 3.0).scaling == 3.0 and SVDLinear(base, 0, 3.0).scaling == 0.0
+    assert SVDLinear(base, 4, 3.0).scaling == 0.75
+    assert LoRALinear(base, 4, 8.0).scaling == 2.0                   # α / r, rslora off by default
+    assert LoRALinear(base, 4, 8.0, rslora=True).scaling == 4.0
+    assert LoRALinear(base, 1, 3.0).scaling == 3.0 and LoRALinear(base, 0, 3.0).scaling == 0.0
+    assert LoRALinear(base, 0, 3.0, rslora=True).scaling == 0.0
+
+
+def test_lora_a_is_kaiming_uniform_and_rank_0_initializes_nothing():
+    """A ~ U(-1/√d_in, 1/√d_in) (kaiming_uniform_ with a = √5, as loralib and peft), for rank 1 too;
+    rank 0 has nothing to initialise (and says nothing)."""
+    import warnings
+    torch.manual_seed(0)
+    bound = 1 / math.sqrt(400)
+    for r in (1, 64):
+        a = LoRALinear(nn.Linear(400, 3), r, 1.0).A.detach()
+        assert a.abs().max() <= bound and a.std() > 0.9 * bound / math.sqrt(3)
+    a = LoRALinear(nn.Linear(400, 3), 64, 1.0).A.detach()
+    assert a.abs().max() > 0.999 * bound                              # 25600 draws reach the bound
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LoRALinear(nn.Linear(400, 3), 0, 1.0).A.shape == (0, 400)
+
+
+def test_fast_param_falls_back_to_attributes():
+    from adalora.layers import fast_param
+    layer = SVDLinear(nn.Linear(4, 3), 2, 1.0)
+    assert fast_param(layer, "lam") is layer.lam
+    view = type("View", (nn.Module,), {"lam": property(lambda self: torch.ones(2))})()
+    assert torch.equal(fast_param(view, "lam"), torch.ones(2))
+
+
+def test_load_accepts_keys_already_under_base():
+    """A state dict that names the base's own parameters ``<layer>.base.weight`` (the module tree)
+    loads as well as the plain-checkpoint names."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3))
+    adalora.inject(m, adalora.AdapterConfig(targets=["0"], init_rank=2))
+    sd = {("0.base." + k[2:] if k in ("0.weight", "0.bias") else k): v.clone() + 1 for k, v in m.state_dict().items()
+          if k != "0.rank_mask"}
+    sd["0.rank_mask"] = m.state_dict()["0.rank_mask"]
+    m.load_state_dict(sd)
+    assert torch.equal(m[0].base.weight, sd["0.base.weight"]) and torch.equal(m[0].lam, sd["0.lam"])

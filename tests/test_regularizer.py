@@ -157,3 +157,40 @@ def test_compiled_penalty_on_mixed_ranks_takes_the_padding_as_constants(no_recom
         for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
             assert torch.allclose(a, b, rtol=0, atol=1e-12)
     assert traced and not [t for t in traced if "arange" in t or "meshgrid" in t]
+
+
+def test_fused_gradient_skips_a_frozen_factor_but_not_the_ones_after_it_and_leaves_rank_0_alone():
+    """In one batch (same width): a frozen Q first, trainable Qs after it still get their
+    gradient; a rank-0 adapter gets no .grad at all, as backward() of the penalty leaves it."""
+    torch.manual_seed(4)
+    ad = {f"m{i}": SVDLinear(nn.Linear(5, 6).double(), 3, 1.0) for i in range(4)}
+    ad["m2"].resize(torch.arange(2))                     # mixed ranks: the padded batch
+    ad["m3"].resize(torch.arange(0))                     # rank 0
+    ad["m0"].Q.requires_grad_(False)
+    params = [p for a in list(ad.values())[1:3] for p in (a.P, a.Q)]
+    want = torch.autograd.grad(0.5 * adalora.orthogonality_penalty(ad), params)
+    adalora.orthogonality_grad_(ad, 0.5)
+    assert ad["m0"].Q.grad is None and ad["m0"].P.grad is not None
+    for p, w in zip(params, want):
+        assert torch.allclose(p.grad, w, rtol=0, atol=1e-12)
+    assert ad["m3"].P.grad is None and ad["m3"].Q.grad is None
+
+
+@pytest.mark.parametrize("ranks", [(3, 3), (3, 2)])          # stacked and padded batches
+def test_bf16_penalty_and_fused_gradient_stay_in_bf16(ranks):
+    torch.manual_seed(5)
+    ad = {f"m{i}": SVDLinear(nn.Linear(5, 6).to(torch.bfloat16), 3, 1.0) for i in range(2)}
+    for a, r in zip(ad.values(), ranks):
+        a.resize(torch.arange(r))
+        with torch.no_grad():
+            a.P.mul_(20)
+            a.Q.mul_(20)
+    value = adalora.orthogonality_penalty(ad)
+    assert value.dtype == torch.bfloat16
+    dense = sum(torch.linalg.matrix_norm(m - torch.eye(m.shape[0], dtype=torch.float64))
+                for a in ad.values() for m in (a.P.double().T @ a.P.double(), a.Q.double() @ a.Q.double().T)) / 4
+    assert torch.allclose(value.double(), dense, rtol=2e-2)
+    fused = adalora.orthogonality_grad_(ad, 1.0)
+    assert fused.dtype == torch.bfloat16 and torch.allclose(fused.double(), dense, rtol=2e-2)
+    for a in ad.values():
+        assert a.P.grad.dtype == a.Q.grad.dtype == torch.bfloat16
