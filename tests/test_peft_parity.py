@@ -231,10 +231,14 @@ def test_lora_logits_match_peft():
         with theirs.disable_adapter():
             plain = theirs(**inputs).logits
     assert (lt - plain).abs().max() > 1e-3                       # the adapters change the output
-    assert torch.allclose(lt, lo, rtol=0, atol=1e-12), (lt - lo).abs().max()
-    for name, layer in adapters.items():
+    # Not bit-identical: our forward adds s·(x Aᵀ)Bᵀ into y inside one addmm, peft adds it after the
+    # product, so the last bits differ. Measured (float64, CPU): the largest difference is 0.55
+    # ulp of the largest logit on this batch, under 4 ulp on 10 batches; asserted within 8.
+    eps = torch.finfo(DT).eps
+    assert (lt - lo).abs().max() <= 8 * eps * lt.abs().max(), (lt - lo).abs().max() / (eps * lt.abs().max())
+    for name, layer in adapters.items():                         # the updates themselves are bitwise equal
         ref = _peft_layer(theirs, name)
-        assert torch.allclose(ref.get_delta_weight("default"), layer.delta_weight(), rtol=0, atol=1e-14)
+        assert torch.equal(ref.get_delta_weight("default"), layer.delta_weight()), name
 
 
 def test_lora_training_matches_peft():
