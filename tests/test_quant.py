@@ -39,6 +39,33 @@ def test_code_book_equals_published_table_and_scipy():
     assert (TABLE < 0).sum() == 7 and (TABLE > 0).sum() == 8 and TABLE[7] == 0 and TABLE.abs().max() == 1
 
 
+def test_code_book_from_normal_quantiles_outside_torch():
+    """QLoRA's construction written out in float64 without torch: 8 positive quantiles
+    ppf(linspace(0.9677083, 0.5, 9))[:-1], 7 negative -ppf(linspace(0.9677083, 0.5, 8))[:-1] and 0,
+    divided by the largest. The inverse normal CDF comes from the standard library (always there)
+    and from scipy (the analysis extra) when it is installed. The published table was computed
+    from float32 probabilities and is stored in float32: measured, it differs from this float64
+    construction by at most 1.08e-7 (the value 0.7229568), so the bound is 1.5e-7, not 1e-7."""
+    from statistics import NormalDist
+    ppfs = {"statistics": NormalDist().inv_cdf}
+    try:
+        from scipy.stats import norm
+        ppfs["scipy"] = lambda p: float(norm.ppf(p))
+    except ImportError:          # the standard library's quantiles still check the table
+        pass
+
+    def linspace(a, b, n):
+        return [a + (b - a) * i / (n - 1) for i in range(n)]
+    for name, ppf in ppfs.items():
+        pos = [ppf(p) for p in linspace(0.9677083, 0.5, 9)[:-1]]
+        neg = [-ppf(p) for p in linspace(0.9677083, 0.5, 8)[:-1]]
+        values = sorted(pos + [0.0] + neg)
+        ref = torch.tensor([v / values[-1] for v in values], dtype=torch.float64)
+        assert len(values) == 16 and values[7] == 0.0, name
+        assert torch.allclose(ref, TABLE, rtol=0, atol=1.5e-7), (name, (ref - TABLE).abs().max())
+        assert torch.allclose(ref, create_normal_map().double(), rtol=0, atol=1.5e-7), name
+
+
 def test_dynamic_map_shape():
     code = create_dynamic_map()
     assert code.numel() == 256 and torch.all(code[1:] >= code[:-1])
