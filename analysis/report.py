@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import plots as P
 from analysis import tables as T
-from analysis.runs import SVD_METHODS, load_sweep
+from analysis.runs import SCALE_NAMES, SVD_METHODS, load_sweep
 
 RUN_COLUMNS = ["run", "status", "label", "budget_label", "task", "seed", "params.trainable_end", "wall_time_s"]
 
@@ -33,6 +33,7 @@ def build_report(dirs, out, metric: str | None = None, max_runs: int = 6) -> Pat
           f"Sources: {', '.join(f'`{d}`' for d in dirs)}. {len(runs)} runs: "
           + ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items()) + ".", ""]
     md += _runs_section(sweep, metric)
+    md += _settings_section(sweep, out)
     md += _tables_section(sweep, out, metric)
     md += ["## Methods compared", ""]
     for name, draw in (("metric_vs_params", lambda: P.metric_vs_params(sweep, *_metric_split(sweep, metric))),
@@ -77,6 +78,7 @@ def _runs_section(sweep, metric) -> list[str]:
 
 def _tables_section(sweep, out: Path, metric) -> list[str]:
     md = ["## Results (completed runs, mean ± sd over seeds)", ""]
+    confounds_said = False
     for split in ("val", "test"):
         try:
             m = metric or T.default_metric(sweep, split)
@@ -88,14 +90,117 @@ def _tables_section(sweep, out: Path, metric) -> list[str]:
         T.write(table, T.format_summary(table), out / f"table_{split}_{m}")
         md += [f"### {split} {m}", "", T.to_markdown(T.format_summary(table)), "",
                f"Files: [CSV](table_{split}_{m}.csv), [LaTeX](table_{split}_{m}.tex)", ""]
-        paired = T.paired_comparison(sweep, m, split)
+        paired = T.paired_comparisons(sweep, m, split, _adalora_lora_pairs(sweep))
         if not paired.empty:
             T.write(paired, T.format_paired(paired), out / f"paired_{split}_{m}")
             md += [f"AdaLoRA − LoRA on {split} {m}, paired over matching seeds at comparable budgets "
-                   "(paired t-test; percentile bootstrap 95% CI of the mean difference):", "",
+                   f"(n seeds per row): mean difference with its 95% paired t-interval, the paired "
+                   f"t-test's p, and p Holm-adjusted over the {paired.attrs['k']} comparisons of the table:", "",
                    T.to_markdown(T.format_paired(paired)), "",
                    f"Files: [CSV](paired_{split}_{m}.csv), [LaTeX](paired_{split}_{m}.tex)", ""]
+            if not confounds_said:
+                md += _confounds(sweep, paired) + [""]
+                confounds_said = True
     return md
+
+
+def _adalora_lora_pairs(sweep) -> list[tuple[str, str]]:
+    """Every AdaLoRA label without an ablation (one per scale rule) against every such LoRA label."""
+    runs = sweep.runs[sweep.runs["ok"]]
+    plain = runs["ablation"].isna() | runs["ablation"].isin(["none", ""]) if "ablation" in runs else True
+    labels = lambda m: sorted(runs.loc[plain & (runs["method"] == m), "label"].unique())  # noqa: E731
+    return [(a, b) for a in labels("adalora") for b in labels("lora")]
+
+
+SETTING_COLUMNS = {"scale": "scale rule", "scaling": "α/r", "lr": "lr", "head_lr": "head lr",
+                   "epochs": "epochs", "total_steps": "total steps", "init_warmup": "init warmup",
+                   "final_warmup": "final warmup"}
+
+
+def settings_table(sweep) -> pd.DataFrame:
+    """Per method label (and task when there are several): the scale rule and α/r, learning
+    rates, epochs, total steps and AdaLoRA's warmups (steps), as the runs recorded them. A value
+    that differs between runs shows its range (or every value)."""
+    runs = sweep.runs[sweep.runs["ok"]] if sweep.runs["ok"].any() else sweep.runs
+    runs = runs.assign(
+        scale=runs["scale_rule"].map(lambda r: SCALE_NAMES.get(r, r) if isinstance(r, str) else None)
+        if "scale_rule" in runs else None,
+        total_steps=runs["schedule.total_steps"].fillna(runs["steps"])
+        if "schedule.total_steps" in runs and "steps" in runs else runs.get("steps"),
+        init_warmup=runs.get("schedule.init_warmup"), final_warmup=runs.get("schedule.final_warmup"))
+    keys = ["label"] + (["task"] if runs["task"].nunique() > 1 else [])
+    rows = []
+    for key, g in runs.groupby(keys, dropna=False, sort=True):
+        row = dict(zip(["method", "task"], key if isinstance(key, tuple) else (key,)))
+        for col, name in SETTING_COLUMNS.items():
+            row[name] = _spread(g[col]) if col in g else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _spread(values: pd.Series) -> str:
+    """'2' for one value, '2–3' for a numeric range, 'a, b' for several strings, '' for none."""
+    v = values.dropna()
+    if v.empty:
+        return ""
+    if not pd.api.types.is_numeric_dtype(v):
+        return ", ".join(sorted(map(str, v.unique())))
+    fmt = lambda x: f"{x:.4g}"  # noqa: E731
+    lo, hi = v.min(), v.max()
+    return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def _settings_section(sweep, out: Path) -> list[str]:
+    table = settings_table(sweep)
+    if table.empty:
+        return []
+    T.write(table, table, out / "comparison_settings")
+    return ["## Comparison settings", "",
+            "What each method label ran with (completed runs): the scale rule and the α/r its update "
+            "is multiplied by (the mean over modules where they differ), learning rates, epochs, total "
+            "optimizer steps, and AdaLoRA's warmups in steps (before pruning starts, and at the final "
+            "ranks). A range means runs differ.", "",
+            T.to_markdown(table), "", "Files: [CSV](comparison_settings.csv)", ""]
+
+
+def _confounds(sweep, paired: pd.DataFrame) -> list[str]:
+    """One line per compared (AdaLoRA, LoRA) label pair (and training length, when runs differ in
+    it): what besides the allocation differs between the two, from the run folders."""
+    runs = sweep.runs[sweep.runs["ok"]]
+    by_epochs = "epochs" in paired
+    lines = []
+    for key in paired[["a", "b", *(["epochs"] if by_epochs else [])]].drop_duplicates().itertuples(index=False):
+        a, b = key[0], key[1]
+        ra, rb = runs[runs["label"] == a], runs[runs["label"] == b]
+        if by_epochs:
+            ra, rb = ra[ra["epochs"] == key[2]], rb[rb["epochs"] == key[2]]
+        parts = []
+        if "schedule.total_steps" in ra and ra["schedule.total_steps"].notna().any():
+            big_t, ti, tf = ra["schedule.total_steps"], ra["schedule.init_warmup"], ra["schedule.final_warmup"]
+            pct = lambda v: _spread(100 * v / big_t) + " %"  # noqa: E731
+            parts.append(f"AdaLoRA pruned during steps t_i..T−t_f = {_spread(ti)}..{_spread(big_t - tf)} of "
+                         f"T = {_spread(big_t)} ({pct(ti)} to {pct(big_t - tf)} of training) and trained only "
+                         f"t_f = {_spread(tf)} steps ({pct(tf)}) at its final ranks")
+        sa, sb = _scale_text(ra), _scale_text(rb)
+        if sa or sb:
+            parts.append(f"its scale {sa or 'not recorded'} against LoRA's {sb or 'not recorded'}")
+        for col, name in (("lr", "lr"), ("head_lr", "head lr"), ("epochs", "epochs")):
+            va, vb = (_spread(r[col]) if col in r else "" for r in (ra, rb))
+            if va != vb:
+                parts.append(f"{name} {va or '?'} against {vb or '?'}")
+        if parts:
+            when = f" at {key[2]:g} epoch{'s' if key[2] != 1 else ''}" if by_epochs and pd.notna(key[2]) else ""
+            lines.append(f"- `{a}` − `{b}`{when}: " + "; ".join(parts) + ".")
+    return (["What else differs between the compared methods besides the allocation (from the run folders):",
+             "", *lines] if lines else [])
+
+
+def _scale_text(runs: pd.DataFrame) -> str:
+    if "scale_rule" not in runs or runs["scale_rule"].isna().all():
+        return ""
+    rules = ", ".join(SCALE_NAMES.get(r, r) for r in sorted(runs["scale_rule"].dropna().unique()))
+    value = _spread(runs["scaling"]) if "scaling" in runs else ""
+    return f"{rules} = {value}" if value else rules
 
 
 def _rank_section(sweep, out: Path, max_runs: int) -> list[str]:
@@ -106,7 +211,8 @@ def _rank_section(sweep, out: Path, max_runs: int) -> list[str]:
         return ["## Rank allocation", "", "No run with adaptive ranks (AdaLoRA-like) in these folders.", ""]
     # one representative per configuration: completed runs first, then lowest seed
     reps = (svd.sort_values(["ok", "seed"], ascending=[False, True])
-            .groupby(["label", "budget_label", "task"], dropna=False).head(1).head(max_runs))
+            .groupby([c for c in ("label", "budget_label", "task", "epochs") if c in svd], dropna=False)
+            .head(1).head(max_runs))
     md = ["## Rank allocation", "",
           f"One run per AdaLoRA-like configuration ({len(reps)} shown): " + ", ".join(f"`{r}`" for r in reps["run"]), ""]
     if len(reps) > 1:

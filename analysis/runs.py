@@ -6,15 +6,19 @@ multirun folders with numbered jobs, or nested dated folders) and returns a `Swe
 
     runs         one row per run: run id, path, status, Hydra overrides as columns, summary.json
                  flattened with dots (`final.test.accuracy`, `params.trainable_end`,
-                 `schedule.total_steps`, `versions.torch`...), plus `label`, `budget_label`,
-                 `pair_budget` used to group and pair runs
+                 `schedule.total_steps`, `versions.torch`...), `scale_rule` and `scaling` (the
+                 update's α/r), `lr`, `head_lr`, `epochs` and `task_metric` from the resolved
+                 config, plus `label`, `budget_label`, `pair_budget` used to group and pair runs
     metrics      one row per metrics.jsonl line: run, step, split, loss, orth, lr, accuracy...
     allocations  one row per ranks.jsonl record: run, step, budget, threshold, params_kept, realised
     ranks        one row per (record, module): run, step, module, rank, budget, layer, mtype, row
-    modules      one row per (run, module): init_rank, final_rank, d_out, d_in, layer, mtype, row
+    modules      one row per (run, module): init_rank, final_rank, d_out, d_in, scaling, layer, mtype, row
 
 Runs without summary.json, or whose status is not "completed", stay in every table and are
 marked (`status`, `ok`): a sweep with silent holes is worse than one with visible failures.
+Facts added to the contract later (`scale`, the `random_fixed`/`random_churn` ablations) are read
+with defaults, so older run folders still load: a missing scale leaves `scale_rule` empty, and
+the old ablation name `random` reads as `random_churn`, which it was.
 """
 from __future__ import annotations
 
@@ -32,9 +36,25 @@ from analysis.names import module_table
 SVD_METHODS = ("adalora", "svd_lora", "peft_adalora")
 LORA_METHODS = ("lora", "peft_lora")
 _RUN_MARKERS = ("summary.json", "metrics.jsonl", "ranks.jsonl", ".hydra/config.yaml")
-_IDS = ("run", "row", "module", "group", "mtype", "path", "label", "budget_label", "pair_budget")
+_IDS = ("run", "row", "module", "group", "mtype", "path", "label", "budget_label", "pair_budget",
+        "scale_rule", "task_metric")
 _SECTIONS = ("schedule", "budget", "params", "final", "versions")
 _FILL_FROM_CONFIG = ("method", "task", "model", "seed", "ablation")
+# Resolved-config values every run row carries: column <- dotted key of .hydra/config.yaml.
+CONFIG_COLUMNS = {"lr": "trainer.lr", "head_lr": "trainer.head_lr", "epochs": "trainer.epochs",
+                  "task_metric": "task.metric"}
+# method.scale: what the update's α is divided by; the label names a rule that is not the default.
+SCALE_NAMES = {"alpha_over_r0": "α/r0", "alpha_over_target": "α/target", "rslora": "α/√r",
+               "per_module": "α/r", "uniform": "uniform α/r"}
+_ABLATION_SCALE = {"lora_on_found_ranks": "uniform"}  # set by the ablation's own config file
+_OLD_ABLATIONS = {"random": "random_churn"}            # the old `random` redrew scores every mask step
+
+
+def default_scale(method: str | None, ablation: str | None = None) -> str | None:
+    """The scale rule a method (with its ablation) gets when method.scale is not given."""
+    if ablation in _ABLATION_SCALE:
+        return _ABLATION_SCALE[ablation]
+    return "alpha_over_r0" if method in SVD_METHODS else "per_module" if method in LORA_METHODS else None
 
 
 @dataclass
@@ -98,6 +118,35 @@ def load_sweep(dirs) -> Sweep:
     for t in tables[3:]:
         t["layer"] = t["layer"].astype("Int64")
     return Sweep(*tables)
+
+
+def read_config(path) -> dict:
+    """A run folder's resolved `.hydra/config.yaml` ({} when absent or unreadable)."""
+    config = _read_yaml(Path(path) / ".hydra" / "config.yaml")
+    return config if isinstance(config, dict) else {}
+
+
+def config_value(config: dict, key: str):
+    """`config["trainer"]["lr"]` for key "trainer.lr"; None when any part is missing."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def config_columns(sweep: Sweep, keys) -> pd.DataFrame:
+    """run + one column per dotted config key (e.g. trainer.lr), read from each run's resolved
+    config, else from its Hydra overrides."""
+    rows = []
+    for run, path in zip(sweep.runs["run"], sweep.runs["path"]):
+        config, overrides = read_config(path), _overrides(Path(path))
+        row = {"run": run}
+        for k in keys:
+            v = config_value(config, k)
+            row[k] = overrides.get(k) if v is None else v
+        rows.append(row)
+    return _numeric(pd.DataFrame(rows, columns=["run", *keys]))
 
 
 def load_spectrum(path) -> pd.DataFrame:
@@ -234,19 +283,28 @@ def _read_run(rid: str, path: Path):
     records, bad_r = _read_jsonl(path / "ranks.jsonl")
     notes += [f"{n} unreadable line(s) in {f}" for n, f in ((bad_m, "metrics.jsonl"), (bad_r, "ranks.jsonl")) if n]
 
+    scale = summary.pop("scale", None)  # rule and scaling become columns, per_module goes to `modules`
+    scale = scale if isinstance(scale, dict) else None
     row = {"run": rid, "path": str(path), "status": summary.get("status", "no_summary")}
     overrides = _overrides(path)
     row["overrides"] = " ".join(f"{k}={v}" for k, v in overrides.items())
     row.update(_flatten(summary))
-    for k, v in overrides.items():  # summary.json is the truth; overrides fill what it lacks
-        if _missing(row.get(k)):
-            row[k] = v
-    config = _read_yaml(path / ".hydra" / "config.yaml") or {}
-    for k in _FILL_FROM_CONFIG:  # a run that died before its summary still says what it was
-        v = config.get(k) if isinstance(config, dict) else None
+    config = read_config(path)
+    # summary.json is the truth; a run that died before it still says what it was, from its
+    # resolved config (method.name, not the option name `adalora_scaled`), then its overrides
+    for k in _FILL_FROM_CONFIG:
+        v = config.get(k)
         v = v.get("name") if isinstance(v, dict) else v
         if _missing(row.get(k)) and v is not None and not isinstance(v, (dict, list)):
             row[k] = v
+    for k, v in overrides.items():
+        if _missing(row.get(k)):
+            row[k] = v
+    row["ablation"] = _OLD_ABLATIONS.get(row.get("ablation"), row.get("ablation"))
+    for col, key in CONFIG_COLUMNS.items():
+        v = config_value(config, key)
+        row[col] = overrides.get(key) if v is None else v
+    row["scale_rule"], row["scaling"] = _scale(scale, config, row)
     row["ok"] = row["status"] == "completed"
     row["final_source"] = "summary" if summary.get("final") else None
     for split in ("val", "test"):  # unfinished runs: the last evaluation they logged
@@ -267,10 +325,26 @@ def _read_run(rid: str, path: Path):
     rk = pd.DataFrame([{"run": rid, "step": r.get("step"), "module": m, "rank": v, "budget": r.get("budget")}
                        for r in records for m, v in (r.get("ranks") or {}).items()],
                       columns=["run", "step", "module", "rank", "budget"])
-    return pd.DataFrame([row]), mt, alloc, _with_names(rk), _modules(rid, summary, records, row)
+    per_module = (scale or {}).get("per_module") or {}
+    return pd.DataFrame([row]), mt, alloc, _with_names(rk), _modules(rid, summary, records, row, per_module)
 
 
-def _modules(rid: str, summary: dict, records: list[dict], row: dict) -> pd.DataFrame:
+def _scale(scale: dict | None, config: dict, row: dict):
+    """(rule, scaling): summary.json's `scale`, else the rule the resolved config implies."""
+    if scale:
+        return scale.get("rule"), scale.get("scaling")
+    method = config.get("method")
+    if isinstance(method, dict) and "scale" in method:  # a config of the scale-aware application
+        if method["scale"] is not None:
+            return method["scale"], None
+        if method.get("rslora"):
+            return "rslora", None
+        return default_scale(row.get("method"), row.get("ablation")), None
+    return None, None
+
+
+def _modules(rid: str, summary: dict, records: list[dict], row: dict,
+             per_module: dict | None = None) -> pd.DataFrame:
     final = summary.get("final_ranks") or (records[-1].get("ranks") if records else None) or {}
     first = (records[0].get("ranks") or {}) if records else {}
     shapes = summary.get("module_shapes") or {}
@@ -282,8 +356,9 @@ def _modules(rid: str, summary: dict, records: list[dict], row: dict) -> pd.Data
         "final_rank": [final.get(n) for n in names],
         "d_out": [(shapes.get(n) or [None, None])[0] for n in names],
         "d_in": [(shapes.get(n) or [None, None])[1] for n in names],
-    }, columns=["run", "module", "init_rank", "final_rank", "d_out", "d_in"])
-    for c in ("init_rank", "final_rank"):
+        "scaling": [(per_module or {}).get(n) for n in names],
+    }, columns=["run", "module", "init_rank", "final_rank", "d_out", "d_in", "scaling"])
+    for c in ("init_rank", "final_rank", "scaling"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return _with_names(df)
 
@@ -295,12 +370,18 @@ def _with_names(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _add_labels(row: dict) -> None:
-    """`label` (method, with the ablation when there is one), `budget_label` (the knob that sets
-    the budget), `pair_budget` (what makes an AdaLoRA run and a LoRA run comparable)."""
+    """`label` (method, with the ablation when there is one and the scale rule when it is not
+    the method's default: `adalora`, `adalora (α/target)`, `lora[lora_on_found_ranks]`),
+    `budget_label` (the knob that sets the budget), `pair_budget` (what makes an AdaLoRA run and
+    a LoRA run comparable)."""
     method = row.get("method") or "unknown"
     ablation = row.get("ablation")
     row["method"] = method
-    row["label"] = method if ablation in (None, "none", "") or pd.isna(ablation) else f"{method}[{ablation}]"
+    plain = ablation is None or (isinstance(ablation, float) and np.isnan(ablation)) or ablation in ("none", "")
+    row["label"] = method if plain else f"{method}[{ablation}]"
+    rule = row.get("scale_rule")
+    if isinstance(rule, str) and rule != default_scale(method, None if plain else ablation):
+        row["label"] += f" ({SCALE_NAMES.get(rule, rule)})"
     tr, lr, tp = row.get("target_rank"), row.get("lora_rank"), row.get("budget.target_params")
     if method in SVD_METHODS and _num(tr):
         row["budget_label"] = f"avg r={tr:g}"
