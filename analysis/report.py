@@ -93,9 +93,12 @@ def _tables_section(sweep, out: Path, metric) -> list[str]:
         paired = T.paired_comparisons(sweep, m, split, _adalora_lora_pairs(sweep))
         if not paired.empty:
             T.write(paired, T.format_paired(paired), out / f"paired_{split}_{m}")
+            k = paired.attrs["k"]
+            stats_said = (f"mean difference with its 95% paired t-interval, the paired t-test's p, and p "
+                          f"Holm-adjusted over the {k} comparisons of the table" if k else
+                          "mean difference; no row has two seeds, so no interval or p-value")
             md += [f"AdaLoRA − LoRA on {split} {m}, paired over matching seeds at comparable budgets "
-                   f"(n seeds per row): mean difference with its 95% paired t-interval, the paired "
-                   f"t-test's p, and p Holm-adjusted over the {paired.attrs['k']} comparisons of the table:", "",
+                   f"(n seeds per row): {stats_said}:", "",
                    T.to_markdown(T.format_paired(paired)), "",
                    f"Files: [CSV](paired_{split}_{m}.csv), [LaTeX](paired_{split}_{m}.tex)", ""]
             if not confounds_said:

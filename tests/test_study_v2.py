@@ -186,6 +186,11 @@ def test_report_is_deterministic_and_reads_only_the_csv(study, tmp_path):
     empty = tmp_path / "none"
     empty.mkdir()
     assert S.main(["report", "--out", str(empty)]) == 2
+    # runs of one method at two learning rates would be pooled: refused
+    runs = pd.read_csv(copy / "runs.csv")
+    runs.loc[runs.index[0], "lr"] = 5e-4
+    runs.to_csv(copy / "runs.csv", index=False)
+    assert S.main(["report", "--out", str(copy)]) == 2
 
 
 def test_build_writes_one_row_per_run_from_run_folders(tmp_path):

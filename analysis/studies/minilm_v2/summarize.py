@@ -81,7 +81,17 @@ def build(dirs, out: Path, tuned: Path | None = None) -> pd.DataFrame:
 # --- report: runs.csv -> results.md --------------------------------------------------------------
 
 def load(out: Path) -> tuple[pd.DataFrame, dict | None]:
+    """runs.csv and tuned.json; refuses a CSV in which one method's runs of one task, budget and
+    training length differ in a learning rate (a tuning sweep): they would be pooled."""
     runs = pd.read_csv(out / "runs.csv")
+    done = runs[runs["status"] == "completed"]
+    for col in ("lr", "head_lr"):
+        mixed = done.groupby(["task", "label", "target_rank", "epochs"], dropna=False)[col].nunique() > 1
+        if mixed.any():
+            task, label, budget, epochs = mixed[mixed].index[0]
+            raise ValueError(f"runs.csv: {label} on {task} (budget {budget:g}, {epochs:g} epochs) ran at several "
+                             f"values of {col}; build it from the study's runs at the tuned learning rates, not "
+                             "from a tuning sweep")
     tuned_path = out / "tuned.json"
     return runs, (json.loads(tuned_path.read_text()) if tuned_path.exists() else None)
 
@@ -404,7 +414,11 @@ def main(argv=None) -> int:
         if not (a.out / "runs.csv").exists():
             print(f"error: {a.out / 'runs.csv'} not found: run the build mode first", file=sys.stderr)
             return 2
-        report(a.out)
+        try:
+            report(a.out)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {a.out / 'results.md'}")
     return 0
 
