@@ -23,8 +23,10 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def git_commit() -> Optional[str]:
-    """HEAD of the checkout, or ADALORA_GIT_COMMIT where the code runs from a copy without
-    its .git folder (a remote machine, a container)."""
+    """ADALORA_GIT_COMMIT when set (code sent to another machine runs in a copy whose .git, if
+    any, need not match the tree), else HEAD of the checkout."""
+    if os.environ.get("ADALORA_GIT_COMMIT"):
+        return os.environ["ADALORA_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -32,4 +34,4 @@ def git_commit() -> Optional[str]:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("ADALORA_GIT_COMMIT") or None
+    return None

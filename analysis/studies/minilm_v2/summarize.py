@@ -321,16 +321,44 @@ def _tuned_display(tuned: dict | None) -> tuple[pd.DataFrame, pd.DataFrame]:
             sd = c.get("val_sd")
             chosen.append({"task": task, "method": label,
                            "chosen": ", ".join(f"{k}={_g(v)}" for k, v in c["overrides"].items()),
-                           f"validation {c.get('metric', '')}": f"{_f(c['val_mean'])}"
+                           "validation metric, mean ± sd (n)": f"{_f(c['val_mean'])}"
                            + (f" ± {_f(sd)}" if sd is not None else "") + f" (n={c['n']})"})
             for e in c.get("grid", []):
                 setting = ", ".join(f"{k}={_g(e[k])}" for k in c["overrides"])
                 grid.append({"task": task, "method": label, "setting": setting,
                              "val mean": _f(e["val_mean"]), "val sd": _f(e.get("val_sd")), "n": e["n"],
                              "eligible": "yes" if e.get("eligible", True) else "no (fewer seeds)"})
-    chosen = pd.DataFrame(chosen)
-    chosen.columns = [c if not c.startswith("validation") else "validation metric, mean ± sd (n)" for c in chosen.columns]
-    return chosen, pd.DataFrame(grid)
+    return pd.DataFrame(chosen), pd.DataFrame(grid)
+
+
+def build_check(dirs, out: Path) -> pd.DataFrame:
+    """Runs past the tuning grid, made after the choice as a check (they change no setting):
+    ``lr_check.csv``, one row per run with its validation metric."""
+    sweep = load_sweep([str(d) for d in dirs])
+    r = sweep.runs[sweep.runs["status"] == "completed"]
+    metric = r["task"].map(TASK_METRICS).fillna("accuracy")
+    val = [r.at[i, f"final.val.{m}"] for i, m in zip(r.index, metric)]
+    df = pd.DataFrame({"run": r["run"], "task": r["task"], "label": r["label"], "seed": r["seed"],
+                       "lr": r["lr"], "metric": metric, "val": val}).sort_values("run", kind="stable")
+    df.to_csv(out / "lr_check.csv", index=False)
+    return df
+
+
+def _check_display(out: Path, tuned: dict | None) -> pd.DataFrame:
+    path = out / "lr_check.csv"
+    if not path.exists() or not tuned:
+        return pd.DataFrame()
+    chk = pd.read_csv(path)
+    rows = []
+    for (task, label, lr), g in chk.groupby(["task", "label", "lr"], sort=False):
+        c = tuned.get(task, {}).get(label)
+        if c is None:
+            continue
+        rows.append({"task": task, "method": label, "chosen": ", ".join(f"{k}={_g(v)}" for k, v in c["overrides"].items()),
+                     "val mean at the chosen lr": _f(c["val_mean"]), "check": f"trainer.lr={_g(lr)}",
+                     "val mean at the check": _f(g["val"].mean()), "n": len(g),
+                     "check − chosen": _f(g["val"].mean() - c["val_mean"], sign=True)})
+    return _task_order(pd.DataFrame(rows)) if rows else pd.DataFrame()
 
 
 def report(out: Path) -> str:
@@ -345,7 +373,8 @@ def report(out: Path) -> str:
           f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in status.items()) + ". "
           f"Test metric per task: " + ", ".join(f"{t} {TASK_METRICS.get(t, '?')}" for t in _tasks(runs)) + ". "
           "Differences are paired by seed: mean, 95 % t-interval (mean ± t_{n−1,0.975}·sd/√n), paired t-test p, "
-          "and p Holm-adjusted over the k comparisons of each table.", ""]
+          "and p Holm-adjusted over the k comparisons of each table. "
+          f"Run time summed over the runs: {runs['wall_time_s'].sum() / 3600:.1f} h.", ""]
     if len(bad):
         md += ["Runs that did not complete (left out of every table):", ""]
         md += [f"- `{r.run}`: {r.status}" for r in bad.itertuples()] + [""]
@@ -384,6 +413,10 @@ def report(out: Path) -> str:
         md += ["_(no tuned.json)_", ""]
     else:
         md += [_md(chosen), "", "The grid (mean validation metric over the tuning seeds):", "", _md(grid), ""]
+        check = _check_display(out, tuned)
+        if not check.empty:
+            md += ["Past the grid's edge, run after the choice as a check (no setting was changed by it; "
+                   "[`lr_check.csv`](lr_check.csv)):", "", _md(check), ""]
     md += ["## g. Where the rank goes: final rank at budget 2, summed per matrix type / per layer, mean over seeds", ""]
     for by, title in (("mtype", "Per matrix type"), ("layer", "Per layer")):
         t = rank_shares(runs, by)
@@ -404,11 +437,15 @@ def main(argv=None) -> int:
     b.add_argument("dirs", nargs="+", type=Path)
     b.add_argument("--tuned", type=Path, default=None, help="the tuning sweep's tuned.json, copied next to runs.csv")
     b.add_argument("--out", type=Path, default=HERE)
+    b.add_argument("--check", type=Path, nargs="*", default=[],
+                   help="runs past the tuning grid made after the choice, written to lr_check.csv")
     r = sub.add_parser("report", help="runs.csv (+ tuned.json) -> results.md")
     r.add_argument("--out", type=Path, default=HERE)
     a = ap.parse_args(argv)
     if a.mode == "build":
         df = build(a.dirs, a.out, a.tuned)
+        if a.check:
+            build_check(a.check, a.out)
         print(f"wrote {a.out / 'runs.csv'} ({len(df)} runs, {int((df['status'] == 'completed').sum())} completed)")
     else:
         if not (a.out / "runs.csv").exists():
