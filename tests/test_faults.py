@@ -4,6 +4,7 @@ losses, a failing job inside a multirun, pickle-bearing checkpoints, malformed d
 The SIGKILL test runs FAULT_INJECTIONS kills (default 6; the README quotes a run with 40)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from safetensors.torch import load_file
 
 from exp_utils import REPO, TINY, read_jsonl, run_cli, run_inproc
@@ -204,15 +205,33 @@ TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=0, max_size
 LABELS = st.lists(st.text("abcxyz019", min_size=1, max_size=3), min_size=1, max_size=4, unique=True)
 
 
+def _hash_split(text: str) -> str:
+    """The documented split (experiments/tasks), recomputed here: SHA-1 of the text, its first 8
+    bytes big-endian over 2**64; below 0.1 test, below 0.2 val, else train."""
+    u = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    return "test" if u < 0.1 else "val" if u < 0.2 else "train"
+
+
+def _must_load(rows) -> bool:
+    """A well-formed file must load exactly when it has a row, every text is non-blank, there
+    are two labels or more and every split of the hash gets a row."""
+    return (bool(rows) and all(t.strip() for t, _ in rows) and len({y for _, y in rows}) >= 2
+            and {_hash_split(t) for t, _ in rows} == {"train", "val", "test"})
+
+
 @st.composite
 def dataset_files(draw):
-    """(bytes, extension, {text: labels}) for a well-formed file, then maybe broken on purpose."""
+    """(bytes, extension, fault, rows, bom) for a well-formed file (often one that must load),
+    then maybe broken on purpose; any of them maybe prefixed with a UTF-8 byte-order mark."""
     ext = draw(st.sampled_from([".csv", ".tsv", ".jsonl"]))
     labels = draw(LABELS)
-    rows = draw(st.lists(st.tuples(TEXT, st.sampled_from(labels)), min_size=0, max_size=60))
+    fault = draw(st.sampled_from(["none"] * 4 + ["empty", "header_only", "no_text", "no_label", "non_utf8"]))
+    if fault == "none" and draw(st.booleans()):   # non-blank texts, enough rows to fill every split
+        rows = draw(st.lists(st.tuples(TEXT.map(lambda t: "r" + t), st.sampled_from(labels)),
+                             min_size=30, max_size=60))
+    else:
+        rows = draw(st.lists(st.tuples(TEXT, st.sampled_from(labels)), min_size=0, max_size=60))
     cols = ["text", "label"]
-    fault = draw(st.sampled_from(["none", "empty", "header_only", "no_text", "no_label",
-                                  "non_utf8"]))
     if fault in ("no_text", "no_label"):
         cols = ["review" if c == "text" and fault == "no_text" else
                 "sentiment" if c == "label" and fault == "no_label" else c for c in cols]
@@ -223,7 +242,8 @@ def dataset_files(draw):
         import csv
         import io
         buf = io.StringIO()
-        w = csv.writer(buf, delimiter="\t" if ext == ".tsv" else ",", lineterminator="\n")
+        # \r\n line ends (RFC 4180, Excel): the writer then quotes a field holding a bare \r too
+        w = csv.writer(buf, delimiter="\t" if ext == ".tsv" else ",", lineterminator="\r\n")
         w.writerow(cols)
         if fault != "header_only":
             w.writerows(rows)
@@ -234,32 +254,58 @@ def dataset_files(draw):
     if fault == "non_utf8":
         at = draw(st.integers(0, len(data)))
         data = data[:at] + draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xe2\x82", b"\x80"])) + data[at:]
-    truth = {}
-    for t, y in rows:
-        truth.setdefault(t, set()).add(y)
-    return data, ext, fault, truth
+    bom = draw(st.booleans())                      # Excel's habit; the loaders strip it
+    if bom:
+        data = b"\xef\xbb\xbf" + data
+    return data, ext, fault, rows, bom
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dataset_files())
 def test_malformed_dataset_files_load_or_fail_in_one_line(tmp_path, case):
-    data, ext, fault, truth = case
+    """Every file either loads or fails with a one-line ConfigError, and which one is decided by
+    the documented rules: a valid file (BOM or not) always loads, with every row in the split
+    its hash names and its own label; a broken one never does."""
+    data, ext, fault, rows, bom = case
     path = tmp_path / f"data{ext}"
     path.write_bytes(data)
+    must_load = fault == "none" and _must_load(rows)
+    event(f"must load: {must_load}, BOM: {bom}")     # pytest --hypothesis-show-statistics
     try:
         d = load_task(TaskConfig(dataset=f"file:{path}", max_len=32))
     except ConfigError as e:
         msg = str(e)
         assert "\n" not in msg and msg, msg
+        assert not must_load, f"a valid {ext} file (BOM: {bom}) was refused: {msg}"
         if fault == "non_utf8":
             assert "not UTF-8" in msg
-        if fault in ("no_text", "no_label") and truth:
+        if fault in ("no_text", "no_label") and rows:
             assert "no column" in msg
         return
-    assert fault == "none", f"{fault} file was accepted"
-    for split in (d.train, d.val, d.test):
+    assert must_load, f"{fault} {ext} file (BOM: {bom}) was accepted"
+    truth = {}
+    for t, y in rows:
+        truth.setdefault(t, set()).add(y)
+    assert sorted(d.label_names) == sorted({y for _, y in rows})
+    assert sorted(ex.text for ex in d.train + d.val + d.test) == sorted(t for t, _ in rows)
+    for split, name in ((d.train, "train"), (d.val, "val"), (d.test, "test")):
         for ex in split:
-            assert 0 <= ex.label < d.num_labels and d.label_names[ex.label] in truth[ex.text]
+            assert _hash_split(ex.text) == name and d.label_names[ex.label] in truth[ex.text]
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".jsonl"])
+@pytest.mark.parametrize("bom", [False, True])
+def test_valid_file_loads_with_or_without_a_byte_order_mark(tmp_path, ext, bom):
+    rows = [(f"review number {i}", "pos" if i % 3 else "neg") for i in range(60)]
+    assert _must_load(rows)
+    sep = "\t" if ext == ".tsv" else ","
+    body = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows) if ext == ".jsonl" else \
+        "text" + sep + "label\n" + "".join(f"{t}{sep}{y}\n" for t, y in rows)
+    path = tmp_path / f"data{ext}"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + body.encode("utf-8"))
+    d = load_task(TaskConfig(dataset=f"file:{path}", max_len=32))
+    assert d.label_names == ["neg", "pos"] and len(d.train) + len(d.val) + len(d.test) == 60
+    assert d.train[0].text.startswith("review number")          # no BOM glued to any text or column
 
 
 # Malformed rows that once crashed or became a class named "None": each is a one-line ConfigError.
