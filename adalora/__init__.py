@@ -5,8 +5,11 @@ Torch, numpy and safetensors only; ``adalora.hf`` (transformers) is imported on 
 __version__ = "0.1.0"
 
 from . import schedule
-from .allocator import AllocationRecord, RankAllocator
+from . import accounting
+from .allocator import AllocationRecord, Allocator, BudgetRecord, RankAllocator
 from .config import AdapterConfig, ScheduleConfig, ScoreConfig
+from .elalora import ElaLoRAAllocator, ElaLoRAConfig
+from .eva import EVAAllocator
 from .importance import ImportanceScorer, triplet_scores
 from .inject import (adapter_parameters, adapter_shapes, count_parameters, find_adapters, inject,
                      mark_only_adapters_trainable, merge, unmerge)
@@ -14,6 +17,8 @@ from .io import export_lora, load_adapters, read_adapters, save_adapters
 from .layers import AdapterLayer, LoRALinear, SVDLinear
 from .quant import NF4Linear, NF4Tensor, dequantize, quantize_model, quantize_nf4
 from .regularizer import orthogonality_grad_, orthogonality_penalty
+from .sora import SoRAAllocator, SoRAConfig
+from .truncate import TruncateAllocator
 
 __all__ = [
     "AdapterConfig", "ScheduleConfig", "ScoreConfig",
@@ -22,6 +27,8 @@ __all__ = [
     "mark_only_adapters_trainable", "merge", "unmerge",
     "orthogonality_penalty", "orthogonality_grad_", "ImportanceScorer", "triplet_scores",
     "RankAllocator", "AllocationRecord", "schedule",
+    "Allocator", "BudgetRecord", "accounting", "SoRAAllocator", "SoRAConfig", "ElaLoRAAllocator",
+    "ElaLoRAConfig", "EVAAllocator", "TruncateAllocator",
     "save_adapters", "load_adapters", "read_adapters", "export_lora",
     "NF4Linear", "NF4Tensor", "quantize_nf4", "dequantize", "quantize_model",
 ]

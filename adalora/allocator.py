@@ -16,6 +16,7 @@ and ``allocator.finalize()`` at the end, which raises if the final allocation ne
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
 
 import torch
 
@@ -83,7 +84,75 @@ class _PendingRecord(AllocationRecord):
         return (AllocationRecord, (self.step, self.budget, self.threshold, self.ranks, self.params_kept))
 
 
-class RankAllocator:
+@dataclass(frozen=True)
+class BudgetRecord(AllocationRecord):
+    """An allocation with its budget accounting: ``target`` and ``gap = kept − target`` in ``unit``
+    (``values``: singular values; ``params``: d_in + d_out + 1 each). A method that meets its budget
+    exactly records gap 0; a threshold method records what it kept."""
+    unit: str = "values"
+    target: int | None = None
+    gap: int | None = None
+
+
+class Allocator:
+    """The allocator protocol: what the training loop, ``adalora.hf``, checkpoints and
+    ``ranks.jsonl`` call, for every allocation family (``RankAllocator``, ``SoRAAllocator``,
+    ``ElaLoRAAllocator``, ``EVAAllocator``, ``TruncateAllocator``).
+
+    Per optimizer step, after ``opt.step()`` and before ``zero_grad()``: ``update_importance(step)``
+    then ``mask_to_budget(step)`` (a record or None). Before training: ``bind_optimizer(opt)``
+    (methods that grow or replace factors swap them, with their state, into it) and, where
+    ``needs_data``, ``init_from_data(forward, batches)`` before the optimizer exists (one-shot
+    methods resize adapters). After training: ``finalize()``. A loop refreshes whatever holds the
+    adapter parameters (its parameter list, a DDP or compiled wrapper) after a record when
+    ``reshapes`` is true.
+    """
+    score_before_step: bool = False
+    needs_data: bool = False         # init_from_data before training (one-shot methods)
+    reshapes: bool = False           # mask_to_budget may replace adapter parameters
+    final_done: bool = False
+    initial_budget: int = 0          # singular values at the start, over all adapters
+    target_budget: int = 0           # b_T in singular values (or the method's unit)
+
+    def update_importance(self, step: int, grads_finite: bool | None = None) -> bool:
+        return False
+
+    def mask_to_budget(self, step: int) -> AllocationRecord | None:
+        raise NotImplementedError
+
+    def ranks(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def finalize(self) -> AllocationRecord:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: dict) -> None:
+        raise NotImplementedError
+
+    def initial_record(self) -> AllocationRecord:
+        raise NotImplementedError
+
+    def params_kept(self) -> int:
+        return AllocationRecord.of(0, self.ranks(), self.adapters).params_kept
+
+    def triplet_scores(self) -> dict[str, torch.Tensor]:
+        """Final per-module scores where the method has them (else empty)."""
+        return {}
+
+    def compact(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Physically drop pruned singular values (no-op where nothing is masked)."""
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer whose parameters a growing or truncating method replaces (no-op here)."""
+
+    def init_from_data(self, forward: Callable[[dict], object], batches: Iterable[dict]) -> AllocationRecord:
+        raise NotImplementedError(f"{type(self).__name__} allocates during training, not from data")
+
+
+class RankAllocator(Allocator):
     """Scores every singular value of the SVD adapters and masks all but the global top ``b(t)``."""
 
     def __init__(self, adapters: dict, schedule_cfg: ScheduleConfig, score_cfg: ScoreConfig | None = None,

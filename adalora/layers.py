@@ -228,6 +228,38 @@ class SVDLinear(AdapterLayer):
         self.set_factors(P=self.P[:, keep], lam=self.lam[keep], Q=self.Q[keep, :])
         self.rank_mask = self.rank_mask[keep].clone()
 
+    @torch.no_grad()
+    def expand(self, n: int, optimizer: torch.optim.Optimizer | None = None, init_std: float = 0.02,
+               generator: torch.Generator | None = None) -> None:
+        """Append ``n`` singular triplets (the inverse of ``resize``/``compact``): new ``P`` columns
+        and ``Q`` rows ~ N(0, init_std²), ``lam = 0`` (so ``ΔW`` is unchanged), kept in ``rank_mask``.
+
+        With ``optimizer`` the new parameters take the old ones' places in its groups and every
+        state tensor of the parameter's shape (Adam's ``exp_avg``, ``exp_avg_sq``) is zero-padded,
+        so old coordinates train on as before and new ones start from fresh moments.
+        ``scaling`` stays ``α / r0``.
+        """
+        if n <= 0:
+            return
+        dev, dt = self.lam.device, self.lam.dtype
+        p_new = torch.randn(self.out_features, n, generator=generator, dtype=dt).to(dev) * init_std
+        q_new = torch.randn(n, self.in_features, generator=generator, dtype=dt).to(dev) * init_std
+        old = {"P": self.P, "lam": self.lam, "Q": self.Q}
+        self.set_factors(P=torch.cat([self.P, p_new], 1), lam=torch.cat([self.lam, self.lam.new_zeros(n)]),
+                         Q=torch.cat([self.Q, q_new], 0))
+        self.rank_mask = torch.cat([self.rank_mask, self.rank_mask.new_ones(n)])
+        if optimizer is None:
+            return
+        for attr, dim in (("P", 1), ("lam", 0), ("Q", 0)):
+            new = getattr(self, attr)
+            for group in optimizer.param_groups:
+                group["params"] = [new if p is old[attr] else p for p in group["params"]]
+            state = optimizer.state.pop(old[attr], None)
+            if state is not None:
+                optimizer.state[new] = {k: (like_param(torch.cat([v, v.new_zeros(
+                    *(n if d == dim else s for d, s in enumerate(v.shape)))], dim), new)
+                    if torch.is_tensor(v) and v.shape == old[attr].shape else v) for k, v in state.items()}
+
 
 class LoRALinear(AdapterLayer):
     """LoRA adapter: ``y = x W0ᵀ + b + (α / r) · (drop(x) Aᵀ) Bᵀ``; rsLoRA uses ``α / √r``.
