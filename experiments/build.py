@@ -17,6 +17,7 @@ import adalora
 from adalora.inject import scaling
 
 from . import budget as B
+from .allocators import make_allocator, start_rank
 from .config import ConfigError, RunConfig
 from .model import HEAD, PooledClassifier, method_targets
 
@@ -66,9 +67,11 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
         except ImportError:
             raise ConfigError("model.quantize=nf4 needs adalora/quant.py (adalora.quantize_model)")
         # Every linear of the encoder (adapted or not) goes to NF4; the head is outside the
-        # backbone and stays full precision (skip is belt and braces for custom backbones).
+        # backbone and stays full precision (skip is belt and braces for custom backbones), as
+        # does a decoder's output layer (lm_head, tied to the embeddings), as QLoRA keeps it.
         compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        quantized = quantize_model(backbone, targets=None, skip=[HEAD], compute_dtype=compute)
+        quantized = quantize_model(backbone, targets=None, skip=[HEAD, "lm_head"],
+                                   compute_dtype=compute)
     else:
         quantized = []
     out = Built(model, {}, None, None, None, total, quantized=quantized)
@@ -99,7 +102,12 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
         if matched and m.name == "lora":
             shapes = B.adapted_shapes(backbone, adapter_cfg(1))
             init_rank = B.matched_lora_rank(shapes, B.adalora_target_params(shapes, target_rank))
+        if m.name == "elalora":
+            init_rank = start_rank(cfg)      # ElaLoRA grows from below the target
         acfg = adapter_cfg(init_rank)
+        if m.name == "elalora" and m.scale is None:
+            # α / r0 as AdaLoRA's adapters, not α / start rank: the update scales alike
+            acfg = dataclasses.replace(acfg, scale_rank=float(m.init_rank))
         out.adapters = adalora.inject(backbone, acfg)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0])
@@ -141,9 +149,7 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
             out.schedule_cfg = adalora.ScheduleConfig(
                 target_rank=target_rank, target_total=s.target_total, total_steps=total,
                 init_warmup=ti, final_warmup=tf, mask_interval=s.mask_interval, shape=s.shape)
-            score = s.score_config(cfg.seed)
-            out.allocator = adalora.RankAllocator(out.adapters, out.schedule_cfg, score,
-                                                  score_before_step=s.score_before_step)
+            out.allocator = make_allocator(cfg, out.adapters, out.schedule_cfg)
         except ValueError as e:
             raise ConfigError(f"impossible schedule (total_steps={total} derived from "
                               f"{n_train} examples): {str(e).splitlines()[0]}")

@@ -52,7 +52,10 @@ def _validated(section: str, build) -> None:
         raise ConfigError(f"{section}: {str(e).splitlines()[0]}") from None
 
 
-METHODS = ("adalora", "lora", "svd_lora", "full", "head", "peft_adalora", "peft_lora")
+METHODS = ("adalora", "lora", "svd_lora", "full", "head", "peft_adalora", "peft_lora", "sora", "elalora",
+           "eva", "svd_truncate")
+# Methods with a rank allocator and so a target budget (experiments/allocators.py builds them).
+ALLOCATING = ("adalora", "peft_adalora", "sora", "elalora", "eva", "svd_truncate")
 # method.scale: what the update's α is divided by. SVD adapters: their initial rank r0 (the
 # reference rule), the target rank (AdaLoRA's update then scales like the matched LoRA's), or
 # √r0. LoRA: each module's own rank, one shared rank (the mean; for ranks AdaLoRA found, its
@@ -81,6 +84,14 @@ class MethodConfig:
     # lora only: per-module ranks {name_or_suffix: r}; or read from a finished AdaLoRA run.
     rank_pattern: Dict[str, int] = _lib(adalora.AdapterConfig, "rank_pattern")
     rank_pattern_from: Optional[str] = None
+    # Allocation families (adalora/README.md): SoRA's ξ and its budget controller, ElaLoRA's
+    # pruned share per mask step and start rank (null: half the target rank, at least 1), the
+    # batches EVA's PCA sees before training.
+    sora_xi: float = _lib(adalora.SoRAConfig, "xi")
+    sora_adapt: float = _lib(adalora.SoRAConfig, "adapt")
+    elalora_prune_ratio: float = _lib(adalora.ElaLoRAConfig, "prune_ratio")
+    elalora_start_rank: Optional[int] = None
+    eva_batches: int = 8
 
     def __post_init__(self) -> None:
         _check(self.name in METHODS,
@@ -104,6 +115,11 @@ class MethodConfig:
             _check(not self.rslora or self.scale in (None, "rslora"),
                    f"method.rslora=true and method.scale={self.scale} disagree: drop one")
             _validated("method", lambda: self.adapter_config(["_"], self.init_rank))
+        _validated("method", lambda: (adalora.SoRAConfig(xi=self.sora_xi, adapt=self.sora_adapt),
+                                      adalora.ElaLoRAConfig(prune_ratio=self.elalora_prune_ratio)))
+        _check(self.elalora_start_rank is None or self.elalora_start_rank >= 1,
+               "method.elalora_start_rank must be null or >= 1")
+        _check(self.eva_batches >= 1, "method.eva_batches must be >= 1")
 
     @property
     def scale_rule(self) -> Optional[str]:
@@ -115,11 +131,12 @@ class MethodConfig:
 
     @property
     def uses_svd(self) -> bool:
-        return self.name in ("adalora", "svd_lora", "peft_adalora")
+        return self.name in ("adalora", "svd_lora", "peft_adalora", "sora", "elalora", "eva")
 
     @property
     def prunes(self) -> bool:
-        return self.name in ("adalora", "peft_adalora")
+        """Has a rank allocator, and so a target budget (every family, not only pruning ones)."""
+        return self.name in ALLOCATING
 
     def adapter_config(self, targets: List[str], init_rank: int,
                        rank_pattern: Optional[Dict[str, int]] = None) -> adalora.AdapterConfig:
@@ -147,6 +164,9 @@ class ScheduleSection:
     beta2: float = _lib(adalora.ScoreConfig, "beta2")
     score: str = _lib(adalora.ScoreConfig, "kind")
     score_before_step: bool = _lib(adalora.RankAllocator, "score_before_step")
+    # values: budgets count singular values; params: d_in + d_out + 1 per singular value
+    # (adalora/accounting.py). AdaLoRA's own schedule counts values.
+    budget_unit: str = _lib(adalora.SoRAAllocator, "unit")
 
     def __post_init__(self) -> None:
         _check(self.shape in SCHEDULE_SHAPES,
@@ -156,6 +176,8 @@ class ScheduleSection:
         for k in ("init_warmup_ratio", "final_warmup_ratio"):
             _check(0.0 <= getattr(self, k) < 1.0, f"schedule.{k} must be in [0, 1)")
         _check(self.mask_interval >= 1, "schedule.mask_interval must be >= 1")
+        _check(self.budget_unit in adalora.accounting.UNITS,
+               f"schedule.budget_unit='{self.budget_unit}'; choose one of {', '.join(adalora.accounting.UNITS)}")
         _validated("schedule", lambda: self.score_config(seed=0))
 
     def warmups(self, total_steps: int) -> tuple[int, int]:

@@ -177,6 +177,19 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         ckpt.load_trainable_state(model, resume_state["model"])
         step, position = resume_state["step"], resume_state["position"]
     model.to(device)
+    if allocator is not None and allocator.needs_data and resume_state is None:
+        # One-shot allocation from data (EVA), before the optimizer holds the adapters it
+        # resizes: the first method.eva_batches micro-batches of the training stream, whole on
+        # every rank (so every rank allocates alike), without labels, in eval mode.
+        n_tr, size = splits["train"]["labels"].shape[0], t.batch_size * dist.world_size
+        batches = ({k: v for k, v in batch_at(splits["train"], micro_batch_indices(n_tr, size, i, cfg.seed),
+                                              device).items() if k != "labels"}
+                   for i in range(cfg.method.eva_batches))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            allocator.init_from_data(lambda b: model(**b), batches)
+        model.train(was_training)
     # Adapters are already injected: DDP all-reduces the very tensors the allocator scores.
     net = D.wrap(model, device, dist)
     fwd = _compiled(net, t)
@@ -190,6 +203,8 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
     elif allocator is not None:
         writer.log_ranks(allocator.initial_record().to_dict())
+    if allocator is not None:
+        allocator.bind_optimizer(opt)       # ElaLoRA grows and svd_truncate cuts factors in it
     params = [p for g in opt.param_groups for p in g["params"]]
 
     saved_step = resume_state["step"] if resume_state is not None else None
@@ -263,7 +278,8 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 if record is not None:
                     D.check_masks(allocator, step, dist)
                     writer.log_ranks(record.to_dict())
-                if t.compact and allocator.final_done and not was_final:
+                if (t.compact and allocator.final_done and not was_final) or \
+                        (record is not None and allocator.reshapes):
                     allocator.compact(opt)
                     params = [p for g in opt.param_groups for p in g["params"]]
                     net = D.wrap(model, device, dist)     # DDP must hold the new tensors

@@ -123,7 +123,7 @@ def wrap_peft_layers(backbone: nn.Module, names: List[str], view_cls) -> Dict[st
 
 
 # ---- the allocator: peft's update_and_allocate behind our interface -------------------------
-class PeftAdaLoRAAllocator:
+class PeftAdaLoRAAllocator(adalora.Allocator):
     """Adapts ``peft.AdaLoraModel.update_and_allocate(step)`` to the loop's allocator calls.
 
     peft updates its importance EMAs and masks in one call after ``optimizer.step()``, which is
