@@ -191,6 +191,12 @@ class ScheduleSection:
         return adalora.ScoreConfig(beta1=self.beta1, beta2=self.beta2, kind=self.score, seed=seed)
 
 
+OBJECTIVES = ("classify", "answer", "corpus")
+TASK_METRICS = {"classify": ("accuracy", "macro_f1", "mcc"),
+                "answer": ("accuracy", "macro_f1", "mcc", "exact_match", "perplexity"),
+                "corpus": ("perplexity",)}
+
+
 @dataclass
 class TaskConfig:
     name: str = "rotten_tomatoes"
@@ -206,13 +212,31 @@ class TaskConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     metric: str = "accuracy"
+    # classify: encoder + pooled head, cross-entropy on the label. answer: a causal LM, loss on
+    # the answer tokens of prompt + answer, scored by greedy generation (exact_match) and, when
+    # the answers are label words, by the most likely label word (accuracy). corpus: a causal
+    # LM on whole texts, scored by perplexity (experiments/lm.py).
+    objective: str = "classify"
+    prompt: str = "{text}"                  # answer: the prompt, {text} = the example's text
+    label_words: Optional[List[str]] = None  # answer: the answer of each label (null: label names)
+    prompt_column: str = "prompt"           # answer on file: data, one prompt and its response
+    response_column: str = "response"
 
     def __post_init__(self) -> None:
         _check(self.max_len >= 8, "task.max_len must be >= 8")
         _check(0 < self.val_fraction < 0.5 and 0 < self.test_fraction < 0.5,
                "task.val_fraction and task.test_fraction must be in (0, 0.5)")
-        _check(self.metric in ("accuracy", "macro_f1", "mcc"),
-               "task.metric must be accuracy, macro_f1 or mcc")
+        _check(self.objective in OBJECTIVES,
+               f"task.objective='{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
+        allowed = TASK_METRICS[self.objective]
+        _check(self.metric in allowed, f"task.metric={self.metric} for task.objective="
+               f"{self.objective}; choose one of {', '.join(allowed)}")
+        _check("{text}" in self.prompt, "task.prompt must contain {text} (where the example goes)")
+        _check(self.label_words is None or len(set(self.label_words)) == len(self.label_words) >= 2,
+               "task.label_words must be two or more distinct words, or null (the label names)")
+
+
+TINY_ARCHS = ("bert", "deberta_v2", "llama", "gpt2")
 
 
 @dataclass
@@ -225,17 +249,24 @@ class ModelConfig:
     head_dropout: float = 0.1
     dropout: Optional[float] = None        # null: the checkpoint's; a value sets every backbone nn.Dropout
     quantize: str = "none"                 # none | nf4 (adalora.quantize_model)
-    tiny_arch: str = "bert"                # tiny-random: bert | deberta_v2
+    tiny_arch: str = "bert"                # tiny-random: bert | deberta_v2 | llama | gpt2 (decoders)
     tiny_hidden: int = 32
     tiny_layers: int = 2
     tiny_heads: int = 2
     tiny_intermediate: int = 64
+    tiny_kv_heads: Optional[int] = None    # llama: key/value heads (null: tiny_heads)
+    tiny_vocab: Optional[int] = None       # null: the tokenizer's size; a value sizes the embedding
 
     def __post_init__(self) -> None:
         _check(self.pooling in ("mean", "cls"), "model.pooling must be mean or cls")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout must be null or in [0, 1)")
         _check(self.quantize in ("none", "nf4"), "model.quantize must be none or nf4")
-        _check(self.tiny_arch in ("bert", "deberta_v2"), "model.tiny_arch must be bert or deberta_v2")
+        _check(self.tiny_arch in TINY_ARCHS, f"model.tiny_arch must be one of {', '.join(TINY_ARCHS)}")
+        _check(self.tiny_vocab is None or self.tiny_vocab >= 1, "model.tiny_vocab must be null or >= 1")
+
+    @property
+    def tiny_decoder(self) -> bool:
+        return self.name_or_path == "tiny-random" and self.tiny_arch in ("llama", "gpt2")
 
 
 @dataclass

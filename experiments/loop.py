@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 import adalora
 
@@ -37,8 +36,8 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .build import Built, param_groups
 from .config import RunConfig
+from .objective import Classify
 from .runlog import RunWriter
-from .metrics import classification_metrics
 
 
 @dataclass
@@ -73,21 +72,16 @@ def micro_batch_indices(n: int, batch: int, position: int, seed: int) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg: RunConfig, device, amp_dtype, num_labels: int) -> Dict[str, float]:
+def evaluate(model, data, cfg: RunConfig, device, amp_dtype, objective) -> Dict[str, float]:
+    """The objective's metrics on one split (experiments/objective.py, lm.py), in eval mode,
+    in batches of trainer.eval_batch_size, forwards under the training precision's autocast."""
     was_training = model.training
     model.eval()
-    n = data["labels"].shape[0]
-    preds, loss_sum = [], 0.0
-    for i in range(0, n, cfg.trainer.eval_batch_size):
-        b = batch_at(data, torch.arange(i, min(i + cfg.trainer.eval_batch_size, n)), device)
-        labels = b.pop("labels")
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(**b).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        preds.append(logits.argmax(-1).cpu())
+    n, size = data["labels"].shape[0], cfg.trainer.eval_batch_size
+    batches = (batch_at(data, torch.arange(i, min(i + size, n)), device) for i in range(0, n, size))
+    m = objective.evaluate(model, batches, lambda: torch.autocast(
+        device.type, dtype=amp_dtype, enabled=amp_dtype is not None))
     model.train(was_training)
-    m = classification_metrics(data["labels"].numpy(), torch.cat(preds).numpy(), num_labels)
-    m["loss"] = loss_sum / n
     return m
 
 
@@ -161,8 +155,10 @@ class StopFlag:
 def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor]],
           num_labels: int, writer: RunWriter, device: torch.device,
           resume_state: Optional[dict] = None, ckpt_extra: Optional[dict] = None,
-          dist: D.Dist = D.Dist()) -> LoopResult:
+          dist: D.Dist = D.Dist(), objective=None) -> LoopResult:
+    """``objective``: the task's loss and scores (default: the classifier's, Classify)."""
     t, model, adapters, allocator = cfg.trainer, built.model, built.adapters, built.allocator
+    objective = objective or Classify(num_labels)
     total = built.total_steps
     svd = [a for a in adapters.values() if isinstance(a, adalora.SVDLinear)]
     orth_weight = cfg.method.orth_weight if svd else 0.0
@@ -238,13 +234,12 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             for i in range(t.grad_accum):
                 idx = D.shard(micro_batch_indices(n_train, per_step, position, cfg.seed), dist)
                 b = batch_at(train_data, idx, device)
-                labels = b.pop("labels")
                 position += 1
                 # DDP: all-reduce once per optimizer step, on the last micro-batch.
                 last = i == t.grad_accum - 1
                 with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        task_loss = F.cross_entropy(fwd(**b).float(), labels)
+                        task_loss = objective.loss(fwd, b)     # cross-entropy, or LM loss
                     scaler.scale(task_loss / t.grad_accum).backward()
                 loss_value = task_loss.item()
                 loss_finite = loss_finite and math.isfinite(loss_value)
@@ -298,7 +293,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                                     "epoch": epoch, "time_s": time.time() - t0})
                 acc_loss, acc_orth, acc_n = 0.0, 0.0, 0
             if t.eval_every and step % t.eval_every == 0 and step < total and dist.is_main:
-                m = evaluate(model, splits["val"], cfg, device, amp_dtype, num_labels)
+                m = evaluate(model, splits["val"], cfg, device, amp_dtype, objective)
                 writer.log_metrics({"step": step, "split": "val", "lr": sched.get_last_lr()[0],
                                     **m, "epoch": epoch, "time_s": time.time() - t0})
             stopping = stopping or (t.stop_at_step is not None and total > step >= t.stop_at_step)
@@ -315,7 +310,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     final = {}
     if dist.is_main:          # eval on the unwrapped model: no collectives, other ranks done
         for split in ("val", "test"):
-            final[split] = evaluate(model, splits[split], cfg, device, amp_dtype, num_labels)
+            final[split] = evaluate(model, splits[split], cfg, device, amp_dtype, objective)
             writer.log_metrics({"step": step, "split": split, "lr": sched.get_last_lr()[0],
                                 **final[split], "epoch": position * per_step / n_train,
                                 "time_s": time.time() - t0})

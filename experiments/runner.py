@@ -23,7 +23,9 @@ from .config import ConfigError, RunConfig
 from .provenance import git_commit, versions
 from .runlog import RunWriter, read_summary
 from .loop import train
+from . import lm
 from .model import HEAD, load_model, load_tokenizer, tokenize
+from .objective import for_task
 from .tasks import load_task
 
 # Keys that may differ between a run and its resumption without changing the result.
@@ -128,11 +130,29 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
 
     data = load_task(cfg.task)
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, data.num_labels, len(tok))
+    decoder = cfg.task.objective != "classify"      # a causal LM (experiments/lm.py)
+    if decoder and cfg.method.name == "head":
+        raise ConfigError("method=head trains a classifier head; a causal LM has none: use "
+                          "method=lora, adalora or full")
+    words = None
+    try:
+        if cfg.task.objective == "answer" and data.label_names:
+            words = lm.label_words(cfg.task, data.label_names)
+        objective = for_task(cfg.task, data.num_labels, tok, words)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0])
+    model = load_model(cfg.model, data.num_labels, len(tok), decoder=decoder)
     built = build(cfg, model, len(data.train), world_size=dist.world_size)
+    if decoder and cfg.model.quantize == "nf4" and not built.quantized:
+        raise ConfigError(f"model.quantize=nf4: model {cfg.model.name} has no nn.Linear to "
+                          "quantize (GPT-2's Conv1D maps are not supported); use a Llama-style model")
     if dist.rank > 0:               # own dropout streams; rank 0 keeps the 1-process stream
         torch.manual_seed((cfg.seed << 16) + dist.rank)
-    splits = {s: tokenize(tok, getattr(data, s), cfg.task.max_len) for s in ("train", "val", "test")}
+    if decoder:
+        splits = {s: lm.tokenize_lm(tok, getattr(data, s), cfg.task, words)
+                  for s in ("train", "val", "test")}
+    else:
+        splits = {s: tokenize(tok, getattr(data, s), cfg.task.max_len) for s in ("train", "val", "test")}
     p0 = count_params(model, built.adapters, built.allocator)
 
     m, a = cfg.method, built.allocator
@@ -158,6 +178,8 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         "label_names": data.label_names, "quantized_modules": len(built.quantized),
         "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
         "world_size": dist.world_size}
+    if decoder:
+        summary.update(objective=cfg.task.objective, label_words=words)
     if resume_state is not None:
         summary["wall_time_s_before_resume"] = resume_state.get("wall_time_s", 0.0)
     if resume_state is not None and dist.is_main:
@@ -173,7 +195,7 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
     writer.write_summary(summary)
     try:
         result = train(cfg, built, splits, data.num_labels, writer, device, resume_state,
-                       ckpt_extra={"config": json.dumps(config)}, dist=dist)
+                       ckpt_extra={"config": json.dumps(config)}, dist=dist, objective=objective)
         summary["steps"], summary["skipped_steps"] = result.steps, result.skipped_steps
         if result.status == "completed" and a is not None:
             a.finalize()   # raises if the final allocation never happened
@@ -227,6 +249,8 @@ def save_weights(model, built, run_dir: Path, summary: Dict[str, Any]) -> None:
         adalora.save_adapters(str(run_dir / "adapters.safetensors"), model.backbone,
                               metadata={"task": summary["task"], "method": summary["method"]})
     head = getattr(model, HEAD)
+    if not head.state_dict():       # a causal LM: no head of its own
+        return
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
               str(run_dir / "head.safetensors"))
 

@@ -127,7 +127,10 @@ def main(cfg: DictConfig) -> float:
     metric = rc.task.metric
     print(f"\n{summary['method']} on {summary['task']} ({summary['model']}): status "
           f"{summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f} s")
-    if final:
+    if final and "objective" in summary:      # a language-model task: its own scores
+        print(f"test {metric} {final[metric]:.4f}  (" + ", ".join(
+            f"{k} {v:.4f}" for k, v in final.items() if k != metric) + ")")
+    elif final:
         print(f"test {metric} {final[metric]:.4f}  (accuracy {final['accuracy']:.4f}, macro-F1 "
               f"{final['macro_f1']:.4f}, MCC {final['mcc']:.4f})")
     p = summary["params"]

