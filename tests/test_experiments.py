@@ -115,15 +115,169 @@ def test_every_experiment_composes_and_runs_two_steps(name, tmp_path, glue_like_
     assert len(s["final_ranks"]) == 2 * 6 and s["schedule"]["total_steps"] == 2
 
 
-@pytest.mark.parametrize("ablation", sorted(p.stem for p in (REPO / "conf" / "ablation").glob("*.yaml")
-                                             if p.stem not in ("none", "lora_on_found_ranks")))
-def test_ablations_compose_change_what_they_name_and_run(ablation, tmp_path):
+ABLATIONS = sorted(p.stem for p in (REPO / "conf" / "ablation").glob("*.yaml")
+                   if p.stem not in ("none", "lora_on_found_ranks"))
+# Every step of the budgeting phase masks: 8 steps, init_warmup 1, final_warmup 2 -> mask steps 2..6.
+ABLATION_RUN = TINY + ["logger.tensorboard=false", "schedule.mask_interval=1", "trainer.eval_every=0"]
+
+
+class Spy:
+    """Records, during a real run, what the loop asks of the library: per step the order of
+    opt.step and the importance update, the weight given to orthogonality_grad_, and at every
+    allocation the scores the allocator ranked, |lam| before masking, the EMAs and the mask kept."""
+
+    def __init__(self):
+        self.events, self.orth, self.allocs = [], [], []
+
+    def __enter__(self):
+        import adalora
+        from adalora.importance import triplet_scores
+        spy = self
+        self._undo = []
+
+        def patch(owner, name, make):
+            orig = getattr(owner, name)
+            setattr(owner, name, make(orig))
+            self._undo.append((owner, name, orig))
+
+        def opt_step(orig):
+            def step(opt, *a, **k):
+                spy.events.append("opt.step")
+                return orig(opt, *a, **k)
+            return step
+
+        def importance(orig):
+            def update_importance(alloc, step, grads_finite=None):
+                spy.events.append(f"importance {step}")
+                return orig(alloc, step, grads_finite)
+            return update_importance
+
+        def orth(orig):
+            def orthogonality_grad_(adapters, weight, form="reference"):
+                spy.orth.append(weight)
+                return orig(adapters, weight, form)
+            return orthogonality_grad_
+
+        def allocate(orig):
+            def _allocate(alloc, step, budget):
+                sc = alloc.scorer
+                ema = None
+                if sc.ibar is not None:
+                    per = [sc._per_parameter(sc.ibar)]
+                    if sc.ubar is not None:
+                        per.append(sc._per_parameter(sc.ubar))
+                    s = [a * b for a, b in zip(*per)] if len(per) == 2 else per[0]
+                    ema = torch.cat([triplet_scores(*s[3 * k:3 * k + 3]) for k in range(len(alloc.layers))])
+                rec = dict(step=step, budget=budget, kind=sc.cfg.kind, ubar=sc.ubar is not None,
+                           scores=sc.flat_scores(step).clone(), ema=ema,
+                           lam=torch.cat([layer.lam.detach().abs().float() for layer in alloc.layers]))
+                out = orig(alloc, step, budget)
+                rec["kept"] = torch.cat([layer.rank_mask.clone() for layer in alloc.layers])
+                spy.allocs.append(rec)
+                return out
+            return _allocate
+        patch(torch.optim.AdamW, "step", opt_step)
+        patch(adalora.RankAllocator, "update_importance", importance)
+        patch(adalora, "orthogonality_grad_", orth)
+        patch(adalora.RankAllocator, "_allocate", allocate)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, orig in reversed(self._undo):
+            setattr(owner, name, orig)
+
+
+def _spied_run(run_dir, overrides):
+    with Spy() as spy:
+        s = run_inproc(run_dir, ABLATION_RUN + overrides)
+    assert s["status"] == "completed"
+    return s, spy
+
+
+@pytest.fixture(scope="module")
+def full_method(tmp_path_factory):
+    return _spied_run(tmp_path_factory.mktemp("full") / "run", [])
+
+
+def _budget_by_hand(t, sch, power):
+    b0, bT, ti, tf, T = (sch[k] for k in ("initial_budget", "target_budget", "init_warmup", "final_warmup",
+                                          "total_steps"))
+    if t >= T - tf:
+        return bT
+    return int(bT + (b0 - bT) * (1 - (t - ti) / (T - tf - ti)) ** power)
+
+
+def _check_common(s, spy, power):
+    """What every variant shares: a record per mask step, exactly the scheduled budget kept, and
+    the kept set the top of the scores it ranked (ties by position), brute force."""
+    sch = s["schedule"]
+    final = sch["total_steps"] - sch["final_warmup"]                 # the frozen allocation
+    assert [a["step"] for a in spy.allocs] == list(range(sch["init_warmup"] + 1, final + 1))
+    for a in spy.allocs:
+        assert a["budget"] == _budget_by_hand(a["step"], sch, power) == int(a["kept"].sum())
+        order = sorted(range(len(a["scores"])), key=lambda i: (-float(a["scores"][i]), i))
+        assert set(order[:a["budget"]]) == set(a["kept"].nonzero().flatten().tolist()), a["step"]
+
+
+def test_full_method_scores_after_the_step_with_uncertainty_orth_and_cubic_budget(full_method):
+    s, spy = full_method
+    _check_common(s, spy, power=3)
+    assert spy.events[:4] == ["opt.step", "importance 0", "opt.step", "importance 1"]   # |w_{t+1} g_t|
+    assert spy.orth == [0.1] * s["steps"]
+    for a in spy.allocs[:-1]:
+        assert a["kind"] == "sensitivity_uncertainty" and a["ubar"]
+        assert torch.allclose(a["scores"].double(), a["ema"].double(), rtol=1e-6, atol=0)   # Ibar * Ubar
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_ablations_compose_change_what_they_name_and_run(ablation, tmp_path, full_method):
+    """Each ablation composes to a config that differs from the full method's, runs, and its
+    run differs from the full method's in exactly what it names, on the same seed and data."""
     rc, _ = compose([f"ablation={ablation}"])
     base, _ = compose([])
     assert rc.ablation == ablation and rc != base
-    s = run_inproc(tmp_path / ablation, TINY + [f"ablation={ablation}", "logger.tensorboard=false"])
-    assert s["status"] == "completed" and s["ablation"] == ablation
-    assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"]
+    s, spy = _spied_run(tmp_path / ablation, [f"ablation={ablation}"])
+    full_s, full_spy = full_method
+    assert s["ablation"] == ablation and sum(s["final_ranks"].values()) == s["schedule"]["target_budget"]
+    assert s["schedule"]["total_steps"] == full_s["schedule"]["total_steps"] == 8
+    _check_common(s, spy, power=1 if ablation == "linear_schedule" else 3)
+    allocs, full_allocs = spy.allocs, full_spy.allocs
+    kinds = {a["kind"] for a in allocs}
+    if ablation == "paper_order":                  # |w_t g_t|: scored before opt.step
+        assert spy.events[:4] == ["importance 0", "opt.step", "importance 1", "opt.step"]
+    else:
+        assert spy.events[:4] == ["opt.step", "importance 0", "opt.step", "importance 1"]
+    if ablation == "no_orth":                      # the penalty's gradient never added, none logged
+        assert spy.orth == []
+        assert all(m["orth"] == 0 for m in read_jsonl(tmp_path / ablation / "metrics.jsonl") if m["split"] == "train")
+    else:
+        assert spy.orth == [0.1] * s["steps"]
+    if ablation == "linear_schedule":              # b(t) linear in t, not cubic: budgets differ
+        assert [a["budget"] for a in allocs] != [a["budget"] for a in full_allocs]
+    if ablation == "sensitivity_only":             # s = Ibar, no uncertainty EMA at all
+        assert kinds == {"sensitivity"}
+        for a in allocs[:-1]:
+            assert not a["ubar"] and torch.allclose(a["scores"].double(), a["ema"].double(), rtol=1e-6, atol=0)
+    elif ablation == "magnitude":                  # S_i = |lam_i| as it stands before masking
+        assert kinds == {"magnitude"}
+        assert all(torch.equal(a["scores"], a["lam"]) for a in allocs)
+        assert not all(torch.equal(a["scores"], a["lam"]) for a in full_allocs)
+    elif ablation in ("random_fixed", "random_churn"):
+        assert kinds == {ablation}
+        firsts = [a["scores"] for a in allocs]
+        assert all(((0 <= x) & (x < 1)).all() for x in firsts)
+        same = [torch.equal(x, y) for x, y in zip(firsts, firsts[1:])]
+        assert all(same) if ablation == "random_fixed" else not any(same)
+        if ablation == "random_fixed":             # a fixed order: each kept set inside the last
+            kept = [a["kept"] for a in allocs]
+            assert all(bool((small <= big).all()) for big, small in zip(kept, kept[1:]))
+    else:
+        assert kinds == {"sensitivity_uncertainty"}
+    differs = {"paper_order": spy.events != full_spy.events, "no_orth": spy.orth != full_spy.orth,
+               "linear_schedule": True}
+    if ablation not in differs:                    # scoring ablations: other scores were ranked
+        differs[ablation] = any(not torch.equal(a["scores"], b["scores"]) for a, b in zip(allocs, full_allocs))
+    assert differs[ablation]
 
 
 # ---- one real (tiny) run: the contract ----------------------------------------------------
