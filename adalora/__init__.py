@@ -15,6 +15,8 @@ from .inject import (adapter_parameters, adapter_shapes, count_parameters, find_
                      mark_only_adapters_trainable, merge, unmerge)
 from .io import export_lora, load_adapters, read_adapters, save_adapters
 from .layers import AdapterLayer, LoRALinear, SVDLinear
+from .named import active_adapter, add_adapter, adapter_names, delete_adapter, set_adapter, use_adapter
+from .peft_io import load_peft, save_peft
 from .quant import NF4Linear, NF4Tensor, dequantize, quantize_model, quantize_nf4
 from .regularizer import orthogonality_grad_, orthogonality_penalty
 from .sora import SoRAAllocator, SoRAConfig
@@ -29,6 +31,7 @@ __all__ = [
     "RankAllocator", "AllocationRecord", "schedule",
     "Allocator", "BudgetRecord", "accounting", "SoRAAllocator", "SoRAConfig", "ElaLoRAAllocator",
     "ElaLoRAConfig", "EVAAllocator", "TruncateAllocator",
-    "save_adapters", "load_adapters", "read_adapters", "export_lora",
+    "save_adapters", "load_adapters", "read_adapters", "export_lora", "save_peft", "load_peft",
+    "add_adapter", "set_adapter", "use_adapter", "delete_adapter", "adapter_names", "active_adapter",
     "NF4Linear", "NF4Tensor", "quantize_nf4", "dequantize", "quantize_model",
 ]

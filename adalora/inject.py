@@ -108,8 +108,12 @@ def mark_only_adapters_trainable(model: nn.Module, extra: tuple[str, ...] = (), 
                 b.requires_grad_(True)
 
 
-def merge(model: nn.Module) -> None:
-    """Merge every adapter into its base weight (zero added latency at inference)."""
+def merge(model: nn.Module, name: str | None = None) -> None:
+    """Merge every adapter into its base weight (zero added latency at inference); with
+    ``name``, that named set is made active first (``adalora.set_adapter``)."""
+    if name is not None:
+        from .named import set_adapter
+        set_adapter(model, name)
     adapters = find_adapters(model)
     for layer in adapters.values():
         layer._check_mergeable()  # refuse before touching any weight
@@ -117,7 +121,13 @@ def merge(model: nn.Module) -> None:
         layer.merge()
 
 
-def unmerge(model: nn.Module) -> None:
+def unmerge(model: nn.Module, name: str | None = None) -> None:
+    """Subtract the merged update again; ``name``, if given, must be the active (merged) set."""
+    if name is not None:
+        from .named import active_adapter
+        if active_adapter(model) != name:
+            raise ValueError(f"adapter set {name!r} is not the active one ({active_adapter(model)!r}): "
+                             "only the active set can be merged or unmerged")
     for layer in find_adapters(model).values():
         layer.unmerge()
 
