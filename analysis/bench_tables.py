@@ -174,8 +174,18 @@ def ddp_compare(files) -> str:
                   "first differing record (step)", "test accuracy a / b"], rows, "lrlrr")
 
 
+def switch(files) -> str:
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "adapter_switch":
+            continue
+        for r in d["runs"]:
+            rows.append([r["what"], f"{r['median_ms']:.2f}", str(r["repeats"]), d["setup"], f"`{name}`"])
+    return table(["operation", "median ms", "repeats", "setup", "results file"], rows, "lrrll")
+
+
 TABLES = {"medians": medians, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
-          "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare}
+          "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch}
 
 
 def render(names=None, folder: Path = HERE, markers: bool = True) -> str:
