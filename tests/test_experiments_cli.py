@@ -131,4 +131,8 @@ def test_real_model_and_data_learn(tmp_path):
     assert s["params"]["base"] > 22_000_000 and len(s["final_ranks"]) == 36
     assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"] == 216
     assert "final ranks (layer x matrix)" in p.stdout and "run folder:" in p.stdout
-    assert s["final"]["test"]["loss"] < 0.75           # a head on mean-pooled MiniLM learns fast
+    # Chance on this binary task is ln 2 = 0.693 (a run at lr 1e-9 ends at 0.694, accuracy 0.53,
+    # which the old bound 0.75 let through). Measured here, 8 steps: test loss 0.638 / 0.635 /
+    # 0.635 and accuracy 0.59 / 0.64 / 0.62 for seeds 0 / 1 / 2; asserted 0.66, 0.03 below chance.
+    assert s["final"]["test"]["loss"] <= 0.66
+    assert s["final"]["test"]["accuracy"] >= 0.55     # 128 examples: chance is 0.5 ± 0.044
