@@ -33,8 +33,8 @@ import yaml
 from analysis.names import module_table
 
 # Methods whose adapters are SVD-parameterised (rank is adaptive or at least has a spectrum).
-SVD_METHODS = ("adalora", "svd_lora", "peft_adalora")
-LORA_METHODS = ("lora", "peft_lora")
+SVD_METHODS = ("adalora", "svd_lora", "peft_adalora", "sora", "elalora", "eva")
+LORA_METHODS = ("lora", "peft_lora", "svd_truncate")
 _RUN_MARKERS = ("summary.json", "metrics.jsonl", "ranks.jsonl", ".hydra/config.yaml")
 _IDS = ("run", "row", "module", "group", "mtype", "path", "label", "budget_label", "pair_budget",
         "scale_rule", "task_metric")
