@@ -12,7 +12,7 @@ import adalora
 from adalora import accounting as A
 from experiments.teacher import DT, Maps, Teacher, l1, make_allocator, planted_update, train
 
-FAST = Teacher(steps=120, init_warmup=20, final_warmup=40)
+FAST = Teacher(steps=80, init_warmup=15, final_warmup=25)
 FAMILIES = ["adalora", "sora", "elalora", "eva", "svd_truncate"]
 
 
@@ -135,7 +135,7 @@ def _steps(model, adapters, alloc, opt, teacher, g, lo, hi):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_checkpoint_and_resume_are_bitwise(name):
-    stop = 70                                   # mid-budgeting (elalora has grown, sora shrinks)
+    stop = 42                                   # mid-budgeting (elalora has grown, sora shrinks)
 
     def start():
         model, adapters, alloc, teacher, g = _setup(name)

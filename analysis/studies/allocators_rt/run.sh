@@ -22,6 +22,7 @@ if [ "${SMOKE:-0}" = 1 ]; then SEEDS="0"; EXTRA="trainer.max_steps=2 task.max_ev
 lr() { case $1 in svd_truncate|lora) echo 1e-3 ;; *) echo 8e-3 ;; esac; }
 case $STAGE in
   run)
+    mkdir -p "$ROOT"
     for m in $METHODS; do for s in $SEEDS; do
       dir="$ROOT/$m-s$s"
       if grep -qs '"status": "completed"' "$dir/summary.json"; then continue; fi
