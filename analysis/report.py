@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", help="run folders or Hydra multirun folders")
     ap.add_argument("--out", default=None, help="output folder (default: <first dir>/report)")
-    ap.add_argument("--metric", default=None, help="accuracy | mcc | macro_f1 (default: first present)")
+    ap.add_argument("--metric", default=None, help="accuracy | mcc | macro_f1 | exact_match | perplexity (default: first present)")
     ap.add_argument("--max-runs", type=int, default=6, help="configurations with per-run rank figures")
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"

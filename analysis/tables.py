@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-METRICS = ("accuracy", "mcc", "macro_f1", "loss")
+# Language-model tasks add exact_match (greedy answers) and perplexity (corpus tasks: their only score).
+METRICS = ("accuracy", "mcc", "macro_f1", "exact_match", "perplexity", "loss")
 CI_METHODS = ("t", "wilcoxon", "bootstrap")
 MIN_BOOTSTRAP_N = 20
 # Run columns that change the result besides method and budget: runs that differ in them are
@@ -29,7 +30,7 @@ SETTINGS = ("lr", "head_lr")
 
 
 def default_metric(sweep, split: str = "test") -> str:
-    """The first of accuracy, mcc, macro_f1 that completed runs report on this split."""
+    """The first of METRICS that completed runs report on this split."""
     for m in METRICS:
         col = f"final.{split}.{m}"
         if col in sweep.runs and sweep.runs.loc[sweep.runs["ok"], col].notna().any():

@@ -249,6 +249,9 @@ class ModelConfig:
     head_dropout: float = 0.1
     dropout: Optional[float] = None        # null: the checkpoint's; a value sets every backbone nn.Dropout
     quantize: str = "none"                 # none | nf4 (adalora.quantize_model)
+    # Decoders: the stored dtype of the base weights, fp32 (autocast computes in the trainer's
+    # precision) or bf16 (half the memory; adapters then take bf16 too, except on an NF4 base).
+    dtype: str = "fp32"
     tiny_arch: str = "bert"                # tiny-random: bert | deberta_v2 | llama | gpt2 (decoders)
     tiny_hidden: int = 32
     tiny_layers: int = 2
@@ -261,6 +264,7 @@ class ModelConfig:
         _check(self.pooling in ("mean", "cls"), "model.pooling must be mean or cls")
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0, "model.dropout must be null or in [0, 1)")
         _check(self.quantize in ("none", "nf4"), "model.quantize must be none or nf4")
+        _check(self.dtype in ("fp32", "bf16"), "model.dtype must be fp32 or bf16")
         _check(self.tiny_arch in TINY_ARCHS, f"model.tiny_arch must be one of {', '.join(TINY_ARCHS)}")
         _check(self.tiny_vocab is None or self.tiny_vocab >= 1, "model.tiny_vocab must be null or >= 1")
 

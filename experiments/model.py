@@ -161,17 +161,23 @@ def load_model(cfg: ModelConfig, num_labels: int, vocab_size: int, decoder: bool
             backbone = _tiny_decoder(cfg, vocab_size)
         else:
             try:
-                # fp32 master weights, as for encoders; a GGUF file is dequantised to them.
+                # fp32 master weights, as for encoders; a GGUF file is dequantised to them
+                # (transformers then refuses .float(), so the dtype is asked for at loading).
                 backbone = transformers.AutoModelForCausalLM.from_pretrained(
                     resolve_path(cfg.name_or_path), dtype=torch.float32,
-                    **_load_kwargs(cfg.name_or_path)).float()
+                    **_load_kwargs(cfg.name_or_path))
             except ConfigError:
                 raise
             except Exception as e:
                 raise ConfigError(f"cannot load causal LM '{cfg.name_or_path}': {type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}")
         _set_dropout(backbone, cfg.dropout)
+        if cfg.dtype == "bf16":
+            backbone.to(torch.bfloat16)
         return CausalLM(backbone)
+    if cfg.dtype != "fp32":        # the pooled head would meet bf16 features outside autocast
+        raise ConfigError("model.dtype=bf16 is for decoders; an encoder classifier keeps fp32 "
+                          "weights and trains in bf16 with trainer.precision=bf16")
     if cfg.name_or_path == "tiny-random":
         size = dict(vocab_size=vocab_size, hidden_size=cfg.tiny_hidden,
                     num_hidden_layers=cfg.tiny_layers, num_attention_heads=cfg.tiny_heads,

@@ -180,6 +180,13 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         "world_size": dist.world_size}
     if decoder:
         summary.update(objective=cfg.task.objective, label_words=words)
+    # Bytes of the model's weights as stored (NF4 blocks, bf16 or fp32), and on a GPU the peak
+    # allocated over the run (written at the end): what a stored-precision comparison reads.
+    summary["memory"] = {"weights_bytes": sum(t.numel() * t.element_size() for t in
+                                              [*model.parameters(), *model.buffers()]),
+                         "peak_gpu_bytes": None}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if resume_state is not None:
         summary["wall_time_s_before_resume"] = resume_state.get("wall_time_s", 0.0)
     if resume_state is not None and dist.is_main:
@@ -220,6 +227,8 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         summary["final_ranks"] = a.ranks() if a is not None else {
             n: int(ad.rank) for n, ad in built.adapters.items()}
         summary["wall_time_s"] = time.time() - t0 + summary.get("wall_time_s_before_resume", 0.0)
+        if device.type == "cuda":
+            summary["memory"]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         writer.write_summary(summary)
         writer.close()
     return summary

@@ -100,9 +100,16 @@ def test_gpt2_matched_lora_takes_adaloras_budget(tmp_path):
     assert s["budget"]["lora_params"] == s["params"]["adapter_end"]
 
 
-def test_nf4_decoder_quantizes_every_block_linear_and_keeps_the_output_layer(tmp_path):
+def test_nf4_decoder_quantizes_every_block_linear_and_keeps_the_output_layer(llama_run, tmp_path):
     s = run_inproc(tmp_path / "r", LM + ["model.quantize=nf4", "trainer.max_steps=2"])
     assert s["status"] == "completed" and s["quantized_modules"] == 14    # 2 layers x 7 maps
+    b = run_inproc(tmp_path / "b", LM + ["model.dtype=bf16", "trainer.precision=bf16", "trainer.max_steps=2"])
+    assert b["status"] == "completed"
+    fp32 = llama_run[1]["memory"]["weights_bytes"]
+    # The embedding (30,522 x 32, tied) dominates a tiny model: bf16 halves it, NF4 only packs
+    # the block maps (4 bytes -> ~0.52 per weight).
+    assert b["memory"]["weights_bytes"] < 0.51 * fp32 and s["memory"]["weights_bytes"] < fp32
+    assert s["memory"]["peak_gpu_bytes"] is None                        # a CPU run
     from experiments.config import ConfigError
     with pytest.raises(ConfigError, match="Conv1D maps are not supported"):
         run_inproc(tmp_path / "g", LM + ["model=tiny_gpt2", "model.quantize=nf4"])
@@ -138,3 +145,39 @@ def test_report_shows_decoder_scores_and_matrix_types(llama_run, tmp_path):
     assert sorted(sweep.modules["layer"].dropna().unique().tolist()) == [0, 1]
     md = build_report([d], tmp_path / "report").read_text()
     assert "final.test.accuracy" in md and "figures/heatmap_" in md
+
+
+def test_two_ranks_of_a_decoder_hold_identical_masks_and_adapters(tmp_path):
+    from test_distributed import torchrun
+    args = [a for a in LM if not a.startswith("trainer.batch_size")] + [
+        "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.compact=true",
+        "schedule.mask_interval=1", "trainer.num_threads=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    p, dump = torchrun(tmp_path, args, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["status"] == "completed" and s["world_size"] == 2 and s["steps"] == 8   # 64 x 2 epochs / (4 x 2 ranks x 2)
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert [st for st, _ in r0["masks"]] == [st for st, _ in r1["masks"]] and r0["masks"]
+    for (_, m0), (_, m1) in zip(r0["masks"], r1["masks"]):
+        assert all(torch.equal(a, b) for a, b in zip(m0, m1))
+    assert r0["ranks"] == r1["ranks"] == s["final_ranks"]
+    assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+
+
+def test_compiled_decoder_forward_trains_as_eager(tmp_path):
+    """trainer.compile (aot_eager: traced, same kernels) on the decoder: same losses and masks."""
+    common = LM + ["trainer.max_steps=6", "model.dropout=0", "trainer.eval_every=0",
+                   "schedule.init_warmup=1", "schedule.final_warmup=2", "schedule.mask_interval=1"]
+    from torch._dynamo.utils import counters
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["trainer.compile=default",
+                                                    "trainer.compile_backend=aot_eager"])):
+        counters.clear()
+        s = run_inproc(tmp_path / name, common + extra)
+        assert s["status"] == "completed"
+        assert (counters["stats"]["unique_graphs"] > 0) == (name == "compiled")   # really traced
+        runs[name] = ([r["ranks"] for r in read_jsonl(tmp_path / name / "ranks.jsonl")],
+                      [m["loss"] for m in read_jsonl(tmp_path / name / "metrics.jsonl") if m["split"] == "train"])
+    assert runs["eager"][0] == runs["compiled"][0] and len(runs["eager"][0]) > 2
+    assert np.allclose(runs["eager"][1], runs["compiled"][1], rtol=0, atol=1e-5)
