@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 
-from .allocator import AllocationRecord, RankAllocator
+from .allocator import AllocationRecord, Allocator
 from .regularizer import orthogonality_penalty
 
 
@@ -32,9 +32,11 @@ def _make_callback_class():
     base = _callback_base()
 
     class AdaLoRACallback(base):
-        """Calls the allocator once per optimizer step; ``records`` collects every ``AllocationRecord``."""
+        """Calls the allocator (any ``adalora.Allocator``) once per optimizer step; ``records``
+        collects every ``AllocationRecord``. The optimizer the Trainer passes at train start is
+        bound to the allocator (``bind_optimizer``)."""
 
-        def __init__(self, allocator: RankAllocator, check_total_steps: bool = True):
+        def __init__(self, allocator: Allocator, check_total_steps: bool = True):
             self.allocator = allocator
             self.check_total_steps = check_total_steps
             self.records: list[AllocationRecord] = []
@@ -45,6 +47,11 @@ def _make_callback_class():
                 raise ValueError(f"Trainer will run {state.max_steps} optimizer steps but ScheduleConfig.total_steps="
                                  f"{total}: set total_steps={state.max_steps} (optimizer steps, after gradient "
                                  "accumulation and world size) or the final allocation never happens")
+            if self.allocator.needs_data and not self.allocator.final_done:
+                raise ValueError(f"{type(self.allocator).__name__} allocates from data before training: call "
+                                 "allocator.init_from_data(forward, batches) before trainer.train()")
+            if kwargs.get("optimizer") is not None:
+                self.allocator.bind_optimizer(kwargs["optimizer"])    # growing/truncating methods swap into it
             if not self.records:
                 self.records.append(self.allocator.initial_record())
 

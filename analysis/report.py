@@ -209,7 +209,7 @@ def _scale_text(runs: pd.DataFrame) -> str:
 def _rank_section(sweep, out: Path, max_runs: int) -> list[str]:
     runs = sweep.runs
     has_ranks = set(sweep.modules.loc[sweep.modules["final_rank"].notna(), "run"])
-    svd = runs[runs["method"].isin(SVD_METHODS) & runs["run"].isin(has_ranks)]
+    svd = runs[runs["method"].isin(SVD_METHODS + ("svd_truncate",)) & runs["run"].isin(has_ranks)]   # every allocator
     if svd.empty:
         return ["## Rank allocation", "", "No run with adaptive ranks (AdaLoRA-like) in these folders.", ""]
     # one representative per configuration: completed runs first, then lowest seed
