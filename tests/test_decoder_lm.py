@@ -165,3 +165,21 @@ def test_analysis_reads_decoder_module_names():
     g = module_table(names[14:])
     assert g["layer"].tolist() == [0] * 4 + [11] * 4
     assert g["mtype"].tolist()[:4] == ["qkv", "o", "ffn-in", "ffn-out"]   # attn vs mlp c_proj apart
+
+
+def test_label_words_must_name_every_label_once():
+    assert lm.label_words(TaskConfig(), ["rotten", "fresh"]) == ["rotten", "fresh"]
+    with pytest.raises(ValueError, match="give one word per label"):
+        lm.label_words(answer_cfg(label_words=["a", "b", "c"]), ["rotten", "fresh"])
+    with pytest.raises(ConfigError, match="two or more distinct words"):
+        answer_cfg(label_words=["same", "same"])
+
+
+def test_score_gives_the_zero_shot_scores_of_a_decoder_and_of_its_nf4_base():
+    from experiments.score import score
+    args = ["model=tiny_llama", "task=rotten_tomatoes_lm", "task.max_eval_samples=8", "task.max_len=48"]
+    full, nf4 = score(args), score(args + ["model.quantize=nf4"])
+    assert set(full["test"]) == {"loss", "perplexity", "exact_match", "accuracy", "macro_f1", "mcc"}
+    assert full["n_test"] == nf4["n_test"] == 8 and nf4["quantize"] == "nf4"
+    assert full["test"]["loss"] != nf4["test"]["loss"]            # the base really changed
+    assert nf4["test"]["loss"] == pytest.approx(full["test"]["loss"], rel=0.05)
