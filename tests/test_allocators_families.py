@@ -183,3 +183,14 @@ def test_refusals_name_the_fix():
         a.mask_to_budget(sched.final_step)
     with pytest.raises(ValueError, match="SoRAConfig.xi"):
         adalora.SoRAConfig(xi=-1.0)
+
+
+def test_matched_lora_prices_the_target_as_the_params_unit_does():
+    """budget=matched (experiments/budget.py) and schedule.budget_unit=params count alike."""
+    from types import SimpleNamespace
+
+    from experiments import budget as B
+    shapes = {"q": (384, 384), "ffn": (1536, 384), "out": (384, 1536)}
+    layers = [SimpleNamespace(out_features=o, in_features=i) for o, i in shapes.values()]
+    for r in (1, 2, 2.5, 4):
+        assert B.adalora_target_params(shapes, r) == A.target_in_unit(layers, "params", r, None)
