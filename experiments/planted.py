@@ -31,6 +31,7 @@ class PlantedConfig:
     allocator: str = "adalora"
     seeds: int = 3                        # seeds 0 .. seeds-1 per configuration
     configs: List[str] = field(default_factory=lambda: list(CONFIGS))
+    threads: int = 1                      # 16x16 products: more threads only spin
 
     def __post_init__(self) -> None:
         if self.allocator not in ALLOCATORS:
@@ -43,6 +44,8 @@ class PlantedConfig:
 
 
 def run(cfg: PlantedConfig) -> dict:
+    import torch
+    torch.set_num_threads(cfg.threads)
     rows, per_config, t0 = [], {}, time.time()
     for name in cfg.configs:
         t = CONFIGS[name]
