@@ -8,6 +8,7 @@ import random
 import re
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -18,7 +19,7 @@ import adalora
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .build import build, count_params
+from .build import Built, build, count_params
 from .config import ConfigError, RunConfig
 from .provenance import git_commit, versions
 from .runlog import RunWriter, read_summary
@@ -100,6 +101,47 @@ class _NoWriter:
         pass
 
 
+@dataclass
+class Prepared:
+    """What a run trains or evaluates: data, tokenizer, objective, model, adapters, token splits."""
+    data: Any
+    tokenizer: Any
+    objective: Any
+    model: Any
+    built: Optional[Built]
+    splits: Dict[str, Dict[str, torch.Tensor]]
+    label_words: Optional[list] = None       # a causal LM's answer words, one per label
+
+
+def prepare(cfg: RunConfig, world_size: int = 1, inject: bool = True) -> Prepared:
+    """Load the task and the model, put the adapters in (``build``; not with ``inject=False``,
+    for adapters loaded from elsewhere) and tokenize every split."""
+    data = load_task(cfg.task)
+    tok = load_tokenizer(cfg.model)
+    decoder = cfg.task.objective != "classify"      # a causal LM (experiments/lm.py)
+    if decoder and cfg.method.name == "head":
+        raise ConfigError("method=head trains a classifier head; a causal LM has none: use "
+                          "method=lora, adalora or full")
+    words = None
+    try:
+        if cfg.task.objective == "answer" and data.label_names:
+            words = lm.label_words(cfg.task, data.label_names)
+        objective = for_task(cfg.task, data.num_labels, tok, words)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0])
+    model = load_model(cfg.model, data.num_labels, len(tok), decoder=decoder)
+    built = build(cfg, model, len(data.train), world_size=world_size) if inject else None
+    if built is not None and decoder and cfg.model.quantize == "nf4" and not built.quantized:
+        raise ConfigError(f"model.quantize=nf4: model {cfg.model.name} has no nn.Linear to "
+                          "quantize (GPT-2's Conv1D maps are not supported); use a Llama-style model")
+    if decoder:
+        splits = {s: lm.tokenize_lm(tok, getattr(data, s), cfg.task, words)
+                  for s in ("train", "val", "test")}
+    else:
+        splits = {s: tokenize(tok, getattr(data, s), cfg.task.max_len) for s in ("train", "val", "test")}
+    return Prepared(data, tok, objective, model, built, splits, words)
+
+
 def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         dist: Optional[D.Dist] = None) -> Dict[str, Any]:
     """Train one configuration into ``run_dir``; return the summary written there.
@@ -128,31 +170,10 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
     seed_everything(cfg.seed)       # the same model and adapter init on every rank
     t0 = time.time()
 
-    data = load_task(cfg.task)
-    tok = load_tokenizer(cfg.model)
-    decoder = cfg.task.objective != "classify"      # a causal LM (experiments/lm.py)
-    if decoder and cfg.method.name == "head":
-        raise ConfigError("method=head trains a classifier head; a causal LM has none: use "
-                          "method=lora, adalora or full")
-    words = None
-    try:
-        if cfg.task.objective == "answer" and data.label_names:
-            words = lm.label_words(cfg.task, data.label_names)
-        objective = for_task(cfg.task, data.num_labels, tok, words)
-    except ValueError as e:
-        raise ConfigError(str(e).splitlines()[0])
-    model = load_model(cfg.model, data.num_labels, len(tok), decoder=decoder)
-    built = build(cfg, model, len(data.train), world_size=dist.world_size)
-    if decoder and cfg.model.quantize == "nf4" and not built.quantized:
-        raise ConfigError(f"model.quantize=nf4: model {cfg.model.name} has no nn.Linear to "
-                          "quantize (GPT-2's Conv1D maps are not supported); use a Llama-style model")
+    prep = prepare(cfg, dist.world_size)
+    data, model, built, splits, objective = prep.data, prep.model, prep.built, prep.splits, prep.objective
     if dist.rank > 0:               # own dropout streams; rank 0 keeps the 1-process stream
         torch.manual_seed((cfg.seed << 16) + dist.rank)
-    if decoder:
-        splits = {s: lm.tokenize_lm(tok, getattr(data, s), cfg.task, words)
-                  for s in ("train", "val", "test")}
-    else:
-        splits = {s: tokenize(tok, getattr(data, s), cfg.task.max_len) for s in ("train", "val", "test")}
     p0 = count_params(model, built.adapters, built.allocator)
 
     m, a = cfg.method, built.allocator
@@ -178,8 +199,8 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         "label_names": data.label_names, "quantized_modules": len(built.quantized),
         "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
         "world_size": dist.world_size}
-    if decoder:
-        summary.update(objective=cfg.task.objective, label_words=words)
+    if cfg.task.objective != "classify":
+        summary.update(objective=cfg.task.objective, label_words=prep.label_words)
     # Bytes of the model's weights as stored (NF4 blocks, bf16 or fp32), and on a GPU the peak
     # allocated over the run (written at the end): what a stored-precision comparison reads.
     summary["memory"] = {"weights_bytes": sum(t.numel() * t.element_size() for t in

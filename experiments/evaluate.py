@@ -1,0 +1,148 @@
+"""Evaluate a saved adapter on a task without training, and export a run's adapters to peft.
+
+    python -m experiments.evaluate RUN_DIR [OVERRIDES...] [--out DIR]
+    python -m experiments.evaluate PEFT_DIR model=minilm task=rotten_tomatoes [--out DIR]
+    python -m experiments.evaluate RUN_DIR --export-peft PEFT_DIR
+
+A run folder brings its own config (``.hydra/config.yaml``); overrides (Hydra syntax, e.g.
+``task=reuters_r8`` to score the same adapters elsewhere, or ``trainer.device=cpu``) are
+applied on top. A peft folder (``adapter_config.json``; written by ``--export-peft``,
+``adalora.save_peft`` or peft itself) is evaluated under the default config plus the overrides;
+a classifier head saved beside it (``head.safetensors``) is loaded too. The metrics go to
+``DIR`` (default ``<source>/eval-<time>``) in the run-folder format (``summary.json`` with
+``"status": "evaluated"``, ``metrics.jsonl``, ``.hydra/config.yaml``), so ``analysis`` reads them.
+Bad input prints one ``error:`` line and exits 2; an existing ``DIR`` is never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import adalora
+
+from .config import ConfigError, RunConfig
+from .model import HEAD
+from .provenance import git_commit, versions
+from .runlog import RunWriter
+
+
+def compose(source: Path, overrides: list[str]) -> tuple[RunConfig, dict]:
+    """The run's own config (a run folder) or the defaults (a peft folder), plus overrides."""
+    from hydra import compose as hcompose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from .train import CONF_DIR, to_run_config      # registers the schema and resolvers
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = hcompose(config_name="config", overrides=[o for o in overrides if "=" in o])
+    saved = source / ".hydra" / "config.yaml"
+    if saved.is_file():
+        run_cfg = OmegaConf.load(saved)
+        run_cfg.pop("hydra", None)
+        merged = OmegaConf.merge(base, run_cfg, OmegaConf.from_dotlist(
+            [o.lstrip("+") for o in overrides if "=" in o and o.split("=")[0] not in _GROUPS]))
+        for o in overrides:                         # a group override replaces that section
+            key, _, value = o.lstrip("+").partition("=")
+            if key in _GROUPS:
+                merged[key] = base[key]
+    else:
+        merged = base
+    merged.trainer.resume = None
+    return to_run_config(merged), OmegaConf.to_container(merged, resolve=True)
+
+
+_GROUPS = ("method", "task", "model", "schedule", "trainer", "logger", "budget")
+
+
+def restore(source: Path, cfg: RunConfig):
+    """Model, objective and splits of ``cfg`` with the adapters (and head) saved in ``source``."""
+    from .runner import prepare, seed_everything
+    seed_everything(cfg.seed)          # a randomly initialised base (model=tiny) is rebuilt as trained
+    prep = prepare(cfg, world_size=1, inject=not (source / "adapter_config.json").is_file())
+    model = prep.model
+    if (source / "adapter_config.json").is_file():
+        adalora.load_peft(source, model.backbone)
+    elif (source / "adapters.safetensors").is_file():
+        adalora.load_adapters(source / "adapters.safetensors", model.backbone)
+    elif cfg.method.name not in ("head",):
+        raise ConfigError(f"{source} holds no adapters.safetensors or adapter_config.json: pass a finished "
+                          "run folder or a peft folder")
+    head = source / "head.safetensors"
+    if head.is_file():
+        from safetensors.torch import load_file
+        getattr(model, HEAD).load_state_dict(load_file(str(head)))
+    elif getattr(model, HEAD).state_dict():
+        raise ConfigError(f"{source} has no head.safetensors: a classifier needs the head it was trained with")
+    return prep
+
+
+def export_peft(source: Path, out: Path, cfg: RunConfig) -> Path:
+    """A run folder's adapters as a peft LoRA folder, with the classifier head beside them."""
+    if out.exists():
+        raise ConfigError(f"{out} exists: choose a new folder for the export")
+    prep = restore(source, cfg)
+    from .model import resolve_path
+    adalora.save_peft(out, prep.model.backbone, base_model_name_or_path=resolve_path(cfg.model.name_or_path))
+    if (source / "head.safetensors").is_file():
+        shutil.copyfile(source / "head.safetensors", out / "head.safetensors")
+    return out
+
+
+def evaluate_saved(source: Path, cfg: RunConfig, plain: dict, out: Path) -> dict:
+    from .loop import evaluate
+    if out.exists():
+        raise ConfigError(f"{out} exists: choose a new --out folder")
+    prep = restore(source, cfg)
+    device = torch.device("cuda" if cfg.trainer.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.trainer.device == "auto" else cfg.trainer.device))
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.trainer.precision]
+    prep.model.to(device)
+    t0 = time.time()
+    out.mkdir(parents=True)
+    (out / ".hydra").mkdir()
+    from omegaconf import OmegaConf
+    OmegaConf.save(OmegaConf.create(plain), out / ".hydra" / "config.yaml")
+    writer = RunWriter(out, tensorboard=False)
+    final = {}
+    for split in ("val", "test"):
+        final[split] = evaluate(prep.model, prep.splits[split], cfg, device, amp, prep.objective)
+        writer.log_metrics({"step": 0, "split": split, **final[split]})
+    summary = {"status": "evaluated", "error": None, "evaluated_from": str(source), "method": cfg.method.name,
+               "ablation": cfg.ablation, "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
+               "final": final, "final_ranks": {n: int(a.rank_mask.sum()) if isinstance(a, adalora.SVDLinear)
+                                               else a.rank for n, a in adalora.find_adapters(prep.model.backbone).items()},
+               "wall_time_s": time.time() - t0, "versions": versions(), "git_commit": git_commit()}
+    writer.write_summary(summary)
+    writer.close()
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", type=Path, help="a run folder or a peft folder")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=reuters_r8 trainer.device=cpu")
+    ap.add_argument("--out", type=Path, default=None, help="where the metrics go (default <source>/eval-<time>)")
+    ap.add_argument("--export-peft", type=Path, default=None, help="write the run's adapters as a peft folder")
+    a = ap.parse_args(argv)
+    try:
+        if not a.source.is_dir():
+            raise ConfigError(f"{a.source} is not a folder: pass a run folder or a peft folder")
+        cfg, plain = compose(a.source, a.overrides)
+        if a.export_peft is not None:
+            print(f"wrote {export_peft(a.source, a.export_peft, cfg)}")
+            return 0
+        out = a.out or a.source / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+        s = evaluate_saved(a.source, cfg, plain, out)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(" ".join(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) for split, m in s["final"].items()))
+    print(f"metrics: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
