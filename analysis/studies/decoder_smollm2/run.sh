@@ -10,19 +10,24 @@
 # are installed gives the real scores too.
 # (a) runs one job at a time (peak memory is per process, step time needs the GPU alone);
 # (b) runs N_JOBS jobs in parallel (joblib), then python -m analysis.report ROOT/compare.
+# STEPS (default 200) sets stage (a)'s training steps; EXTRA adds overrides to every run, e.g. a
+# CPU smoke test: MODEL=tiny_llama STEPS=4 EXTRA="task.max_train_samples=64 task.max_eval_samples=16" run.sh all /tmp/x
 set -euo pipefail
 STAGE=${1:?stage: memory, compare or all}; ROOT=${2:?root folder}
 MODEL=${MODEL:-smollm2_135m_random}
 N=${N_JOBS:-6}
 PY=${PYTHON:-python3}
 HERE=$(dirname "$0")
-COMMON=(model=$MODEL task=rotten_tomatoes_lm trainer=gpu trainer.progress=false logger.tensorboard=false)
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+COMMON=(model=$MODEL task=rotten_tomatoes_lm trainer=gpu trainer.progress=false logger.tensorboard=false
+        "${EXTRA_ARGS[@]}")
 
 memory() {
-  # 200 steps of batch 32 and an evaluation of 512 val/test examples per base; the same
+  # STEPS steps of batch 32 and an evaluation of 512 val/test examples per base; the same
   # adapters (AdaLoRA and its matched LoRA) on each.
-  local steps=(trainer.max_steps=200 trainer.eval_every=0 trainer.checkpoint_every=0
+  local steps=(trainer.max_steps=${STEPS:-200} trainer.eval_every=0 trainer.checkpoint_every=0
                logger.log_every=10 task.max_eval_samples=512 trainer.batch_size=32)
+  mkdir -p "$ROOT/memory"
   for method in adalora lora; do
     for base in fp32 bf16 nf4; do
       case $base in
