@@ -166,7 +166,8 @@ def load_spectrum(path) -> pd.DataFrame:
         lam = np.asarray(lam, dtype=np.float64).reshape(-1)
         kept, mask = tensors.get(module + ".kept"), tensors.get(module + ".rank_mask")
         if kept is not None:
-            r0 = int(meta.get(module, {}).get("r0", int(np.max(kept, initial=-1)) + 1))
+            # a grown adapter (ElaLoRA) keeps indices past its initial rank r0
+            r0 = max(int(meta.get(module, {}).get("r0", 0)), int(np.max(kept, initial=-1)) + 1)
             full, alive = np.zeros(r0), np.zeros(r0, dtype=bool)
             full[np.asarray(kept, dtype=np.int64)], alive[np.asarray(kept, dtype=np.int64)] = lam, True
             lam = full
