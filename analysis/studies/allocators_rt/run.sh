@@ -26,7 +26,7 @@ case $STAGE in
     for m in $METHODS; do for s in $SEEDS; do
       dir="$ROOT/$m-s$s"
       if grep -qs '"status": "completed"' "$dir/summary.json"; then continue; fi
-      echo "$dir experiment=v2_base task=rotten_tomatoes +rank_budget=r2 trainer.epochs=1 method=$m seed=$s trainer.lr=$(lr $m) $EXTRA"
+      echo "$dir experiment=v2_base task=rotten_tomatoes +rank_budget=r2 trainer.epochs=1 method=$m seed=$s trainer.lr=$(lr $m)${EXTRA:+ $EXTRA}"
     done; done |
       xargs -P "$N" -L 1 sh -c 'dir=$0; ${PYTHON:-python3} -m experiments.train hydra.run.dir="$dir" "$@" >"$dir.log" 2>&1 || echo "failed: $dir (see $dir.log)"' ;;
   summarize)

@@ -37,8 +37,24 @@ def table(root: Path) -> str:
     return "\n".join(rows)
 
 
+def table_from_json(path: Path) -> str:
+    """The same table from a committed results file (memory.json), not from run folders."""
+    d = json.loads(Path(path).read_text())
+    rows = ["| run | status | weights MiB | peak GPU MiB | step ms | test accuracy | test exact match |",
+            "|---|---|---|---|---|---|---|"]
+    mib = lambda b: "–" if b is None else f"{b / 2 ** 20:.0f}"  # noqa: E731
+    num = lambda v, f: "–" if v is None else format(v, f)        # noqa: E731
+    for r in d["runs"]:
+        t, st = r.get("test") or {}, r.get("median_step_s")
+        rows.append(f"| {r['run']} | {r['status']} | {mib(r['weights_bytes'])} | {mib(r['peak_gpu_bytes'])} | "
+                    f"{num(st and 1000 * st, '.1f')} | {num(t.get('accuracy'), '.4f')} | "
+                    f"{num(t.get('exact_match'), '.4f')} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        print("usage: measure.py ROOT (a folder of run folders)", file=sys.stderr)
+        print("usage: measure.py ROOT (a folder of run folders) | measure.py memory.json", file=sys.stderr)
         sys.exit(2)
-    print(table(Path(sys.argv[1])))
+    arg = Path(sys.argv[1])
+    print(table_from_json(arg) if arg.suffix == ".json" else table(arg))
