@@ -20,8 +20,10 @@ demo: install
 # modules named in pyproject.toml [tool.mutmut], runs their unit tests against every mutant
 # (a fresh run, about 15 min on 2 cores; MUTATION_JOBS sets mutmut's children), then prints the
 # score per module, counting the survivors listed in tests/mutation_equivalents.md as killed.
+# tests/mutmut_run.py is mutmut with functions under @torch.no_grad() mutated too (see there);
+# read a mutant with `python3 tests/mutmut_run.py show <name>`.
 .PHONY: mutation
-MUTMUT = $(PY) -c "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; cli()"
+MUTMUT = $(PY) tests/mutmut_run.py
 mutation:
 	$(PY) -c "import importlib.metadata as m; assert m.version('mutmut') == '3.8.1'" 2>/dev/null || \
 		$(PY) -m pip install mutmut==3.8.1

@@ -26,7 +26,7 @@ LISTED = re.compile(r"`(adalora\.[^`\s]+__mutmut_\d+)`\s*[:\-–—|]?\s*(.*)$")
 
 
 def mutmut_results() -> str:
-    cmd = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; cli()",
+    cmd = [sys.executable, str(ROOT / "tests" / "mutmut_run.py"),
            "results", "--all", "true"]
     return subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
 

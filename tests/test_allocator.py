@@ -421,3 +421,49 @@ def test_mask_step_kernels_do_not_grow_with_the_number_of_adapters():
         al._allocate(5, 2 * n)              # builds the cached ids once
         return _count_ops(lambda: al._allocate(6, 2 * n))
     assert ops(3) == ops(6)
+
+
+def test_allocator_protocol_defaults():
+    """What a family that overrides nothing inherits: no scoring, no data, no reshaping, an empty
+    budget; the calls it must provide raise NotImplementedError; params_kept counts by hand."""
+    from types import SimpleNamespace
+    base = adalora.allocator.Allocator()
+    assert (base.score_before_step, base.needs_data, base.reshapes, base.final_done) == (False,) * 4
+    assert (base.initial_budget, base.target_budget) == (0, 0)
+    assert base.update_importance(3) is False and base.update_importance(3, True) is False
+    assert base.triplet_scores() == {} and base.compact() is None and base.bind_optimizer(None) is None
+    for call in (lambda: base.mask_to_budget(0), base.ranks, base.finalize, base.state_dict,
+                 lambda: base.load_state_dict({}), base.initial_record):
+        with pytest.raises(NotImplementedError):
+            call()
+    with pytest.raises(NotImplementedError, match="^Allocator allocates during training, not from data$"):
+        base.init_from_data(lambda b: None, [])
+
+    class Fixed(adalora.allocator.Allocator):
+        adapters = {"a": SimpleNamespace(in_features=3, out_features=5), "b": SimpleNamespace(in_features=2,
+                                                                                            out_features=7)}
+
+        def ranks(self):
+            return {"a": 2, "b": 1}
+    assert Fixed().params_kept() == 2 * 9 + 1 * 10
+    m, ad, alloc = _setup_dims()
+    assert isinstance(alloc, adalora.allocator.Allocator) and not alloc.reshapes and not alloc.needs_data
+
+
+def test_budget_record_adds_accounting_fields():
+    rec = adalora.allocator.BudgetRecord(step=1, budget=3, threshold=None, ranks={"a": 3}, params_kept=9)
+    assert isinstance(rec, adalora.AllocationRecord) and (rec.unit, rec.target, rec.gap) == ("values", None, None)
+    assert rec.to_dict() == {"step": 1, "budget": 3, "threshold": None, "ranks": {"a": 3}, "params_kept": 9,
+                             "unit": "values", "target": None, "gap": None}
+
+
+def test_final_allocation_freezes_the_scores_of_its_step_and_compact_needs_it():
+    m, ad, alloc = _setup_dims(kind="random_churn")
+    with pytest.raises(RuntimeError, match=r"^compact\(\) before the final allocation: call it once mask_to_budget "
+                                           r"has returned the final record \(step >= total_steps - final_warmup\)$"):
+        alloc.compact()
+    final = alloc.schedule.final_step
+    expected = alloc.scorer.flat_scores(final).clone()
+    rec = alloc.mask_to_budget(final)
+    assert rec.budget == 6 and alloc.final_done
+    assert torch.equal(torch.cat([alloc.triplet_scores()[n] for n in alloc.names]), expected)

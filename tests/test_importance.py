@@ -158,3 +158,34 @@ def test_rank_0_adapters_alone_score_nothing():
     scorer = ImportanceScorer(layers, ScoreConfig())
     assert scorer.update()
     assert scorer.flat_scores().shape == (0,) and [s.shape for s in scorer.scores()] == [(0,), (0,)]
+
+
+def test_non_gradient_kinds_update_trivially_and_skips_accumulate():
+    layer = _layer()
+    for kind in ("magnitude", "random_fixed", "random_churn"):
+        sc = ImportanceScorer([layer], ScoreConfig(kind=kind))
+        assert sc.update() is True and sc.skipped == 0 and sc.ibar is None     # nothing to average
+    sc = ImportanceScorer([layer], ScoreConfig())
+    for p in (layer.P, layer.lam, layer.Q):
+        p.grad = torch.full_like(p, float("inf"))
+    assert sc.update() is False and sc.update() is False and sc.skipped == 2 and sc.updates == 0
+
+
+def test_never_updated_scores_are_zero_and_flat_scores_default_to_step_zero():
+    layers = [_layer(0), SVDLinear(nn.Linear(4, 5).double(), 3, 1.0)]
+    assert torch.equal(ImportanceScorer(layers, ScoreConfig()).flat_scores(), torch.zeros(5))
+    rnd = ImportanceScorer(layers, ScoreConfig(kind="random_churn", seed=3))
+    assert torch.equal(rnd.flat_scores(), rnd.flat_scores(0)) and not torch.equal(rnd.flat_scores(), rnd.flat_scores(1))
+
+
+def test_random_draws_are_pinned_for_reproducible_runs():
+    """The random ablations' scores are torch.rand over all singular values from the generator
+    seeded seed·1000003 + step (random_churn) or seed·1000003 (random_fixed): runs recorded with
+    them redraw the same numbers after any refactoring."""
+    layers = [_layer(0), SVDLinear(nn.Linear(4, 5).double(), 3, 1.0)]
+    churn = ImportanceScorer(layers, ScoreConfig(kind="random_churn", seed=3))
+    fixed = ImportanceScorer(layers, ScoreConfig(kind="random_fixed", seed=3))
+    for step in (0, 7):
+        want = torch.rand(5, generator=torch.Generator().manual_seed(3 * 1_000_003 + step))
+        assert torch.equal(churn.flat_scores(step), want)
+        assert torch.equal(fixed.flat_scores(step), torch.rand(5, generator=torch.Generator().manual_seed(3_000_009)))

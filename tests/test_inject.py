@@ -178,3 +178,29 @@ def test_bias_options_and_suffix_extras():
         adalora.mark_only_adapters_trainable(m, bias="some")
     with pytest.raises(ValueError, match=r"^model has no adapters: call adalora\.inject\(model, cfg\) first$"):
         adalora.mark_only_adapters_trainable(Net())
+
+
+def test_merge_and_unmerge_a_named_set():
+    torch.manual_seed(0)
+    m = Net().double()
+    ad = adalora.inject(m, adalora.AdapterConfig(targets=["query"], init_rank=2))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    plain = m(x)
+    adalora.add_adapter(m, "b")
+    with adalora.use_adapter(m, "b"):
+        with torch.no_grad():
+            for a in adalora.find_adapters(m).values():
+                a.lam.normal_()
+        with_b = m(x)
+    assert not torch.allclose(with_b, plain)
+    adalora.merge(m, "b")                                  # activates b, then merges it
+    assert adalora.active_adapter(m) == "b" and all(a.merged for a in adalora.find_adapters(m).values())
+    assert torch.allclose(m(x), with_b, atol=1e-12)
+    with pytest.raises(ValueError, match=r"^adapter set 'default' is not the active one \('b'\): only the active "
+                                         r"set can be merged or unmerged$"):
+        adalora.unmerge(m, "default")
+    assert all(a.merged for a in adalora.find_adapters(m).values())       # refused before touching
+    adalora.unmerge(m, "b")
+    assert not any(a.merged for a in adalora.find_adapters(m).values())
+    adalora.set_adapter(m, "default")
+    assert torch.allclose(m(x), plain, atol=1e-12)

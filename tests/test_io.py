@@ -170,3 +170,53 @@ def test_refusals_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"adapters\.json is not valid JSON \(.*\): the file is damaged; re-save "
                                          r"the adapters$"):
         adalora.read_adapters(path)
+
+
+def test_load_refusals_name_the_module_and_the_fix(tmp_path):
+    m, _ = _pruned()
+    path = adalora.save_adapters(tmp_path, m, extra=("4",))
+    more = _net()
+    adalora.inject(more, AdapterConfig(targets=["0", "2", "4"], init_rank=4))
+    with pytest.raises(ValueError, match=r"^model adapter '4' is not in .*: inject the same targets as the saved run$"):
+        adalora.load_adapters(path, more)
+    other = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    adalora.inject(other, AdapterConfig(targets=["0", "2"], init_rank=4))
+    with pytest.raises(ValueError, match=r"^0: saved shape \[8, 6\] != model shape \[9, 6\]: load into the same "
+                                         r"base model$"):
+        adalora.load_adapters(path, other)
+    headless = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()).double()
+    adalora.inject(headless, AdapterConfig(targets=["0", "2"], init_rank=4))
+    with pytest.raises(ValueError, match=r"^saved extra parameter '4\.(weight|bias)' does not match the model: "
+                                         r"rebuild the same head$"):
+        adalora.load_adapters(path, headless)
+
+
+def test_loaded_svd_adapters_keep_every_saved_value_in_their_mask(tmp_path):
+    m, _ = _pruned()
+    path = adalora.save_adapters(tmp_path, m)
+    fresh = _net(seed=1)
+    ad = adalora.inject(fresh, AdapterConfig(targets=["0", "2"], init_rank=4))
+    adalora.load_adapters(path, fresh)
+    assert ad["0"].rank_mask.dtype == torch.bool and ad["0"].rank_mask.tolist() == [True, True]
+    assert ad["2"].rank_mask.shape == (0,) and ad["2"].rank_mask.dtype == torch.bool
+
+
+def test_export_lora_of_mixed_adapters_and_rank_one():
+    """A LoRA adapter is exported as it is; an SVD adapter kept at rank 1 folds lam into B."""
+    torch.manual_seed(0)
+    m = _net()
+    m[0] = adalora.LoRALinear(m[0], 2, 4.0)
+    m[2] = adalora.SVDLinear(m[2], 3, 6.0)
+    with torch.no_grad():
+        m[0].B.normal_()
+        m[2].lam.copy_(torch.tensor([0.0, -2.0, 0.0], dtype=torch.float64))     # masked: lam zeroed
+        m[2].rank_mask.copy_(torch.tensor([False, True, False]))
+    state, pattern = adalora.export_lora(m)
+    assert pattern == {"0": 2, "2": 1}
+    assert torch.equal(state["0.A"], m[0].A) and torch.equal(state["0.B"], m[0].B)
+    # s_svd = 6/3 = 2, s_lora = α/r = 6/1: B = (2/6) · P[:, 1] · (-2)
+    assert torch.allclose(state["2.B"], (2.0 / 6.0) * m[2].P[:, 1:2] * -2.0, rtol=0, atol=1e-15)
+    assert torch.equal(state["2.A"], m[2].Q[1:2])
+    lora = adalora.LoRALinear(nn.Linear(8, 8).double(), 1, 6.0)
+    lora.set_factors(A=state["2.A"], B=state["2.B"])
+    assert torch.allclose(lora.delta_weight(), m[2].delta_weight(), rtol=0, atol=1e-14)

@@ -271,3 +271,76 @@ def test_load_accepts_keys_already_under_base():
     sd["0.rank_mask"] = m.state_dict()["0.rank_mask"]
     m.load_state_dict(sd)
     assert torch.equal(m[0].base.weight, sd["0.base.weight"]) and torch.equal(m[0].lam, sd["0.lam"])
+
+
+def test_expand_appends_triplets_keeps_delta_w_and_pads_adam_state():
+    """expand(n): P (d_out, r+n), lam (r+n,) with zeros appended, Q (r+n, d_in); the old columns
+    and rows untouched (so ΔW is unchanged), the new ones ~ N(0, init_std²), all kept, P still
+    column-major; Adam's moments zero-padded along the rank, the step count kept."""
+    torch.manual_seed(0)
+    layer = SVDLinear(nn.Linear(300, 200).double(), 3, 6.0)
+    with torch.no_grad():
+        layer.lam.copy_(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    layer.rank_mask[1] = False
+    opt = torch.optim.AdamW([layer.P, layer.lam, layer.Q], lr=1e-2)
+    layer(torch.randn(4, 300, dtype=torch.float64)).pow(2).sum().backward()
+    opt.step()
+    old = {a: getattr(layer, a).detach().clone() for a in ("P", "lam", "Q")}
+    state = {a: {k: v.clone() for k, v in opt.state[getattr(layer, a)].items()} for a in ("P", "lam", "Q")}
+    delta = layer.delta_weight().detach().clone()
+    layer.expand(40, optimizer=opt, init_std=0.5, generator=torch.Generator().manual_seed(1))
+    assert layer.rank == 43 and layer.r0 == 3 and layer.scaling == 2.0          # scale stays α / r0
+    assert torch.equal(layer.P[:, :3], old["P"]) and torch.equal(layer.Q[:3], old["Q"])
+    assert torch.equal(layer.lam, torch.cat([old["lam"], torch.zeros(40, dtype=torch.float64)]))
+    assert layer.rank_mask.tolist() == [True, False, True] + [True] * 40
+    assert torch.equal(layer.delta_weight(), delta) and layer.P.t().is_contiguous()
+    assert 0.45 < float(layer.P[:, 3:].detach().std()) < 0.55 and 0.45 < float(layer.Q[3:].detach().std()) < 0.55
+    assert layer.P.dtype == layer.Q.dtype == torch.float64
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(layer.P), id(layer.lam), id(layer.Q)]
+    for a, dim in (("P", 1), ("lam", 0), ("Q", 0)):
+        new = opt.state[getattr(layer, a)]
+        assert torch.equal(new["step"], state[a]["step"])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert new[k].shape == getattr(layer, a).shape
+            assert torch.equal(new[k].narrow(dim, 0, 3), state[a][k])
+            assert not new[k].narrow(dim, 3, 40).any()
+    assert opt.state[layer.P]["exp_avg"].t().is_contiguous()                # the parameter's layout
+    layer(torch.randn(4, 300, dtype=torch.float64)).pow(2).sum().backward()
+    opt.step()                                                                # trains on
+    same = SVDLinear(nn.Linear(3, 2), 2, 1.0)
+    before = [same.P, same.lam, same.Q]
+    same.expand(0)
+    assert [same.P, same.lam, same.Q] == before                               # n = 0: nothing
+    again = SVDLinear(nn.Linear(300, 200).double(), 1, 1.0)
+    again.expand(2, generator=torch.Generator().manual_seed(1))
+    twin = SVDLinear(nn.Linear(300, 200).double(), 1, 1.0)
+    twin.expand(2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.Q[1:], twin.Q[1:]) and torch.equal(again.P[:, 1:], twin.P[:, 1:])   # the generator's draws
+
+
+def test_expand_defaults_draws_and_a_stateless_optimizer():
+    torch.manual_seed(0)
+    layer = SVDLinear(nn.Linear(300, 200).double(), 2, 1.0)
+    old_p, old_q = layer.P.detach().clone(), layer.Q.detach().clone()
+    opt = torch.optim.AdamW([layer.P, layer.lam, layer.Q])                     # never stepped: no state
+    layer.expand(1, optimizer=opt)                                             # n = 1 grows too
+    assert layer.rank == 3 and not opt.state and opt.param_groups[0]["params"][0] is layer.P
+    layer.expand(60, generator=torch.Generator().manual_seed(4))               # default init_std 0.02
+    g = torch.Generator().manual_seed(4)                                       # P's columns drawn first, then Q's rows
+    assert torch.equal(layer.P[:, 3:], torch.randn(200, 60, generator=g, dtype=torch.float64) * 0.02)
+    assert torch.equal(layer.Q[3:], torch.randn(60, 300, generator=g, dtype=torch.float64) * 0.02)
+    assert torch.equal(layer.P[:, :2], old_p) and torch.equal(layer.Q[:2], old_q)
+
+
+def test_set_factors_keep_dtype_and_trainability_and_unmerge_resets_the_flag():
+    layer = SVDLinear(nn.Linear(4, 3).double(), 3, 1.0)
+    layer.Q.requires_grad_(False)
+    layer.set_factors(P=torch.ones(3, 2, dtype=torch.float32), lam=torch.ones(2), Q=torch.ones(2, 4))
+    assert {p.dtype for p in (layer.P, layer.lam, layer.Q)} == {torch.float64}
+    assert layer.P.requires_grad and layer.lam.requires_grad and not layer.Q.requires_grad
+    layer.resize(torch.tensor([1]))
+    assert not layer.Q.requires_grad and layer.P.requires_grad
+    layer.merge()
+    assert layer.merged is True
+    layer.unmerge()
+    assert layer.merged is False
