@@ -104,9 +104,10 @@ def active_adapter(model: nn.Module) -> str:
     return adapter_names(model)[0]
 
 
-def add_adapter(model: nn.Module, name: str) -> None:
-    """A new named set on every adapted module, initialised as ``inject`` does (ΔW = 0), not
-    active. Train it by activating it and building the optimizer afterwards."""
+def add_adapter(model: nn.Module, name: str, path=None) -> None:
+    """A new named set on every adapted module, not active: initialised as ``inject`` does
+    (ΔW = 0), or loaded from ``path`` (a file of ``save_adapters``; checked before anything
+    changes). Train a fresh set by activating it and building the optimizer afterwards."""
     layers = find_adapters(model)
     if not layers:
         raise ValueError("model has no adapters: call adalora.inject first, then add further named sets")
@@ -114,6 +115,14 @@ def add_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"adapter set {name!r} exists already: choose another name or delete_adapter it")
     for layer in layers.values():
         _bank(layer)[name] = _fresh(layer)
+    if path is not None:
+        from .io import load_adapters
+        try:
+            with use_adapter(model, name):
+                load_adapters(path, model)
+        except BaseException:
+            delete_adapter(model, name)          # a refused file leaves no half-made set
+            raise
 
 
 def set_adapter(model: nn.Module, name: str) -> None:

@@ -44,10 +44,11 @@ def test_each_active_set_equals_a_model_holding_only_that_set(tmp_path, method):
     base_before = {k: v.clone() for k, v in shared.state_dict().items() if ".base." in k}
     adalora.load_adapters(tmp_path / "task_a.safetensors", shared)
     adalora.set_adapter(shared, "default")                 # a no-op: the active set
-    adalora.add_adapter(shared, "task_b")
-    with adalora.use_adapter(shared, "task_b"):
-        adalora.load_adapters(tmp_path / "task_b.safetensors", shared)
+    adalora.add_adapter(shared, "task_b", tmp_path / "task_b.safetensors")
     assert adalora.adapter_names(shared) == ["default", "task_b"]
+    with pytest.raises(FileNotFoundError):
+        adalora.add_adapter(shared, "task_c", tmp_path / "missing.safetensors")
+    assert adalora.adapter_names(shared) == ["default", "task_b"]          # nothing half-made
     assert torch.equal(shared(x), singles["task_a"])
     adalora.set_adapter(shared, "task_b")
     assert torch.equal(shared(x), singles["task_b"])
