@@ -15,6 +15,7 @@ and ``allocator.finalize()`` at the end, which raises if the final allocation ne
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -94,7 +95,7 @@ class BudgetRecord(AllocationRecord):
     gap: int | None = None
 
 
-class Allocator:
+class Allocator(abc.ABC):
     """The allocator protocol: what the training loop, ``adalora.hf``, checkpoints and
     ``ranks.jsonl`` call, for every allocation family (``RankAllocator``, ``SoRAAllocator``,
     ``ElaLoRAAllocator``, ``EVAAllocator``, ``TruncateAllocator``).
@@ -105,7 +106,7 @@ class Allocator:
     ``needs_data``, ``init_from_data(forward, batches)`` before the optimizer exists (one-shot
     methods resize adapters). After training: ``finalize()``. A loop refreshes whatever holds the
     adapter parameters (its parameter list, a DDP or compiled wrapper) after a record when
-    ``reshapes`` is true.
+    ``reshapes`` is true. Each family implements the six abstract methods; the rest have defaults.
     """
     score_before_step: bool = False
     needs_data: bool = False         # init_from_data before training (one-shot methods)
@@ -117,21 +118,27 @@ class Allocator:
     def update_importance(self, step: int, grads_finite: bool | None = None) -> bool:
         return False
 
+    @abc.abstractmethod
     def mask_to_budget(self, step: int) -> AllocationRecord | None:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def ranks(self) -> dict[str, int]:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def finalize(self) -> AllocationRecord:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def state_dict(self) -> dict:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def load_state_dict(self, sd: dict) -> None:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def initial_record(self) -> AllocationRecord:
         raise NotImplementedError
 

@@ -427,7 +427,17 @@ def test_allocator_protocol_defaults():
     """What a family that overrides nothing inherits: no scoring, no data, no reshaping, an empty
     budget; the calls it must provide raise NotImplementedError; params_kept counts by hand."""
     from types import SimpleNamespace
-    base = adalora.allocator.Allocator()
+    required = {"mask_to_budget", "ranks", "finalize", "state_dict", "load_state_dict", "initial_record"}
+    assert adalora.allocator.Allocator.__abstractmethods__ == required
+    with pytest.raises(TypeError, match="abstract"):
+        adalora.allocator.Allocator()              # a family must implement the six
+
+    class Allocator(adalora.allocator.Allocator):  # implements each by deferring to the base
+        pass
+    for name in required:
+        setattr(Allocator, name, lambda self, *a, _n=name: getattr(adalora.allocator.Allocator, _n)(self, *a))
+    Allocator.__abstractmethods__ = frozenset()
+    base = Allocator()
     assert (base.score_before_step, base.needs_data, base.reshapes, base.final_done) == (False,) * 4
     assert (base.initial_budget, base.target_budget) == (0, 0)
     assert base.update_importance(3) is False and base.update_importance(3, True) is False
@@ -439,7 +449,7 @@ def test_allocator_protocol_defaults():
     with pytest.raises(NotImplementedError, match="^Allocator allocates during training, not from data$"):
         base.init_from_data(lambda b: None, [])
 
-    class Fixed(adalora.allocator.Allocator):
+    class Fixed(Allocator):
         adapters = {"a": SimpleNamespace(in_features=3, out_features=5), "b": SimpleNamespace(in_features=2,
                                                                                             out_features=7)}
 
