@@ -83,7 +83,8 @@ class ElaLoRAAllocator(Allocator):
                                                                    self.target_budget)
         scores = self.scorer.scores(step)
         costs = [A.triplet_cost(layer, self.unit) for layer in self.layers]
-        old = [(born <= step - self.schedule.mask_interval) for born in self.born]
+        # born is kept on the CPU (checkpoints stay device-free); the masks meet the scores on theirs
+        old = [(born <= step - self.schedule.mask_interval).to(s.device) for born, s in zip(self.born, scores)]
         n_kept = sum(layer.rank for layer in self.layers)
         n_prune = 0 if final else int(self.cfg.prune_ratio * n_kept)
         # keep all but the n_prune lowest-scored old triplets; the young ones are kept as they are
