@@ -12,7 +12,7 @@ from .elalora import ElaLoRAAllocator, ElaLoRAConfig
 from .eva import EVAAllocator
 from .importance import ImportanceScorer, triplet_scores
 from .inject import (adapter_parameters, adapter_shapes, count_parameters, find_adapters, inject,
-                     mark_only_adapters_trainable, merge, unmerge)
+                     mark_only_adapters_trainable, merge, set_fuse, unmerge)
 from .io import export_lora, load_adapters, read_adapters, save_adapters
 from .layers import AdapterLayer, LoRALinear, SVDLinear
 from .named import active_adapter, add_adapter, adapter_names, delete_adapter, set_adapter, use_adapter
@@ -26,7 +26,7 @@ __all__ = [
     "AdapterConfig", "ScheduleConfig", "ScoreConfig",
     "AdapterLayer", "SVDLinear", "LoRALinear",
     "inject", "find_adapters", "adapter_parameters", "adapter_shapes", "count_parameters",
-    "mark_only_adapters_trainable", "merge", "unmerge",
+    "mark_only_adapters_trainable", "merge", "unmerge", "set_fuse",
     "orthogonality_penalty", "orthogonality_grad_", "ImportanceScorer", "triplet_scores",
     "RankAllocator", "AllocationRecord", "schedule",
     "Allocator", "BudgetRecord", "accounting", "SoRAAllocator", "SoRAConfig", "ElaLoRAAllocator",

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .fused import FUSE_MODES
+
 METHODS = ("adalora", "lora")
 SCHEDULE_SHAPES = ("cubic", "linear", "constant")
 SCORE_KINDS = ("sensitivity_uncertainty", "sensitivity", "magnitude", "random_fixed", "random_churn")
@@ -35,6 +37,10 @@ class AdapterConfig:
     adapters, for the whole run), or ``α / √r`` with ``rslora``. ``scale_rank`` replaces ``r``
     by one number for every adapter: an SVD adapter then scales like a LoRA of that rank
     (e.g. the target rank), and LoRAs of mixed ranks share one scale.
+
+    ``fuse`` picks the forward: ``"stack"`` computes the frozen product and the adapter's down
+    product as one GEMM with a hand-written backward (``adalora/fused.py``), ``"none"`` the two
+    products apart, ``"auto"`` stack on CUDA tensors and none elsewhere.
     """
 
     method: str = "adalora"
@@ -47,9 +53,11 @@ class AdapterConfig:
     init_std: float = 0.02
     rank_pattern: dict[str, int] = field(default_factory=dict)
     scale_rank: float | None = None
+    fuse: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"AdapterConfig.method={self.method!r}: use one of {METHODS}")
+        _check(self.fuse in FUSE_MODES, f"AdapterConfig.fuse={self.fuse!r}: use one of {FUSE_MODES}")
         _check(bool(self.targets) or self.target_regex is not None,
                "AdapterConfig.targets is empty: name module suffixes (e.g. ['query','value']) or set target_regex")
         self.targets = list(self.targets)

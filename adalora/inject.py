@@ -7,6 +7,7 @@ import re
 import torch.nn as nn
 
 from .config import AdapterConfig
+from .fused import check_fuse
 from .layers import AdapterLayer, LoRALinear, SVDLinear, is_adaptable
 
 
@@ -50,9 +51,9 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
         base = model.get_submodule(name)
         r = _rank_for(name, cfg)
         if cfg.method == "adalora":
-            layer = SVDLinear(base, r, cfg.alpha, cfg.dropout, cfg.init_std)
+            layer = SVDLinear(base, r, cfg.alpha, cfg.dropout, cfg.init_std, cfg.fuse)
         else:
-            layer = LoRALinear(base, r, cfg.alpha, cfg.dropout, cfg.rslora)
+            layer = LoRALinear(base, r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.fuse)
         layer.scaling = scaling(cfg, r)
         _set_submodule(model, name, layer)
         adapters[name] = layer
@@ -130,6 +131,16 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
                              "only the active set can be merged or unmerged")
     for layer in find_adapters(model).values():
         layer.unmerge()
+
+
+def set_fuse(model: nn.Module, fuse: str) -> None:
+    """Set every adapter's forward path: ``"none"``, ``"stack"`` or ``"auto"`` (``AdapterConfig.fuse``)."""
+    check_fuse(fuse)
+    adapters = find_adapters(model)
+    if not adapters:
+        raise ValueError("model has no adapters: call adalora.inject(model, cfg) first")
+    for layer in adapters.values():
+        layer.fuse = fuse
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:

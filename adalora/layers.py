@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
+from . import fused
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """``transformers.pytorch_utils.Conv1D`` without importing transformers."""
@@ -75,7 +77,7 @@ class AdapterLayer(nn.Module):
     ``query.base.weight``), so a checkpoint of the plain model loads into the adapted one.
     """
 
-    def __init__(self, base: nn.Module, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, dropout: float = 0.0, fuse: str = "auto"):
         super().__init__()
         if not is_adaptable(base):
             raise TypeError(f"cannot wrap {type(base).__name__}: adapters wrap nn.Linear, Conv1D or NF4Linear")
@@ -84,19 +86,26 @@ class AdapterLayer(nn.Module):
         # No dropout kernel, and no module call, when it is off (the common case).
         self.drop = nn.Dropout(dropout) if dropout > 0 else None
         self.merged = False
+        # "none" | "stack" | "auto" (adalora/fused.py); a plain attribute, changed with set_fuse.
+        self.fuse = fused.check_fuse(fuse)
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
     # Subclasses define ``rank``, ``scaling``, ``_down_weight()`` (the ``(r, d_in)`` factor, lam
     # folded in), ``_UP`` (the name of the ``(d_out, r)`` factor, stored column-major),
-    # ``_delta_unscaled()`` (``(d_out, d_in)``) and ``_adapter_dtype()``.
+    # ``_delta_unscaled()`` (``(d_out, d_in)``) and ``_adapter_dtype()``; the fused path reads
+    # ``_DOWN`` (the raw ``(r, d_in)`` factor) and ``_GATE`` (the ``(r,)`` gate, or none).
     _UP = ""
+    _DOWN = ""
+    _GATE = ""
 
     def _up(self) -> torch.Tensor:
         return fast_param(self, self._UP)
 
     # -- shared behaviour ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse != "none" and fused.applies(self, x):
+            return fused.forward(self, x)
         # A bf16 step is bound by how fast Python launches kernels, so this path adds no casts,
         # copies or module calls beyond the two products.
         y = self.base(x)
@@ -160,6 +169,12 @@ class AdapterLayer(nn.Module):
         w.sub_(d.T if is_conv1d(self.base) else d)
         self.merged = False
 
+    def _apply(self, fn, recurse=True):
+        # .to() and friends give base.weight new memory: drop the fused stack now rather than
+        # hold the old copy until the next forward notices.
+        self.__dict__.pop("_fused_stack", None)
+        return super()._apply(fn, recurse)
+
     def extra_repr(self) -> str:
         return f"d_in={self.in_features}, d_out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
 
@@ -188,10 +203,11 @@ class SVDLinear(AdapterLayer):
     kept triplets' contribution does not jump when others are pruned or the adapter is compacted.
     """
 
-    _UP = "P"
+    _UP, _DOWN, _GATE = "P", "Q", "lam"
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, init_std: float = 0.02):
-        super().__init__(base, dropout)
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, init_std: float = 0.02,
+                 fuse: str = "auto"):
+        super().__init__(base, dropout, fuse)
         device, dtype = _base_device_dtype(base)
         self.r0 = rank
         self.scaling = alpha / rank if rank > 0 else 0.0
@@ -268,10 +284,11 @@ class LoRALinear(AdapterLayer):
     column-major), so ΔW = 0 at init.
     """
 
-    _UP = "B"
+    _UP, _DOWN, _GATE = "B", "A", ""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        super().__init__(base, dropout)
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 fuse: str = "auto"):
+        super().__init__(base, dropout, fuse)
         device, dtype = _base_device_dtype(base)
         self.scaling = (alpha / math.sqrt(rank) if rslora else alpha / rank) if rank > 0 else 0.0
         self.A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))

@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Dict, List, Optional
 
 import adalora
-from adalora.config import ORTH_FORMS, SCHEDULE_SHAPES, SCORE_KINDS
+from adalora.config import FUSE_MODES, ORTH_FORMS, SCHEDULE_SHAPES, SCORE_KINDS
 
 
 class ConfigError(ValueError):
@@ -79,6 +79,8 @@ class MethodConfig:
     dropout: float = _lib(adalora.AdapterConfig, "dropout")
     rslora: bool = _lib(adalora.AdapterConfig, "rslora")
     scale: Optional[str] = None            # null: alpha_over_r0 (SVD) or per_module (LoRA)
+    # none | stack | auto: the adapters' forward path (adalora/README.md, "Fused path").
+    fuse: str = _lib(adalora.AdapterConfig, "fuse")
     orth_weight: float = 0.1               # γ; the paper's GLUE runs use 0.1 to 0.5
     orth_form: str = _lib(adalora.orthogonality_penalty, "form")
     # lora only: per-module ranks {name_or_suffix: r}; or read from a finished AdaLoRA run.
@@ -98,6 +100,7 @@ class MethodConfig:
                f"unknown method '{self.name}'; choose one of {', '.join(METHODS)}")
         _check(self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")
         _check(self.orth_weight >= 0, "method.orth_weight must be >= 0")
+        _check(self.fuse in FUSE_MODES, f"method.fuse='{self.fuse}'; choose one of {', '.join(FUSE_MODES)}")
         _check(self.orth_form in ORTH_FORMS,
                f"method.orth_form='{self.orth_form}'; choose one of {', '.join(ORTH_FORMS)}")
         _check(self.targets is None or bool(self.targets) or bool(self.target_regex)
@@ -143,7 +146,7 @@ class MethodConfig:
         return adalora.AdapterConfig(
             method="adalora" if self.uses_svd else "lora", targets=list(targets),
             target_regex=self.target_regex, init_rank=init_rank, alpha=self.alpha,
-            dropout=self.dropout, rslora=self.scale_rule == "rslora",
+            dropout=self.dropout, rslora=self.scale_rule == "rslora", fuse=self.fuse,
             rank_pattern=dict(self.rank_pattern if rank_pattern is None else rank_pattern))
 
 

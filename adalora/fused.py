@@ -1,0 +1,164 @@
+"""The fused adapter path: the frozen product and the adapter's down product as one GEMM.
+
+For a frozen ``nn.Linear`` ``W0 (d_out, d_in)``, bias ``b``, and an adapter with down factor
+``D (r, d_in)`` (``Q`` or ``A``), gate ``g (r,)`` (``lam``; none for LoRA), up factor
+``U (d_out, r)`` (``P`` or ``B``, stored column-major) and scale ``s``:
+
+    z   = x [W0; D]ᵀ + [b; 0]             one GEMM, (N, d_out + r')   x read once
+    out = z[:, :d_out] + s · u (U ⊙ g)ᵀ   u = z[:, d_out:d_out + r], added in the GEMM's epilogue
+
+and by hand, with ``G = dL/dout (N, d_out)``, ``t = s · G U``:
+
+    du = t ⊙ g,   dD = duᵀ x,   dx = G W0 + du D   (one in-place addmm_ into G W0)
+    dU = s · Gᵀ (u ⊙ g),   dg = Σ_N t ⊙ u
+
+``AdapterLayer.forward`` takes this path when ``applies`` says so; otherwise the unfused one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FUSE_MODES = ("none", "stack", "auto")   # auto: stack on CUDA tensors, none elsewhere
+
+
+def check_fuse(mode) -> str:
+    if mode not in FUSE_MODES:
+        raise ValueError(f"fuse={mode!r}: use one of {FUSE_MODES}")
+    return mode
+
+
+def _rows(d_out: int, r: int, t: torch.Tensor) -> int:
+    """``d_out + r`` rounded up so that a row of ``z`` is a multiple of 16 bytes: with ``r = 12``
+    (AdaLoRA's r0) a bf16 row of 588 is not, and cuBLAS would leave its fast kernels for the big
+    GEMM. The padding rows of the stack give columns of ``z`` nobody reads."""
+    align = max(1, 16 // t.element_size())
+    return d_out + r + (-(d_out + r) % align)
+
+
+def applies(layer, x: torch.Tensor) -> bool:
+    """Whether ``layer``'s forward on ``x`` may take the fused path. Not for: a base other than a
+    plain ``nn.Linear`` (Conv1D stores W0 transposed, NF4 has no dense W0), dropout in training
+    (the adapter then sees another x than the base), a merged layer, rank 0, a trainable W0 or b
+    (the fused backward never returns their gradients), dtypes that differ, autocast."""
+    base = layer.base
+    if layer.fuse == "auto" and not x.is_cuda:
+        return False
+    if type(base) is not nn.Linear or layer.merged or layer.rank == 0:
+        return False
+    if layer.drop is not None and layer.drop.training:
+        return False
+    w, b = base.weight, base.bias
+    if w.requires_grad or (b is not None and b.requires_grad):
+        return False
+    if not (x.dtype == w.dtype == layer._adapter_dtype()):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` through ``StackedLinear`` (call when ``applies(layer, x)``)."""
+    w, b = layer.base.weight, layer.base.bias
+    down = layer._parameters[layer._DOWN]
+    gate = layer._parameters[layer._GATE] if layer._GATE else None
+    x2 = x.reshape(-1, x.shape[-1])                                            # (N, d_in)
+    stack, bstack = _stack(layer, w, b, down)
+    y = StackedLinear.apply(x2, stack, bstack, w, down, gate, layer._up(), layer.scaling)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _stack(layer, w, b, down):
+    """``[W0; D; 0]`` ``(d_out + r', d_in)`` and ``[b; 0]`` ``(d_out + r',)``.
+
+    Eager: a persistent buffer whose top rows *are* ``base.weight`` (its ``.data`` is a view of
+    them, likewise the bias), so W0 is never copied per step; only ``D`` (``r · d_in``) is copied
+    into the bottom rows at each forward. Rebuilt when ``base.weight`` no longer lives there
+    (``.to()``, ``load_state_dict(assign=True)``) or the rank changed (``compact``, ``resize``,
+    ``expand``, ``set_factors``, another named set); in-place writes to W0 (``merge``, loading)
+    land in the buffer.
+    """
+    d_out, d_in = w.shape
+    r = down.shape[0]
+    rows = _rows(d_out, r, w)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot compare data pointers (a graph break per layer) and a buffer written in
+        # the graph keeps CUDA graphs from replaying: the compiled graph concatenates instead.
+        stack = torch.cat([w, down, w.new_zeros(rows - d_out - r, d_in)])
+        return stack, (None if b is None else F.pad(b, (0, rows - d_out)))
+    # D keeps its own memory and is copied in (r · d_in per step): a D inside W0's storage would
+    # make torch.save of the trainable weights write W0 as well, safetensors refuse a state dict
+    # holding both, and a switch of named sets (which rebinds D) rebuild the stack.
+    cached = layer.__dict__.get("_fused_stack")
+    if (cached is None or cached[0].shape[0] != rows or cached[0].data_ptr() != w.data_ptr()
+            or (b is not None and cached[1].data_ptr() != b.data_ptr())):
+        cached = _rebuild(w, b, rows)
+        layer.__dict__["_fused_stack"] = cached
+    stack, bstack = cached
+    with torch.no_grad():
+        stack[d_out:d_out + r].copy_(down)
+    return stack, bstack
+
+
+@torch.no_grad()
+def _rebuild(w: nn.Parameter, b: nn.Parameter | None, rows: int):
+    d_out, d_in = w.shape
+    stack = w.new_zeros(rows, d_in)
+    stack[:d_out].copy_(w)
+    w.data = stack[:d_out]
+    bstack = None
+    if b is not None:
+        bstack = b.new_zeros(rows)
+        bstack[:d_out].copy_(b)
+        b.data = bstack[:d_out]
+    return stack, bstack
+
+
+class StackedLinear(torch.autograd.Function):
+    """``x W0ᵀ + b + s · ((x Dᵀ) ⊙ g) Uᵀ`` with one GEMM against the stack, backward by hand.
+
+    Every product keeps the layouts of the unfused path (adalora/README.md): no operand has the
+    rank as its leading dimension, so bf16 ranks like 12 stay on cuBLAS's aligned kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, x, stack, bstack, w, down, gate, up, scaling):
+        d_out, r = w.shape[0], down.shape[0]
+        z = F.linear(x, stack, bstack)                       # (N, d_out + r')
+        y, u = z[:, :d_out], z[:, d_out:d_out + r]           # views; rows of z are 16-byte aligned
+        ug = up if gate is None else up * gate               # (d_out, r) column-major: U diag(g)
+        y.addmm_(u, ug.t(), alpha=scaling)                   # y += s · u (U diag(g))ᵀ, in place
+        ctx.save_for_backward(x, w, down, gate, up)
+        # u and y share z's storage and version counter, and a later in-place op on y (an
+        # inplace ReLU, a residual +=) never touches u's columns: kept out of save_for_backward,
+        # whose version check would refuse it.
+        ctx.u = u
+        ctx.scaling = scaling
+        # Returned detached: autograd forbids in-place ops on a view made inside a Function.
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, down, gate, up = ctx.saved_tensors
+        u, s = ctx.u, ctx.scaling
+        need_x, _, _, _, need_d, need_g, need_u, _ = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])                # G (N, d_out)
+        dx = dd = dg = du_ = None
+        if need_x or need_d:
+            # duᵀ = (s · G U ⊙ g)ᵀ, (r, N) row-major: the (N, r) du it transposes has leading dim N.
+            dut = torch.mm(up.t(), g2.t())
+            dut.mul_(s if gate is None else (gate * s).unsqueeze(1))
+            if need_x:
+                dx = torch.mm(g2, w)                         # G W0 (N, d_in)
+                dx.addmm_(dut.t(), down)                     # + du D, in place
+            if need_d:
+                dd = torch.mm(dut, x)                        # duᵀ x (r, d_in)
+        if need_g or need_u:
+            # m = uᵀ G (r, d_out) carries both: dU = s · mᵀ diag(g), and
+            # dg = s · Σ_N (G U) ⊙ u = s · Σ_j m_ij U_ji, on (r, d_out) instead of (N, r).
+            m = torch.mm(u.t(), g2).mul_(s)
+            if need_g:
+                dg = (m * up.t()).sum(1)
+            if need_u:
+                du_ = (m if gate is None else m * gate.unsqueeze(1)).t()   # column-major, as U
+        return dx, None, None, None, dd, dg, du_, None

@@ -1,0 +1,302 @@
+"""The fused path (fuse="stack", adalora/fused.py) computes what the unfused one does: outputs,
+gradients, training, allocation, the stack's rebuild after every operation that moves or
+reshapes a factor, saved files, and the fallbacks. CPU only, no timing."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adalora
+from adalora import fused
+from adalora.layers import LoRALinear, SVDLinear
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def _layer(cls, dtype, bias=True, d_in=20, d_out=30, rank=5, fuse="none", seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=bias).to(dtype).requires_grad_(False)
+    layer = cls(base, rank, 8.0, fuse=fuse)
+    with torch.no_grad():
+        for p in (layer.P, layer.lam, layer.Q) if cls is SVDLinear else (layer.A, layer.B):
+            p.normal_()
+    return layer
+
+
+def _pair(layer):
+    """(unfused, fused) copies of ``layer``."""
+    ref, fast = copy.deepcopy(layer), copy.deepcopy(layer)
+    ref.fuse, fast.fuse = "none", "stack"
+    return ref, fast
+
+
+def _dense(layer, x):
+    """x W0ᵀ + b + s · x (diag(lam) Q)ᵀ Pᵀ (or s · x Aᵀ Bᵀ), by hand."""
+    w, b = layer.base.weight, layer.base.bias
+    if isinstance(layer, SVDLinear):
+        down, up = layer.lam[:, None] * layer.Q, layer.P
+    else:
+        down, up = layer.A, layer.B
+    y = x @ w.T + layer.scaling * (x @ down.T) @ up.T
+    return y if b is None else y + b
+
+
+def _run(layer, x, g):
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(g)
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["2d", "3d", "no_bias", "masked"])
+def test_forward_and_gradients_equal_the_unfused_path_and_the_dense_map(cls, dtype, case):
+    layer = _layer(cls, dtype, bias=case != "no_bias")
+    if case == "masked":
+        if cls is LoRALinear:
+            pytest.skip("LoRA has no gate")
+        with torch.no_grad():
+            layer.lam[[0, 3]] = 0.0
+    shape = (3, 7, 20) if case == "3d" else (11, 20)
+    x = torch.randn(*shape, dtype=dtype)
+    g = torch.randn(*shape[:-1], 30, dtype=dtype)
+    ref, fast = _pair(layer)
+    y0, dx0, g0 = _run(ref, x, g)
+    y1, dx1, g1 = _run(fast, x, g)
+    assert "_fused_stack" in fast.__dict__ and "_fused_stack" not in ref.__dict__   # the paths did differ
+    torch.testing.assert_close(y1, y0, **TOL[dtype])
+    torch.testing.assert_close(y1, _dense(layer, x).detach(), **TOL[dtype])
+    torch.testing.assert_close(dx1, dx0, **TOL[dtype])
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **TOL[dtype])
+        assert g1[n].stride() == getattr(fast, n).stride()        # the parameter's layout (P, B column-major)
+    assert fast.base.weight.grad is None and (fast.base.bias is None or fast.base.bias.grad is None)
+
+
+def test_gradients_equal_autograd_of_the_dense_map_in_float64():
+    layer = _layer(SVDLinear, torch.float64, rank=3, d_in=6, d_out=5, fuse="stack")
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    params = (x, layer.P, layer.lam, layer.Q)
+    assert torch.autograd.gradcheck(lambda *_: layer(x), params)
+
+
+def test_inplace_ops_on_the_output_and_a_layer_used_twice():
+    ref, fast = _pair(_layer(SVDLinear, torch.float64, d_in=30, d_out=30))
+    x = torch.randn(6, 30, dtype=torch.float64)
+    outs = []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y = layer(layer(xi))
+        y += 1.0                                               # in place on the adapter's output
+        y.relu_()
+        y.pow(2).sum().backward()
+        outs.append((y.detach(), xi.grad, layer.Q.grad, layer.lam.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def _mlp(seed=0, fuse="none", method="adalora"):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 12)).double()
+    ad = adalora.inject(m, adalora.AdapterConfig(method=method, targets=["0", "2", "4"], init_rank=4, alpha=4.0,
+                                                 fuse=fuse))
+    adalora.mark_only_adapters_trainable(m)
+    if method == "lora":
+        with torch.no_grad():
+            for a in ad.values():
+                a.B.normal_(0, 0.1)
+    return m, ad
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_adamw_steps_give_the_same_parameters(method):
+    trained = []
+    for fuse in ("none", "stack"):
+        m, ad = _mlp(fuse=fuse, method=method)
+        opt = torch.optim.AdamW(adalora.adapter_parameters(ad), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            m(torch.randn(8, 10, generator=g, dtype=torch.float64)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        trained.append({n: p.detach().clone() for n, p in m.named_parameters()})
+    for n in trained[0]:
+        torch.testing.assert_close(trained[1][n], trained[0][n], **TOL[torch.float64])
+
+
+def test_rank_allocator_run_gives_the_same_masks_ranks_and_losses():
+    runs = []
+    for fuse in ("none", "stack"):
+        m, ad = _mlp(fuse=fuse)
+        alloc = adalora.RankAllocator(ad, adalora.ScheduleConfig(target_rank=2, total_steps=24, init_warmup=2,
+                                                                 final_warmup=8, mask_interval=3))
+        opt = torch.optim.AdamW(adalora.adapter_parameters(ad), lr=1e-2)
+        losses, masks = [], []
+        for step in range(24):
+            x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            loss = m(x).pow(2).mean() + 0.1 * adalora.orthogonality_penalty(ad)
+            loss.backward()
+            opt.step()
+            alloc.update_importance(step)
+            alloc.mask_to_budget(step)
+            opt.zero_grad(set_to_none=True)
+            if alloc.final_done and "compacted" not in ad["0"].__dict__:
+                alloc.compact(opt)                     # ranks shrink mid-run: the stack is rebuilt
+                ad["0"].__dict__["compacted"] = True
+            losses.append(loss.item())
+            masks.append([a.rank_mask.clone() for a in ad.values()])
+        runs.append((losses, masks, alloc.ranks()))
+    (l0, m0, r0), (l1, m1, r1) = runs
+    assert r0 == r1 and sum(r1.values()) == 6
+    assert all(torch.equal(a, b) for s0, s1 in zip(m0, m1) for a, b in zip(s0, s1))
+    assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-10
+
+
+def _same_forward(ref, fast, x):
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), **TOL[x.dtype])
+
+
+def test_the_stack_follows_every_change_of_w0_and_the_factors():
+    ref, fast = _pair(_layer(SVDLinear, torch.float64, rank=6))
+    x = torch.randn(5, 20, dtype=torch.float64)
+    _same_forward(ref, fast, x)
+    stack = fast.__dict__["_fused_stack"][0]
+    assert fast.base.weight.data_ptr() == stack.data_ptr()     # W0 lives in the stack's top rows
+    _same_forward(ref, fast, x)
+    assert fast.__dict__["_fused_stack"][0] is stack           # reused while nothing changed
+    keep = torch.tensor([0, 2, 5])
+    for layer in (ref, fast):
+        layer.resize(keep)
+    _same_forward(ref, fast, x)
+    gen = [torch.Generator().manual_seed(3) for _ in range(2)]
+    for layer, g in zip((ref, fast), gen):
+        layer.expand(4, generator=g)
+        with torch.no_grad():
+            layer.lam.fill_(0.5)
+    _same_forward(ref, fast, x)
+    for layer in (ref, fast):
+        layer.merge()
+    assert fast.base.weight.data_ptr() == fast.__dict__["_fused_stack"][0].data_ptr()  # merged in place
+    _same_forward(ref, fast, x)                                # merged: no adapter term on either path
+    for layer in (ref, fast):
+        layer.unmerge()
+    _same_forward(ref, fast, x)
+    other = _layer(SVDLinear, torch.float64, rank=7, seed=1)
+    for layer in (ref, fast):
+        layer.resize(torch.arange(7))
+        layer.load_state_dict(other.state_dict())
+    _same_forward(ref, fast, x)
+    for layer in (ref, fast):
+        layer.to(torch.float32)
+    assert "_fused_stack" not in fast.__dict__                 # dropped with the old memory
+    _same_forward(ref, fast, x.float())
+    for layer in (ref, fast):
+        layer.load_state_dict(_layer(SVDLinear, torch.float32, rank=7, seed=2).state_dict(), assign=True)
+    _same_forward(ref, fast, x.float())
+
+
+def test_switching_named_sets_keeps_the_fused_forward_right():
+    m0, _ = _mlp()
+    m1, _ = _mlp(fuse="stack")
+    x = torch.randn(4, 10, dtype=torch.float64)
+    for m in (m0, m1):
+        torch.manual_seed(5)
+        adalora.add_adapter(m, "b")
+        adalora.set_adapter(m, "b")
+        with torch.no_grad():
+            for a in adalora.find_adapters(m).values():
+                a.lam.normal_()
+    _same_forward(m0, m1, x)
+    for m in (m0, m1):
+        adalora.set_adapter(m, "default")
+    _same_forward(m0, m1, x)
+
+
+def test_saved_files_and_state_dicts_are_those_of_the_unfused_model(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+    m, ad = _mlp()
+    with torch.no_grad():
+        for a in ad.values():
+            a.lam.normal_()
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    adalora.save_adapters(tmp_path / "none", m)
+    adalora.save_peft(tmp_path / "peft_none", m)
+    adalora.set_fuse(m, "stack")
+    m(torch.randn(3, 10, dtype=torch.float64))                 # builds the stacks
+    assert all("_fused_stack" in a.__dict__ for a in ad.values())
+    adalora.save_adapters(tmp_path / "stack", m)
+    adalora.save_peft(tmp_path / "peft_stack", m)
+    for a, b in (("none/adapters.safetensors", "stack/adapters.safetensors"),
+                 ("peft_none/adapter_model.safetensors", "peft_stack/adapter_model.safetensors")):
+        ta, tb = load_file(tmp_path / a), load_file(tmp_path / b)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    save_file({k: v.contiguous() for k, v in after.items()}, tmp_path / "model.safetensors")  # no shared memory
+    reloaded = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(reloaded[k], before[k]) for k in before)
+
+
+def test_fallbacks_use_the_unfused_path_exactly():
+    from transformers.pytorch_utils import Conv1D
+    x = torch.randn(6, 8)
+    torch.manual_seed(0)
+    conv = Conv1D(12, 8).requires_grad_(False)
+    cases = {"conv1d": SVDLinear(conv, 4, 8.0), "dropout": SVDLinear(nn.Linear(8, 12).requires_grad_(False), 4, 8.0,
+                                                                      dropout=0.5)}
+    nf4 = nn.Sequential(nn.Linear(8, 64))
+    adalora.quantize_model(nf4, compute_dtype=torch.float32)
+    cases["nf4"] = SVDLinear(nf4[0], 4, 8.0)
+    trainable_bias = nn.Sequential(nn.Linear(8, 12))
+    adalora.inject(trainable_bias, adalora.AdapterConfig(targets=["0"], init_rank=4))
+    adalora.mark_only_adapters_trainable(trainable_bias, bias="all")
+    cases["trainable_bias"] = trainable_bias[0]
+    for name, layer in cases.items():
+        with torch.no_grad():
+            layer.lam.normal_()
+        ref, fast = _pair(layer)
+        torch.manual_seed(1)
+        y0 = ref(x)
+        torch.manual_seed(1)
+        y1 = fast(x)
+        assert torch.equal(y0, y1) and "_fused_stack" not in fast.__dict__, name
+    fast = _pair(_layer(SVDLinear, torch.float32))[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(torch.randn(2, 20))
+    assert "_fused_stack" not in fast.__dict__
+    auto = _layer(SVDLinear, torch.float32, fuse="auto")
+    auto(torch.randn(2, 20))                                   # a CPU tensor: auto means none
+    assert "_fused_stack" not in auto.__dict__
+
+
+def test_fuse_values_are_checked():
+    with pytest.raises(ValueError, match=r"AdapterConfig.fuse='fused': use one of \('none', 'stack', 'auto'\)"):
+        adalora.AdapterConfig(fuse="fused")
+    m, ad = _mlp()
+    with pytest.raises(ValueError, match="fuse='on': use one of"):
+        adalora.set_fuse(m, "on")
+    adalora.set_fuse(m, "stack")
+    assert {a.fuse for a in ad.values()} == {"stack"}
+    assert adalora.AdapterConfig().fuse == "auto"
+
+
+def test_compiled_fused_model_gives_eager_gradients(no_recompiles):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    m, ad = _mlp(fuse="stack")
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(m, backend=backend)
+    x = torch.randn(8, 10, dtype=torch.float64)
+    grads = []
+    for fn in (m, compiled):
+        fn(x).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in adalora.adapter_parameters(ad)])
+        m.zero_grad(set_to_none=True)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert backend.frame_count == 1 and "autograd_function_apply" in backend.graphs[0].code  # one graph, fused
