@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import tables as T
+# run as a script from anywhere: the repository root (which holds `analysis`) goes on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from analysis import tables as T  # noqa: E402
 from analysis.names import layer_index, matrix_type, type_order
 from analysis.runs import config_columns, load_sweep
 
