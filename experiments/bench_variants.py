@@ -2,8 +2,11 @@
 loop's step (``loop.update`` after backward and ``orthogonality_grad_``) without data loading,
 gradient clipping and DDP, so that a timed step is what a training run pays for the same work.
 
-Every variant is a random-init BERT-shaped ``BertForSequenceClassification`` (2 labels) trained
-with AdamW on one fixed random batch; adapters sit on every linear map of each block."""
+Every variant is a random-init BERT-shaped ``BertForSequenceClassification`` (2 labels), or for
+the decoder presets a Llama-shaped ``LlamaForCausalLM`` (causal-LM loss on the batch's tokens),
+trained with AdamW on one fixed random batch; adapters sit on every linear map of each block.
+``lora`` and ``adalora`` run the unfused adapter path, ``lora_fused`` and ``adalora_fused`` the
+same adapters with ``fuse="stack"`` (adalora/fused.py)."""
 from __future__ import annotations
 
 import types
@@ -39,7 +42,37 @@ def scorer_bytes(alloc) -> int:
     return nbytes([alloc.scorer.ibar, alloc.scorer.ubar])
 
 
+def targets(cfg) -> list[str]:
+    return BLOCK_LINEARS[cfg.arch]
+
+
+def make_batch(cfg, dev: torch.device, g: torch.Generator) -> dict:
+    """One fixed random batch: tokens, a full attention mask, and class labels (BERT) or the
+    tokens themselves (causal LM; the model shifts them)."""
+    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g)
+    labels = ids.clone() if cfg.arch == "llama" else torch.randint(0, 2, (cfg.batch,), generator=g)
+    return {"input_ids": ids.to(dev), "attention_mask": torch.ones(cfg.batch, cfg.seq, dtype=torch.long, device=dev),
+            "labels": labels.to(dev)}
+
+
+def _build_llama(cfg, dev: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    # SmolLM2-135M's settings besides the preset's shape: tied embeddings, RoPE θ = 1e5.
+    lc = LlamaConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                     num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                     max_position_embeddings=max(2048, cfg.seq), rope_theta=100000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True, use_cache=False)
+    torch.manual_seed(cfg.seed)
+    with dev:
+        return LlamaForCausalLM(lc)
+
+
 def build_model(cfg, dev: torch.device):
+    if cfg.arch == "llama":
+        model = _build_llama(cfg, dev)
+        if cfg.dtype == "bf16" and cfg.bf16_mode == "weights":
+            model = model.to(torch.bfloat16)
+        return model.train()
     from transformers import BertConfig, BertForSequenceClassification
     bc = BertConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
                     num_attention_heads=cfg.heads, intermediate_size=cfg.intermediate,
@@ -121,24 +154,30 @@ def make_optimizer(cfg, model):
 
 def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
     model = build_model(cfg, dev)
+    decoder = cfg.arch == "llama"
     if name in ("floor", "full"):
         for p in model.parameters():
             p.requires_grad_(name == "full")
         if name == "floor":
             # Input grads flow through every layer, but no weight of the backbone gets a gradient
-            # (the embedding LayerNorm scale, hidden-size elements, is the entry point).
-            model.bert.embeddings.LayerNorm.weight.requires_grad_(True)
-            model.classifier.requires_grad_(True)
+            # (a norm scale at the bottom, hidden-size elements, is the entry point). The
+            # decoder has no head to train: its LM head is the frozen, tied embedding.
+            if decoder:
+                model.model.layers[0].input_layernorm.weight.requires_grad_(True)
+            else:
+                model.bert.embeddings.LayerNorm.weight.requires_grad_(True)
+                model.classifier.requires_grad_(True)
         opt = make_optimizer(cfg, model)
         return Variant(name, model, make_step(cfg, dev, model, batch, opt))
     if name.startswith("peft_"):
         return _build_peft(name, cfg, dev, model, batch)
     svd = name.startswith("adalora")
-    acfg = adalora.AdapterConfig(method="adalora" if svd else "lora", targets=TARGETS,
+    acfg = adalora.AdapterConfig(method="adalora" if svd else "lora", targets=targets(cfg),
                                  init_rank=cfg.init_rank if svd else cfg.lora_rank, alpha=cfg.alpha,
-                                 rank_pattern=final_ranks if name == "lora_final" else {})
+                                 rank_pattern=final_ranks if name == "lora_final" else {},
+                                 fuse="stack" if name.endswith("_fused") else "none")
     adapters = adalora.inject(model, acfg)
-    adalora.mark_only_adapters_trainable(model, extra=("classifier",))
+    adalora.mark_only_adapters_trainable(model, extra=() if decoder else ("classifier",))
     opt = make_optimizer(cfg, model)
     if not svd:
         return Variant(name, model, make_step(cfg, dev, model, batch, opt))
@@ -164,11 +203,12 @@ def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
 
 def _build_peft(name, cfg, dev, model, batch) -> Variant:
     import peft
+    task = "CAUSAL_LM" if cfg.arch == "llama" else "SEQ_CLS"
     if name == "peft_lora":
-        pcfg = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, target_modules=TARGETS, task_type="SEQ_CLS")
+        pcfg = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, target_modules=targets(cfg), task_type=task)
     else:
         pcfg = peft.AdaLoraConfig(init_r=cfg.init_rank, target_r=int(cfg.target_rank), lora_alpha=cfg.alpha,
-                                  target_modules=TARGETS, task_type="SEQ_CLS", tinit=0, tfinal=1000, deltaT=1,
+                                  target_modules=targets(cfg), task_type=task, tinit=0, tfinal=1000, deltaT=1,
                                   total_step=BIG_T, orth_reg_weight=cfg.orth_weight)
     # Keep peft's adapters in the model dtype (ours are), not upcast to fp32.
     model = peft.get_peft_model(model, pcfg, autocast_adapter_dtype=False)

@@ -4,6 +4,7 @@ fine-tuning and HF peft, timed side by side in one process with interleaved roun
     python -m experiments.benchmark preset=base dtype=bf16 device=cuda
     python -m experiments.benchmark suite=[base:bf16,large:bf16:graphs] device=cuda
     python -m experiments.benchmark preset=small device=cpu
+    python -m experiments.benchmark preset=smollm2 dtype=bf16 device=cuda variants=[lora,lora_fused,adalora,adalora_fused]
 
 Values and their defaults: ``BenchConfig`` below (conf/benchmark.yaml only names the output
 folder). A ``suite`` entry is ``preset:dtype[:compile|:graphs]``: ``compile`` is torch.compile
@@ -31,7 +32,7 @@ import torch
 
 import adalora
 
-from .bench_variants import (TARGETS, BIG_T, build_model, build_variant, have_peft, nbytes,
+from .bench_variants import (TARGETS, BIG_T, build_model, build_variant, have_peft, make_batch, nbytes,
                              scorer_bytes)
 from .config import MethodConfig, library_default
 from .bench_report import markdown
@@ -44,9 +45,17 @@ PRESETS = {  # layers, hidden, heads, intermediate, seq, batch
     "small": (4, 384, 6, 1536, 64, 16),
     "base": (12, 768, 12, 3072, 128, 32),
     "large": (24, 1024, 16, 4096, 256, 32),
+    # Llama-style decoders (random init, causal-LM loss): SmolLM2-135M's shape, and a CPU one.
+    "smollm2": (30, 576, 9, 1536, 256, 16),
+    "tiny_llama": (2, 64, 2, 128, 16, 4),
 }
-VARIANTS = ["floor", "full", "lora", "adalora", "adalora_every10", "adalora_compact", "lora_final",
-            "peft_lora", "peft_adalora"]
+# Decoder presets: (architecture, KV heads, vocabulary); the others are BERT with every head
+# its own KV head and BERT's vocabulary.
+DECODERS = {"smollm2": ("llama", 3, 49152), "tiny_llama": ("llama", 1, 256)}
+ENCODER = ("bert", None, 30522)
+# lora and adalora run the unfused adapter path (the reference rows), *_fused the stacked one.
+VARIANTS = ["floor", "full", "lora", "lora_fused", "adalora", "adalora_fused", "adalora_every10", "adalora_compact",
+            "lora_final", "peft_lora", "peft_adalora"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _TARGET_RANK = library_default(adalora.ScheduleConfig, "target_rank")
 
@@ -60,7 +69,8 @@ class BenchConfig:
     intermediate: Optional[int] = None
     seq: Optional[int] = None
     batch: Optional[int] = None
-    vocab: int = 30522
+    kv_heads: Optional[int] = None        # decoders: the preset's (grouped-query attention)
+    vocab: Optional[int] = None           # None: the preset's (BERT 30522, SmolLM2 49152)
     dtype: str = "fp32"                   # fp32 | bf16
     bf16_mode: str = "weights"            # weights: model, adapters, AdamW in bf16 | autocast: fp32 + autocast
     device: str = "auto"                  # auto | cpu | cuda
@@ -94,6 +104,9 @@ class BenchConfig:
         for name, v in zip(("layers", "hidden", "heads", "intermediate", "seq", "batch"), PRESETS[self.preset]):
             if getattr(self, name) is None:
                 setattr(self, name, v)
+        _, kv_heads, vocab = DECODERS.get(self.preset, ENCODER)
+        self.kv_heads = self.kv_heads or kv_heads or self.heads
+        self.vocab = self.vocab or vocab
         if self.dtype not in ("fp32", "bf16") or self.bf16_mode not in ("weights", "autocast"):
             raise ValueError("dtype must be fp32|bf16 and bf16_mode weights|autocast")
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -103,12 +116,19 @@ class BenchConfig:
             raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+        if self.heads % self.kv_heads or (self.arch == "bert" and self.kv_heads != self.heads):
+            raise ValueError(f"kv_heads={self.kv_heads} must divide heads={self.heads} (BERT presets: equal it)")
         for entry in self.suite:
             preset, dtype, *rest = entry.split(":") + [""]
             if preset not in PRESETS or dtype not in ("fp32", "bf16") or rest[0] not in ("", "compile", "graphs"):
                 raise ValueError(f"suite entry {entry!r}: use preset:dtype[:compile|:graphs], "
                                  f"e.g. base:bf16:graphs")
         self.variants, self.alloc_layers, self.suite = list(self.variants), list(self.alloc_layers), list(self.suite)
+
+    @property
+    def arch(self) -> str:
+        """``bert`` (sequence classification) or ``llama`` (causal LM), by preset."""
+        return DECODERS.get(self.preset, ENCODER)[0]
 
 
 # -- device helpers ---------------------------------------------------------------------------------
@@ -153,9 +173,7 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
         names.remove("lora_final")
     names.sort(key=lambda n: n == "lora_final")  # lora_final needs the ranks adalora_compact found
     g = torch.Generator().manual_seed(cfg.seed)
-    batch = {"input_ids": torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g).to(dev),
-             "attention_mask": torch.ones(cfg.batch, cfg.seq, dtype=torch.long, device=dev),
-             "labels": torch.randint(0, 2, (cfg.batch,), generator=g).to(dev)}
+    batch = make_batch(cfg, dev, g)
     variants, out, final_ranks = [], {}, {}
     for n in names:
         _sync(dev)
@@ -190,7 +208,9 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
 
 
 def ratios(res: dict) -> dict:
-    pairs = {"adalora/floor": ("adalora", "floor"), "adalora_every10/floor": ("adalora_every10", "floor"),
+    pairs = {"lora_fused/lora": ("lora_fused", "lora"), "adalora_fused/adalora": ("adalora_fused", "adalora"),
+             "lora_fused/floor": ("lora_fused", "floor"), "adalora_fused/floor": ("adalora_fused", "floor"),
+             "adalora/floor": ("adalora", "floor"), "adalora_every10/floor": ("adalora_every10", "floor"),
              "adalora/lora": ("adalora", "lora"), "adalora_every10/lora": ("adalora_every10", "lora"),
              "peft_adalora/adalora": ("peft_adalora", "adalora"), "lora/peft_lora": ("lora", "peft_lora"),
              "adalora_compact/lora_final": ("adalora_compact", "lora_final"),
@@ -212,7 +232,7 @@ def _time_alloc(fn, n: int, dev) -> float:
 def run_allocator_scaling(cfg: BenchConfig, dev: torch.device) -> list[dict]:
     rows = []
     for layers in cfg.alloc_layers:
-        small = replace(cfg, preset="tiny", layers=layers, hidden=cfg.alloc_hidden, heads=max(1, cfg.alloc_hidden // 64),
+        small = replace(cfg, preset="tiny", kv_heads=None, layers=layers, hidden=cfg.alloc_hidden, heads=max(1, cfg.alloc_hidden // 64),
                         intermediate=4 * cfg.alloc_hidden, vocab=128, seq=8, batch=2)
         row = {"layers": layers, "hidden": cfg.alloc_hidden, "adapters": 6 * layers}
         for every in (1, 10):
@@ -276,6 +296,7 @@ def run(cfg: BenchConfig) -> dict:
                           compile="compile" in rest or "graphs" in rest,
                           compile_mode="reduce-overhead" if "graphs" in rest else cfg.compile_mode,
                           layers=None, hidden=None, heads=None, intermediate=None, seq=None, batch=None,
+                          kv_heads=None, vocab=None,
                           alloc_layers=cfg.alloc_layers if i == 0 else [], out=os.path.join(out, entry.replace(":", "_")))
             results[entry] = run(sub)
             md.append(open(os.path.join(sub.out, "results.md")).read())

@@ -30,8 +30,11 @@ def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
     benchmark.run(cfg)
     result = _check_outputs(tmp_path, benchmark.VARIANTS[:-3] + ["peft_lora", "peft_adalora", "lora_final"], [1, 2])
     assert set(result["ratios"]) >= {"adalora/floor", "adalora/lora", "peft_adalora/adalora", "lora/peft_lora",
-                                     "adalora_compact/lora_final"}
+                                     "adalora_compact/lora_final", "lora_fused/lora", "adalora_fused/adalora"}
     v = result["variants"]
+    for name in ("lora", "adalora"):
+        assert v[name + "_fused"]["trainable_params"] == v[name]["trainable_params"]
+        assert v[name + "_fused"]["alloc_state_bytes"] == v[name]["alloc_state_bytes"]
     # Structural facts, not timings: AdaLoRA keeps Ī and Ū (2 copies of the adapter parameters),
     # peft keeps ipt as well (3); compact() leaves the LoRA-of-final-ranks parameter count (+ lam).
     head = v["floor"]["trainable_params"] - 64            # the floor trains the head and the LN scale (hidden 64)
@@ -58,6 +61,11 @@ def test_benchmark_config_checks_and_hydra_overrides():
     cfg = OmegaConf.to_object(dcfg)
     assert (cfg.layers, cfg.hidden, cfg.seq, cfg.dtype, cfg.compile) == (3, 1024, 256, "bf16", True)
     assert cfg.variants == ["floor", "adalora"] and cfg.alloc_layers == []
+    fused = ["lora", "lora_fused", "adalora", "adalora_fused"]
+    cfg = benchmark.BenchConfig(preset="smollm2", variants=fused)
+    assert cfg.variants == fused and cfg.arch == "llama"
+    assert (cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.intermediate, cfg.vocab, cfg.seq, cfg.batch) == \
+        (30, 576, 9, 3, 1536, 49152, 256, 16)
     with pytest.raises(ValueError, match="unknown variants"):
         benchmark.BenchConfig(variants=["adalora", "qlora"])
     with pytest.raises(ValueError, match="preset:dtype"):
@@ -122,3 +130,37 @@ def test_eager_and_compiled_steps_train_alike_with_the_penalty():
     eager, compiled, none = trained["eager"], trained["compiled"], trained["no_penalty"]
     assert all(torch.allclose(eager[n], compiled[n], rtol=0, atol=1e-6) for n in eager)
     assert not all(torch.allclose(eager[n], none[n], rtol=0, atol=1e-6) for n in eager)
+
+
+def test_tiny_llama_preset_runs_every_adapter_variant(tmp_path):
+    """The decoder preset (causal-LM loss) with our adapters on both paths and peft's."""
+    variants = ["floor", "lora", "lora_fused", "adalora", "adalora_fused"] + (["peft_lora"] if _have_peft() else [])
+    cfg = benchmark.BenchConfig(preset="tiny_llama", device="cpu", variants=variants, warmup=1, rounds=1, steps=1,
+                                alloc_layers=[], out=str(tmp_path))
+    benchmark.run(cfg)
+    result = _check_outputs(tmp_path, variants, [])
+    v = result["variants"]
+    assert v["floor"]["trainable_params"] == 64                        # the first layer's input norm scale
+    assert v["lora_fused"]["trainable_params"] == v["lora"]["trainable_params"] == 2 * 8 * (
+        2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))               # q, o; k, v (1 KV head); gate, up, down
+
+
+@pytest.mark.parametrize("name", ["lora", "adalora"])
+def test_fused_variant_trains_like_the_unfused_one_on_the_decoder(name):
+    import torch
+    from experiments.bench_variants import build_variant, make_batch
+    cfg = benchmark.BenchConfig(preset="tiny_llama", device="cpu")
+    batch = make_batch(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    trained = []
+    for variant in (name, name + "_fused"):
+        v = build_variant(variant, cfg, torch.device("cpu"), batch, {})
+        for _ in range(3):
+            v.step()
+        trained.append({n: p.detach().clone() for n, p in v.model.named_parameters() if p.requires_grad})
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.allclose(trained[0][n], trained[1][n], rtol=1e-4, atol=1e-6) for n in trained[0])
+
+
+def _have_peft() -> bool:
+    from experiments.bench_variants import have_peft
+    return have_peft()
