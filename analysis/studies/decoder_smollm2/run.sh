@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Decoder study on one GPU (not run yet), in two stages:
+# Decoder study on one GPU, in two stages:
 #   analysis/studies/decoder_smollm2/run.sh memory ROOT    # (a) base stored fp32 / bf16 / NF4: peak memory, step time
 #   analysis/studies/decoder_smollm2/run.sh compare ROOT   # (b) AdaLoRA vs matched LoRA, rotten_tomatoes_lm, 3 seeds, report
 #   analysis/studies/decoder_smollm2/run.sh all ROOT       # both
@@ -45,10 +45,15 @@ memory() {
 }
 
 compare() {
-  # One epoch of Rotten Tomatoes (10,155 examples, 318 steps of 32) per run; lr untuned (2e-3).
+  # One epoch of Rotten Tomatoes (10,155 examples, 318 steps of 32) per run, every rate in LRS
+  # (comma-separated; default 2e-3) for both methods and 3 seeds. With several rates, each
+  # method's rate is chosen on validation (analysis.tune, the seeds as repeats) and ROOT/chosen
+  # links the chosen runs; the report is drawn from those.
   $PY -m experiments.train -m "${COMMON[@]}" method=adalora,lora budget=matched seed=0,1,2 \
-      hydra/launcher=joblib hydra.launcher.n_jobs=$N hydra.sweep.dir="$ROOT/compare" || true
-  $PY -m analysis.report "$ROOT/compare"
+      trainer.lr=${LRS:-2e-3} hydra/launcher=joblib hydra.launcher.n_jobs=$N hydra.sweep.dir="$ROOT/compare" || true
+  $PY -m analysis.tune "$ROOT/compare"
+  $PY "$HERE/compare.py" link "$ROOT/compare" "$ROOT/chosen"
+  $PY -m analysis.report "$ROOT/chosen"
 }
 
 case $STAGE in
