@@ -128,19 +128,19 @@ class StackedLinear(torch.autograd.Function):
         y, u = z[:, :d_out], z[:, d_out:d_out + r]           # views; rows of z are 16-byte aligned
         ug = up if gate is None else up * gate               # (d_out, r) column-major: U diag(g)
         y.addmm_(u, ug.t(), alpha=scaling)                   # y += s · u (U diag(g))ᵀ, in place
-        ctx.save_for_backward(x, w, down, gate, up)
-        # u and y share z's storage and version counter, and a later in-place op on y (an
-        # inplace ReLU, a residual +=) never touches u's columns: kept out of save_for_backward,
-        # whose version check would refuse it.
-        ctx.u = u
+        # uᵀ (r, N) copied out of z: a view of u would keep all of z alive until backward (the
+        # output of an o_proj is otherwise freed after the residual add) and share y's version
+        # counter (an in-place op on y would then fail the check). Row-major (r, N) is the
+        # layout the backward's uᵀ G wants.
+        ctx.save_for_backward(x, w, down, gate, up, u.t().contiguous())
         ctx.scaling = scaling
         # Returned detached: autograd forbids in-place ops on a view made inside a Function.
         return y.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, down, gate, up = ctx.saved_tensors
-        u, s = ctx.u, ctx.scaling
+        x, w, down, gate, up, ut = ctx.saved_tensors
+        s = ctx.scaling
         need_x, _, _, _, need_d, need_g, need_u, _ = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])                # G (N, d_out)
         dx = dd = dg = du_ = None
@@ -156,7 +156,7 @@ class StackedLinear(torch.autograd.Function):
         if need_g or need_u:
             # m = uᵀ G (r, d_out) carries both: dU = s · mᵀ diag(g), and
             # dg = s · Σ_N (G U) ⊙ u = s · Σ_j m_ij U_ji, on (r, d_out) instead of (N, r).
-            m = torch.mm(u.t(), g2).mul_(s)
+            m = torch.mm(ut, g2).mul_(s)
             if need_g:
                 dg = (m * up.t()).sum(1)
             if need_u:
