@@ -30,13 +30,15 @@ def _groups(mats: list[torch.Tensor]):
     largest ``R``: the ``(n, R, R)`` mask of each matrix's own block and where each element sits
     in the flat batch (``None, None`` when ranks are equal).
     """
-    groups: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    # Keyed by dtype and device too: a model can mix fp32 adapters (on an NF4 base) with bf16
+    # ones of the same width, and one batch must hold one dtype.
+    groups: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
     for i, m in enumerate(mats):
         r, d = m.shape
         if r > 0:                                                   # rank 0: nothing to penalise
-            groups[d][0].append(i)
-            groups[d][1].append(r)
-    for d, (idx, ranks) in groups.items():
+            groups[(d, m.dtype, m.device)][0].append(i)
+            groups[(d, m.dtype, m.device)][1].append(r)
+    for (d, _, _), (idx, ranks) in groups.items():
         ms = [mats[i] for i in idx]
         r = max(ranks)
         if min(ranks) == r:

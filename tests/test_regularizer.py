@@ -194,3 +194,28 @@ def test_bf16_penalty_and_fused_gradient_stay_in_bf16(ranks):
     assert fused.dtype == torch.bfloat16 and torch.allclose(fused.double(), dense, rtol=2e-2)
     for a in ad.values():
         assert a.P.grad.dtype == a.Q.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("form", ["reference", "paper"])
+def test_same_width_adapters_of_two_dtypes_and_ranks_match_the_dense_formula(form):
+    """fp32 adapters (as on an NF4 base) beside fp64 ones of the same width and other ranks: each
+    dtype is batched on its own; value and the in-place gradient equal the per-matrix formula."""
+    torch.manual_seed(3)
+    ad = {"a": SVDLinear(nn.Linear(5, 6).float(), 3, 1.0), "b": SVDLinear(nn.Linear(5, 6).double(), 2, 1.0),
+          "c": SVDLinear(nn.Linear(5, 6).float(), 4, 1.0), "d": SVDLinear(nn.Linear(5, 6).double(), 4, 1.0)}
+
+    def norm(m):
+        c = m @ m.T - torch.eye(m.shape[0], dtype=torch.float64)
+        return torch.linalg.matrix_norm(c) ** 2 if form == "paper" else torch.linalg.matrix_norm(c)
+
+    leaves = {n: (a.P.detach().double().requires_grad_(), a.Q.detach().double().requires_grad_()) for n, a in ad.items()}
+    dense = sum(norm(p.T) + norm(q) for p, q in leaves.values())
+    dense = dense if form == "paper" else dense / (2 * len(ad))
+    dense.backward()
+    assert torch.allclose(adalora.orthogonality_penalty(ad, form).double(), dense.detach(), rtol=1e-5)
+    total = adalora.orthogonality_grad_(ad, 1.0, form)
+    assert torch.allclose(total.double(), dense.detach(), rtol=1e-5)
+    for n, a in ad.items():
+        assert a.P.grad.dtype == a.P.dtype
+        assert torch.allclose(a.P.grad.double(), leaves[n][0].grad, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(a.Q.grad.double(), leaves[n][1].grad, rtol=1e-4, atol=1e-6)
