@@ -81,9 +81,11 @@ def _stack(layer, w, b, down):
     d_out, d_in = w.shape
     r = down.shape[0]
     rows = _rows(d_out, r, w)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         # Dynamo cannot compare data pointers (a graph break per layer) and a buffer written in
         # the graph keeps CUDA graphs from replaying: the compiled graph concatenates instead.
+        # Nor is the buffer made under inference_mode: W0 would become an inference tensor
+        # that a later training step cannot save for backward.
         stack = torch.cat([w, down, w.new_zeros(rows - d_out - r, d_in)])
         return stack, (None if b is None else F.pad(b, (0, rows - d_out)))
     # D keeps its own memory and is copied in (r · d_in per step): a D inside W0's storage would

@@ -200,6 +200,19 @@ def test_the_stack_follows_every_change_of_w0_and_the_factors():
     _same_forward(ref, fast, x.float())
 
 
+def test_inference_mode_first_then_training():
+    ref, fast = _pair(_layer(SVDLinear, torch.float32))
+    x = torch.randn(4, 20)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), ref(x), **TOL[torch.float32])
+    assert "_fused_stack" not in fast.__dict__                 # W0 stays a normal tensor
+    _, _, g0 = _run(ref, x, torch.ones(4, 30))
+    _, _, g1 = _run(fast, x, torch.ones(4, 30))
+    with torch.inference_mode():
+        fast(x)                                                # the stack built since is used as is
+    torch.testing.assert_close(g1["Q"], g0["Q"], **TOL[torch.float32])
+
+
 def test_switching_named_sets_keeps_the_fused_forward_right():
     m0, _ = _mlp()
     m1, _ = _mlp(fuse="stack")
