@@ -134,14 +134,14 @@ def test_eager_and_compiled_steps_train_alike_with_the_penalty():
 
 def test_tiny_llama_preset_runs_every_adapter_variant(tmp_path):
     """The decoder preset (causal-LM loss) with our adapters on both paths and peft's."""
-    variants = ["floor", "lora", "lora_fused", "adalora", "adalora_fused"] + (["peft_lora"] if _have_peft() else [])
+    variants = ["floor", "lora_fused", "adalora_fused"] + (["peft_lora"] if _have_peft() else [])
     cfg = benchmark.BenchConfig(preset="tiny_llama", device="cpu", variants=variants, warmup=1, rounds=1, steps=1,
                                 alloc_layers=[], out=str(tmp_path))
     benchmark.run(cfg)
     result = _check_outputs(tmp_path, variants, [])
     v = result["variants"]
     assert v["floor"]["trainable_params"] == 64                        # the first layer's input norm scale
-    assert v["lora_fused"]["trainable_params"] == v["lora"]["trainable_params"] == 2 * 8 * (
+    assert v["lora_fused"]["trainable_params"] == 2 * 8 * (
         2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))               # q, o; k, v (1 KV head); gate, up, down
 
 
