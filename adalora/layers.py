@@ -77,7 +77,7 @@ class AdapterLayer(nn.Module):
     ``query.base.weight``), so a checkpoint of the plain model loads into the adapted one.
     """
 
-    def __init__(self, base: nn.Module, dropout: float = 0.0, fuse: str = "auto"):
+    def __init__(self, base: nn.Module, dropout: float = 0.0, fuse: str = "none"):
         super().__init__()
         if not is_adaptable(base):
             raise TypeError(f"cannot wrap {type(base).__name__}: adapters wrap nn.Linear, Conv1D or NF4Linear")
@@ -206,7 +206,7 @@ class SVDLinear(AdapterLayer):
     _UP, _DOWN, _GATE = "P", "Q", "lam"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, init_std: float = 0.02,
-                 fuse: str = "auto"):
+                 fuse: str = "none"):
         super().__init__(base, dropout, fuse)
         device, dtype = _base_device_dtype(base)
         self.r0 = rank
@@ -287,7 +287,7 @@ class LoRALinear(AdapterLayer):
     _UP, _DOWN, _GATE = "B", "A", ""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                 fuse: str = "auto"):
+                 fuse: str = "none"):
         super().__init__(base, dropout, fuse)
         device, dtype = _base_device_dtype(base)
         self.scaling = (alpha / math.sqrt(rank) if rslora else alpha / rank) if rank > 0 else 0.0

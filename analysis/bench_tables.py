@@ -184,7 +184,28 @@ def switch(files) -> str:
     return table(["operation", "median ms", "repeats", "setup", "results file"], rows, "lrrll")
 
 
-TABLES = {"medians": medians, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
+def fused(files) -> str:
+    """Unfused (the reference) against fused adapter paths, median ms per step with the IQR."""
+    pairs = (("lora", "lora_fused"), ("adalora", "adalora_fused"))
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "fused_benchmark":
+            continue
+        c = d["config"]
+        mode = "graphs" if c["compile"] and c["compile_mode"] == "reduce-overhead" else "eager"
+        for ref, fu in pairs:
+            a, b = d["variants"].get(ref), d["variants"].get(fu)
+            if a is None or b is None:
+                continue
+            rows.append([f"{c['preset']}, {mode}, {c['dtype']}", short_machine(d), ref,
+                         f"{a['median_ms']:.1f} ({a['iqr_ms']:.1f})", f"{b['median_ms']:.1f} ({b['iqr_ms']:.1f})",
+                         f"{d['ratios'][f'{fu}/{ref}']:.2f}", f"{a['peak_mem_mb']:.0f} / {b['peak_mem_mb']:.0f}",
+                         f"`{name}`"])
+    return table(["shape, mode", "machine", "adapter", "unfused ms (IQR)", "fused ms (IQR)", "fused ÷ unfused",
+                  "peak MiB unfused / fused", "results file"], rows, "lllrrrrl")
+
+
+TABLES = {"medians": medians, "fused": fused, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
           "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch}
 
 

@@ -22,6 +22,7 @@ MIRRORS = {
     ("method", "dropout"): (adalora.AdapterConfig, "dropout"),
     ("method", "rslora"): (adalora.AdapterConfig, "rslora"),
     ("method", "rank_pattern"): (adalora.AdapterConfig, "rank_pattern"),
+    ("method", "fuse"): (adalora.AdapterConfig, "fuse"),
     ("method", "orth_form"): (adalora.orthogonality_penalty, "form"),
     ("schedule", "target_rank"): (adalora.ScheduleConfig, "target_rank"),
     ("schedule", "target_total"): (adalora.ScheduleConfig, "target_total"),

@@ -296,7 +296,7 @@ def test_fuse_values_are_checked():
         adalora.set_fuse(m, "on")
     adalora.set_fuse(m, "stack")
     assert {a.fuse for a in ad.values()} == {"stack"}
-    assert adalora.AdapterConfig().fuse == "auto"
+    assert adalora.AdapterConfig().fuse == "none"
 
 
 def test_compiled_fused_model_gives_eager_gradients(no_recompiles):
