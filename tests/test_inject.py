@@ -204,3 +204,21 @@ def test_merge_and_unmerge_a_named_set():
     assert not any(a.merged for a in adalora.find_adapters(m).values())
     adalora.set_adapter(m, "default")
     assert torch.allclose(m(x), plain, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_fuse_reaches_every_adapter_from_the_config_and_set_fuse_changes_it(method):
+    from adalora.layers import LoRALinear, SVDLinear
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    adalora.inject(model, adalora.AdapterConfig(method=method, targets=["0", "2"], init_rank=2, fuse="stack"))
+    layers = adalora.find_adapters(model)
+    assert len(layers) == 2 and all(a.fuse == "stack" for a in layers.values())
+    adalora.set_fuse(model, "auto")
+    assert all(a.fuse == "auto" for a in layers.values())
+    cls = SVDLinear if method == "adalora" else LoRALinear
+    assert cls(nn.Linear(3, 3), 2, 1.0, fuse="stack").fuse == "stack"
+    assert cls(nn.Linear(3, 3), 2, 1.0).fuse == "none"                 # the reference path by default
+    with pytest.raises(ValueError, match=r"^model has no adapters: call adalora.inject\(model, cfg\) first$"):
+        adalora.set_fuse(nn.Linear(3, 3), "stack")
+    with pytest.raises(ValueError, match="fuse='fast'"):
+        adalora.set_fuse(model, "fast")

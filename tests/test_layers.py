@@ -344,3 +344,13 @@ def test_set_factors_keep_dtype_and_trainability_and_unmerge_resets_the_flag():
     assert layer.merged is True
     layer.unmerge()
     assert layer.merged is False
+
+
+def test_to_empty_without_recursion_leaves_the_base_alone():
+    """`_apply` (which drops the fused stack) passes `recurse` on: `to_empty(recurse=False)` replaces
+    the adapter's own factors only, never the frozen base weight."""
+    base = nn.Linear(4, 3)
+    w = base.weight.detach().clone()
+    layer = SVDLinear(base, 2, 1.0)
+    layer.to_empty(device="cpu", recurse=False)
+    assert torch.equal(layer.base.weight, w)
