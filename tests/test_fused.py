@@ -313,3 +313,53 @@ def test_compiled_fused_model_gives_eager_gradients(no_recompiles):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
     assert backend.frame_count == 1 and "autograd_function_apply" in backend.graphs[0].code  # one graph, fused
+
+
+def test_stack_rows_are_padded_to_16_bytes():
+    """A row of z is a multiple of 16 bytes: 8 bf16 or 4 fp32 values (the padding rows are never read)."""
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert fused._rows(5, 3, bf16) == 8 and fused._rows(5, 4, bf16) == 16
+    assert fused._rows(5, 4, fp32) == 12 and fused._rows(6, 2, fp32) == 8
+
+
+def test_rank_1_takes_the_fused_path_and_rank_0_does_not():
+    one = _layer(SVDLinear, torch.float32, rank=1, fuse="stack")
+    one(torch.randn(2, 20))
+    assert "_fused_stack" in one.__dict__
+    zero = _layer(SVDLinear, torch.float32, rank=0, fuse="stack")
+    zero(torch.randn(2, 20))
+    assert "_fused_stack" not in zero.__dict__
+
+
+def test_adapters_in_another_dtype_than_the_base_use_the_unfused_path():
+    """fp32 factors on a bf16 base: the unfused path computes the adapter in fp32; stacking would
+    round D to bf16."""
+    layer = _layer(SVDLinear, torch.bfloat16)
+    for name in ("P", "lam", "Q"):
+        p = getattr(layer, name)
+        p.data = p.data.float()
+    ref, fast = _pair(layer)
+    x = torch.randn(4, 20, dtype=torch.bfloat16)
+    assert torch.equal(fast(x), ref(x)) and "_fused_stack" not in fast.__dict__
+
+
+def test_no_bias_layer_twice_and_under_inference_mode():
+    """bias=None through the cached stack (second call) and through the concatenating path."""
+    ref, fast = _pair(_layer(LoRALinear, torch.float32, bias=False))
+    x = torch.randn(3, 20)
+    for _ in range(2):
+        assert torch.allclose(fast(x), ref(x), **TOL[torch.float32])
+    ref, fast = _pair(_layer(LoRALinear, torch.float32, bias=False))
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), ref(x), **TOL[torch.float32])
+
+
+def test_a_new_base_weight_alone_rebuilds_the_stack():
+    """Only W0 replaced (the bias object kept): the stack must follow the new W0."""
+    ref, fast = _pair(_layer(SVDLinear, torch.float32))
+    x = torch.randn(3, 20)
+    fast(x)                                                    # builds the stack
+    new = torch.randn(30, 20)
+    for m in (ref, fast):
+        m.base.weight = nn.Parameter(new.clone(), requires_grad=False)
+    assert torch.allclose(fast(x), ref(x), **TOL[torch.float32])
