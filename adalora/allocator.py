@@ -120,27 +120,34 @@ class Allocator(abc.ABC):
 
     @abc.abstractmethod
     def mask_to_budget(self, step: int) -> AllocationRecord | None:
-        raise NotImplementedError
+        """At a mask step, mask (or reshape) the adapters to the step's budget and return the
+        record; at other steps, None."""
+        raise NotImplementedError  # abstract: every family provides it
 
     @abc.abstractmethod
     def ranks(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Kept singular values per adapter name."""
+        raise NotImplementedError  # abstract: every family provides it
 
     @abc.abstractmethod
     def finalize(self) -> AllocationRecord:
-        raise NotImplementedError
+        """The final allocation's record, once the schedule has reached its last step."""
+        raise NotImplementedError  # abstract: every family provides it
 
     @abc.abstractmethod
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        """Everything needed to resume bitwise (tensors and plain values only)."""
+        raise NotImplementedError  # abstract: every family provides it
 
     @abc.abstractmethod
     def load_state_dict(self, sd: dict) -> None:
-        raise NotImplementedError
+        """Restore a ``state_dict()``, resizing adapters where the method reshapes them."""
+        raise NotImplementedError  # abstract: every family provides it
 
     @abc.abstractmethod
     def initial_record(self) -> AllocationRecord:
-        raise NotImplementedError
+        """The allocation before training (step 0), for ``ranks.jsonl``."""
+        raise NotImplementedError  # abstract: every family provides it
 
     def params_kept(self) -> int:
         return AllocationRecord.of(0, self.ranks(), self.adapters).params_kept

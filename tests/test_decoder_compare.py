@@ -3,17 +3,16 @@ each method's tuned rate, `build` and `report` give the paired AdaLoRA − LoRA 
 arithmetic and scipy give."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
+from exp_utils import load_script
+
 STUDY = Path(__file__).resolve().parents[1] / "analysis" / "studies" / "decoder_smollm2"
-spec = importlib.util.spec_from_file_location("decoder_compare", STUDY / "compare.py")
-C = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(C)
+C = load_script(STUDY / "compare.py", "decoder_compare")
 
 ACC = {("adalora", 0.001): [0.70, 0.72, 0.71], ("adalora", 0.004): [0.80, 0.83, 0.79],
        ("lora", 0.001): [0.78, 0.80, 0.82], ("lora", 0.004): [0.60, 0.61, 0.62]}

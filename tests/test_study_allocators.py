@@ -3,7 +3,6 @@ agreement.csv regenerate, its paired rows agree with scipy on the same pairs, an
 only numbers results.md holds."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -13,18 +12,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from exp_utils import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "analysis" / "studies" / "allocators_rt"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("alloc_summarize", STUDY / "summarize.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _load()
+S = load_script(STUDY / "summarize.py", "alloc_summarize")
 
 
 def test_committed_results_are_what_the_committed_files_regenerate(tmp_path):

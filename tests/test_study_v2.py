@@ -4,7 +4,6 @@ arithmetic and scipy, and, once the study's files are committed, that results.md
 runs.csv regenerates and that report.md quotes only numbers results.md holds."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -15,20 +14,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from exp_utils import load_script
 from test_tune import MODULES, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "analysis" / "studies" / "minilm_v2"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("v2_summarize", STUDY / "summarize.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-S = _load()
+S = load_script(STUDY / "summarize.py", "v2_summarize")
 SEEDS = range(5)
 TYPES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
          "intermediate.dense", "output.dense")
