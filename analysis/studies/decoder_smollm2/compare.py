@@ -86,10 +86,12 @@ def report(out: Path) -> str:
              f"{len(df)} runs, {len(ok)} completed.", ""]
     tuned_file = out / "tuned.json"
     if tuned_file.exists():
-        lines += ["| method | learning rates tried | chosen on val accuracy | val mean | n |", "|---|---|---|---|---|"]
+        lines += ["| method | learning rates tried (val mean) | chosen on val accuracy | val mean | n |",
+                  "|---|---|---|---|---|"]
         for task in json.loads(tuned_file.read_text()).values():
             for label, c in task.items():
-                grid = ", ".join(f"{g['trainer.lr']:g}" for g in c["grid"])
+                grid = ", ".join(f"{g['trainer.lr']:g}" + (f" ({g['val_mean']:.4f})" if "val_mean" in g else "")
+                                 for g in c["grid"])
                 lines.append(f"| {label} | {grid} | {c['overrides']['trainer.lr']:g} | {c['val_mean']:.4f} | {c['n']} |")
         lines.append("")
     lines += ["| method | lr | n | val accuracy | test accuracy | test exact match | adapter params |",

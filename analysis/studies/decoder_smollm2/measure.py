@@ -1,6 +1,8 @@
 """The memory/step-time table of run.sh's ``memory`` stage, from run folders only:
 
-    python analysis/studies/decoder_smollm2/measure.py ROOT/memory     # Markdown on stdout
+    python analysis/studies/decoder_smollm2/measure.py ROOT/memory               # Markdown on stdout
+    python analysis/studies/decoder_smollm2/measure.py ROOT/memory --write F.json  # + the results file
+    python analysis/studies/decoder_smollm2/measure.py F.json                      # the table from it
 
 Per run folder: ``summary.json`` ``memory`` (``weights_bytes``: the model as stored;
 ``peak_gpu_bytes``: torch.cuda.max_memory_allocated over the run, evaluation included), the
@@ -37,6 +39,20 @@ def table(root: Path) -> str:
     return "\n".join(rows)
 
 
+def records(root: Path) -> list[dict]:
+    """One row per run folder, as a committed results file holds them (``table_from_json``)."""
+    runs = []
+    for p in sorted(root.glob("*/summary.json")):
+        s = json.loads(p.read_text())
+        mem = s.get("memory") or {}
+        metrics = p.parent / "metrics.jsonl"
+        runs.append({"run": p.parent.name, "status": s["status"], "method": s.get("method"),
+                     "weights_bytes": mem.get("weights_bytes"), "peak_gpu_bytes": mem.get("peak_gpu_bytes"),
+                     "median_step_s": step_time(metrics) if metrics.is_file() else None,
+                     "test": (s.get("final") or {}).get("test"), "git_commit": s.get("git_commit")})
+    return runs
+
+
 def table_from_json(path: Path) -> str:
     """The same table from a committed results file (memory.json), not from run folders."""
     d = json.loads(Path(path).read_text())
@@ -53,8 +69,16 @@ def table_from_json(path: Path) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: measure.py ROOT (a folder of run folders) | measure.py memory.json", file=sys.stderr)
+    args = sys.argv[1:]
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--write"):
+        print("usage: measure.py ROOT [--write FILE.json] | measure.py FILE.json", file=sys.stderr)
         sys.exit(2)
-    arg = Path(sys.argv[1])
+    arg = Path(args[0])
+    if len(args) == 3:
+        # the provenance fields (machine, versions, command, note) are added by hand: run folders
+        # do not record the machine
+        out = Path(args[2])
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"kind": "decoder_memory", "runs": records(arg)}, indent=1) + "\n")
+        tmp.replace(out)
     print(table_from_json(arg) if arg.suffix == ".json" else table(arg))

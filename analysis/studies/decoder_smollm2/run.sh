@@ -46,11 +46,11 @@ memory() {
 
 compare() {
   # One epoch of Rotten Tomatoes (10,155 examples, 318 steps of 32) per run, every rate in LRS
-  # (comma-separated; default 2e-3) for both methods and 3 seeds. With several rates, each
+  # (comma-separated; default the study's grid 1e-3,4e-3,8e-3,1.6e-2) for both methods and 3 seeds. With several rates, each
   # method's rate is chosen on validation (analysis.tune, the seeds as repeats) and ROOT/chosen
   # links the chosen runs; the report is drawn from those.
   $PY -m experiments.train -m "${COMMON[@]}" method=adalora,lora budget=matched seed=0,1,2 \
-      trainer.lr=${LRS:-2e-3} hydra/launcher=joblib hydra.launcher.n_jobs=$N hydra.sweep.dir="$ROOT/compare" || true
+      trainer.lr=${LRS:-1e-3,4e-3,8e-3,1.6e-2} hydra/launcher=joblib hydra.launcher.n_jobs=$N hydra.sweep.dir="$ROOT/compare" || true
   $PY -m analysis.tune "$ROOT/compare"
   $PY "$HERE/compare.py" link "$ROOT/compare" "$ROOT/chosen"
   $PY -m analysis.report "$ROOT/chosen"
