@@ -19,14 +19,19 @@ def markdown(result: dict) -> str:
              f"({env['threads']} threads; torch {env['torch']}, peft {env['peft']})", "",
              f"{c['rounds']} interleaved rounds x {c['steps']} steps after {c['warmup']} warm-up steps. "
              f"Peak memory: {'CUDA max allocated' if 'gpu' in env else 'RSS growth (coarse)'} per variant.", "",
-             "| variant | median ms/step | IQR ms | min ms | vs floor | peak MiB | trainable params | allocator state MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "Kernel ms: the GPU's busy time per step (profiled after the timed rounds); idle ms: the "
+             "median minus it, the GPU waiting for the host.", "",
+             "| variant | median ms/step | IQR ms | min ms | vs floor | kernel ms | kernels | idle ms | peak MiB "
+             "| trainable params | allocator state MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     res = result["variants"]
     floor = res.get("floor", {}).get("median_ms")
     for n, r in res.items():
         rel = f"{r['median_ms'] / floor:.2f}x" if floor else "-"
-        lines.append(f"| {n} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['min_ms']:.1f} | {rel} | {r['peak_mem_mb']:.0f} | "
-                     f"{r['trainable_params']:,} | {r['alloc_state_bytes'] / 2**20:.2f} |")
+        k = r.get("kernel_ms")
+        dev = (f"{k:.1f} | {r['kernels']:.0f} | {r['median_ms'] - k:.1f}" if k is not None else "- | - | -")
+        lines.append(f"| {n} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['min_ms']:.1f} | {rel} | {dev} | "
+                     f"{r['peak_mem_mb']:.0f} | {r['trainable_params']:,} | {r['alloc_state_bytes'] / 2**20:.2f} |")
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
     rows = result.get("allocator", [])
     if rows:

@@ -36,7 +36,7 @@ from .bench_variants import (TARGETS, BIG_T, build_model, build_variant, have_pe
                              scorer_bytes)
 from .config import MethodConfig, library_default
 from .bench_report import markdown
-from .opcount import count_ops
+from .opcount import count_ops, kernel_time
 from .provenance import git_commit, versions
 from .runlog import atomic_file, atomic_write_json
 
@@ -204,6 +204,10 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
               flush=True)
     for n in times:
         out[n].update(_stats(times[n]))
+    if dev.type == "cuda":
+        # after the timed rounds, so the profiler's own host cost never enters the times above
+        for v in variants:
+            out[v.name].update(kernel_time(v.step, cfg.steps))
     return out
 
 

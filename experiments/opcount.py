@@ -37,3 +37,36 @@ def count_ops(fn) -> dict:
         for name, method in readers.items():
             setattr(torch.Tensor, name, method)
     return {"ops": c.ops, "host_syncs": c.syncs}
+
+
+def kernel_time(fn, steps: int, top: int = 8) -> dict:
+    """What ``steps`` calls of ``fn`` run on the GPU, per call (``device_summary``). Empty on a
+    machine without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return device_summary([(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                           if e.device_type == DeviceType.CUDA], steps, top)
+
+
+def device_summary(events, steps: int, top: int = 8) -> dict:
+    """From device activities ``(name, microseconds)`` over ``steps`` steps, per step: the summed
+    duration of kernels, memcpys and memsets (``kernel_ms``), how many there were (``kernels``)
+    and the ``top`` longest names. The device is idle for the rest of a step's wall time,
+    waiting for the host; CUDA-graph replays show their kernels too. Empty without activities."""
+    per_name: dict = {}
+    for name, us in events:
+        t, k = per_name.get(name, (0.0, 0))
+        per_name[name] = (t + us, k + 1)
+    if not per_name:
+        return {}
+    longest = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"kernel_ms": sum(t for t, _ in per_name.values()) / 1e3 / steps,
+            "kernels": sum(k for _, k in per_name.values()) / steps,
+            "top_kernels": [{"name": n[:120], "ms": t / 1e3 / steps, "count": k / steps} for n, (t, k) in longest]}

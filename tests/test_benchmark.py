@@ -164,3 +164,14 @@ def test_fused_variant_trains_like_the_unfused_one_on_the_decoder(name):
 def _have_peft() -> bool:
     from experiments.bench_variants import have_peft
     return have_peft()
+
+
+def test_device_summary_sums_per_step_by_hand():
+    from experiments.opcount import device_summary
+    events = [("gemm", 30.0), ("add", 2.0), ("gemm", 50.0), ("Memcpy DtoD", 5.0), ("add", 2.0), ("gemm", 10.0)]
+    s = device_summary(events, steps=2, top=2)
+    assert s["kernel_ms"] == pytest.approx(99.0 / 1e3 / 2)       # 99 µs over 2 steps
+    assert s["kernels"] == 3.0
+    assert s["top_kernels"] == [{"name": "gemm", "ms": pytest.approx(0.045), "count": 1.5},
+                                {"name": "Memcpy DtoD", "ms": pytest.approx(0.0025), "count": 0.5}]
+    assert device_summary([], steps=3) == {}
