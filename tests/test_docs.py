@@ -98,10 +98,13 @@ def test_fused_table_reads_its_cells_from_a_results_file(tmp_path):
     v = lambda ms, iqr, mb: {"median_ms": ms, "iqr_ms": iqr, "peak_mem_mb": mb}  # noqa: E731
     d = {"kind": "fused_benchmark", "machine": "1x NVIDIA H200", "config": {"preset": "base", "compile": False,
          "compile_mode": "default", "dtype": "bf16"},
-         "variants": {"lora": v(10.0, 1.0, 100), "lora_fused": v(9.0, 0.5, 90),
+         "variants": {"floor": v(4.0, 0.1, 50), "lora": v(10.0, 1.0, 100), "lora_fused": v(9.0, 0.5, 90),
                       "adalora": v(20.0, 2.0, 200), "adalora_fused": v(22.0, 0.25, 210)},
          "ratios": {"lora_fused/lora": 0.9, "adalora_fused/adalora": 1.1}}
+    d["variants"]["lora"]["kernel_ms"], d["variants"]["lora_fused"]["kernel_ms"] = 6.25, 5.5
     (tmp_path / "x.json").write_text(json.dumps(d))
     rows = B.fused(B.load(tmp_path)).splitlines()[2:]
-    assert rows == ["| base, eager, bf16 | 1x H200 | lora | 10.0 (1.0) | 9.0 (0.5) | 0.90 | 100 / 90 | `x.json` |",
-                    "| base, eager, bf16 | 1x H200 | adalora | 20.0 (2.0) | 22.0 (0.2) | 1.10 | 200 / 210 | `x.json` |"]
+    # the kernel-time cell only where both variants were profiled (CUDA runs)
+    assert rows == [
+        "| base, eager, bf16 | 1x H200 | lora | 4.0 | 10.0 (1.0) | 9.0 (0.5) | 0.90 | 6.2 / 5.5 | 100 / 90 | `x.json` |",
+        "| base, eager, bf16 | 1x H200 | adalora | 4.0 | 20.0 (2.0) | 22.0 (0.2) | 1.10 | – | 200 / 210 | `x.json` |"]

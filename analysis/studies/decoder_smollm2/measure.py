@@ -24,23 +24,8 @@ def step_time(metrics_path: Path):
     return statistics.median(per) if per else None
 
 
-def table(root: Path) -> str:
-    rows = ["| run | status | weights MiB | peak GPU MiB | step ms | test accuracy | test exact match |",
-            "|---|---|---|---|---|---|---|"]
-    mib = lambda b: "–" if b is None else f"{b / 2 ** 20:.0f}"  # noqa: E731
-    num = lambda v, f: "–" if v is None else format(v, f)        # noqa: E731
-    for p in sorted(root.glob("*/summary.json")):
-        s = json.loads(p.read_text())
-        mem, t = s.get("memory") or {}, (s.get("final") or {}).get("test") or {}
-        st = step_time(p.parent / "metrics.jsonl") if (p.parent / "metrics.jsonl").is_file() else None
-        rows.append(f"| {p.parent.name} | {s['status']} | {mib(mem.get('weights_bytes'))} | "
-                    f"{mib(mem.get('peak_gpu_bytes'))} | {num(st and 1000 * st, '.1f')} | "
-                    f"{num(t.get('accuracy'), '.4f')} | {num(t.get('exact_match'), '.4f')} |")
-    return "\n".join(rows)
-
-
 def records(root: Path) -> list[dict]:
-    """One row per run folder, as a committed results file holds them (``table_from_json``)."""
+    """One row per run folder, as a committed results file holds them."""
     runs = []
     for p in sorted(root.glob("*/summary.json")):
         s = json.loads(p.read_text())
@@ -53,19 +38,27 @@ def records(root: Path) -> list[dict]:
     return runs
 
 
-def table_from_json(path: Path) -> str:
-    """The same table from a committed results file (memory.json), not from run folders."""
-    d = json.loads(Path(path).read_text())
+def render(runs: list[dict]) -> str:
     rows = ["| run | status | weights MiB | peak GPU MiB | step ms | test accuracy | test exact match |",
             "|---|---|---|---|---|---|---|"]
     mib = lambda b: "–" if b is None else f"{b / 2 ** 20:.0f}"  # noqa: E731
     num = lambda v, f: "–" if v is None else format(v, f)        # noqa: E731
-    for r in d["runs"]:
+    for r in runs:
         t, st = r.get("test") or {}, r.get("median_step_s")
-        rows.append(f"| {r['run']} | {r['status']} | {mib(r['weights_bytes'])} | {mib(r['peak_gpu_bytes'])} | "
+        rows.append(f"| {r['run']} | {r['status']} | {mib(r.get('weights_bytes'))} | {mib(r.get('peak_gpu_bytes'))} | "
                     f"{num(st and 1000 * st, '.1f')} | {num(t.get('accuracy'), '.4f')} | "
                     f"{num(t.get('exact_match'), '.4f')} |")
     return "\n".join(rows)
+
+
+def table(root: Path) -> str:
+    """The table from run folders."""
+    return render(records(root))
+
+
+def table_from_json(path: Path) -> str:
+    """The same table from a committed results file (memory.json, nf4_real.json)."""
+    return render(json.loads(Path(path).read_text())["runs"])
 
 
 if __name__ == "__main__":
