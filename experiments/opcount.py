@@ -1,7 +1,9 @@
-"""Count the operations a function dispatches, and how many of them wait for the device.
+"""What a function costs in operations: how many it dispatches and how many wait for the device
+(``count_ops``, any machine), and what its kernels take on a GPU (``kernel_time``).
 
-Used by the benchmark (the allocator's cost in kernels, independent of the machine) and by
-tests that pin the allocator and the penalty to a fixed number of fused operations."""
+Used by the benchmark (the allocator's cost in kernels, independent of the machine; each
+variant's kernel time against its wall time) and by tests that pin the allocator and the penalty
+to a fixed number of fused operations."""
 from __future__ import annotations
 
 import torch
