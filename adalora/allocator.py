@@ -195,6 +195,7 @@ class RankAllocator(Allocator):
         self.final_scores: list[torch.Tensor] | None = None
         self._lam_masks: list[torch.Tensor] | None = None     # rank_mask cast to lam's dtype
         self._segment: tuple | None = None                    # (ranks, adapter id per singular value)
+        self._tables: tuple | None = None                     # mask_on_device's (budgets, is mask step, arange)
 
     # -- the two per-step calls ------------------------------------------------------------------
     def update_importance(self, step: int, grads_finite: bool | None = None) -> bool:
@@ -239,6 +240,53 @@ class RankAllocator(Allocator):
         self._lam_masks = list(keep.to(dtypes.pop()).split(sizes)) if len(dtypes) == 1 else None
         self._apply_masks(lams)
         return _PendingRecord(step, budget, pending=(self._counts(keep, tuple(sizes)), threshold, self.adapters))
+
+    # -- the mask step with the step on the device (CUDA graphs) -------------------------------------------
+    @torch.no_grad()
+    def mask_on_device(self, step: torch.Tensor) -> None:
+        """``mask_to_budget`` for the steps before the final allocation, with ``step`` a 0-d integer
+        tensor on the adapters' device: no host sync and the same kernels at every step, so one
+        captured CUDA graph of the whole step (forward, backward, ``opt.step()``,
+        ``update_importance``, this, ``step += 1``) replays the warmup and budgeting phases.
+
+        ``b(t)`` and "is ``t`` a mask step" are read from device tables of ``schedule.budget_at``
+        and ``schedule.is_mask_step``; off mask steps the masks and ``lam`` stay as they are. The
+        masks equal ``mask_to_budget``'s, step for step. No record is returned (read ``ranks()``
+        after a replay). From ``schedule.final_step`` on, call ``mask_to_budget``: the final
+        allocation is a host event, and the frozen-mask step after it is itself capturable. A
+        device cannot raise, so a ``step`` past the table reads its last entry: switching is the
+        caller's job."""
+        if self.final_done:
+            raise RuntimeError("mask_on_device is for the steps before the final allocation; "
+                               "call mask_to_budget(step) from schedule.final_step on")
+        if self.score_cfg.kind.startswith("random"):
+            raise ValueError(f"ScoreConfig.kind={self.score_cfg.kind!r} draws its scores on the host: "
+                             "use mask_to_budget(step), or a gradient or magnitude score")
+        flat = self.scorer.flat_scores()                                   # (n,) n = Σ r_k
+        if self._tables is None or self._tables[2].numel() != flat.numel() or self._tables[0].device != flat.device:
+            steps = range(self.schedule.final_step)
+            budgets = [schedule.budget_at(t, self.schedule, self.initial_budget, self.target_budget) for t in steps]
+            masking = [schedule.is_mask_step(t, self.schedule) for t in steps]
+            self._tables = (torch.tensor(budgets, device=flat.device), torch.tensor(masking, device=flat.device),
+                            torch.arange(flat.numel(), device=flat.device))
+        budgets, masking, index = self._tables
+        t = step.clamp(0, budgets.numel() - 1).view(1)     # (1,): indexing with a 0-d tensor would sync
+        # Position of each score in the stable descending order: "position < b" keeps exactly the
+        # set mask_to_budget keeps (order[:b]), with a budget that lives on the device.
+        order = torch.sort(flat, descending=True, stable=True).indices
+        position = torch.empty_like(order).scatter_(0, order, index)
+        now = masking.index_select(0, t)                   # (1,)
+        masks = [layer.rank_mask for layer in self.layers]
+        keep = torch.where(now, position < budgets.index_select(0, t), torch.cat(masks))
+        sizes = [m.shape[0] for m in masks]
+        torch._foreach_copy_(masks, list(keep.split(sizes)))
+        factor = keep | ~now                               # all ones off mask steps: lam untouched
+        lams = self._lams()
+        dtypes = {lam.dtype for lam in lams}
+        factors = factor.to(dtypes.pop()).split(sizes) if len(dtypes) == 1 else \
+            [f.to(lam.dtype) for f, lam in zip(factor.split(sizes), lams)]
+        torch._foreach_mul_(lams, list(factors))
+        self._lam_masks = None                             # the final phase recasts rank_mask
 
     def _lams(self) -> list[torch.Tensor]:
         return [fast_param(layer, "lam") for layer in self.layers]

@@ -5,10 +5,11 @@ import math
 
 
 def _mode(c: dict) -> str:
+    step = ", whole step as one CUDA graph" if c.get("step_graph") else ""
     if not c["compile"]:
-        return ", eager"
+        return (", eager kernels" + step) if step else ", eager"
     backend = c.get("compile_backend", "inductor")
-    return f", torch.compile {c.get('compile_mode', 'default') if backend == 'inductor' else 'backend ' + backend}"
+    return f", torch.compile {c.get('compile_mode', 'default') if backend == 'inductor' else 'backend ' + backend}{step}"
 
 
 def markdown(result: dict) -> str:
@@ -33,6 +34,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['min_ms']:.1f} | {rel} | {dev} | "
                      f"{r['peak_mem_mb']:.0f} | {r['trainable_params']:,} | {r['alloc_state_bytes'] / 2**20:.2f} |")
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
+    check = result.get("graph_check")
+    if check:
+        lines += ["", "The captured step against the eager one, same weights and batch:", "",
+                  "| variant | steps | max abs loss diff | max rel loss diff | steps with equal masks | "
+                  "most mask values apart |", "|---|---:|---:|---:|---:|---:|"]
+        for n, r in check.items():
+            lines.append(f"| {n} | {r['steps']} | {r['max_abs_loss_diff']:.3g} | {r['max_rel_loss_diff']:.3g} | "
+                         f"{r.get('mask_equal_steps', '-')} | {r.get('mask_disagreeing_values', '-')} |")
     rows = result.get("allocator", [])
     if rows:
         lines += ["", f"Allocator only (update_importance + mask_to_budget, synthetic grads, hidden {rows[0]['hidden']}):",

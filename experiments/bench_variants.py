@@ -51,8 +51,12 @@ def make_batch(cfg, dev: torch.device, g: torch.Generator) -> dict:
     tokens themselves (causal LM; the model shifts them)."""
     ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), generator=g)
     labels = ids.clone() if cfg.arch == "llama" else torch.randint(0, 2, (cfg.batch,), generator=g)
-    return {"input_ids": ids.to(dev), "attention_mask": torch.ones(cfg.batch, cfg.seq, dtype=torch.long, device=dev),
-            "labels": labels.to(dev)}
+    batch = {"input_ids": ids.to(dev), "labels": labels.to(dev)}
+    if not cfg.step_graph:
+        # A captured step passes none: with a full mask transformers asks the host whether it can
+        # drop it (a sync, which a capture cannot hold); without one it runs the same attention.
+        batch["attention_mask"] = torch.ones(cfg.batch, cfg.seq, dtype=torch.long, device=dev)
+    return batch
 
 
 def _build_llama(cfg, dev: torch.device):
@@ -128,12 +132,16 @@ def make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, counter=No
         fn = torch.compile(fn, backend=cfg.compile_backend,
                            mode=None if cfg.compile_backend != "inductor" else cfg.compile_mode)
     graphs = cfg.compile and (cfg.compile_mode == "reduce-overhead" or cfg.compile_backend == "cudagraphs")
+    if cfg.step_graph:
+        return _graphed_step(fn, opt, adapters if orth and not cfg.compile else None, cfg.orth_weight, alloc, counter,
+                             capture=dev.type == "cuda")
 
     def step():
         t = counter[0]
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        fn().backward()
+        loss = fn()
+        loss.backward()
         if orth and not cfg.compile:
             adalora.orthogonality_grad_(adapters, cfg.orth_weight)
         # The loop passes the clipping norm's verdict; the benchmark passes True, so neither
@@ -141,6 +149,61 @@ def make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, counter=No
         update(opt, None, None, alloc, t, finite=True)
         opt.zero_grad(set_to_none=True)
         counter[0] = t + 1
+        return loss.detach()
+    return step
+
+
+GRAPH_WARMUP = 3   # eager steps on a side stream before capture, as torch.cuda.graph asks
+
+
+def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=True):
+    """The step above captured whole as one CUDA graph on its first call (after ``GRAPH_WARMUP``
+    eager steps), then replayed: the host launches one graph a step. The body is ``loop.update``'s
+    order with the allocator's device form: ``update_importance``, then ``mask_on_device`` with the
+    step counter on the device (one graph serves every budget); after the final allocation,
+    ``mask_to_budget``'s frozen-mask step, which is capturable as it is. Returns the loss of the
+    latest replay (a static tensor: read or clone it before the next). ``capture=False`` runs the
+    same body uncaptured, step by step: the CPU tests' view of what the GPU captures."""
+    device_step = None
+    if alloc is not None and not alloc.final_done:
+        device_step = torch.full((), counter[0], dtype=torch.long, device=opt.param_groups[0]["params"][0].device)
+
+    def body():
+        loss = fn()
+        loss.backward()
+        if orth_adapters is not None:
+            adalora.orthogonality_grad_(orth_adapters, orth_weight)
+        opt.step()
+        if device_step is not None:
+            alloc.update_importance(counter[0], grads_finite=True)
+            alloc.mask_on_device(device_step)
+            device_step.add_(1)
+        elif alloc is not None:
+            alloc.mask_to_budget(counter[0])
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    graph = {}
+
+    def step():
+        if not capture:
+            loss = body()
+            counter[0] += 1
+            return loss
+        if not graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP):
+                    body()
+                    counter[0] += 1
+            torch.cuda.current_stream().wait_stream(side)
+            graph["g"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph["g"]):
+                graph["loss"] = body()
+        graph["g"].replay()
+        counter[0] += 1
+        return graph["loss"]
     return step
 
 
@@ -149,7 +212,9 @@ def make_optimizer(cfg, model):
     # multi-tensor (foreach) on the CPU, whose default is a Python loop over parameters.
     params = [p for p in model.parameters() if p.requires_grad]
     dev = params[0].device.type
-    return torch.optim.AdamW(params, lr=cfg.lr, fused=dev == "cuda", foreach=dev != "cuda")
+    # A captured step keeps AdamW's step count on the device (capturable).
+    return torch.optim.AdamW(params, lr=cfg.lr, fused=dev == "cuda", foreach=dev != "cuda",
+                             capturable=cfg.step_graph and dev == "cuda")
 
 
 def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
@@ -190,7 +255,7 @@ def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
     v = Variant(name, model, None, lambda: scorer_bytes(alloc))
     if compact:
         # Train through the final allocation (step 3) eagerly, shrink, and only then build the timed step.
-        eager = replace(cfg, compile=False)
+        eager = replace(cfg, compile=False, step_graph=False)
         step = make_step(eager, dev, model, batch, opt, adapters, alloc, counter=counter)
         while not alloc.final_done:
             step()

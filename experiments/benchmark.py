@@ -32,8 +32,8 @@ import torch
 
 import adalora
 
-from .bench_variants import (TARGETS, BIG_T, build_model, build_variant, have_peft, make_batch, nbytes,
-                             scorer_bytes)
+from .bench_variants import (TARGETS, BIG_T, GRAPH_WARMUP, build_model, build_variant, have_peft, make_batch,
+                             nbytes, scorer_bytes)
 from .config import MethodConfig, library_default
 from .bench_report import markdown
 from .opcount import count_ops, kernel_time
@@ -79,6 +79,10 @@ class BenchConfig:
     # aot_eager: trace only (fast; tests). cudagraphs replays the eager kernels but copies every
     # parameter into its static buffer at each replay, so prefer compile_mode=reduce-overhead.
     compile_backend: str = "inductor"
+    # The whole optimizer step (forward, backward, AdamW, importance and mask) captured as one
+    # CUDA graph and replayed: no host work per step at all. CUDA only; peft's AdaLoRA cannot be
+    # captured (its mask step reads the threshold on the host), so it is left out.
+    step_graph: bool = False
     tf32: bool = False
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
     warmup: int = 3
@@ -118,10 +122,17 @@ class BenchConfig:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
         if self.heads % self.kv_heads or (self.arch == "bert" and self.kv_heads != self.heads):
             raise ValueError(f"kv_heads={self.kv_heads} must divide heads={self.heads} (BERT presets: equal it)")
+        if self.step_graph and self.compile and (self.compile_mode == "reduce-overhead"
+                                                 or self.compile_backend == "cudagraphs"):
+            raise ValueError("step_graph=true captures the whole step itself: use compile_mode=default "
+                             "(or compile=false), not a CUDA-graph compile mode inside it")
+        if self.step_graph and (self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())):
+            raise ValueError("step_graph=true needs a CUDA device: CUDA graphs do not exist on the CPU")
         for entry in self.suite:
-            preset, dtype, *rest = entry.split(":") + [""]
-            if preset not in PRESETS or dtype not in ("fp32", "bf16") or rest[0] not in ("", "compile", "graphs"):
-                raise ValueError(f"suite entry {entry!r}: use preset:dtype[:compile|:graphs], "
+            preset, dtype, *rest = entry.split(":")
+            if (preset not in PRESETS or dtype not in ("fp32", "bf16") or not set(rest) <= {"compile", "graphs", "step"}
+                    or {"graphs", "step"} <= set(rest)):
+                raise ValueError(f"suite entry {entry!r}: use preset:dtype[:compile|:graphs|:step|:compile:step], "
                                  f"e.g. base:bf16:graphs")
         self.variants, self.alloc_layers, self.suite = list(self.variants), list(self.alloc_layers), list(self.suite)
 
@@ -168,7 +179,8 @@ def _stats(xs: list[float]) -> dict:
 
 
 def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
-    names = [n for n in cfg.variants if not n.startswith("peft_") or have_peft()]
+    names = [n for n in cfg.variants if (not n.startswith("peft_") or have_peft())
+             and not (cfg.step_graph and n == "peft_adalora")]
     if "lora_final" in names and "adalora_compact" not in names:
         names.remove("lora_final")
     names.sort(key=lambda n: n == "lora_final")  # lora_final needs the ranks adalora_compact found
@@ -220,6 +232,39 @@ def ratios(res: dict) -> dict:
              "adalora_compact/lora_final": ("adalora_compact", "lora_final"),
              "lora/floor": ("lora", "floor"), "full/floor": ("full", "floor")}
     return {k: res[a]["median_ms"] / res[b]["median_ms"] for k, (a, b) in pairs.items() if a in res and b in res}
+
+
+# -- the captured step against the eager one ----------------------------------------------------------------
+def run_graph_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dict:
+    """``lora`` and ``adalora`` trained ``steps`` steps as one replayed CUDA graph and as today's
+    eager step, from the same weights and batch: both losses per step and, for AdaLoRA, whether
+    the rank masks agree after each step (the graph's first call also runs ``GRAPH_WARMUP`` eager
+    warmup steps, which the eager run runs first and leaves out)."""
+    batch = make_batch(cfg, dev, torch.Generator().manual_seed(cfg.seed))
+    out = {}
+    for name in ("lora", "adalora"):
+        runs = {}
+        for graphed in (False, True):
+            v = build_variant(name, replace(cfg, step_graph=graphed, variants=[name]), dev, batch, {})
+            layers = [a for a in adalora.find_adapters(v.model).values() if isinstance(a, adalora.SVDLinear)]
+            for _ in range(0 if graphed else GRAPH_WARMUP):
+                v.step()
+            losses, masks = [], []
+            for _ in range(steps):
+                losses.append(float(v.step()))
+                masks.append(torch.cat([a.rank_mask for a in layers]).cpu() if layers else None)
+            runs[graphed] = (losses, masks)
+            del v
+        (le, me), (lg, mg) = runs[False], runs[True]
+        diff = [abs(a - b) for a, b in zip(le, lg)]
+        out[name] = {"steps": steps, "eager_loss": le, "graph_loss": lg, "max_abs_loss_diff": max(diff),
+                     "max_rel_loss_diff": max(d / abs(a) for d, a in zip(diff, le))}
+        if me[0] is not None:
+            out[name]["mask_equal_steps"] = sum(bool(torch.equal(a, b)) for a, b in zip(me, mg))
+            out[name]["mask_disagreeing_values"] = max(int((a != b).sum()) for a, b in zip(me, mg))
+        print(f"[bench] graph check {name}: max |loss diff| {out[name]['max_abs_loss_diff']:.3g}"
+              + (f", masks equal {out[name]['mask_equal_steps']}/{steps}" if me[0] is not None else ""), flush=True)
+    return out
 
 
 # -- allocator-only scaling ------------------------------------------------------------------------------
@@ -299,6 +344,7 @@ def run(cfg: BenchConfig) -> dict:
             sub = replace(cfg, suite=[], preset=preset, dtype=dtype,
                           compile="compile" in rest or "graphs" in rest,
                           compile_mode="reduce-overhead" if "graphs" in rest else cfg.compile_mode,
+                          step_graph="step" in rest,
                           layers=None, hidden=None, heads=None, intermediate=None, seq=None, batch=None,
                           kv_heads=None, vocab=None,
                           alloc_layers=cfg.alloc_layers if i == 0 else [], out=os.path.join(out, entry.replace(":", "_")))
@@ -314,6 +360,8 @@ def run(cfg: BenchConfig) -> dict:
                       "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:])},
               "config": asdict(cfg), "env": _env(dev)}
     result["variants"] = run_models(cfg, dev)
+    if cfg.step_graph:
+        result["graph_check"] = run_graph_check(cfg, dev)
     result["ratios"] = ratios(result["variants"])
     gc.collect()
     if dev.type == "cuda":

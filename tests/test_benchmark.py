@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import adalora
 from experiments import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +176,42 @@ def test_device_summary_sums_per_step_by_hand():
     assert s["top_kernels"] == [{"name": "gemm", "ms": pytest.approx(0.045), "count": 1.5},
                                 {"name": "Memcpy DtoD", "ms": pytest.approx(0.0025), "count": 0.5}]
     assert device_summary([], steps=3) == {}
+
+
+def test_step_graph_config_checks():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        benchmark.BenchConfig(device="cpu", step_graph=True)
+    with pytest.raises(ValueError, match="compile_mode=default"):
+        benchmark.BenchConfig(device="cuda", step_graph=True, compile=True, compile_mode="reduce-overhead")
+    for bad in ("base:bf16:graphs:step", "base:bf16:steps"):
+        with pytest.raises(ValueError, match="preset:dtype"):
+            benchmark.BenchConfig(device="cuda", suite=[bad])
+    assert benchmark.BenchConfig(device="cuda", suite=["base:bf16:compile:step", "large:bf16:step"]).suite
+
+
+@pytest.mark.parametrize("name", ["lora", "adalora", "adalora_every10"])
+def test_captured_step_body_trains_as_the_eager_step(name):
+    """What the GPU captures as one graph, run uncaptured on the CPU: with the step counter on
+    the device and no attention mask in the batch, the same losses and rank masks as the eager
+    step of the other modes, bit for bit, over a mask step of the every-10 schedule."""
+    import torch
+    from dataclasses import replace
+    from experiments.bench_variants import build_variant, make_batch
+    cpu = torch.device("cpu")
+    eager = benchmark.BenchConfig(preset="tiny", device="cpu")
+    graphed = replace(eager, step_graph=True, device="cuda")   # "cuda" only passes the config check
+    batch = make_batch(eager, cpu, torch.Generator().manual_seed(0))
+    assert "attention_mask" not in make_batch(graphed, cpu, torch.Generator().manual_seed(0))
+    runs = {}
+    for tag, cfg, b in (("eager", eager, batch), ("graphed", graphed, {k: v for k, v in batch.items()
+                                                                         if k != "attention_mask"})):
+        v = build_variant(name, cfg, cpu, b, {})
+        svd = [a for a in adalora.find_adapters(v.model).values() if isinstance(a, adalora.SVDLinear)]
+        runs[tag] = [(float(v.step()), torch.cat([a.rank_mask for a in svd]) if svd else None) for _ in range(11)]
+    for (le, me), (lg, mg) in zip(runs["eager"], runs["graphed"]):
+        assert le == lg
+        assert me is None or torch.equal(me, mg)
+    if name != "lora":
+        kept = [int(m.sum()) for _, m in runs["eager"]]
+        total = runs["eager"][0][1].numel()                 # 12 adapters x r0 = 12
+        assert total == 144 and kept[-1] < total and kept == sorted(kept, reverse=True)   # masking happened

@@ -1,0 +1,95 @@
+"""The mask step with the step on the device (``RankAllocator.mask_on_device``), the form one
+captured CUDA graph replays: the same training as ``mask_to_budget``, with no host sync and the
+same ops at every step."""
+import pytest
+import torch
+import torch.nn as nn
+
+import adalora
+from adalora import AdapterConfig, RankAllocator, ScheduleConfig, ScoreConfig
+from experiments.opcount import count_ops
+
+SCHED = dict(target_rank=2, total_steps=40, init_warmup=4, final_warmup=10, mask_interval=3)
+
+
+def _setup(kind="sensitivity_uncertainty"):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 10), nn.Linear(10, 12)).double()
+    ad = adalora.inject(m, AdapterConfig(targets=["0", "1", "2"], init_rank=4, alpha=4.0))
+    adalora.mark_only_adapters_trainable(m)
+    alloc = RankAllocator(ad, ScheduleConfig(**SCHED), ScoreConfig(kind=kind))
+    return m, ad, alloc, torch.optim.AdamW(adalora.adapter_parameters(ad), lr=1e-2)
+
+
+def _step(m, ad, alloc, opt, step, device_step=None):
+    x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+    loss = m(x).pow(2).mean() + 0.1 * adalora.orthogonality_penalty(ad)
+    loss.backward()
+    opt.step()
+    alloc.update_importance(step, grads_finite=True)
+    if device_step is None or step >= alloc.schedule.final_step:
+        alloc.mask_to_budget(step)
+    else:
+        alloc.mask_on_device(device_step)
+        device_step.add_(1)
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+@pytest.mark.parametrize("kind", ["sensitivity_uncertainty", "sensitivity", "magnitude"])
+def test_device_step_trains_exactly_as_mask_to_budget(kind):
+    """Step for step through warmup, budgeting (mask every 3rd step, lam revived in between) and
+    the final phase: equal losses, rank masks and lam, bit for bit."""
+    ref, dev = _setup(kind), _setup(kind)
+    t = torch.tensor(1)
+    for step in range(1, 40):
+        assert _step(*ref, step) == _step(*dev, step, device_step=t)
+        for a, b in zip(ref[2].layers, dev[2].layers):
+            assert torch.equal(a.rank_mask, b.rank_mask) and torch.equal(a.lam, b.lam)
+    assert ref[2].ranks() == dev[2].ranks() and dev[2].final_done
+
+
+def test_budget_is_the_cubic_schedule_by_hand_and_lam_is_left_alone_off_mask_steps():
+    m, ad, alloc, opt = _setup()
+    b0, bT, ti, T, tf = 12, 6, 4, 40, 10
+    for p in adalora.adapter_parameters(ad):
+        p.grad = torch.rand_like(p)
+    alloc.update_importance(5, grads_finite=True)
+    for t in (6, 9, 27):               # mask steps: t % 3 == 0 inside (4, 30)
+        alloc.mask_on_device(torch.tensor(t))
+        kept = sum(int(layer.rank_mask.sum()) for layer in alloc.layers)
+        assert kept == int(bT + (b0 - bT) * (1 - (t - ti) / (T - tf - ti)) ** 3)
+    masks = [layer.rank_mask.clone() for layer in alloc.layers]
+    with torch.no_grad():
+        for layer in alloc.layers:
+            layer.lam.fill_(0.5)       # as an optimizer step would revive pruned values
+    alloc.mask_on_device(torch.tensor(28))   # not a mask step
+    for layer, mask in zip(alloc.layers, masks):
+        assert torch.equal(layer.rank_mask, mask) and bool((layer.lam == 0.5).all())
+    alloc.mask_on_device(torch.tensor(3))    # warmup: no masking either
+    assert all(bool((layer.lam == 0.5).all()) for layer in alloc.layers)
+
+
+def test_no_host_sync_and_the_same_ops_on_mask_and_other_steps():
+    """What one captured graph needs: nothing waits on the device, and a mask step and a plain
+    step dispatch the same ops (the step decides on the device, not in Python)."""
+    m, ad, alloc, opt = _setup()
+    for p in adalora.adapter_parameters(ad):
+        p.grad = torch.rand_like(p)
+    alloc.update_importance(5, grads_finite=True)
+    alloc.mask_on_device(torch.tensor(5))        # builds the tables once
+    counts = {}
+    for t in (6, 7, 2):
+        counts[t] = count_ops(lambda: alloc.mask_on_device(torch.tensor(t)))
+        assert counts[t]["host_syncs"] == 0
+    assert counts[6] == counts[7] == counts[2]
+
+
+def test_refuses_host_scores_and_the_final_phase_with_the_fix():
+    with pytest.raises(ValueError, match="mask_to_budget"):
+        _setup("random_churn")[2].mask_on_device(torch.tensor(5))
+    m, ad, alloc, opt = _setup()
+    for step in range(1, 31):
+        _step(m, ad, alloc, opt, step)
+    with pytest.raises(RuntimeError, match="call mask_to_budget"):
+        alloc.mask_on_device(torch.tensor(31))
