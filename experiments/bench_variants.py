@@ -9,6 +9,7 @@ trained with AdamW on one fixed random batch; adapters sit on every linear map o
 same adapters with ``fuse="stack"`` (adalora/fused.py)."""
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -156,6 +157,31 @@ def make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, counter=No
 GRAPH_WARMUP = 3   # eager steps on a side stream before capture, as torch.cuda.graph asks
 
 
+@contextlib.contextmanager
+def no_mask_built_for_capture():
+    """Given no attention mask, transformers 5.17 still builds an explicit all-true one while a
+    CUDA stream captures (its "is tracing" test counts capture), which sends SDPA from flash
+    attention to its fp32 math path; 5.24 skips it, as eager mode does. Inside this block, a
+    capture with no mask to inspect is not counted as tracing, so the captured step runs the eager
+    step's attention on either version."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = masking_utils.is_tracing
+
+    def is_tracing(tensor=None):
+        if tensor is None and torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling():
+            return False
+        return original(tensor)
+    masking_utils.is_tracing = is_tracing
+    try:
+        yield
+    finally:
+        masking_utils.is_tracing = original
+
+
 def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=True):
     """The step above captured whole as one CUDA graph on its first call (after ``GRAPH_WARMUP``
     eager steps), then replayed: the host launches one graph a step. The body is ``loop.update``'s
@@ -199,7 +225,7 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
                     counter[0] += 1
             torch.cuda.current_stream().wait_stream(side)
             graph["g"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph["g"]):
+            with torch.cuda.graph(graph["g"]), no_mask_built_for_capture():
                 graph["loss"] = body()
         graph["g"].replay()
         counter[0] += 1

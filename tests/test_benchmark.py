@@ -215,3 +215,21 @@ def test_captured_step_body_trains_as_the_eager_step(name):
         kept = [int(m.sum()) for _, m in runs["eager"]]
         total = runs["eager"][0][1].numel()                 # 12 adapters x r0 = 12
         assert total == 144 and kept[-1] < total and kept == sorted(kept, reverse=True)   # masking happened
+
+
+def test_capture_keeps_the_eager_steps_mask_free_attention(monkeypatch):
+    """While a stream captures (simulated here), a step given no attention mask is not counted as
+    tracing, so transformers skips the mask as in eager mode; a given mask is judged as before,
+    and the original test is back after the block."""
+    import torch
+    from transformers import masking_utils
+    from experiments.bench_variants import no_mask_built_for_capture
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    original = masking_utils.is_tracing
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert original() is True                   # capture counts as tracing
+    with no_mask_built_for_capture():
+        assert masking_utils.is_tracing() is False
+        assert masking_utils.is_tracing(mask) is True
+        assert masking_utils._ignore_bidirectional_mask_sdpa(None, 3)
+    assert masking_utils.is_tracing is original
