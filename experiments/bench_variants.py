@@ -219,14 +219,16 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
         if not graph:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(GRAPH_WARMUP):
-                    body()
-                    counter[0] += 1
-            torch.cuda.current_stream().wait_stream(side)
-            graph["g"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph["g"]), no_mask_built_for_capture():
-                graph["loss"] = body()
+            # warm-up inside the block too: a compiled forward then sees one is_tracing throughout
+            with no_mask_built_for_capture():
+                with torch.cuda.stream(side):
+                    for _ in range(GRAPH_WARMUP):
+                        body()
+                        counter[0] += 1
+                torch.cuda.current_stream().wait_stream(side)
+                graph["g"] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph["g"]):
+                    graph["loss"] = body()
         graph["g"].replay()
         counter[0] += 1
         return graph["loss"]
