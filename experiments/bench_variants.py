@@ -172,7 +172,8 @@ def no_mask_built_for_capture():
     original = masking_utils.is_tracing
 
     def is_tracing(tensor=None):
-        if tensor is None and torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling():
+        # is_compiling first: Dynamo folds it to True while tracing, and never reaches the CUDA query
+        if tensor is None and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
             return False
         return original(tensor)
     masking_utils.is_tracing = is_tracing
