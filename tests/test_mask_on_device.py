@@ -93,3 +93,17 @@ def test_refuses_host_scores_and_the_final_phase_with_the_fix():
         _step(m, ad, alloc, opt, step)
     with pytest.raises(RuntimeError, match="call mask_to_budget"):
         alloc.mask_on_device(torch.tensor(31))
+
+
+def test_svd_adapter_costs_four_ops_more_than_lora_per_forward_and_backward():
+    """The per-adapter price of AdaLoRA's lam in the step (analysis/README.md counts it in the
+    benchmark's kernels): Q·diag(lam) forward, and its two gradients (dQ = g·lam; dlam = Σ g⊙Q as
+    a multiply and a sum), on top of the LoRA adapter's products."""
+    def ops(method, n):
+        torch.manual_seed(0)
+        m = nn.Sequential(*[nn.Linear(16, 16) for _ in range(n)])
+        adalora.inject(m, AdapterConfig(method=method, targets=[str(i) for i in range(n)], init_rank=4))
+        adalora.mark_only_adapters_trainable(m)
+        x = torch.randn(8, 16)
+        return count_ops(lambda: m(x).sum().backward())["ops"]
+    assert (ops("adalora", 6) - ops("lora", 6)) - (ops("adalora", 3) - ops("lora", 3)) == 3 * 4
