@@ -55,7 +55,8 @@ def make_batch(cfg, dev: torch.device, g: torch.Generator) -> dict:
     batch = {"input_ids": ids.to(dev), "labels": labels.to(dev)}
     if not cfg.step_graph:
         # A captured step passes none: with a full mask transformers asks the host whether it can
-        # drop it (a sync, which a capture cannot hold); without one it runs the same attention.
+        # drop it (a sync, which a capture cannot hold); without one eager transformers runs the
+        # same mask-free attention.
         batch["attention_mask"] = torch.ones(cfg.batch, cfg.seq, dtype=torch.long, device=dev)
     return batch
 

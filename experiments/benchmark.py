@@ -7,9 +7,11 @@ fine-tuning and HF peft, timed side by side in one process with interleaved roun
     python -m experiments.benchmark preset=smollm2 dtype=bf16 device=cuda variants=[lora,lora_fused,adalora,adalora_fused]
 
 Values and their defaults: ``BenchConfig`` below (conf/benchmark.yaml only names the output
-folder). A ``suite`` entry is ``preset:dtype[:compile|:graphs]``: ``compile`` is torch.compile
-of the model forward and loss, orthogonality penalty included; ``graphs`` the same in mode
-``reduce-overhead``, which replays forward and backward as CUDA graphs. The variants and their
+folder). A ``suite`` entry is ``preset:dtype[:compile|:graphs|:step|:compile:step]``: ``compile``
+is torch.compile of the model forward and loss, orthogonality penalty included; ``graphs`` the
+same in mode ``reduce-overhead``, which replays forward and backward as CUDA graphs; ``step``
+(``step_graph``) captures the whole optimizer step, AdamW and allocator included, as one CUDA
+graph, and checks it against the uncaptured step (``run_graph_check``). The variants and their
 step: experiments/bench_variants.py. A round runs every variant for ``steps`` optimizer steps
 (synchronised only at the ends, so host syncs inside a step are charged to it); the report
 gives median and IQR over rounds. Peak memory is measured per variant while it is built and
@@ -236,10 +238,11 @@ def ratios(res: dict) -> dict:
 
 # -- the captured step against the eager one ----------------------------------------------------------------
 def run_graph_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dict:
-    """``lora`` and ``adalora`` trained ``steps`` steps as one replayed CUDA graph and as today's
-    eager step, from the same weights and batch: both losses per step and, for AdaLoRA, whether
-    the rank masks agree after each step (the graph's first call also runs ``GRAPH_WARMUP`` eager
-    warmup steps, which the eager run runs first and leaves out)."""
+    """``lora`` and ``adalora`` trained ``steps`` steps as one replayed CUDA graph and as the
+    same step uncaptured (``loop.update`` with ``mask_to_budget``), from the same weights and
+    batch: both losses per step and, for AdaLoRA, whether the rank masks agree after each step.
+    The graph's first call also runs ``GRAPH_WARMUP`` uncaptured warm-up steps, which the other
+    run runs first and leaves out."""
     batch = make_batch(cfg, dev, torch.Generator().manual_seed(cfg.seed))
     out = {}
     for name in ("lora", "adalora"):
