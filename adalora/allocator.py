@@ -235,9 +235,8 @@ class RankAllocator(Allocator):
         lams = self._lams()
         sizes = [lam.shape[0] for lam in lams]
         torch._foreach_copy_([layer.rank_mask for layer in self.layers], list(keep.split(sizes)))
-        dtypes = {lam.dtype for lam in lams}
-        # One cast for all layers, cached: the final phase re-applies these every step with one kernel.
-        self._lam_masks = list(keep.to(dtypes.pop()).split(sizes)) if len(dtypes) == 1 else None
+        # Cached: the final phase re-applies these every step with one kernel.
+        self._lam_masks = _like_lams(keep, lams, sizes)
         self._apply_masks(lams)
         return _PendingRecord(step, budget, pending=(self._counts(keep, tuple(sizes)), threshold, self.adapters))
 
@@ -280,12 +279,9 @@ class RankAllocator(Allocator):
         keep = torch.where(now, position < budgets.index_select(0, t), torch.cat(masks))
         sizes = [m.shape[0] for m in masks]
         torch._foreach_copy_(masks, list(keep.split(sizes)))
-        factor = keep | ~now                               # all ones off mask steps: lam untouched
         lams = self._lams()
-        dtypes = {lam.dtype for lam in lams}
-        factors = factor.to(dtypes.pop()).split(sizes) if len(dtypes) == 1 else \
-            [f.to(lam.dtype) for f, lam in zip(factor.split(sizes), lams)]
-        torch._foreach_mul_(lams, list(factors))
+        # all ones off mask steps: lam untouched
+        torch._foreach_mul_(lams, _like_lams(keep | ~now, lams, sizes))
         self._lam_masks = None                             # the final phase recasts rank_mask
 
     def _lams(self) -> list[torch.Tensor]:
@@ -384,6 +380,15 @@ class RankAllocator(Allocator):
         self.scorer.load_state_dict(sd["scorer"])
         self.final_done, self.compacted = bool(sd["final_done"]), bool(sd["compacted"])
         self.final_scores = None if sd["final_scores"] is None else [s.clone() for s in sd["final_scores"]]
+
+
+def _like_lams(flat: torch.Tensor, lams: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """A flat bool vector as per-adapter factors in each ``lam``'s dtype: one cast for all
+    adapters when they share a dtype (the usual case), else one per adapter."""
+    dtypes = {lam.dtype for lam in lams}
+    if len(dtypes) == 1:
+        return list(flat.to(dtypes.pop()).split(sizes))
+    return [f.to(lam.dtype) for f, lam in zip(flat.split(sizes), lams)]
 
 
 def _swap_in_optimizer(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter,

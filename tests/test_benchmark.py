@@ -233,3 +233,28 @@ def test_capture_keeps_the_eager_steps_mask_free_attention(monkeypatch):
         assert masking_utils.is_tracing(mask) is True
         assert masking_utils._ignore_bidirectional_mask_sdpa(None, 3)
     assert masking_utils.is_tracing is original
+
+
+def test_graph_check_compares_two_separate_trainings(monkeypatch):
+    """run_graph_check on the CPU (the body uncaptured; no warm-up to skip): its eager losses are
+    a plain eager run's, its graph losses come from the device-step path (mask_on_device runs
+    once a step) and agree exactly, and only AdaLoRA has masks to compare."""
+    import torch
+    from dataclasses import replace
+    from experiments.bench_variants import build_variant, make_batch
+    monkeypatch.setattr(benchmark, "GRAPH_WARMUP", 0)
+    calls = []
+    original = adalora.RankAllocator.mask_on_device
+    monkeypatch.setattr(adalora.RankAllocator, "mask_on_device", lambda self, t: calls.append(1) or original(self, t))
+    cpu = torch.device("cpu")
+    cfg = benchmark.BenchConfig(preset="tiny", device="cuda", step_graph=True)   # "cuda" only passes the check
+    out = benchmark.run_graph_check(cfg, cpu, steps=4)
+    assert len(calls) == 4
+    batch = make_batch(cfg, cpu, torch.Generator().manual_seed(cfg.seed))
+    for name in ("lora", "adalora"):
+        v = build_variant(name, replace(cfg, step_graph=False), cpu, batch, {})
+        assert out[name]["eager_loss"] == [float(v.step()) for _ in range(4)]
+        assert out[name]["graph_loss"] == out[name]["eager_loss"] and len(set(out[name]["eager_loss"])) == 4
+        assert out[name]["max_abs_loss_diff"] == out[name]["max_rel_loss_diff"] == 0
+    assert out["adalora"]["mask_equal_steps"] == 4 and out["adalora"]["mask_disagreeing_values"] == 0
+    assert "mask_equal_steps" not in out["lora"]
