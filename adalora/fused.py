@@ -1,18 +1,33 @@
-"""The fused adapter path: the frozen product and the adapter's down product as one GEMM.
+"""The fused adapter paths: the adapter's products joined to the frozen one, backward by hand.
 
 For a frozen ``nn.Linear`` ``W0 (d_out, d_in)``, bias ``b``, and an adapter with down factor
 ``D (r, d_in)`` (``Q`` or ``A``), gate ``g (r,)`` (``lam``; none for LoRA), up factor
-``U (d_out, r)`` (``P`` or ``B``, stored column-major) and scale ``s``:
+``U (d_out, r)`` (``P`` or ``B``, stored column-major) and scale ``s``, with ``G = dL/dout``:
+
+``"epilogue"`` keeps the products apart but adds the adapter's share into the frozen product's
+output and input gradient in place, in the epilogue of a GEMM:
+
+    y   = x W0ᵀ + b,   hᵀ = (g ⊙ D) xᵀ   (r, N),   y += s · h Uᵀ       (addmm_ into y)
+    dx  = G W0,        dx += s · (G U) (g ⊙ D)                         (addmm_ into dx)
+    d(g ⊙ D) = s · (G U)ᵀ x,   dU = s · Gᵀ h
+
+Autograd's version of the same maps (``"none"``) writes ``y + s·h Uᵀ`` to new memory (a copy of
+y) and the two shares of ``dx`` apart, then adds them: three passes over ``(N, d)`` tensors
+per adapter that this path does not make.
+
+``"stack"`` also shares the read of x: one GEMM against ``[W0; D]``,
 
     z   = x [W0; D]ᵀ + [b; 0]             one GEMM, (N, d_out + r')   x read once
     out = z[:, :d_out] + s · u (U ⊙ g)ᵀ   u = z[:, d_out:d_out + r], added in the GEMM's epilogue
 
-and by hand, with ``G = dL/dout (N, d_out)``, ``t = s · G U``:
+and by hand, with ``t = s · G U``:
 
     du = t ⊙ g,   dD = duᵀ x,   dx = G W0 + du D   (one in-place addmm_ into G W0)
     dU = s · Gᵀ (u ⊙ g),   dg = Σ_N t ⊙ u
 
-``AdapterLayer.forward`` takes this path when ``applies`` says so; otherwise the unfused one.
+Its output is a strided view of z, which slows the elementwise kernels after it.
+
+``AdapterLayer.forward`` takes the path ``path`` names; ``"none"`` is autograd's, the reference.
 """
 from __future__ import annotations
 
@@ -20,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FUSE_MODES = ("none", "stack", "auto")   # auto: stack on CUDA tensors, none elsewhere
+FUSE_MODES = ("none", "epilogue", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
 
 
 def check_fuse(mode) -> str:
@@ -37,14 +52,21 @@ def _rows(d_out: int, r: int, t: torch.Tensor) -> int:
     return d_out + r + (-(d_out + r) % align)
 
 
+def path(layer, x: torch.Tensor) -> str:
+    """The path ``layer``'s forward takes on ``x``: its ``fuse`` mode (``"auto"`` resolved by
+    the device), or ``"none"`` where a fused path does not apply."""
+    mode = layer.fuse
+    if mode == "auto":
+        mode = "epilogue" if x.is_cuda else "none"
+    return mode if mode != "none" and applies(layer, x) else "none"
+
+
 def applies(layer, x: torch.Tensor) -> bool:
-    """Whether ``layer``'s forward on ``x`` may take the fused path. Not for: a base other than a
+    """Whether ``layer``'s forward on ``x`` may take a fused path. Not for: a base other than a
     plain ``nn.Linear`` (Conv1D stores W0 transposed, NF4 has no dense W0), dropout in training
     (the adapter then sees another x than the base), a merged layer, rank 0, a trainable W0 or b
     (the fused backward never returns their gradients), dtypes that differ, autocast."""
     base = layer.base
-    if layer.fuse == "auto" and not x.is_cuda:
-        return False
     if type(base) is not nn.Linear or layer.merged or layer.rank == 0:
         return False
     if layer.drop is not None and layer.drop.training:
@@ -57,14 +79,17 @@ def applies(layer, x: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled(x.device.type)
 
 
-def forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` through ``StackedLinear`` (call when ``applies(layer, x)``)."""
+def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """``layer(x)`` through ``EpilogueLinear`` or ``StackedLinear`` (``mode`` from ``path``)."""
     w, b = layer.base.weight, layer.base.bias
     down = layer._parameters[layer._DOWN]
     gate = layer._parameters[layer._GATE] if layer._GATE else None
     x2 = x.reshape(-1, x.shape[-1])                                            # (N, d_in)
-    stack, bstack = _stack(layer, w, b, down)
-    y = StackedLinear.apply(x2, stack, bstack, w, down, gate, layer._up(), layer.scaling)
+    if mode == "epilogue":
+        y = EpilogueLinear.apply(x2, w, b, down, gate, layer._up(), layer.scaling)
+    else:
+        stack, bstack = _stack(layer, w, b, down)
+        y = StackedLinear.apply(x2, stack, bstack, w, down, gate, layer._up(), layer.scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -114,6 +139,55 @@ def _rebuild(w: nn.Parameter, b: nn.Parameter | None, rows: int):
         bstack[:d_out].copy_(b)
         b.data = bstack[:d_out]
     return stack, bstack
+
+
+class EpilogueLinear(torch.autograd.Function):
+    """``x W0ᵀ + b + s · (x (g ⊙ D)ᵀ) Uᵀ``: the unfused path's products, with the adapter's
+    shares of the output and of the input gradient added in place, backward by hand.
+
+    The products and their layouts are those of ``AdapterLayer.forward``'s unfused path, so the
+    forward is bit for bit the same; backward, autograd's separate ``dx`` share and its sum
+    become one ``addmm_``, and ``s`` is folded into a product where one takes it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, down, gate, up, scaling):
+        y = F.linear(x, w, b)                                # (N, d_out)
+        dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
+        ht = torch.mm(dg, x.t())                             # hᵀ (r, N)
+        y.addmm_(ht.t(), up.t(), alpha=scaling)              # y += s · h Uᵀ, in place
+        ctx.save_for_backward(x, w, down, gate, up, dg, ht)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, down, gate, up, dg, ht = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, _, _, need_d, need_g, need_u, _ = ctx.needs_input_grad
+        dx = dd = dgate = du = None
+        if need_x or need_d or need_g:
+            tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled
+            if need_x:
+                dx = torch.mm(grad, w)                       # G W0 (N, d_in)
+                dx.addmm_(tt.t(), dg, alpha=s)               # + s · (G U)(g ⊙ D), in place
+            if need_d or need_g:
+                ddg = _scaled_mm(tt, x, s)                   # d(g ⊙ D) = s · (G U)ᵀ x (r, d_in)
+                if gate is None:
+                    dd = ddg
+                else:
+                    dd = ddg * gate.unsqueeze(1) if need_d else None
+                    # dg_i = Σ_k d(g ⊙ D)_ik D_ik: r row-wise dot products as one batched GEMM
+                    dgate = torch.bmm(ddg.unsqueeze(1), down.unsqueeze(2)).view(-1) if need_g else None
+        if need_u:
+            du = _scaled_mm(ht, grad, s).t()                 # s · Gᵀ h (d_out, r), column-major as U
+        return dx, None, None, dd, dgate, du, None
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s · a b`` as one GEMM, ``s`` applied in its epilogue: with ``beta=0`` addmm never reads
+    its first argument (documented; nan or inf there do not propagate), so it can be empty."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
 
 
 class StackedLinear(torch.autograd.Function):

@@ -104,8 +104,9 @@ class AdapterLayer(nn.Module):
 
     # -- shared behaviour ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fuse != "none" and fused.applies(self, x):
-            return fused.forward(self, x)
+        mode = "none" if self.fuse == "none" else fused.path(self, x)
+        if mode != "none":
+            return fused.forward(self, x, mode)
         # A bf16 step is bound by how fast Python launches kernels, so this path adds no casts,
         # copies or module calls beyond the two products.
         y = self.base(x)

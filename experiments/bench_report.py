@@ -34,9 +34,12 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['min_ms']:.1f} | {rel} | {dev} | "
                      f"{r['peak_mem_mb']:.0f} | {r['trainable_params']:,} | {r['alloc_state_bytes'] / 2**20:.2f} |")
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
-    check = result.get("graph_check")
-    if check:
-        lines += ["", "The captured step against the eager one, same weights and batch:", "",
+    for key, what in (("graph_check", "The captured step against the eager one"),
+                      ("fused_check", "Each fused path against the unfused one")):
+        check = result.get(key)
+        if not check:
+            continue
+        lines += ["", f"{what}, same weights and batch:", "",
                   "| variant | steps | max abs loss diff | max rel loss diff | steps with equal masks | "
                   "most mask values apart |", "|---|---:|---:|---:|---:|---:|"]
         for n, r in check.items():

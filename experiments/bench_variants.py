@@ -5,8 +5,8 @@ gradient clipping and DDP, so that a timed step is what a training run pays for 
 Every variant is a random-init BERT-shaped ``BertForSequenceClassification`` (2 labels), or for
 the decoder presets a Llama-shaped ``LlamaForCausalLM`` (causal-LM loss on the batch's tokens),
 trained with AdamW on one fixed random batch; adapters sit on every linear map of each block.
-``lora`` and ``adalora`` run the unfused adapter path, ``lora_fused`` and ``adalora_fused`` the
-same adapters with ``fuse="stack"`` (adalora/fused.py)."""
+``lora`` and ``adalora`` run the unfused adapter path; ``*_epilogue`` and ``*_fused`` are the
+same adapters with ``fuse="epilogue"`` and ``fuse="stack"`` (adalora/fused.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +22,7 @@ from .loop import update
 from .model import BLOCK_LINEARS
 
 TARGETS = BLOCK_LINEARS["bert"]
+FUSE_OF = {"fused": "stack", "epilogue": "epilogue"}   # variant-name suffix -> AdapterConfig.fuse
 BIG_T = 100_000  # schedule length that keeps the timed AdaLoRA steps inside the budgeting phase
 
 
@@ -270,7 +271,7 @@ def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
     acfg = adalora.AdapterConfig(method="adalora" if svd else "lora", targets=targets(cfg),
                                  init_rank=cfg.init_rank if svd else cfg.lora_rank, alpha=cfg.alpha,
                                  rank_pattern=final_ranks if name == "lora_final" else {},
-                                 fuse="stack" if name.endswith("_fused") else "none")
+                                 fuse=FUSE_OF.get(name.rsplit("_", 1)[-1], "none"))
     adapters = adalora.inject(model, acfg)
     adalora.mark_only_adapters_trainable(model, extra=() if decoder else ("classifier",))
     opt = make_optimizer(cfg, model)

@@ -55,8 +55,10 @@ PRESETS = {  # layers, hidden, heads, intermediate, seq, batch
 # its own KV head and BERT's vocabulary.
 DECODERS = {"smollm2": ("llama", 3, 49152), "tiny_llama": ("llama", 1, 256)}
 ENCODER = ("bert", None, 30522)
-# lora and adalora run the unfused adapter path (the reference rows), *_fused the stacked one.
-VARIANTS = ["floor", "full", "lora", "lora_fused", "adalora", "adalora_fused", "adalora_every10", "adalora_compact",
+# lora and adalora run the unfused adapter path (the reference rows), *_epilogue and *_fused the
+# two fused ones (fuse="epilogue", fuse="stack").
+VARIANTS = ["floor", "full", "lora", "lora_epilogue", "lora_fused", "adalora", "adalora_epilogue", "adalora_fused",
+            "adalora_every10", "adalora_compact",
             "lora_final", "peft_lora", "peft_adalora"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _TARGET_RANK = library_default(adalora.ScheduleConfig, "target_rank")
@@ -228,6 +230,10 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
 def ratios(res: dict) -> dict:
     pairs = {"lora_fused/lora": ("lora_fused", "lora"), "adalora_fused/adalora": ("adalora_fused", "adalora"),
              "lora_fused/floor": ("lora_fused", "floor"), "adalora_fused/floor": ("adalora_fused", "floor"),
+             "lora_epilogue/lora": ("lora_epilogue", "lora"), "adalora_epilogue/adalora": ("adalora_epilogue", "adalora"),
+             "lora_epilogue/floor": ("lora_epilogue", "floor"), "adalora_epilogue/floor": ("adalora_epilogue", "floor"),
+             "adalora_epilogue/lora_epilogue": ("adalora_epilogue", "lora_epilogue"),
+             "lora_epilogue/peft_lora": ("lora_epilogue", "peft_lora"),
              "adalora/floor": ("adalora", "floor"), "adalora_every10/floor": ("adalora_every10", "floor"),
              "adalora/lora": ("adalora", "lora"), "adalora_every10/lora": ("adalora_every10", "lora"),
              "peft_adalora/adalora": ("peft_adalora", "adalora"), "lora/peft_lora": ("lora", "peft_lora"),
@@ -237,6 +243,37 @@ def ratios(res: dict) -> dict:
 
 
 # -- the captured step against the eager one ----------------------------------------------------------------
+def _train(name: str, cfg: BenchConfig, dev, batch, graphed: bool, steps: int):
+    """Losses per step and, for AdaLoRA, the rank masks after each step, of variant ``name``
+    trained ``steps`` steps captured (``graphed``) or not. An uncaptured run first runs the
+    ``GRAPH_WARMUP`` steps that a captured one runs uncaptured before its capture."""
+    v = build_variant(name, replace(cfg, step_graph=graphed, variants=[name]), dev, batch, {})
+    layers = [a for a in adalora.find_adapters(v.model).values() if isinstance(a, adalora.SVDLinear)]
+    for _ in range(0 if graphed else GRAPH_WARMUP):
+        v.step()
+    losses, masks = [], []
+    for _ in range(steps):
+        losses.append(float(v.step()))
+        masks.append(torch.cat([a.rank_mask for a in layers]).cpu() if layers else None)
+    return losses, masks
+
+
+def _agreement(a, b, keys=("eager_loss", "graph_loss")) -> dict:
+    (la, ma), (lb, mb) = a, b
+    diff = [abs(x - y) for x, y in zip(la, lb)]
+    out = {"steps": len(la), keys[0]: la, keys[1]: lb, "max_abs_loss_diff": max(diff),
+           "max_rel_loss_diff": max(d / abs(x) for d, x in zip(diff, la))}
+    if ma[0] is not None:
+        out["mask_equal_steps"] = sum(bool(torch.equal(x, y)) for x, y in zip(ma, mb))
+        out["mask_disagreeing_values"] = max(int((x != y).sum()) for x, y in zip(ma, mb))
+    return out
+
+
+def _say(what: str, res: dict) -> None:
+    print(f"[bench] {what}: max |loss diff| {res['max_abs_loss_diff']:.3g}"
+          + (f", masks equal {res['mask_equal_steps']}/{res['steps']}" if "mask_equal_steps" in res else ""), flush=True)
+
+
 def run_graph_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dict:
     """``lora`` and ``adalora`` trained ``steps`` steps as one replayed CUDA graph and as the
     same step uncaptured (``loop.update`` with ``mask_to_budget``), from the same weights and
@@ -246,27 +283,24 @@ def run_graph_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dic
     batch = make_batch(cfg, dev, torch.Generator().manual_seed(cfg.seed))
     out = {}
     for name in ("lora", "adalora"):
-        runs = {}
-        for graphed in (False, True):
-            v = build_variant(name, replace(cfg, step_graph=graphed, variants=[name]), dev, batch, {})
-            layers = [a for a in adalora.find_adapters(v.model).values() if isinstance(a, adalora.SVDLinear)]
-            for _ in range(0 if graphed else GRAPH_WARMUP):
-                v.step()
-            losses, masks = [], []
-            for _ in range(steps):
-                losses.append(float(v.step()))
-                masks.append(torch.cat([a.rank_mask for a in layers]).cpu() if layers else None)
-            runs[graphed] = (losses, masks)
-            del v
-        (le, me), (lg, mg) = runs[False], runs[True]
-        diff = [abs(a - b) for a, b in zip(le, lg)]
-        out[name] = {"steps": steps, "eager_loss": le, "graph_loss": lg, "max_abs_loss_diff": max(diff),
-                     "max_rel_loss_diff": max(d / abs(a) for d, a in zip(diff, le))}
-        if me[0] is not None:
-            out[name]["mask_equal_steps"] = sum(bool(torch.equal(a, b)) for a, b in zip(me, mg))
-            out[name]["mask_disagreeing_values"] = max(int((a != b).sum()) for a, b in zip(me, mg))
-        print(f"[bench] graph check {name}: max |loss diff| {out[name]['max_abs_loss_diff']:.3g}"
-              + (f", masks equal {out[name]['mask_equal_steps']}/{steps}" if me[0] is not None else ""), flush=True)
+        out[name] = _agreement(_train(name, cfg, dev, batch, False, steps), _train(name, cfg, dev, batch, True, steps))
+        _say(f"graph check {name}", out[name])
+    return out
+
+
+def run_fused_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dict:
+    """Each fused variant of ``cfg.variants`` (``*_epilogue``, ``*_fused``) against its unfused
+    reference (``lora`` or ``adalora``), trained ``steps`` steps from the same weights and batch,
+    both captured under ``step_graph`` and both eager otherwise: losses and rank masks."""
+    batch = make_batch(cfg, dev, torch.Generator().manual_seed(cfg.seed))
+    out = {}
+    for name in cfg.variants:
+        ref = name.rsplit("_", 1)[0]
+        if not name.endswith(("_epilogue", "_fused")):
+            continue
+        out[name] = _agreement(_train(ref, cfg, dev, batch, cfg.step_graph, steps),
+                               _train(name, cfg, dev, batch, cfg.step_graph, steps), ("unfused_loss", "fused_loss"))
+        _say(f"fused check {name} against {ref}", out[name])
     return out
 
 
@@ -365,6 +399,8 @@ def run(cfg: BenchConfig) -> dict:
     result["variants"] = run_models(cfg, dev)
     if cfg.step_graph:
         result["graph_check"] = run_graph_check(cfg, dev)
+    if any(n.endswith(("_epilogue", "_fused")) for n in cfg.variants):
+        result["fused_check"] = run_fused_check(cfg, dev)
     result["ratios"] = ratios(result["variants"])
     gc.collect()
     if dev.type == "cuda":

@@ -31,11 +31,19 @@ def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
     benchmark.run(cfg)
     result = _check_outputs(tmp_path, benchmark.VARIANTS[:-3] + ["peft_lora", "peft_adalora", "lora_final"], [1, 2])
     assert set(result["ratios"]) >= {"adalora/floor", "adalora/lora", "peft_adalora/adalora", "lora/peft_lora",
-                                     "adalora_compact/lora_final", "lora_fused/lora", "adalora_fused/adalora"}
+                                     "adalora_compact/lora_final", "lora_fused/lora", "adalora_fused/adalora",
+                                     "lora_epilogue/lora", "adalora_epilogue/adalora"}
     v = result["variants"]
     for name in ("lora", "adalora"):
-        assert v[name + "_fused"]["trainable_params"] == v[name]["trainable_params"]
-        assert v[name + "_fused"]["alloc_state_bytes"] == v[name]["alloc_state_bytes"]
+        for fused in ("_fused", "_epilogue"):
+            assert v[name + fused]["trainable_params"] == v[name]["trainable_params"]
+            assert v[name + fused]["alloc_state_bytes"] == v[name]["alloc_state_bytes"]
+    check = result["fused_check"]
+    assert set(check) == {"lora_fused", "adalora_fused", "lora_epilogue", "adalora_epilogue"}
+    for name, r in check.items():                     # fp32 on the CPU: the paths agree to round-off
+        assert r["steps"] == 20 and r["max_rel_loss_diff"] < 1e-5, name
+        assert r.get("mask_equal_steps", 20) == 20 and len(set(r["unfused_loss"])) > 1, name
+    assert "Each fused path against the unfused one" in (tmp_path / "results.md").read_text()
     # Structural facts, not timings: AdaLoRA keeps Ī and Ū (2 copies of the adapter parameters),
     # peft keeps ipt as well (3); compact() leaves the LoRA-of-final-ranks parameter count (+ lam).
     head = v["floor"]["trainable_params"] - 64            # the floor trains the head and the LN scale (hidden 64)
@@ -146,15 +154,18 @@ def test_tiny_llama_preset_runs_every_adapter_variant(tmp_path):
         2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))               # q, o; k, v (1 KV head); gate, up, down
 
 
+@pytest.mark.parametrize("fused", ["_fused", "_epilogue"])
 @pytest.mark.parametrize("name", ["lora", "adalora"])
-def test_fused_variant_trains_like_the_unfused_one_on_the_decoder(name):
+def test_fused_variant_trains_like_the_unfused_one_on_the_decoder(name, fused):
     import torch
     from experiments.bench_variants import build_variant, make_batch
     cfg = benchmark.BenchConfig(preset="tiny_llama", device="cpu")
     batch = make_batch(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
     trained = []
-    for variant in (name, name + "_fused"):
+    for variant in (name, name + fused):
         v = build_variant(variant, cfg, torch.device("cpu"), batch, {})
+        assert {a.fuse for a in adalora.find_adapters(v.model).values()} == {
+            {"": "none", "_fused": "stack", "_epilogue": "epilogue"}[variant[len(name):]]}
         for _ in range(3):
             v.step()
         trained.append({n: p.detach().clone() for n, p in v.model.named_parameters() if p.requires_grad})

@@ -1,6 +1,7 @@
-"""The fused path (fuse="stack", adalora/fused.py) computes what the unfused one does: outputs,
-gradients, training, allocation, the stack's rebuild after every operation that moves or
-reshapes a factor, saved files, and the fallbacks. CPU only, no timing."""
+"""The fused paths (fuse="epilogue" and "stack", adalora/fused.py) compute what the unfused one
+does: outputs, gradients, training, allocation, the stack's rebuild after every operation that
+moves or reshapes a factor, saved files, and the fallbacks; the epilogue path makes no (N, d)
+tensor beyond the output and the input gradient. CPU only, no timing."""
 import copy
 
 import pytest
@@ -24,11 +25,28 @@ def _layer(cls, dtype, bias=True, d_in=20, d_out=30, rank=5, fuse="none", seed=0
     return layer
 
 
-def _pair(layer):
+def _pair(layer, mode="stack"):
     """(unfused, fused) copies of ``layer``."""
     ref, fast = copy.deepcopy(layer), copy.deepcopy(layer)
-    ref.fuse, fast.fuse = "none", "stack"
+    ref.fuse, fast.fuse = "none", mode
     return ref, fast
+
+
+def _nodes(y) -> set[str]:
+    """Names of the autograd nodes behind ``y``, two levels down (the view, then the product)."""
+    out, fns = set(), [y.grad_fn]
+    for _ in range(2):
+        fns = [f for f in fns if f is not None]
+        out |= {type(f).__name__ for f in fns}
+        fns = [n for f in fns for n, _ in f.next_functions]
+    return out
+
+
+def _took(layer, y, mode) -> bool:
+    """Whether ``layer``'s last forward, which gave ``y``, ran the ``mode`` path."""
+    if mode == "stack":
+        return "_fused_stack" in layer.__dict__
+    return "EpilogueLinearBackward" in _nodes(y)
 
 
 def _dense(layer, x):
@@ -54,7 +72,8 @@ def _run(layer, x, g):
 @pytest.mark.parametrize("cls,case", [(c, k) for c in (SVDLinear, LoRALinear) for k in ("2d", "3d", "no_bias")]
                          + [(SVDLinear, "masked")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forward_and_gradients_equal_the_unfused_path_and_the_dense_map(cls, dtype, case):
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+def test_forward_and_gradients_equal_the_unfused_path_and_the_dense_map(cls, dtype, case, mode):
     layer = _layer(cls, dtype, bias=case != "no_bias")
     if case == "masked":
         with torch.no_grad():
@@ -62,10 +81,12 @@ def test_forward_and_gradients_equal_the_unfused_path_and_the_dense_map(cls, dty
     shape = (3, 7, 20) if case == "3d" else (11, 20)
     x = torch.randn(*shape, dtype=dtype)
     g = torch.randn(*shape[:-1], 30, dtype=dtype)
-    ref, fast = _pair(layer)
+    ref, fast = _pair(layer, mode)
     y0, dx0, g0 = _run(ref, x, g)
     y1, dx1, g1 = _run(fast, x, g)
-    assert "_fused_stack" in fast.__dict__ and "_fused_stack" not in ref.__dict__   # the paths did differ
+    assert _took(fast, fast(x), mode) and not _took(ref, ref(x), mode)   # the paths did differ
+    if mode == "epilogue":
+        assert torch.equal(y1, y0)                             # the same products, in the same layouts
     torch.testing.assert_close(y1, y0, **TOL[dtype])
     torch.testing.assert_close(y1, _dense(layer, x).detach(), **TOL[dtype])
     torch.testing.assert_close(dx1, dx0, **TOL[dtype])
@@ -76,15 +97,19 @@ def test_forward_and_gradients_equal_the_unfused_path_and_the_dense_map(cls, dty
     assert fast.base.weight.grad is None and (fast.base.bias is None or fast.base.bias.grad is None)
 
 
-def test_gradients_equal_autograd_of_the_dense_map_in_float64():
-    layer = _layer(SVDLinear, torch.float64, rank=3, d_in=6, d_out=5, fuse="stack")
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
+def test_gradients_equal_autograd_of_the_dense_map_in_float64(mode, cls):
+    layer = _layer(cls, torch.float64, rank=3, d_in=6, d_out=5, fuse=mode)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    params = (x, layer.P, layer.lam, layer.Q)
+    params = (x, *(p for p in layer.parameters() if p.requires_grad))
+    assert len(params) == (4 if cls is SVDLinear else 3)
     assert torch.autograd.gradcheck(lambda *_: layer(x), params)
 
 
-def test_inplace_ops_on_the_output_and_a_layer_used_twice():
-    ref, fast = _pair(_layer(SVDLinear, torch.float64, d_in=30, d_out=30))
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+def test_inplace_ops_on_the_output_and_a_layer_used_twice(mode):
+    ref, fast = _pair(_layer(SVDLinear, torch.float64, d_in=30, d_out=30), mode)
     x = torch.randn(6, 30, dtype=torch.float64)
     outs = []
     for layer in (ref, fast):
@@ -111,10 +136,11 @@ def _mlp(seed=0, fuse="none", method="adalora"):
     return m, ad
 
 
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
 @pytest.mark.parametrize("method", ["adalora", "lora"])
-def test_adamw_steps_give_the_same_parameters(method):
+def test_adamw_steps_give_the_same_parameters(method, mode):
     trained = []
-    for fuse in ("none", "stack"):
+    for fuse in ("none", mode):
         m, ad = _mlp(fuse=fuse, method=method)
         opt = torch.optim.AdamW(adalora.adapter_parameters(ad), lr=1e-2)
         g = torch.Generator().manual_seed(1)
@@ -127,9 +153,10 @@ def test_adamw_steps_give_the_same_parameters(method):
         torch.testing.assert_close(trained[1][n], trained[0][n], **TOL[torch.float64])
 
 
-def test_rank_allocator_run_gives_the_same_masks_ranks_and_losses():
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+def test_rank_allocator_run_gives_the_same_masks_ranks_and_losses(mode):
     runs = []
-    for fuse in ("none", "stack"):
+    for fuse in ("none", mode):
         m, ad = _mlp(fuse=fuse)
         alloc = adalora.RankAllocator(ad, adalora.ScheduleConfig(target_rank=2, total_steps=24, init_warmup=2,
                                                                  final_warmup=8, mask_interval=3))
@@ -212,9 +239,10 @@ def test_inference_mode_first_then_training():
     torch.testing.assert_close(g1["Q"], g0["Q"], **TOL[torch.float32])
 
 
-def test_switching_named_sets_keeps_the_fused_forward_right():
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+def test_switching_named_sets_keeps_the_fused_forward_right(mode):
     m0, _ = _mlp()
-    m1, _ = _mlp(fuse="stack")
+    m1, _ = _mlp(fuse=mode)
     x = torch.randn(4, 10, dtype=torch.float64)
     for m in (m0, m1):
         torch.manual_seed(5)
@@ -255,7 +283,8 @@ def test_saved_files_and_state_dicts_are_those_of_the_unfused_model(tmp_path):
     assert all(torch.equal(reloaded[k], before[k]) for k in before)
 
 
-def test_fallbacks_use_the_unfused_path_exactly():
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+def test_fallbacks_use_the_unfused_path_exactly(mode):
     from transformers.pytorch_utils import Conv1D
     x = torch.randn(6, 8)
     torch.manual_seed(0)
@@ -272,23 +301,23 @@ def test_fallbacks_use_the_unfused_path_exactly():
     for name, layer in cases.items():
         with torch.no_grad():
             layer.lam.normal_()
-        ref, fast = _pair(layer)
+        ref, fast = _pair(layer, mode)
         torch.manual_seed(1)
         y0 = ref(x)
         torch.manual_seed(1)
         y1 = fast(x)
-        assert torch.equal(y0, y1) and "_fused_stack" not in fast.__dict__, name
-    fast = _pair(_layer(SVDLinear, torch.float32))[1]
+        assert torch.equal(y0, y1) and not _took(fast, y1, mode), name
+    fast = _pair(_layer(SVDLinear, torch.float32), mode)[1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast(torch.randn(2, 20))
-    assert "_fused_stack" not in fast.__dict__
+        y = fast(torch.randn(2, 20))
+    assert not _took(fast, y, mode)
     auto = _layer(SVDLinear, torch.float32, fuse="auto")
-    auto(torch.randn(2, 20))                                   # a CPU tensor: auto means none
-    assert "_fused_stack" not in auto.__dict__
+    y = auto(torch.randn(2, 20))                               # a CPU tensor: auto means none
+    assert not _took(auto, y, "stack") and not _took(auto, y, "epilogue")
 
 
 def test_fuse_values_are_checked():
-    with pytest.raises(ValueError, match=r"AdapterConfig.fuse='fused': use one of \('none', 'stack', 'auto'\)"):
+    with pytest.raises(ValueError, match=r"AdapterConfig.fuse='fused': use one of \('none', 'epilogue', 'stack', 'auto'\)"):
         adalora.AdapterConfig(fuse="fused")
     m, ad = _mlp()
     with pytest.raises(ValueError, match="fuse='on': use one of"):
@@ -298,9 +327,10 @@ def test_fuse_values_are_checked():
     assert adalora.AdapterConfig().fuse == "none"
 
 
-def test_compiled_fused_model_gives_eager_gradients(no_recompiles):
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+def test_compiled_fused_model_gives_eager_gradients(no_recompiles, mode):
     from torch._dynamo.testing import CompileCounterWithBackend
-    m, ad = _mlp(fuse="stack")
+    m, ad = _mlp(fuse=mode)
     backend = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(m, backend=backend)
     x = torch.randn(8, 10, dtype=torch.float64)
@@ -321,25 +351,26 @@ def test_stack_rows_are_padded_to_16_bytes():
     assert fused._rows(5, 4, fp32) == 12 and fused._rows(6, 2, fp32) == 8
 
 
-def test_rank_1_takes_the_fused_path_and_rank_0_does_not():
-    one = _layer(SVDLinear, torch.float32, rank=1, fuse="stack")
-    one(torch.randn(2, 20))
-    assert "_fused_stack" in one.__dict__
-    zero = _layer(SVDLinear, torch.float32, rank=0, fuse="stack")
-    zero(torch.randn(2, 20))
-    assert "_fused_stack" not in zero.__dict__
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+def test_rank_1_takes_the_fused_path_and_rank_0_does_not(mode):
+    one = _layer(SVDLinear, torch.float32, rank=1, fuse=mode)
+    assert _took(one, one(torch.randn(2, 20)), mode)
+    zero = _layer(SVDLinear, torch.float32, rank=0, fuse=mode)
+    assert not _took(zero, zero(torch.randn(2, 20)), mode)
 
 
-def test_adapters_in_another_dtype_than_the_base_use_the_unfused_path():
+@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+def test_adapters_in_another_dtype_than_the_base_use_the_unfused_path(mode):
     """fp32 factors on a bf16 base: the unfused path computes the adapter in fp32; stacking would
-    round D to bf16."""
+    round D to bf16, and the epilogue add into the bf16 output takes one dtype."""
     layer = _layer(SVDLinear, torch.bfloat16)
     for name in ("P", "lam", "Q"):
         p = getattr(layer, name)
         p.data = p.data.float()
-    ref, fast = _pair(layer)
+    ref, fast = _pair(layer, mode)
     x = torch.randn(4, 20, dtype=torch.bfloat16)
-    assert torch.equal(fast(x), ref(x)) and "_fused_stack" not in fast.__dict__
+    y = fast(x)
+    assert torch.equal(y, ref(x)) and not _took(fast, y, mode)
 
 
 def test_no_bias_layer_twice_and_under_inference_mode():
@@ -362,3 +393,35 @@ def test_a_new_base_weight_alone_rebuilds_the_stack():
     for m in (ref, fast):
         m.base.weight = nn.Parameter(new.clone(), requires_grad=False)
     assert torch.allclose(fast(x), ref(x), **TOL[torch.float32])
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an op returns as new memory (in-place ops excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        if not any(a.is_write for a in schema.arguments if a.alias_info) and torch.is_tensor(out) \
+                and func.name().split("::")[1].split(".")[0] not in ("view", "t", "transpose", "_unsafe_view",
+                                                                     "reshape", "detach", "alias"):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
+def test_the_epilogue_path_makes_no_full_size_tensor_beyond_y_and_dx(cls):
+    """N = 64 rows, d_in = 20, d_out = 30: the unfused path writes y twice (addmm out of place)
+    and dx three times (two shares and their sum); the epilogue path once each."""
+    counts = {}
+    for mode in ("none", "epilogue"):
+        layer = _layer(cls, torch.float32, fuse=mode)
+        x = torch.randn(64, 20, requires_grad=True)
+        g = torch.randn(64, 30)
+        with _Allocations() as rec:
+            layer(x).backward(g)
+        counts[mode] = (rec.shapes.count((64, 30)), rec.shapes.count((64, 20)))
+    assert counts == {"none": (2, 3), "epilogue": (1, 1)}
