@@ -27,15 +27,26 @@ and by hand, with ``t = s · G U``:
 
 Its output is a strided view of z, which slows the elementwise kernels after it.
 
+``"triton"`` computes the epilogue path's maps with the rank-r term inside the frozen GEMMs
+(adalora/lowrank_gemm.py): ``y`` and ``dx`` are each written once, and ``h`` and ``G U`` come out
+of the same loops, so x is read once forward and G once for ``dx``. It needs Triton (in CUDA
+builds of torch), a CUDA tensor, ``r <= 64`` and eager execution; where one is missing it takes
+the epilogue path.
+
 ``AdapterLayer.forward`` takes the path ``path`` names; ``"none"`` is autograd's, the reference.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FUSE_MODES = ("none", "epilogue", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
+from . import lowrank_gemm
+
+FUSE_MODES = ("none", "epilogue", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
 
 
 def check_fuse(mode) -> str:
@@ -58,7 +69,29 @@ def path(layer, x: torch.Tensor) -> str:
     mode = layer.fuse
     if mode == "auto":
         mode = "epilogue" if x.is_cuda else "none"
-    return mode if mode != "none" and applies(layer, x) else "none"
+    if mode == "none" or not applies(layer, x):
+        return "none"
+    if mode == "triton" and not _triton_runs(layer, x):
+        return "epilogue"
+    return mode
+
+
+def _triton_runs(layer, x: torch.Tensor) -> bool:
+    """Whether the Triton kernel can take ``x``: a CUDA tensor (or Triton's CPU interpreter, set
+    by TRITON_INTERPRET=1 before the first import), Triton importable, ``r`` within its tile, and
+    not under torch.compile, whose graphs take the epilogue path's ops instead."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or torch.compiler.is_compiling():
+        return False
+    return layer.rank <= lowrank_gemm.MAX_RANK and _have_triton()
+
+
+@functools.cache
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def applies(layer, x: torch.Tensor) -> bool:
@@ -85,8 +118,8 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     down = layer._parameters[layer._DOWN]
     gate = layer._parameters[layer._GATE] if layer._GATE else None
     x2 = x.reshape(-1, x.shape[-1])                                            # (N, d_in)
-    if mode == "epilogue":
-        y = EpilogueLinear.apply(x2, w, b, down, gate, layer._up(), layer.scaling)
+    if mode in ("epilogue", "triton"):
+        y = EpilogueLinear.apply(x2, w, b, down, gate, layer._up(), layer.scaling, mode == "triton")
     else:
         stack, bstack = _stack(layer, w, b, down)
         y = StackedLinear.apply(x2, stack, bstack, w, down, gate, layer._up(), layer.scaling)
@@ -142,46 +175,57 @@ def _rebuild(w: nn.Parameter, b: nn.Parameter | None, rows: int):
 
 
 class EpilogueLinear(torch.autograd.Function):
-    """``x W0ᵀ + b + s · (x (g ⊙ D)ᵀ) Uᵀ``: the unfused path's products, with the adapter's
-    shares of the output and of the input gradient added in place, backward by hand.
+    """``x W0ᵀ + b + s · (x (g ⊙ D)ᵀ) Uᵀ`` with the adapter's shares of the output and of the
+    input gradient added in place, backward by hand: the ``"epilogue"`` and ``"triton"`` paths.
 
-    The products and their layouts are those of ``AdapterLayer.forward``'s unfused path, so the
-    forward is bit for bit the same; backward, autograd's separate ``dx`` share and its sum
-    become one ``addmm_``, and ``s`` is folded into a product where one takes it.
+    Epilogue: the products and their layouts are those of ``AdapterLayer.forward``'s unfused
+    path, so the forward is bit for bit the same; backward, autograd's separate ``dx`` share and
+    its sum become one ``addmm_``. Triton: ``y`` with ``hᵀ``, and ``dx`` with ``(G U)ᵀ``, each
+    come from one ``lowrank_gemm``. Both fold ``s`` into a product where one takes it.
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, down, gate, up, scaling):
-        y = F.linear(x, w, b)                                # (N, d_out)
+    def forward(ctx, x, w, b, down, gate, up, scaling, triton):
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
-        ht = torch.mm(dg, x.t())                             # hᵀ (r, N)
-        y.addmm_(ht.t(), up.t(), alpha=scaling)              # y += s · h Uᵀ, in place
+        if triton:
+            y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
+        else:
+            y = F.linear(x, w, b)                            # (N, d_out)
+            ht = torch.mm(dg, x.t())                         # hᵀ (r, N)
+            y.addmm_(ht.t(), up.t(), alpha=scaling)          # y += s · h Uᵀ, in place
         ctx.save_for_backward(x, w, down, gate, up, dg, ht)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.triton = scaling, triton
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, w, down, gate, up, dg, ht = ctx.saved_tensors
         s = ctx.scaling
-        need_x, _, _, need_d, need_g, need_u, _ = ctx.needs_input_grad
+        need_x, _, _, need_d, need_g, need_u, _, _ = ctx.needs_input_grad
         dx = dd = dgate = du = None
-        if need_x or need_d or need_g:
+        if need_x and ctx.triton:
+            dx, tt = lowrank_gemm.lowrank_gemm(grad, w, up, dg, s)   # G W0 + s (G U)(g ⊙ D), (G U)ᵀ (r, N)
+        elif need_x or need_d or need_g:
             tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled
             if need_x:
                 dx = torch.mm(grad, w)                       # G W0 (N, d_in)
                 dx.addmm_(tt.t(), dg, alpha=s)               # + s · (G U)(g ⊙ D), in place
-            if need_d or need_g:
-                ddg = _scaled_mm(tt, x, s)                   # d(g ⊙ D) = s · (G U)ᵀ x (r, d_in)
-                if gate is None:
-                    dd = ddg
-                else:
-                    dd = ddg * gate.unsqueeze(1) if need_d else None
-                    # dg_i = Σ_k d(g ⊙ D)_ik D_ik: r row-wise dot products as one batched GEMM
-                    dgate = torch.bmm(ddg.unsqueeze(1), down.unsqueeze(2)).view(-1) if need_g else None
+        if need_d or need_g:
+            dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
         if need_u:
             du = _scaled_mm(ht, grad, s).t()                 # s · Gᵀ h (d_out, r), column-major as U
-        return dx, None, None, dd, dgate, du, None
+        return dx, None, None, dd, dgate, du, None, None
+
+
+def _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g):
+    """From ``(G U)ᵀ (r, N)``: ``d(g ⊙ D) = s · (G U)ᵀ x`` split into ``dD`` and ``dg``."""
+    ddg = _scaled_mm(tt, x, s)                               # (r, d_in)
+    if gate is None:
+        return ddg, None
+    dd = ddg * gate.unsqueeze(1) if need_d else None
+    # dg_i = Σ_k d(g ⊙ D)_ik D_ik: r row-wise dot products as one batched GEMM
+    dgate = torch.bmm(ddg.unsqueeze(1), down.unsqueeze(2)).view(-1) if need_g else None
+    return dd, dgate
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:

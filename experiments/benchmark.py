@@ -34,7 +34,7 @@ import torch
 
 import adalora
 
-from .bench_variants import (TARGETS, BIG_T, GRAPH_WARMUP, build_model, build_variant, have_peft, make_batch,
+from .bench_variants import (TARGETS, BIG_T, FUSE_OF, GRAPH_WARMUP, build_model, build_variant, have_peft, make_batch,
                              nbytes, scorer_bytes)
 from .config import MethodConfig, library_default
 from .bench_report import markdown
@@ -55,10 +55,10 @@ PRESETS = {  # layers, hidden, heads, intermediate, seq, batch
 # its own KV head and BERT's vocabulary.
 DECODERS = {"smollm2": ("llama", 3, 49152), "tiny_llama": ("llama", 1, 256)}
 ENCODER = ("bert", None, 30522)
-# lora and adalora run the unfused adapter path (the reference rows), *_epilogue and *_fused the
-# two fused ones (fuse="epilogue", fuse="stack").
-VARIANTS = ["floor", "full", "lora", "lora_epilogue", "lora_fused", "adalora", "adalora_epilogue", "adalora_fused",
-            "adalora_every10", "adalora_compact",
+# lora and adalora run the unfused adapter path (the reference rows), *_epilogue, *_triton and
+# *_fused the fused ones (fuse="epilogue", "triton", "stack").
+VARIANTS = ["floor", "full", "lora", "lora_epilogue", "lora_triton", "lora_fused", "adalora", "adalora_epilogue",
+            "adalora_triton", "adalora_fused", "adalora_every10", "adalora_compact",
             "lora_final", "peft_lora", "peft_adalora"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _TARGET_RANK = library_default(adalora.ScheduleConfig, "target_rank")
@@ -234,6 +234,10 @@ def ratios(res: dict) -> dict:
              "lora_epilogue/floor": ("lora_epilogue", "floor"), "adalora_epilogue/floor": ("adalora_epilogue", "floor"),
              "adalora_epilogue/lora_epilogue": ("adalora_epilogue", "lora_epilogue"),
              "lora_epilogue/peft_lora": ("lora_epilogue", "peft_lora"),
+             "lora_triton/lora": ("lora_triton", "lora"), "adalora_triton/adalora": ("adalora_triton", "adalora"),
+             "lora_triton/floor": ("lora_triton", "floor"), "adalora_triton/floor": ("adalora_triton", "floor"),
+             "adalora_triton/lora_triton": ("adalora_triton", "lora_triton"),
+             "lora_triton/peft_lora": ("lora_triton", "peft_lora"),
              "adalora/floor": ("adalora", "floor"), "adalora_every10/floor": ("adalora_every10", "floor"),
              "adalora/lora": ("adalora", "lora"), "adalora_every10/lora": ("adalora_every10", "lora"),
              "peft_adalora/adalora": ("peft_adalora", "adalora"), "lora/peft_lora": ("lora", "peft_lora"),
@@ -289,14 +293,14 @@ def run_graph_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dic
 
 
 def run_fused_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dict:
-    """Each fused variant of ``cfg.variants`` (``*_epilogue``, ``*_fused``) against its unfused
+    """Each fused variant of ``cfg.variants`` (``*_epilogue``, ``*_triton``, ``*_fused``) against its unfused
     reference (``lora`` or ``adalora``), trained ``steps`` steps from the same weights and batch,
     both captured under ``step_graph`` and both eager otherwise: losses and rank masks."""
     batch = make_batch(cfg, dev, torch.Generator().manual_seed(cfg.seed))
     out = {}
     for name in cfg.variants:
-        ref = name.rsplit("_", 1)[0]
-        if not name.endswith(("_epilogue", "_fused")):
+        ref, _, suffix = name.rpartition("_")
+        if suffix not in FUSE_OF:
             continue
         out[name] = _agreement(_train(ref, cfg, dev, batch, cfg.step_graph, steps),
                                _train(name, cfg, dev, batch, cfg.step_graph, steps), ("unfused_loss", "fused_loss"))
@@ -399,7 +403,7 @@ def run(cfg: BenchConfig) -> dict:
     result["variants"] = run_models(cfg, dev)
     if cfg.step_graph:
         result["graph_check"] = run_graph_check(cfg, dev)
-    if any(n.endswith(("_epilogue", "_fused")) for n in cfg.variants):
+    if any(n.rpartition("_")[2] in FUSE_OF for n in cfg.variants):
         result["fused_check"] = run_fused_check(cfg, dev)
     result["ratios"] = ratios(result["variants"])
     gc.collect()

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels (adalora/lowrank_gemm.py) run in Triton's CPU interpreter: it must be chosen
+# before triton is first imported, and the tests have no GPU to run them on otherwise.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The tests run tiny tensors; on 2 busy cores intra-op threads cost more than they give.
 torch.set_num_threads(1)

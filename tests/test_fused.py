@@ -317,7 +317,7 @@ def test_fallbacks_use_the_unfused_path_exactly(mode):
 
 
 def test_fuse_values_are_checked():
-    with pytest.raises(ValueError, match=r"AdapterConfig.fuse='fused': use one of \('none', 'epilogue', 'stack', 'auto'\)"):
+    with pytest.raises(ValueError, match=r"AdapterConfig.fuse='fused': use one of \('none', 'epilogue', 'triton', 'stack', 'auto'\)"):
         adalora.AdapterConfig(fuse="fused")
     m, ad = _mlp()
     with pytest.raises(ValueError, match="fuse='on': use one of"):

@@ -1,0 +1,144 @@
+"""The Triton kernel (adalora/lowrank_gemm.py) and the fuse="triton" path, run by Triton's CPU
+interpreter: the kernel against float64 dense products, the path against the unfused one
+(outputs, gradients, an allocator run), and its fallbacks. bf16 is checked on the GPU only
+(the interpreter has no bf16); the benchmark's fused check commits that comparison. No timing."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adalora
+from adalora import fused, lowrank_gemm
+from adalora.layers import LoRALinear, SVDLinear
+
+pytest.importorskip("triton", reason="Triton is in the dev extra (and in CUDA builds of torch)")
+
+
+@pytest.fixture
+def interpreted():
+    """Triton's CPU interpreter, chosen for the session in conftest.py before triton's import."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_equals_dense_products(interpreted, dtype, tol, bias):
+    """Sizes off every tile edge (the interpreter's tiles are 32), b and c transposed views as
+    the forward passes them; t = a c comes back transposed, (r, M) row-major."""
+    g = torch.Generator().manual_seed(0)
+    M, K, N, r, s = 70, 45, 50, 5, 0.75
+    a, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    d, u, b = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), torch.randn(N, generator=g)
+    a, w, d, u, b = (t.to(dtype) for t in (a, w, d, u, b))
+    out, tt = lowrank_gemm.lowrank_gemm(a, w.t(), d.t(), u.t(), s, b if bias else None)
+    t64 = a.double() @ d.double().t()
+    ref = a.double() @ w.double().t() + s * (t64.to(dtype).double() @ u.double().t()) + (b.double() if bias else 0)
+    assert out.shape == (M, N) and tt.shape == (r, M) and tt.stride() == (M, 1)
+    assert out.dtype == tt.dtype == dtype
+    scale = ref.abs().max()
+    assert (out.double() - ref).abs().max() <= tol * scale
+    assert (tt.t().double() - t64).abs().max() <= tol * t64.abs().max()
+
+
+def test_kernel_refuses_shapes_that_do_not_chain():
+    a = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="do not chain"):
+        lowrank_gemm.lowrank_gemm(a, torch.zeros(5, 3), torch.zeros(6, 2), torch.zeros(2, 3), 1.0)
+    with pytest.raises(ValueError, match="r > 64"):
+        lowrank_gemm.lowrank_gemm(a, torch.zeros(6, 3), torch.zeros(6, 65), torch.zeros(65, 3), 1.0)
+
+
+def test_rank_is_padded_to_a_power_of_two_of_at_least_16():
+    assert [lowrank_gemm.block_rank(r) for r in (1, 8, 12, 16, 17, 33, 64)] == [16, 16, 16, 16, 32, 64, 64]
+
+
+def _layer(cls, rank=5, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = cls(nn.Linear(20, 30, bias=bias).requires_grad_(False), rank, 8.0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_()
+    return layer
+
+
+def _counting(monkeypatch):
+    calls = []
+    original = lowrank_gemm.lowrank_gemm
+    monkeypatch.setattr(lowrank_gemm, "lowrank_gemm", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_path_equals_the_unfused_path(interpreted, monkeypatch, cls, bias):
+    layer = _layer(cls, bias=bias)
+    ref, fast = copy.deepcopy(layer), copy.deepcopy(layer)
+    fast.fuse = "triton"
+    calls = _counting(monkeypatch)
+    x = torch.randn(3, 7, 20)
+    g = torch.randn(3, 7, 30)
+    results = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(g)
+        results.append([y.detach(), xi.grad] + [p.grad for p in m.parameters() if p.requires_grad])
+    assert calls == [(21, 20), (21, 30)]              # the forward's GEMM and the backward's
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for p in fast.parameters():
+        if p.requires_grad:
+            assert p.grad.stride() == p.stride()         # P, B column-major as their parameters
+
+
+def test_triton_allocator_run_gives_the_unfused_masks_and_losses(interpreted):
+    runs = []
+    for fuse in ("none", "triton"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 10))
+        ad = adalora.inject(m, adalora.AdapterConfig(targets=["0", "2"], init_rank=4, alpha=4.0, fuse=fuse))
+        adalora.mark_only_adapters_trainable(m)
+        alloc = adalora.RankAllocator(ad, adalora.ScheduleConfig(target_rank=2, total_steps=16, init_warmup=2,
+                                                                 final_warmup=4, mask_interval=2))
+        opt = torch.optim.AdamW(adalora.adapter_parameters(ad), lr=1e-2)
+        losses, masks = [], []
+        for step in range(16):
+            x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step))
+            loss = m(x).pow(2).mean() + 0.1 * adalora.orthogonality_penalty(ad)
+            loss.backward()
+            opt.step()
+            alloc.update_importance(step)
+            alloc.mask_to_budget(step)
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            masks.append([a.rank_mask.clone() for a in ad.values()])
+        runs.append((losses, masks))
+    (l0, m0), (l1, m1) = runs
+    assert all(torch.equal(a, b) for s0, s1 in zip(m0, m1) for a, b in zip(s0, s1))
+    assert sum(not bool(x.all()) for s in m0 for x in s) > 0           # the masks did prune
+    assert max(abs(a - b) / abs(a) for a, b in zip(l0, l1)) < 1e-5
+
+
+def test_triton_falls_back_to_the_epilogue_path(monkeypatch):
+    """Without the interpreter a CPU tensor cannot run the kernel; nor can a rank above 64 or a
+    compiled graph: each takes the epilogue path (a dropout layer in training, the unfused one)."""
+    calls = _counting(monkeypatch)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = _layer(SVDLinear)
+    layer.fuse = "triton"
+    x = torch.randn(4, 20)
+    assert fused.path(layer, x) == "epilogue"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fused.path(layer, x) == "triton"
+    wide = _layer(SVDLinear, rank=65)
+    wide.fuse = "triton"
+    assert fused.path(wide, x) == "epilogue"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fused.path(layer, x) == "epilogue"
+    dropped = SVDLinear(nn.Linear(20, 30).requires_grad_(False), 4, 8.0, dropout=0.1, fuse="triton")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert fused.path(dropped, x) == "none" and fused.path(dropped.eval(), x) == "triton"
+    assert calls == []
