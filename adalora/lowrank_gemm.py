@@ -49,9 +49,11 @@ def _kernel(autotune: bool):
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         rr = tl.arange(0, BLOCK_R)
-        # Rows past M and columns past N are clamped, not masked: they compute garbage that the
-        # final store drops, and the loads in the loop stay unpredicated.
-        rma, rnb = tl.where(rm < M, rm, 0), tl.where(rn < N, rn, 0)
+        # Rows past M and columns past N wrap around, not masked: they compute values that the
+        # final store drops, and the loads in the loop stay unpredicated. The hints keep the
+        # wrapped offsets known to be contiguous runs, so loads stay vectorized.
+        rma = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+        rnb = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
         a_p = a_ptr + rma[:, None] * sam + rk[None, :] * sak
         b_p = b_ptr + rk[:, None] * sbk + rnb[None, :] * sbn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
