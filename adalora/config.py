@@ -38,10 +38,12 @@ class AdapterConfig:
     by one number for every adapter: an SVD adapter then scales like a LoRA of that rank
     (e.g. the target rank), and LoRAs of mixed ranks share one scale.
 
-    ``fuse`` picks the forward: ``"stack"`` computes the frozen product and the adapter's down
-    product as one GEMM with a hand-written backward (``adalora/fused.py``), ``"none"`` the two
-    products apart (the default: the fused path was not measured faster for AdaLoRA; see
-    adalora/README.md), ``"auto"`` stack on CUDA tensors and none elsewhere.
+    ``fuse`` picks the adapter's forward and backward (``adalora/fused.py``): ``"none"``
+    autograd's two products apart (the reference); ``"epilogue"`` the same products with the
+    adapter's shares of the output and of the input gradient added in place, backward by hand;
+    ``"triton"`` those shares added inside the frozen GEMMs by a Triton kernel; ``"stack"`` one
+    GEMM against ``[W0; D]``. ``"auto"`` (the default) is epilogue on CUDA tensors, where it was
+    measured fastest (adalora/README.md), and none elsewhere.
     """
 
     method: str = "adalora"
@@ -54,7 +56,7 @@ class AdapterConfig:
     init_std: float = 0.02
     rank_pattern: dict[str, int] = field(default_factory=dict)
     scale_rank: float | None = None
-    fuse: str = "none"
+    fuse: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"AdapterConfig.method={self.method!r}: use one of {METHODS}")

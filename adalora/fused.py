@@ -27,10 +27,11 @@ and by hand, with ``t = s · G U``:
 
 Its output is a strided view of z, which slows the elementwise kernels after it.
 
-``"triton"`` computes the epilogue path's maps with the rank-r term added inside the frozen
-GEMMs (adalora/lowrank_gemm.py): ``y`` and ``dx`` are each written once, with no in-place pass.
-It needs Triton (in CUDA builds of torch), a CUDA tensor, ``r <= 64`` and eager execution;
-where one is missing it takes the epilogue path.
+``"triton"`` computes the epilogue path's maps with the rank-r term inside the frozen GEMMs
+(adalora/lowrank_gemm.py): ``y`` and ``dx`` are each written once, and ``h`` and ``G U`` come out
+of the same loops, so x is read once forward and G once for ``dx``. It needs Triton (in CUDA
+builds of torch), a CUDA tensor, ``r <= 64`` and eager execution; where one is missing it takes
+the epilogue path.
 
 ``AdapterLayer.forward`` takes the path ``path`` names; ``"none"`` is autograd's, the reference.
 """
@@ -179,18 +180,18 @@ class EpilogueLinear(torch.autograd.Function):
 
     Epilogue: the products and their layouts are those of ``AdapterLayer.forward``'s unfused
     path, so the forward is bit for bit the same; backward, autograd's separate ``dx`` share and
-    its sum become one ``addmm_``. Triton: the frozen product and that ``addmm_`` become one
-    ``lowrank_gemm``, forward and backward. Both fold ``s`` into a product where one takes it.
+    its sum become one ``addmm_``. Triton: ``y`` with ``hᵀ``, and ``dx`` with ``(G U)ᵀ``, each
+    come from one ``lowrank_gemm``. Both fold ``s`` into a product where one takes it.
     """
 
     @staticmethod
     def forward(ctx, x, w, b, down, gate, up, scaling, triton):
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
-        ht = torch.mm(dg, x.t())                             # hᵀ (r, N)
         if triton:
-            y = lowrank_gemm.lowrank_gemm(x, w.t(), ht.t(), up.t(), scaling, b)   # (N, d_out), written once
+            y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
             y = F.linear(x, w, b)                            # (N, d_out)
+            ht = torch.mm(dg, x.t())                         # hᵀ (r, N)
             y.addmm_(ht.t(), up.t(), alpha=scaling)          # y += s · h Uᵀ, in place
         ctx.save_for_backward(x, w, down, gate, up, dg, ht)
         ctx.scaling, ctx.triton = scaling, triton
@@ -202,11 +203,11 @@ class EpilogueLinear(torch.autograd.Function):
         s = ctx.scaling
         need_x, _, _, need_d, need_g, need_u, _, _ = ctx.needs_input_grad
         dx = dd = dgate = du = None
-        if need_x or need_d or need_g:
+        if need_x and ctx.triton:
+            dx, tt = lowrank_gemm.lowrank_gemm(grad, w, up, dg, s)   # G W0 + s (G U)(g ⊙ D), (G U)ᵀ (r, N)
+        elif need_x or need_d or need_g:
             tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled
-            if need_x and ctx.triton:
-                dx = lowrank_gemm.lowrank_gemm(grad, w, tt.t(), dg, s)   # G W0 + s (G U)(g ⊙ D), written once
-            elif need_x:
+            if need_x:
                 dx = torch.mm(grad, w)                       # G W0 (N, d_in)
                 dx.addmm_(tt.t(), dg, alpha=s)               # + s · (G U)(g ⊙ D), in place
         if need_d or need_g:

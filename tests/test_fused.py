@@ -324,7 +324,7 @@ def test_fuse_values_are_checked():
         adalora.set_fuse(m, "on")
     adalora.set_fuse(m, "stack")
     assert {a.fuse for a in ad.values()} == {"stack"}
-    assert adalora.AdapterConfig().fuse == "none"
+    assert adalora.AdapterConfig().fuse == "auto"
 
 
 @pytest.mark.parametrize("mode", ["epilogue", "stack"])

@@ -24,27 +24,30 @@ def interpreted():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("K", [45, 256])              # masked K tail; K a multiple of 128 (unmasked loop)
-def test_kernel_equals_dense_products(interpreted, dtype, tol, bias, K):
-    """M and N off every tile edge (the interpreter's tiles are 32); b, t, e transposed views as
-    the adapter path passes them."""
+def test_kernel_equals_dense_products(interpreted, dtype, tol, bias):
+    """Sizes off every tile edge (the interpreter's tiles are 32), b and c transposed views as
+    the forward passes them; t = a c comes back transposed, (r, M) row-major."""
     g = torch.Generator().manual_seed(0)
-    M, N, r, s = 70, 50, 5, 0.75
+    M, K, N, r, s = 70, 45, 50, 5, 0.75
     a, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
-    ht, u, b = torch.randn(r, M, generator=g), torch.randn(N, r, generator=g), torch.randn(N, generator=g)
-    a, w, ht, u, b = (x.to(dtype) for x in (a, w, ht, u, b))
-    out = lowrank_gemm.lowrank_gemm(a, w.t(), ht.t(), u.t(), s, b if bias else None)
-    ref = a.double() @ w.double().t() + s * (ht.double().t() @ u.double().t()) + (b.double() if bias else 0)
-    assert out.shape == (M, N) and out.dtype == dtype
-    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    d, u, b = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), torch.randn(N, generator=g)
+    a, w, d, u, b = (t.to(dtype) for t in (a, w, d, u, b))
+    out, tt = lowrank_gemm.lowrank_gemm(a, w.t(), d.t(), u.t(), s, b if bias else None)
+    t64 = a.double() @ d.double().t()
+    ref = a.double() @ w.double().t() + s * (t64.to(dtype).double() @ u.double().t()) + (b.double() if bias else 0)
+    assert out.shape == (M, N) and tt.shape == (r, M) and tt.stride() == (M, 1)
+    assert out.dtype == tt.dtype == dtype
+    scale = ref.abs().max()
+    assert (out.double() - ref).abs().max() <= tol * scale
+    assert (tt.t().double() - t64).abs().max() <= tol * t64.abs().max()
 
 
 def test_kernel_refuses_shapes_that_do_not_chain():
     a = torch.zeros(4, 6)
     with pytest.raises(ValueError, match="do not chain"):
-        lowrank_gemm.lowrank_gemm(a, torch.zeros(5, 3), torch.zeros(4, 2), torch.zeros(2, 3), 1.0)
+        lowrank_gemm.lowrank_gemm(a, torch.zeros(5, 3), torch.zeros(6, 2), torch.zeros(2, 3), 1.0)
     with pytest.raises(ValueError, match="r > 64"):
-        lowrank_gemm.lowrank_gemm(a, torch.zeros(6, 3), torch.zeros(4, 65), torch.zeros(65, 3), 1.0)
+        lowrank_gemm.lowrank_gemm(a, torch.zeros(6, 3), torch.zeros(6, 65), torch.zeros(65, 3), 1.0)
 
 
 def test_rank_is_padded_to_a_power_of_two_of_at_least_16():
