@@ -71,6 +71,8 @@ def path(layer, x: torch.Tensor) -> str:
         mode = "epilogue" if x.is_cuda else "none"
     if mode == "none" or not applies(layer, x):
         return "none"
+    if mode == "stack" and torch.is_autocast_enabled(x.device.type):
+        return "none"                  # the stack would hold W0 in two dtypes
     if mode == "triton" and not _triton_runs(layer, x):
         return "epilogue"
     return mode
@@ -98,7 +100,8 @@ def applies(layer, x: torch.Tensor) -> bool:
     """Whether ``layer``'s forward on ``x`` may take a fused path. Not for: a base other than a
     plain ``nn.Linear`` (Conv1D stores W0 transposed, NF4 has no dense W0), dropout in training
     (the adapter then sees another x than the base), a merged layer, rank 0, a trainable W0 or b
-    (the fused backward never returns their gradients), dtypes that differ, autocast."""
+    (the fused backward never returns their gradients), base and adapter dtypes that differ, or
+    outside autocast an input in another dtype (under autocast ``forward`` casts, as it would)."""
     base = layer.base
     if type(base) is not nn.Linear or layer.merged or layer.rank == 0:
         return False
@@ -107,9 +110,9 @@ def applies(layer, x: torch.Tensor) -> bool:
     w, b = base.weight, base.bias
     if w.requires_grad or (b is not None and b.requires_grad):
         return False
-    if not (x.dtype == w.dtype == layer._adapter_dtype()):
+    if w.dtype != layer._adapter_dtype():
         return False
-    return not torch.is_autocast_enabled(x.device.type)
+    return x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type)
 
 
 def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -117,12 +120,22 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     w, b = layer.base.weight, layer.base.bias
     down = layer._parameters[layer._DOWN]
     gate = layer._parameters[layer._GATE] if layer._GATE else None
+    up = layer._up()
     x2 = x.reshape(-1, x.shape[-1])                                            # (N, d_in)
     if mode in ("epilogue", "triton"):
-        y = EpilogueLinear.apply(x2, w, b, down, gate, layer._up(), layer.scaling, mode == "triton")
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # What autocast does to the unfused path's products: every operand in its dtype.
+            # The casts stay outside the Function, so autograd returns fp32 gradients through them.
+            dt = torch.get_autocast_dtype(device)
+            x2, w, b, down, gate, up = (t if t is None else t.to(dt) for t in (x2, w, b, down, gate, up))
+            with torch.autocast(device, enabled=False):
+                y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode == "triton")
+        else:
+            y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode == "triton")
     else:
         stack, bstack = _stack(layer, w, b, down)
-        y = StackedLinear.apply(x2, stack, bstack, w, down, gate, layer._up(), layer.scaling)
+        y = StackedLinear.apply(x2, stack, bstack, w, down, gate, up, layer.scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -233,7 +233,39 @@ def step_graph(files) -> str:
                   "results file"], rows, "llrrrrrrrll")
 
 
-TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
+def paths(files) -> str:
+    """The adapter paths side by side (``fuse`` none, epilogue, triton): median ms per step, the
+    ratios the speed goals name, AdaLoRA's kernel and idle ms, and each fused path's training
+    against the unfused one from the same weights (largest loss difference; steps whose AdaLoRA
+    rank masks agree)."""
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "paths_benchmark":
+            continue
+        c, v, check = d["config"], d["variants"], d.get("fused_check", {})
+        mode = "step captured" if c.get("step_graph") else ("compiled" if c["compile"] else "eager")
+        floor, peft = v["floor"]["median_ms"], v.get("peft_lora", {}).get("median_ms")
+        for path, suffix in (("none", ""), ("epilogue", "_epilogue"), ("triton", "_triton")):
+            lora, ada = v.get("lora" + suffix), v.get("adalora" + suffix)
+            if lora is None or ada is None:
+                continue
+            if suffix:
+                lc, ac = check["lora" + suffix], check["adalora" + suffix]
+                agree = (f"{max(lc['max_abs_loss_diff'], ac['max_abs_loss_diff']):.3g}; "
+                         f"{ac['mask_equal_steps']}/{ac['steps']}")
+            else:
+                agree = "(reference)"
+            rows.append([f"{c['preset']}, {mode}", short_machine(d), path, f"{floor:.1f}", f"{lora['median_ms']:.1f}",
+                         f"{ada['median_ms']:.1f}", f"{lora['median_ms'] / floor:.2f}", f"{ada['median_ms'] / floor:.2f}",
+                         f"{ada['median_ms'] / lora['median_ms']:.2f}",
+                         "–" if peft is None else f"{lora['median_ms'] / peft:.2f}",
+                         f"{ada['kernel_ms']:.1f} / {ada['median_ms'] - ada['kernel_ms']:.1f}", agree, f"`{name}`"])
+    return table(["shape, mode", "machine", "path", "floor ms", "LoRA ms", "AdaLoRA ms", "LoRA ÷ floor", "AdaLoRA ÷ floor",
+                  "AdaLoRA ÷ LoRA", "LoRA ÷ peft LoRA", "AdaLoRA kernel / idle ms",
+                  "vs unfused: max loss diff; equal masks", "results file"], rows, "lllrrrrrrrrll")
+
+
+TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
           "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch}
 
 

@@ -108,3 +108,25 @@ def test_fused_table_reads_its_cells_from_a_results_file(tmp_path):
     assert rows == [
         "| base, eager, bf16 | 1x H200 | lora | 4.0 | 10.0 (1.0) | 9.0 (0.5) | 0.90 | 6.2 / 5.5 | 100 / 90 | `x.json` |",
         "| base, eager, bf16 | 1x H200 | adalora | 4.0 | 20.0 (2.0) | 22.0 (0.2) | 1.10 | – | 200 / 210 | `x.json` |"]
+
+
+def test_paths_table_reads_its_cells_from_a_results_file(tmp_path):
+    """The adapter-paths table: one row per path with both variants, ratios of the medians by
+    hand, idle = median - kernel, and each fused path's check against the unfused one."""
+    import json
+
+    from analysis import bench_tables as B
+
+    v = lambda ms, kernel: {"median_ms": ms, "kernel_ms": kernel}  # noqa: E731
+    check = lambda diff, masks: {"max_abs_loss_diff": diff, "steps": 20, "mask_equal_steps": masks}  # noqa: E731
+    d = {"kind": "paths_benchmark", "machine": "1x NVIDIA H200", "config": {"preset": "large", "compile": False,
+                                                                          "step_graph": True},
+         "variants": {"floor": v(20.0, 19.0), "peft_lora": v(40.0, 38.0), "lora": v(32.0, 30.0),
+                      "adalora": v(36.0, 34.5), "lora_epilogue": v(30.0, 29.0), "adalora_epilogue": v(33.0, 32.0),
+                      "lora_triton": v(31.0, 30.0)},       # no adalora_triton: no triton row
+         "fused_check": {"lora_epilogue": check(0.004, None), "adalora_epilogue": check(0.002, 19)}}
+    (tmp_path / "x.json").write_text(json.dumps(d))
+    rows = B.paths(B.load(tmp_path)).splitlines()[2:]
+    assert rows == [
+        "| large, step captured | 1x H200 | none | 20.0 | 32.0 | 36.0 | 1.60 | 1.80 | 1.12 | 0.80 | 34.5 / 1.5 | (reference) | `x.json` |",
+        "| large, step captured | 1x H200 | epilogue | 20.0 | 30.0 | 33.0 | 1.50 | 1.65 | 1.10 | 0.75 | 32.0 / 1.0 | 0.004; 19/20 | `x.json` |"]
