@@ -80,11 +80,14 @@ def path(layer, x: torch.Tensor) -> str:
 
 def _triton_runs(layer, x: torch.Tensor) -> bool:
     """Whether the Triton kernel can take ``x``: a CUDA tensor (or Triton's CPU interpreter, set
-    by TRITON_INTERPRET=1 before the first import), Triton importable, ``r`` within its tile, and
-    not under torch.compile, whose graphs take the epilogue path's ops instead."""
+    by TRITON_INTERPRET=1 before the first import) of a dtype it multiplies, Triton importable,
+    ``r`` within its tile, and not under torch.compile, whose graphs take the epilogue path's
+    ops instead."""
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or torch.compiler.is_compiling():
         return False
-    return layer.rank <= lowrank_gemm.MAX_RANK and _have_triton()
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return dtype in lowrank_gemm.DTYPES and layer.rank <= lowrank_gemm.MAX_RANK and _have_triton()
 
 
 @functools.cache

@@ -24,6 +24,7 @@ import os
 import torch
 
 MAX_RANK = 64          # r is padded to a power of two >= 16 (tl.dot's smallest size); larger: not fused
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # what tl.dot multiplies (fp32 in IEEE mode)
 
 
 @functools.cache
