@@ -79,7 +79,7 @@ class MethodConfig:
     dropout: float = _lib(adalora.AdapterConfig, "dropout")
     rslora: bool = _lib(adalora.AdapterConfig, "rslora")
     scale: Optional[str] = None            # null: alpha_over_r0 (SVD) or per_module (LoRA)
-    # none | stack | auto: the adapters' forward path (adalora/README.md, "Fused path").
+    # auto | none | epilogue | triton | stack: the adapters' path (adalora/README.md, "Fused paths").
     fuse: str = _lib(adalora.AdapterConfig, "fuse")
     orth_weight: float = 0.1               # γ; the paper's GLUE runs use 0.1 to 0.5
     orth_form: str = _lib(adalora.orthogonality_penalty, "form")
