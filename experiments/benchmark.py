@@ -4,15 +4,16 @@ fine-tuning and HF peft, timed side by side in one process with interleaved roun
     python -m experiments.benchmark preset=base dtype=bf16 device=cuda
     python -m experiments.benchmark suite=[base:bf16,large:bf16:graphs] device=cuda
     python -m experiments.benchmark preset=small device=cpu
-    python -m experiments.benchmark preset=smollm2 dtype=bf16 device=cuda variants=[lora,lora_fused,adalora,adalora_fused]
+    python -m experiments.benchmark preset=smollm2 dtype=bf16 device=cuda variants=[lora,lora_epilogue,adalora,adalora_epilogue]
 
 Values and their defaults: ``BenchConfig`` below (conf/benchmark.yaml only names the output
 folder). A ``suite`` entry is ``preset:dtype[:compile|:graphs|:step|:compile:step]``: ``compile``
 is torch.compile of the model forward and loss, orthogonality penalty included; ``graphs`` the
 same in mode ``reduce-overhead``, which replays forward and backward as CUDA graphs; ``step``
 (``step_graph``) captures the whole optimizer step, AdamW and allocator included, as one CUDA
-graph, and checks it against the uncaptured step (``run_graph_check``). The variants and their
-step: experiments/bench_variants.py. A round runs every variant for ``steps`` optimizer steps
+graph, and checks it against the uncaptured step (``run_graph_check``). Variants on a fused
+adapter path (``*_epilogue``, ``*_triton``, ``*_fused``) are also trained beside their unfused
+reference (``run_fused_check``). The variants and their step: experiments/bench_variants.py. A round runs every variant for ``steps`` optimizer steps
 (synchronised only at the ends, so host syncs inside a step are charged to it); the report
 gives median and IQR over rounds. Peak memory is measured per variant while it is built and
 warmed up (CUDA: max_memory_allocated above what was allocated before it; CPU: growth of the
