@@ -229,22 +229,17 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
 
 
 def ratios(res: dict) -> dict:
-    pairs = {"lora_fused/lora": ("lora_fused", "lora"), "adalora_fused/adalora": ("adalora_fused", "adalora"),
-             "lora_fused/floor": ("lora_fused", "floor"), "adalora_fused/floor": ("adalora_fused", "floor"),
-             "lora_epilogue/lora": ("lora_epilogue", "lora"), "adalora_epilogue/adalora": ("adalora_epilogue", "adalora"),
-             "lora_epilogue/floor": ("lora_epilogue", "floor"), "adalora_epilogue/floor": ("adalora_epilogue", "floor"),
-             "adalora_epilogue/lora_epilogue": ("adalora_epilogue", "lora_epilogue"),
-             "lora_epilogue/peft_lora": ("lora_epilogue", "peft_lora"),
-             "lora_triton/lora": ("lora_triton", "lora"), "adalora_triton/adalora": ("adalora_triton", "adalora"),
-             "lora_triton/floor": ("lora_triton", "floor"), "adalora_triton/floor": ("adalora_triton", "floor"),
-             "adalora_triton/lora_triton": ("adalora_triton", "lora_triton"),
-             "lora_triton/peft_lora": ("lora_triton", "peft_lora"),
-             "adalora/floor": ("adalora", "floor"), "adalora_every10/floor": ("adalora_every10", "floor"),
-             "adalora/lora": ("adalora", "lora"), "adalora_every10/lora": ("adalora_every10", "lora"),
-             "peft_adalora/adalora": ("peft_adalora", "adalora"), "lora/peft_lora": ("lora", "peft_lora"),
-             "adalora_compact/lora_final": ("adalora_compact", "lora_final"),
-             "lora/floor": ("lora", "floor"), "full/floor": ("full", "floor")}
-    return {k: res[a]["median_ms"] / res[b]["median_ms"] for k, (a, b) in pairs.items() if a in res and b in res}
+    pairs = ["adalora/floor", "adalora_every10/floor", "adalora/lora", "adalora_every10/lora", "peft_adalora/adalora",
+             "lora/peft_lora", "adalora_compact/lora_final", "lora/floor", "full/floor"]
+    for suffix in FUSE_OF:   # each fused path against its reference, the floor, and LoRA on the same path
+        pairs += [f"lora_{suffix}/lora", f"adalora_{suffix}/adalora", f"lora_{suffix}/floor",
+                  f"adalora_{suffix}/floor", f"adalora_{suffix}/lora_{suffix}", f"lora_{suffix}/peft_lora"]
+    ratio = {}
+    for k in pairs:
+        a, b = k.split("/")
+        if a in res and b in res:
+            ratio[k] = res[a]["median_ms"] / res[b]["median_ms"]
+    return ratio
 
 
 # -- the captured step against the eager one ----------------------------------------------------------------

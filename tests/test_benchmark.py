@@ -37,6 +37,9 @@ def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
                                      "adalora_compact/lora_final", "lora_fused/lora", "adalora_fused/adalora",
                                      "lora_epilogue/lora", "adalora_epilogue/adalora"}
     v = result["variants"]
+    assert result["ratios"]["adalora_epilogue/lora_epilogue"] == (
+        v["adalora_epilogue"]["median_ms"] / v["lora_epilogue"]["median_ms"])
+    assert not any("triton" in k for k in result["ratios"])           # no triton variant ran
     for name in ("lora", "adalora"):
         for fused in ("_fused", "_epilogue"):
             assert v[name + fused]["trainable_params"] == v[name]["trainable_params"]
