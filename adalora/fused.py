@@ -128,10 +128,11 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     if mode in ("epilogue", "triton"):
         device = x.device.type
         if torch.is_autocast_enabled(device):
-            # What autocast does to the unfused path's products: every operand in its dtype.
-            # The casts stay outside the Function, so autograd returns fp32 gradients through them.
+            # What autocast does to the unfused path's products: x, W0 and b in its dtype here
+            # (none needs a gradient through the cast, bar x); the factors inside the Function,
+            # which returns their gradients in their own dtype without an autograd node per cast.
             dt = torch.get_autocast_dtype(device)
-            x2, w, b, down, gate, up = (t if t is None else t.to(dt) for t in (x2, w, b, down, gate, up))
+            x2, w, b = (t if t is None else t.to(dt) for t in (x2, w, b))
             with torch.autocast(device, enabled=False):
                 y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode == "triton")
         else:
@@ -198,11 +199,15 @@ class EpilogueLinear(torch.autograd.Function):
     path, so the forward is bit for bit the same; backward, autograd's separate ``dx`` share and
     its sum become one ``addmm_``. Triton: ``y`` with ``hᵀ``, and ``dx`` with ``(G U)ᵀ``, each
     come from one ``lowrank_gemm``. Both fold ``s`` into a product where one takes it.
+    Factors in another dtype than ``x`` (fp32 factors under bf16 autocast) are cast as autocast
+    casts them for the unfused products: ``g ⊙ D`` is formed in their dtype, then cast; their
+    gradients come back in their dtype, ``dD`` and ``dg`` formed there.
     """
 
     @staticmethod
     def forward(ctx, x, w, b, down, gate, up, scaling, triton):
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
+        dg, up = dg.to(x.dtype), up.to(x.dtype)                   # no-ops unless under autocast
         if triton:
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
@@ -229,13 +234,14 @@ class EpilogueLinear(torch.autograd.Function):
         if need_d or need_g:
             dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
         if need_u:
-            du = _scaled_mm(ht, grad, s).t()                 # s · Gᵀ h (d_out, r), column-major as U
+            du = _scaled_mm(ht, grad, s).t().to(down.dtype)  # s · Gᵀ h (d_out, r), column-major as U
         return dx, None, None, dd, dgate, du, None, None
 
 
 def _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g):
-    """From ``(G U)ᵀ (r, N)``: ``d(g ⊙ D) = s · (G U)ᵀ x`` split into ``dD`` and ``dg``."""
-    ddg = _scaled_mm(tt, x, s)                               # (r, d_in)
+    """From ``(G U)ᵀ (r, N)``: ``d(g ⊙ D) = s · (G U)ᵀ x`` split into ``dD`` and ``dg``, in the
+    factors' dtype."""
+    ddg = _scaled_mm(tt, x, s).to(down.dtype)                # (r, d_in)
     if gate is None:
         return ddg, None
     dd = ddg * gate.unsqueeze(1) if need_d else None

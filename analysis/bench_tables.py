@@ -244,6 +244,8 @@ def paths(files) -> str:
             continue
         c, v, check = d["config"], d["variants"], d.get("fused_check", {})
         mode = "step captured" if c.get("step_graph") else ("compiled" if c["compile"] else "eager")
+        if c["dtype"] == "bf16" and c.get("bf16_mode") == "autocast":
+            mode += ", autocast"             # fp32 weights, bf16 products: what trainer=gpu trains
         floor, peft = v["floor"]["median_ms"], v.get("peft_lora", {}).get("median_ms")
         for path, suffix in (("none", ""), ("epilogue", "_epilogue"), ("triton", "_triton")):
             lora, ada = v.get("lora" + suffix), v.get("adalora" + suffix)

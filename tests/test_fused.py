@@ -440,8 +440,9 @@ def test_the_epilogue_path_makes_no_full_size_tensor_beyond_y_and_dx(cls):
 def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
     """fp32 factors and base under bf16 autocast, fed an fp32 and a bf16 input (an earlier
     autocast op's output): the epilogue path runs, in bf16, returns fp32 gradients, and is as
-    close to the float64 map as the unfused path under the same autocast. (Not bit for bit: the
-    gate multiplies Q in bf16 here, in fp32 on the unfused path.)"""
+    close to the float64 map as the unfused path under the same autocast. Its output is the
+    unfused path's bit for bit (g ⊙ Q formed in fp32 before the cast on both); its gradients
+    round s · G U in another order."""
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm())
 
@@ -451,13 +452,15 @@ def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
         x = torch.randn(5, 7, 64).to(x_dtype)
         g = torch.randn(5, 7, 48, dtype=torch.bfloat16)
         exact = _run(copy.deepcopy(layer).double(), x.double(), g.double())
-        errors = []
+        errors, outputs = [], []
         for m in (ref, fast):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y, dx, grads = _run(m, x, g)
             assert y.dtype == torch.bfloat16 and dx.dtype == x_dtype
             assert all(grads[n].dtype == torch.float32 for n in grads)
             errors.append([rel(y, exact[0]), rel(dx, exact[1])] + [rel(grads[n], exact[2][n]) for n in sorted(grads)])
+            outputs.append(y)
+        assert torch.equal(*outputs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert _took(fast, fast(x), "epilogue") and not _took(ref, ref(x), "epilogue")
         unfused, epilogue = errors
