@@ -11,42 +11,46 @@ from collections import defaultdict
 import torch
 
 from .config import ORTH_FORMS
-from .layers import SVDLinear, like_param
+from .layers import SVDLinear, fast_param, like_param
 
 
 def _factors(svd: list[SVDLinear]):
-    """Both factor lists as ``(r, d)`` matrices whose rows are singular vectors: ``Pᵀ`` (a
-    contiguous view, as ``P`` is stored column-major) and ``Q``, each with its leaves and whether
-    the matrix is the leaf transposed. Then ``PᵀP − I`` and ``QQᵀ − I`` are both ``MMᵀ − I``."""
-    return (([a.P.t() for a in svd], [a.P for a in svd], True),
-            ([a.Q for a in svd], [a.Q for a in svd], False))
+    """Both factor lists with whether each holds its singular vectors as columns: ``P`` (``(d, r)``,
+    stored column-major) and ``Q`` (``(r, d)``). Either way the matrix ``M (r, d)`` whose rows are
+    the singular vectors gives ``PᵀP − I`` and ``QQᵀ − I`` as ``MMᵀ − I``."""
+    return ([fast_param(a, "P") for a in svd], True), ([fast_param(a, "Q") for a in svd], False)
 
 
-def _groups(mats: list[torch.Tensor]):
-    """Batch ``mats`` (each ``(r, d)``) by their full dimension ``d``, whatever their rank, so the
-    cost is a few kernels per distinct ``d`` rather than per adapter or per rank (compacted
-    adapters have many ranks). Yields ``(idx, x, mask, where)``: the group's indices into
-    ``mats``, their batch ``x (n, R, d)``, and for a batch of unequal ranks, zero-padded to the
-    largest ``R``: the ``(n, R, R)`` mask of each matrix's own block and where each element sits
-    in the flat batch (``None, None`` when ranks are equal).
+def _groups(leaves: list[torch.Tensor], transposed: bool):
+    """Batch the matrices ``M (r, d)`` of ``leaves`` (each ``M``, or ``Mᵀ`` when ``transposed``) by
+    their full dimension ``d``, whatever their rank, so the cost is a few kernels per distinct
+    ``d`` rather than per adapter or per rank (compacted adapters have many ranks). Yields
+    ``(idx, x, mask, where)``: the group's indices into ``leaves``, their batch ``x (n, R, d)``,
+    and for a batch of unequal ranks, zero-padded to the largest ``R``: the ``(n, R, R)`` mask of
+    each matrix's own block and where each element sits in the flat batch (``None, None`` when
+    ranks are equal).
     """
     # Keyed by dtype and device too: a model can mix fp32 adapters (on an NF4 base) with bf16
     # ones of the same width, and one batch must hold one dtype.
     groups: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for i, m in enumerate(mats):
-        r, d = m.shape
+    for i, m in enumerate(leaves):
+        d, r = m.shape if transposed else m.shape[::-1]
         if r > 0:                                                   # rank 0: nothing to penalise
             groups[(d, m.dtype, m.device)][0].append(i)
             groups[(d, m.dtype, m.device)][1].append(r)
     for (d, _, _), (idx, ranks) in groups.items():
-        ms = [mats[i] for i in idx]
+        ms = [leaves[i] for i in idx]
         r = max(ranks)
         if min(ranks) == r:
-            yield idx, torch.stack(ms), None, None                  # (n, r, d)
+            # One stack of the leaves as stored; the batch of P is its transposed view, so no
+            # per-matrix transpose is dispatched (bmm takes the strides as they are).
+            x = torch.stack(ms)                                     # (n, r, d) or (n, d, r)
+            yield idx, (x.transpose(1, 2) if transposed else x), None, None
             continue
         # One cat and one scatter into the zero padding, however many matrices and ranks.
         where, mask = _padding(tuple(ranks), d, ms[0].device, ms[0].dtype)
-        flat = torch.cat([m.reshape(-1) for m in ms])               # views: each (r, d) is contiguous
+        rows = [m.t() for m in ms] if transposed else ms            # (r, d) each: contiguous views
+        flat = torch.cat([m.reshape(-1) for m in rows])
         x = ms[0].new_zeros(len(ms) * r * d).index_copy(0, where, flat)
         yield idx, x.view(len(ms), r, d), mask, where
 
@@ -59,10 +63,10 @@ def _residual(x: torch.Tensor, mask) -> torch.Tensor:
     return resid if mask is None else resid * mask
 
 
-def _gram_residual_norms(mats: list[torch.Tensor], squared: bool) -> torch.Tensor:
-    """Sum over ``mats`` of ``‖MMᵀ − I‖_F``, squared if asked."""
-    total = mats[0].new_zeros(())
-    for _, x, mask, _ in _groups(mats):
+def _gram_residual_norms(leaves: list[torch.Tensor], transposed: bool, squared: bool) -> torch.Tensor:
+    """Sum over the matrices of ``leaves`` of ``‖MMᵀ − I‖_F``, squared if asked."""
+    total = leaves[0].new_zeros(())
+    for _, x, mask, _ in _groups(leaves, transposed):
         sq = _residual(x, mask).pow(2).sum(dim=(1, 2))              # (n,) squared Frobenius norms
         total = total + (sq.sum() if squared else sq.sqrt().sum())
     return total
@@ -109,8 +113,8 @@ def orthogonality_penalty(adapters: dict, form: str = "reference") -> torch.Tens
     if not svd:
         return torch.zeros(())
     squared = form == "paper"
-    (pt, _, _), (q, _, _) = _factors(svd)
-    total = _gram_residual_norms(pt, squared) + _gram_residual_norms(q, squared)
+    p, q = (_gram_residual_norms(leaves, transposed, squared) for leaves, transposed in _factors(svd))
+    total = p + q
     # DEVIATION (reference form): unsquared norms averaged over the 2|S| matrices, as both public
     # implementations compute it and as their published numbers were obtained.
     return total if squared else total / (2 * len(svd))
@@ -135,8 +139,8 @@ def orthogonality_grad_(adapters: dict, weight: float, form: str = "reference") 
         return torch.zeros(())
     squared = form == "paper"
     total = svd[0].P.new_zeros(())
-    for mats, leaves, transposed in _factors(svd):
-        for idx, x, mask, where in _groups(mats):
+    for leaves, transposed in _factors(svd):
+        for idx, x, mask, where in _groups(leaves, transposed):
             c = _residual(x, mask)                                  # (n, R, R), symmetric
             sq = c.pow(2).sum(dim=(1, 2))                           # (n,)
             if squared:
@@ -154,16 +158,15 @@ def _add_to_grads(leaves: list[torch.Tensor], g: torch.Tensor, where, transposed
     """``leaf.grad += g_m`` for each matrix of a batch (one multi-tensor kernel), ``g (n, R, d)``
     padded as ``_groups`` built it; ``transposed``: the matrices were the leaves transposed."""
     if where is None:
-        parts = g.unbind(0)
+        parts = (g.transpose(1, 2) if transposed else g).unbind(0)   # in the leaves' shapes
     else:
         sizes = [m.numel() for m in leaves]
         parts = [p.view(-1, g.shape[-1]) for p in g.reshape(-1).index_select(0, where).split(sizes)]
+        parts = [p.t() for p in parts] if transposed else parts
     grads, adds = [], []
     for m, p in zip(leaves, parts):
         if not m.requires_grad:
             continue
-        if transposed:
-            p = p.t()
         if m.grad is None:
             m.grad = like_param(p, m)
         else:
