@@ -116,11 +116,16 @@ class AdapterLayer(nn.Module):
             x = self.drop(x)
         dtype = self._adapter_dtype()
         x2 = x.reshape(-1, x.shape[-1])                                         # (N, d_in)
+        if x2.dtype != dtype and not torch.is_autocast_enabled(x2.device.type):
+            # e.g. bf16 activations into fp32 adapters on an NF4 base. Not under autocast: its mm
+            # casts both operands to its dtype anyway, and a round trip through the adapter
+            # dtype would copy x twice more (and its gradient twice) per adapter.
+            x2 = x2.to(dtype)
         # hᵀ = W_down xᵀ is (r, N), and the up factor is stored column-major, so upᵀ is a row-major
         # (r, d_out): every operand of every product, backward included, then has a leading
         # dimension of N, d_in or d_out, never r. A bf16 row of r = 12 (AdaLoRA's usual r0) is
         # 24 bytes, off the 16-byte alignment that cuBLAS's fast kernels need (adalora/README.md).
-        ht = torch.mm(self._down_weight(), (x2 if x2.dtype == dtype else x2.to(dtype)).t())
+        ht = torch.mm(self._down_weight(), x2.t())
         y2 = y.reshape(-1, y.shape[-1])                                         # (N, d_out)
         if ht.dtype == y.dtype:
             # y + s·h·upᵀ as one GEMM that adds into y in its epilogue; its backward scales the

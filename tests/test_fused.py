@@ -437,6 +437,21 @@ def test_the_epilogue_path_makes_no_full_size_tensor_beyond_y_and_dx(cls):
 
 
 @pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
+def test_under_autocast_no_path_copies_x_into_the_adapter_dtype(cls):
+    """fp32 adapters fed bf16 activations under bf16 autocast: x is never cast to fp32 and back
+    (autocast's product casts it to bf16 anyway), so the (N, d_in) tensors are only dx: on the
+    unfused path its two shares and their sum, on the epilogue path one."""
+    counts = {}
+    for mode in ("none", "epilogue"):
+        layer = _layer(cls, torch.float32, fuse=mode)
+        x = torch.randn(64, 20, dtype=torch.bfloat16, requires_grad=True)
+        with _Allocations() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x).float().sum().backward()
+        counts[mode] = rec.shapes.count((64, 20))
+    assert counts == {"none": 3, "epilogue": 1}
+
+
+@pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
 def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
     """fp32 factors and base under bf16 autocast, fed an fp32 and a bf16 input (an earlier
     autocast op's output): the epilogue path runs, in bf16, returns fp32 gradients, and is as
