@@ -246,6 +246,8 @@ def paths(files) -> str:
         mode = "step captured" if c.get("step_graph") else ("compiled" if c["compile"] else "eager")
         if c["dtype"] == "bf16" and c.get("bf16_mode") == "autocast":
             mode += ", autocast"             # fp32 weights, bf16 products: what trainer=gpu trains
+        if c["lora_rank"] != int(c["target_rank"]):
+            mode += f", LoRA r={c['lora_rank']}"      # not the default pairing (LoRA at AdaLoRA's target)
         floor, peft = v["floor"]["median_ms"], v.get("peft_lora", {}).get("median_ms")
         for path, suffix in (("none", ""), ("epilogue", "_epilogue"), ("triton", "_triton")):
             lora, ada = v.get("lora" + suffix), v.get("adalora" + suffix)
