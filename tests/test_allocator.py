@@ -477,3 +477,32 @@ def test_final_allocation_freezes_the_scores_of_its_step_and_compact_needs_it():
     rec = alloc.mask_to_budget(final)
     assert rec.budget == 6 and alloc.final_done
     assert torch.equal(torch.cat([alloc.triplet_scores()[n] for n in alloc.names]), expected)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_masks_apply_to_adapters_of_two_dtypes(on_device):
+    """One fp32 adapter beside fp64 ones (as fp32 adapters on an NF4 base sit beside bf16 ones):
+    the host and the device mask step each keep the top b(t) magnitudes over all adapters and
+    zero every other λ, each λ in its own dtype."""
+    from adalora import schedule
+    m = _model()
+    m[2].float()
+    ad = adalora.inject(m, AdapterConfig(targets=["0", "1", "2"], init_rank=4, alpha=4.0))
+    cfg = ScheduleConfig(target_rank=2, total_steps=40, init_warmup=0, final_warmup=10, mask_interval=1)
+    alloc = RankAllocator(ad, cfg, ScoreConfig(kind="magnitude"))
+    vals = [[3.0, 1.0, 0.2, 0.5], [0.1, 1.5, 2.0, 0.0], [0.3, 4.0, 1.2, 0.7]]
+    with torch.no_grad():
+        for a, v in zip(ad.values(), vals):
+            a.lam.copy_(torch.tensor(v))
+    step = 5
+    budget = schedule.budget_at(step, cfg, alloc.initial_budget, alloc.target_budget)
+    assert 0 < budget < 12
+    if on_device:
+        alloc.mask_on_device(torch.tensor(step))
+    else:
+        alloc.mask_to_budget(step)
+    kept = sorted(sum(vals, []), reverse=True)[:budget]
+    for a, v, dtype in zip(ad.values(), vals, (torch.float64, torch.float64, torch.float32)):
+        want = torch.tensor([x if x in kept else 0.0 for x in v], dtype=dtype)
+        assert a.lam.dtype == dtype and torch.equal(a.lam.detach(), want)
+        assert a.rank_mask.tolist() == [x in kept for x in v]

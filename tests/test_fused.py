@@ -454,15 +454,15 @@ def test_under_autocast_no_path_copies_x_into_the_adapter_dtype(cls):
 @pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
 def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
     """fp32 factors and base under bf16 autocast, fed an fp32 and a bf16 input (an earlier
-    autocast op's output): the epilogue path runs, in bf16, returns fp32 gradients, and is as
+    autocast op's output), with and without a bias: the epilogue path runs, in bf16, returns fp32 gradients, and is as
     close to the float64 map as the unfused path under the same autocast. Its output is the
     unfused path's bit for bit (g ⊙ Q formed in fp32 before the cast on both); its gradients
     round s · G U in another order."""
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm())
 
-    for x_dtype in (torch.float32, torch.bfloat16):
-        layer = _layer(cls, torch.float32, d_in=64, d_out=48, rank=8)
+    for x_dtype, bias in ((torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)):
+        layer = _layer(cls, torch.float32, d_in=64, d_out=48, rank=8, bias=bias)
         ref, fast = _pair(layer, "epilogue")
         x = torch.randn(5, 7, 64).to(x_dtype)
         g = torch.randn(5, 7, 48, dtype=torch.bfloat16)
