@@ -469,8 +469,12 @@ def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
         exact = _run(copy.deepcopy(layer).double(), x.double(), g.double())
         errors, outputs = [], []
         for m in (ref, fast):
+            xi = x.detach().clone().requires_grad_(True)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                y, dx, grads = _run(m, x, g)
+                y = m(xi)
+            y.backward(g)                                  # outside autocast, as training loops do
+            y, dx = y.detach(), xi.grad
+            grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
             assert y.dtype == torch.bfloat16 and dx.dtype == x_dtype
             assert all(grads[n].dtype == torch.float32 for n in grads)
             errors.append([rel(y, exact[0]), rel(dx, exact[1])] + [rel(grads[n], exact[2][n]) for n in sorted(grads)])

@@ -111,9 +111,9 @@ def test_triton_falls_back_to_the_epilogue_path(monkeypatch):
     assert fused.path(layer, x) == "epilogue"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fused.path(layer, x) == "triton"
-    wide = _layer(SVDLinear, rank=65)
-    wide.fuse = "triton"
-    assert fused.path(wide, x) == "epilogue"
+    edge, wide = _layer(SVDLinear, rank=64), _layer(SVDLinear, rank=65)
+    edge.fuse = wide.fuse = "triton"
+    assert fused.path(edge, x) == "triton" and fused.path(wide, x) == "epilogue"
     double = copy.deepcopy(layer).double()
     assert fused.path(double, x.double()) == "epilogue"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -122,3 +122,23 @@ def test_triton_falls_back_to_the_epilogue_path(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     assert fused.path(dropped, x) == "none" and fused.path(dropped.eval(), x) == "triton"
     assert calls == []
+
+
+def test_triton_path_runs_the_kernel_under_autocast(interpreted, monkeypatch):
+    """fp32 factors under fp16 autocast (the interpreter has no bf16): the kernel computes both
+    products in fp16, as close to the unfused path under the same autocast as fp16 allows."""
+    layer = _layer(SVDLinear)
+    ref, fast = copy.deepcopy(layer), copy.deepcopy(layer)
+    fast.fuse = "triton"
+    calls = _counting(monkeypatch)
+    x = torch.randn(3, 7, 20)
+    outs = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = m(xi)
+        y.float().pow(2).sum().backward()
+        outs.append([y.float(), xi.grad] + [p.grad for p in m.parameters() if p.requires_grad])
+    assert calls == [(21, 20), (21, 30)] and outs[1][1].dtype == torch.float32
+    for a, b in zip(*outs):            # relative to each tensor's norm: fp16 cancels single entries
+        assert float((b.double() - a.double()).norm() / a.double().norm()) < 2e-3
