@@ -119,8 +119,9 @@ def test_paths_table_reads_its_cells_from_a_results_file(tmp_path):
 
     v = lambda ms, kernel: {"median_ms": ms, "kernel_ms": kernel}  # noqa: E731
     check = lambda diff, masks: {"max_abs_loss_diff": diff, "steps": 20, "mask_equal_steps": masks}  # noqa: E731
-    d = {"kind": "paths_benchmark", "machine": "1x NVIDIA H200", "config": {"preset": "large", "compile": False,
-                                                                          "step_graph": True},
+    config = {"preset": "large", "compile": False, "step_graph": True, "dtype": "bf16", "bf16_mode": "weights",
+              "lora_rank": 8, "target_rank": 8.0}
+    d = {"kind": "paths_benchmark", "machine": "1x NVIDIA H200", "config": config,
          "variants": {"floor": v(20.0, 19.0), "peft_lora": v(40.0, 38.0), "lora": v(32.0, 30.0),
                       "adalora": v(36.0, 34.5), "lora_epilogue": v(30.0, 29.0), "adalora_epilogue": v(33.0, 32.0),
                       "lora_triton": v(31.0, 30.0)},       # no adalora_triton: no triton row
@@ -130,3 +131,7 @@ def test_paths_table_reads_its_cells_from_a_results_file(tmp_path):
     assert rows == [
         "| large, step captured | 1x H200 | none | 20.0 | 32.0 | 36.0 | 1.60 | 1.80 | 1.12 | 0.80 | 34.5 / 1.5 | (reference) | `x.json` |",
         "| large, step captured | 1x H200 | epilogue | 20.0 | 30.0 | 33.0 | 1.50 | 1.65 | 1.10 | 0.75 | 32.0 / 1.0 | 0.004; 19/20 | `x.json` |"]
+    # fp32 weights under autocast, and LoRA at another rank than AdaLoRA's target: both named
+    config.update(bf16_mode="autocast", lora_rank=12)
+    (tmp_path / "x.json").write_text(json.dumps(d))
+    assert B.paths(B.load(tmp_path)).splitlines()[2].startswith("| large, step captured, autocast, LoRA r=12 | 1x H200 | none |")

@@ -3,6 +3,7 @@ does: outputs, gradients, training, allocation, the stack's rebuild after every 
 moves or reshapes a factor, saved files, and the fallbacks; the epilogue path makes no (N, d)
 tensor beyond the output and the input gradient. CPU only, no timing."""
 import copy
+import types
 
 import pytest
 import torch
@@ -323,6 +324,15 @@ def test_fallbacks_use_the_unfused_path_exactly(mode):
     auto = _layer(SVDLinear, torch.float32, fuse="auto")
     y = auto(torch.randn(2, 20))                               # a CPU tensor: auto means none
     assert not _took(auto, y, "stack") and not _took(auto, y, "epilogue")
+
+
+def test_auto_takes_the_epilogue_path_for_cuda_tensors():
+    """"auto" resolves by the input's device. ``path`` reads only the input's ``is_cuda``, dtype
+    and device, so a stand-in for a CUDA tensor checks the choice on a machine without one."""
+    layer = _layer(SVDLinear, torch.float32, fuse="auto")
+    cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda"))
+    assert fused.path(layer, cuda_like) == "epilogue"
+    assert fused.path(layer, torch.randn(2, 20)) == "none"
 
 
 def test_fuse_values_are_checked():

@@ -86,12 +86,14 @@ def test_no_host_sync_and_the_same_ops_on_mask_and_other_steps():
 
 
 def test_refuses_host_scores_and_the_final_phase_with_the_fix():
-    with pytest.raises(ValueError, match="mask_to_budget"):
+    with pytest.raises(ValueError, match=r"^ScoreConfig.kind='random_churn' draws its scores on the host: "
+                                         r"use mask_to_budget\(step\), or a gradient or magnitude score$"):
         _setup("random_churn")[2].mask_on_device(torch.tensor(5))
     m, ad, alloc, opt = _setup()
     for step in range(1, 31):
         _step(m, ad, alloc, opt, step)
-    with pytest.raises(RuntimeError, match="call mask_to_budget"):
+    with pytest.raises(RuntimeError, match=r"^mask_on_device is for the steps before the final allocation; "
+                                           r"call mask_to_budget\(step\) from schedule.final_step on$"):
         alloc.mask_on_device(torch.tensor(31))
 
 
@@ -136,3 +138,43 @@ def test_steps_outside_the_table_read_its_first_and_last_entries():
     assert sum(int(layer.rank_mask.sum()) for layer in past.layers) == kept < 12
     for a, b in zip(last.layers, past.layers):
         assert torch.equal(a.rank_mask, b.rank_mask) and torch.equal(a.lam, b.lam)
+
+
+def _magnitudes(vals, init_rank=4, **sched):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 10), nn.Linear(10, 12)).double()
+    ad = adalora.inject(m, AdapterConfig(targets=["0", "1", "2"], init_rank=init_rank, alpha=4.0))
+    alloc = RankAllocator(ad, ScheduleConfig(**{**SCHED, **sched}), ScoreConfig(kind="magnitude"))
+    with torch.no_grad():
+        for layer, v in zip(alloc.layers, vals):
+            layer.lam.copy_(torch.tensor(v, dtype=torch.float64))
+    return alloc
+
+
+def test_ties_go_to_the_earliest_adapter_and_index_as_on_the_host():
+    """Scores 0, 1, 2, 0, 1, 2, ... over 3 adapters of rank 8, and a budget of 5 that cuts through
+    the eight 2s: the five kept are the first in adapter order, then index (a stable sort; the
+    CPU's unstable sort of 24 values keeps others), as mask_to_budget keeps them."""
+    flat = [float(i % 3) for i in range(24)]
+    vals = [flat[k * 8:(k + 1) * 8] for k in range(3)]
+    sched = dict(target_rank=1, init_warmup=0, mask_interval=1)
+    dev, host = _magnitudes(vals, 8, **sched), _magnitudes(vals, 8, **sched)
+    assert adalora.schedule.budget_at(15, dev.schedule, 24, 3) == 5
+    dev.mask_on_device(torch.tensor(15))
+    host.mask_to_budget(15)
+    brute = sorted(range(24), key=lambda i: (-flat[i], i))[:5]                   # by hand
+    got = [k * 8 + j for k, layer in enumerate(dev.layers) for j in range(8) if layer.rank_mask[j]]
+    assert got == sorted(brute) == [2, 5, 8, 11, 14]
+    for a, b in zip(dev.layers, host.layers):
+        assert torch.equal(a.rank_mask, b.rank_mask) and torch.equal(a.lam, b.lam)
+
+
+def test_the_tables_follow_a_change_of_rank():
+    """After an adapter grows (expand) the device step sizes its tables to the new ranks."""
+    alloc = _magnitudes([[4.0, 3.0, 2.0, 1.0]] * 3, init_warmup=0, mask_interval=1)
+    alloc.mask_on_device(torch.tensor(5))
+    alloc.layers[0].expand(2)
+    alloc.mask_on_device(torch.tensor(6))
+    kept = adalora.schedule.budget_at(6, alloc.schedule, alloc.initial_budget, alloc.target_budget)
+    assert alloc.layers[0].rank_mask.shape == (6,)
+    assert sum(int(layer.rank_mask.sum()) for layer in alloc.layers) == kept
