@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def count_ops(fn) -> dict:
-    """Non-view aten ops dispatched by ``fn()`` (≈ kernels) and how many force a device->host sync."""
+def count_ops(fn, views: bool = False) -> dict:
+    """Non-view aten ops dispatched by ``fn()`` (≈ kernels) and how many force a device->host sync.
+    ``views=True`` counts views in ``ops`` too: each is a dispatch the host pays for."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -19,7 +20,7 @@ def count_ops(fn) -> dict:
             self.ops, self.syncs = 0, 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += not func.is_view          # views move no data: count ops that do
+            self.ops += views or not func.is_view     # views move no data: count ops that do
             self.syncs += func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "item")
             return func(*args, **(kwargs or {}))
     # tolist() and numpy() read memory without dispatching an op: count those reads separately.

@@ -464,8 +464,9 @@ def test_under_autocast_no_path_copies_x_into_the_adapter_dtype(cls):
 @pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
 def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
     """fp32 factors and base under bf16 autocast, fed an fp32 and a bf16 input (an earlier
-    autocast op's output), with and without a bias: the epilogue path runs, in bf16, returns fp32 gradients, and is as
-    close to the float64 map as the unfused path under the same autocast. Its output is the
+    autocast op's output), with and without a bias: the epilogue path runs, in bf16, returns fp32
+    gradients, and is as close to the float64 map as the unfused path under the same autocast,
+    backward run outside autocast as training loops do. Its output is the
     unfused path's bit for bit (g ⊙ Q formed in fp32 before the cast on both); its gradients
     round s · G U in another order."""
     def rel(a, b):

@@ -111,35 +111,6 @@ def test_svd_adapter_costs_four_ops_more_than_lora_per_forward_and_backward():
     assert (ops("adalora", 6) - ops("lora", 6)) - (ops("adalora", 3) - ops("lora", 3)) == 3 * 4
 
 
-def test_steps_outside_the_table_read_its_first_and_last_entries():
-    """Step 0 is warmup, so nothing is masked even where step 1 would mask. A step past the table
-    (whose final phase is mask_to_budget's) reads its last entry, here a mask step: it masks as
-    that step does."""
-    def made(**sched):
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 10), nn.Linear(10, 12)).double()
-        ad = adalora.inject(m, AdapterConfig(targets=["0", "1", "2"], init_rank=4, alpha=4.0))
-        alloc = RankAllocator(ad, ScheduleConfig(**{**SCHED, **sched}), ScoreConfig(kind="magnitude"))
-        with torch.no_grad():
-            for k, layer in enumerate(alloc.layers):
-                layer.lam.copy_(torch.arange(4.0) + 4 * k + 1)       # 12 distinct magnitudes
-        return alloc
-
-    first = made(init_warmup=0, mask_interval=1)
-    assert adalora.schedule.is_mask_step(1, first.schedule)
-    first.mask_on_device(torch.tensor(0))
-    assert all(bool(layer.rank_mask.all()) and bool((layer.lam > 0).all()) for layer in first.layers)
-    last, past = made(init_warmup=0, final_warmup=12), made(init_warmup=0, final_warmup=12)
-    t = last.schedule.final_step - 1                                   # 27: a mask step, 26 is not
-    assert adalora.schedule.is_mask_step(t, last.schedule) and not adalora.schedule.is_mask_step(t - 1, last.schedule)
-    last.mask_on_device(torch.tensor(t))
-    past.mask_on_device(torch.tensor(100))
-    kept = adalora.schedule.budget_at(t, last.schedule, 12, 6)
-    assert sum(int(layer.rank_mask.sum()) for layer in past.layers) == kept < 12
-    for a, b in zip(last.layers, past.layers):
-        assert torch.equal(a.rank_mask, b.rank_mask) and torch.equal(a.lam, b.lam)
-
-
 def _magnitudes(vals, init_rank=4, **sched):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 10), nn.Linear(10, 12)).double()
@@ -149,6 +120,26 @@ def _magnitudes(vals, init_rank=4, **sched):
         for layer, v in zip(alloc.layers, vals):
             layer.lam.copy_(torch.tensor(v, dtype=torch.float64))
     return alloc
+
+
+def test_steps_outside_the_table_read_its_first_and_last_entries():
+    """Step 0 is warmup, so nothing is masked even where step 1 would mask. A step past the table
+    (whose final phase is mask_to_budget's) reads its last entry, here a mask step: it masks as
+    that step does."""
+    vals = [[4.0 * k + j + 1 for j in range(4)] for k in range(3)]           # 12 distinct magnitudes
+    first = _magnitudes(vals, init_warmup=0, mask_interval=1)
+    assert adalora.schedule.is_mask_step(1, first.schedule)
+    first.mask_on_device(torch.tensor(0))
+    assert all(bool(layer.rank_mask.all()) and bool((layer.lam > 0).all()) for layer in first.layers)
+    last, past = (_magnitudes(vals, init_warmup=0, final_warmup=12) for _ in range(2))
+    t = last.schedule.final_step - 1                                   # 27: a mask step, 26 is not
+    assert adalora.schedule.is_mask_step(t, last.schedule) and not adalora.schedule.is_mask_step(t - 1, last.schedule)
+    last.mask_on_device(torch.tensor(t))
+    past.mask_on_device(torch.tensor(100))
+    kept = adalora.schedule.budget_at(t, last.schedule, 12, 6)
+    assert sum(int(layer.rank_mask.sum()) for layer in past.layers) == kept < 12
+    for a, b in zip(last.layers, past.layers):
+        assert torch.equal(a.rank_mask, b.rank_mask) and torch.equal(a.lam, b.lam)
 
 
 def test_ties_go_to_the_earliest_adapter_and_index_as_on_the_host():
