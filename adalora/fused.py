@@ -105,6 +105,11 @@ def applies(layer, x: torch.Tensor) -> bool:
     (the adapter then sees another x than the base), a merged layer, rank 0, a trainable W0 or b
     (the fused backward never returns their gradients), base and adapter dtypes that differ, or
     outside autocast an input in another dtype (under autocast ``forward`` casts, as it would)."""
+    return weights_apply(layer) and (x.dtype == layer.base.weight.dtype or torch.is_autocast_enabled(x.device.type))
+
+
+def weights_apply(layer) -> bool:
+    """``applies`` without the input: what the layer itself allows."""
     base = layer.base
     if type(base) is not nn.Linear or layer.merged or layer.rank == 0:
         return False
@@ -113,9 +118,7 @@ def applies(layer, x: torch.Tensor) -> bool:
     w, b = base.weight, base.bias
     if w.requires_grad or (b is not None and b.requires_grad):
         return False
-    if w.dtype != layer._adapter_dtype():
-        return False
-    return x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type)
+    return w.dtype == layer._adapter_dtype()
 
 
 def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -126,6 +129,9 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     up = layer._up()
     x2 = x.reshape(-1, x.shape[-1])                                            # (N, d_in)
     if mode in ("epilogue", "triton"):
+        gated = layer.__dict__.get("_gated_down")
+        if gated is not None:
+            down, gate = gated, None        # g ⊙ D formed with the other adapters' (gate_batch.py)
         device = x.device.type
         if torch.is_autocast_enabled(device):
             # What autocast does to the unfused path's products: x, W0 and b in its dtype here
