@@ -37,6 +37,7 @@ the epilogue path.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -44,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import lowrank_gemm
+from . import factor_batch, lowrank_gemm
 
 FUSE_MODES = ("none", "epilogue", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
 
@@ -129,19 +130,25 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     up = layer._up()
     x2 = x.reshape(-1, x.shape[-1])                                            # (N, d_in)
     if mode in ("epilogue", "triton"):
-        gated = layer.__dict__.get("_gated_down")
-        if gated is not None:
-            down, gate = gated, None        # g ⊙ D formed with the other adapters' (gate_batch.py)
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        autocast = torch.is_autocast_enabled(device)
+        if autocast:
             # What autocast does to the unfused path's products: x, W0 and b in its dtype here
             # (none needs a gradient through the cast, bar x); the factors inside the Function,
             # which returns their gradients in their own dtype without an autograd node per cast.
             dt = torch.get_autocast_dtype(device)
             x2, w, b = (t if t is None else t.to(dt) for t in (x2, w, b))
-            with torch.autocast(device, enabled=False):
-                y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode == "triton")
-        else:
+        # Factors prepared with the other adapters' before the model's forward (factor_batch.py):
+        # g ⊙ D, and under autocast both factors cast. Taken only in the dtype of this product
+        # (an adapter in a region where autocast is off keeps its own).
+        prepared = layer.__dict__.get(factor_batch.SLOT)
+        if prepared is not None:
+            pd, pu = prepared
+            if pd is not None and pd.dtype == x2.dtype:
+                down, gate = pd, None
+            if pu is not None and pu.dtype == x2.dtype:
+                up = pu
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode == "triton")
     else:
         stack, bstack = _stack(layer, w, b, down)
@@ -213,6 +220,7 @@ class EpilogueLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, down, gate, up, scaling, triton):
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
+        ctx.up_dtype = up.dtype
         dg, up = dg.to(x.dtype), up.to(x.dtype)                   # no-ops unless under autocast
         if triton:
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
@@ -240,7 +248,7 @@ class EpilogueLinear(torch.autograd.Function):
         if need_d or need_g:
             dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
         if need_u:
-            du = _scaled_mm(ht, grad, s).t().to(down.dtype)  # s · Gᵀ h (d_out, r), column-major as U
+            du = _scaled_mm(ht, grad, s).t().to(ctx.up_dtype)   # s · Gᵀ h (d_out, r), column-major as U
         return dx, None, None, dd, dgate, du, None, None
 
 

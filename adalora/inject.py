@@ -6,7 +6,7 @@ import re
 
 import torch.nn as nn
 
-from . import gate_batch
+from . import factor_batch
 from .config import AdapterConfig
 from .fused import check_fuse
 from .layers import AdapterLayer, LoRALinear, SVDLinear, is_adaptable
@@ -58,8 +58,7 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
         layer.scaling = scaling(cfg, r)
         _set_submodule(model, name, layer)
         adapters[name] = layer
-    if cfg.method == "adalora":
-        gate_batch.attach(model)     # the fused paths' lam ⊙ Q, one product per input width
+    factor_batch.attach(model)       # the fused paths' lam ⊙ Q and casts, once per factor width
     return adapters
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 
-def count_ops(fn, views: bool = False) -> dict:
+def count_ops(fn, views: bool = False, only: str | None = None) -> dict:
     """Non-view aten ops dispatched by ``fn()`` (≈ kernels) and how many force a device->host sync.
-    ``views=True`` counts views in ``ops`` too: each is a dispatch the host pays for."""
+    ``views=True`` counts views in ``ops`` too: each is a dispatch the host pays for. ``only``
+    (an op name such as ``"aten._to_copy"``) counts that op alone in ``ops``."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -20,7 +21,10 @@ def count_ops(fn, views: bool = False) -> dict:
             self.ops, self.syncs = 0, 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += views or not func.is_view     # views move no data: count ops that do
+            if only is None:
+                self.ops += views or not func.is_view     # views move no data: count ops that do
+            else:
+                self.ops += str(func.overloadpacket) == only
             self.syncs += func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "item")
             return func(*args, **(kwargs or {}))
     # tolist() and numpy() read memory without dispatching an op: count those reads separately.

@@ -1,4 +1,4 @@
-"""The fused paths' gate products formed for all adapters at once (adalora/gate_batch.py): the
+"""The fused paths' gate products formed for all adapters at once (adalora/factor_batch.py): the
 same outputs and gradients as the unfused path and as each adapter alone, a number of operations
 that no longer grows with the number of adapters, and products that never outlive the forward
 that formed them. CPU only, no timing."""
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import adalora
-from adalora import gate_batch
+from adalora import factor_batch
 from experiments.opcount import count_ops
 
 WIDTHS = (16, 16, 16, 24, 24, 8, 16)   # d_in of each layer: two widths shared, one (8) alone
@@ -75,7 +75,7 @@ def test_the_batched_products_give_what_each_adapter_forms_alone():
     x = torch.randn(9, 16, dtype=torch.float64)
     m, ad = _model("epilogue")
     alone = copy.deepcopy(m)
-    gate_batch.remove(alone)
+    factor_batch.remove(alone)
     batched = _step(m, ad, x)
     _assert_same(batched, _step(alone, adalora.find_adapters(alone), x), rtol=1e-12, atol=1e-12)
 
@@ -94,7 +94,7 @@ def test_what_adalora_adds_to_lora_no_longer_grows_with_the_adapters():
         for method in ("lora", "adalora"):
             m, _ = _model("epilogue", method, widths)
             if not batched:
-                gate_batch.remove(m)
+                factor_batch.remove(m)
             counts.append(_ops(m, x))
         return counts[1] - counts[0]
 
@@ -105,13 +105,13 @@ def test_what_adalora_adds_to_lora_no_longer_grows_with_the_adapters():
 def test_the_products_are_dropped_after_the_forward_also_when_it_raises():
     m, ad = _model("epilogue")
     seen = []
-    ad["layers.2"].register_forward_pre_hook(lambda mod, args: seen.append(mod.__dict__.get(gate_batch.SLOT)))
+    ad["layers.2"].register_forward_pre_hook(lambda mod, args: seen.append(mod.__dict__.get(factor_batch.SLOT)))
     m(torch.randn(3, 16, dtype=torch.float64))
-    assert seen[-1] is not None and seen[-1].shape == (4, 16)       # formed, and handed over
-    assert all(gate_batch.SLOT not in a.__dict__ for a in ad.values())
+    assert seen[-1] is not None and seen[-1][0].shape == (4, 16)    # formed, and handed over
+    assert all(factor_batch.SLOT not in a.__dict__ for a in ad.values())
     with pytest.raises(RuntimeError):
         m(torch.randn(3, 15, dtype=torch.float64))                     # the first layer raises
-    assert all(gate_batch.SLOT not in a.__dict__ for a in ad.values())
+    assert all(factor_batch.SLOT not in a.__dict__ for a in ad.values())
 
 
 def test_an_adapter_called_alone_after_a_step_uses_its_current_parameters():
@@ -155,15 +155,16 @@ def test_gradient_checkpointing_skips_the_batch_and_trains_the_same():
     _assert_same(_step(m, ad, x), plain, rtol=1e-12, atol=1e-12)
 
 
-def test_under_autocast_the_output_is_each_adapter_alone_bit_for_bit():
-    """fp32 adapters under bf16 autocast: the batch casts ``lam ⊙ Q`` once for all, as each
-    adapter would cast its own; the gradients come back in fp32."""
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_under_autocast_the_output_is_each_adapter_alone_bit_for_bit(method):
+    """fp32 adapters under bf16 autocast: the batch casts the factors (``lam ⊙ Q`` formed
+    first) once for all, as each adapter would cast its own; the gradients come back in fp32."""
     x = torch.randn(9, 16)
     outs = []
     for batched in (True, False):
-        m, ad = _model("epilogue", dtype=torch.float32)
+        m, ad = _model("epilogue", method, dtype=torch.float32)
         if not batched:
-            gate_batch.remove(m)
+            factor_batch.remove(m)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x)
         y.float().pow(2).sum().backward()
@@ -174,11 +175,71 @@ def test_under_autocast_the_output_is_each_adapter_alone_bit_for_bit():
         torch.testing.assert_close(outs[0][1][k], outs[1][1][k], rtol=1e-5, atol=1e-5, msg=k)
 
 
-def test_unfused_and_lora_models_get_no_products():
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_under_autocast_an_adapted_layer_casts_no_more_than_the_frozen_linear_alone(method):
+    """Per layer, forward and backward, a frozen ``nn.Linear`` under bf16 autocast casts its
+    weight and bias. A fused adapter on it casts those two and nothing more: its factors' casts,
+    and their gradients' casts back to fp32, are made once per width."""
+    def per_layer(make):
+        counts = []
+        for n in (4, 16):
+            m = make(n)
+            x = torch.randn(3, 16)
+
+            def step():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = m(x)
+                y.float().sum().backward()
+            counts.append(count_ops(step, only="aten._to_copy")["ops"])
+        return (counts[1] - counts[0]) / 12
+
+    def frozen(n):
+        m = Chain((16,) * n).requires_grad_(False)
+        m.layers[0].weight.requires_grad_(True)       # something to backward into
+        return m
+
+    assert per_layer(frozen) == 2
+    assert per_layer(lambda n: _model("epilogue", method, (16,) * n, torch.float32)[0]) == 2
+
+
+def test_unfused_models_and_lora_outside_autocast_get_no_prepared_factors():
     for fuse, method in (("none", "adalora"), ("stack", "adalora"), ("epilogue", "lora")):
         m, ad = _model(fuse, method)
         seen = []
         for a in ad.values():
-            a.register_forward_pre_hook(lambda mod, args: seen.append(gate_batch.SLOT in mod.__dict__))
+            a.register_forward_pre_hook(lambda mod, args: seen.append(factor_batch.SLOT in mod.__dict__))
         m(torch.randn(3, 16, dtype=torch.float64))
         assert seen and not any(seen), (fuse, method)
+
+
+def test_an_adapter_where_autocast_is_off_keeps_its_own_fp32_factors():
+    """The model runs under autocast, one block of it with autocast off: that adapter must not
+    multiply by the bf16 factors prepared for the others (its product is fp32). Its output and
+    gradients are those without the batch."""
+    class OneOff(Chain):
+        def forward(self, x):
+            for i, layer in enumerate(self.layers):
+                with torch.autocast("cpu", enabled=i != 2):
+                    x = torch.tanh(layer(x.float() if i == 2 else x))
+            return x
+
+    x = torch.randn(9, 16)
+    outs = []
+    for batched in (True, False):
+        torch.manual_seed(0)
+        m = OneOff().float()
+        ad = adalora.inject(m, adalora.AdapterConfig(targets=["layers." + str(i) for i in range(len(WIDTHS))],
+                                                     init_rank=4, alpha=4.0, fuse="epilogue"))
+        adalora.mark_only_adapters_trainable(m)
+        with torch.no_grad():
+            for p in adalora.adapter_parameters(ad):
+                p.normal_(0, 0.5)
+        if not batched:
+            factor_batch.remove(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().pow(2).sum().backward()
+        outs.append((y.detach(), _grads(ad)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for k in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][k], outs[1][1][k], rtol=1e-5, atol=1e-5, msg=k)
