@@ -34,6 +34,9 @@ builds of torch), a CUDA tensor, ``r <= 64`` and eager execution; where one is m
 the epilogue path.
 
 ``AdapterLayer.forward`` takes the path ``path`` names; ``"none"`` is autograd's, the reference.
+On ``"epilogue"`` and ``"triton"``, ``forward`` takes ``g ⊙ D`` and the cast factors from the
+layer when adalora/factor_batch.py has prepared them with the other adapters' (``gate`` is then
+None, as for LoRA).
 """
 from __future__ import annotations
 
