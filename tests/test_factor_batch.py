@@ -29,9 +29,9 @@ class Chain(nn.Module):
         return x
 
 
-def _model(fuse, method="adalora", widths=WIDTHS, dtype=torch.float64, seed=0):
+def _model(fuse, method="adalora", widths=WIDTHS, dtype=torch.float64, seed=0, net=Chain):
     torch.manual_seed(seed)
-    m = Chain(widths).to(dtype)
+    m = net(widths).to(dtype)
     ad = adalora.inject(m, adalora.AdapterConfig(method=method, targets=["layers." + str(i) for i in range(len(widths))],
                                                  init_rank=4, alpha=4.0, fuse=fuse))
     adalora.mark_only_adapters_trainable(m)
@@ -143,26 +143,18 @@ def test_gradient_checkpointing_skips_the_batch_and_trains_the_same():
 
     x = torch.randn(9, 16, dtype=torch.float64)
     plain = _step(*_model("epilogue"), x)
-    torch.manual_seed(0)
-    m = Checkpointed().double()
+    m, ad = _model("epilogue", net=Checkpointed)
     m.layers.gradient_checkpointing = True
-    ad = adalora.inject(m, adalora.AdapterConfig(targets=["layers." + str(i) for i in range(len(WIDTHS))],
-                                                 init_rank=4, alpha=4.0, fuse="epilogue"))
-    adalora.mark_only_adapters_trainable(m)
-    with torch.no_grad():
-        for p in adalora.adapter_parameters(ad):
-            p.normal_(0, 0.5)
     _assert_same(_step(m, ad, x), plain, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["adalora", "lora"])
-def test_under_autocast_the_output_is_each_adapter_alone_bit_for_bit(method):
-    """fp32 adapters under bf16 autocast: the batch casts the factors (``lam ⊙ Q`` formed
-    first) once for all, as each adapter would cast its own; the gradients come back in fp32."""
+def _same_with_and_without_the_batch_under_autocast(**model_args):
+    """fp32 adapters run under bf16 autocast with the factors prepared per width and without:
+    the same output bit for bit, and fp32 gradients that agree to fp32 rounding."""
     x = torch.randn(9, 16)
     outs = []
     for batched in (True, False):
-        m, ad = _model("epilogue", method, dtype=torch.float32)
+        m, ad = _model("epilogue", dtype=torch.float32, **model_args)
         if not batched:
             factor_batch.remove(m)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -173,6 +165,13 @@ def test_under_autocast_the_output_is_each_adapter_alone_bit_for_bit(method):
     assert torch.equal(outs[0][0], outs[1][0])
     for k in outs[0][1]:
         torch.testing.assert_close(outs[0][1][k], outs[1][1][k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_under_autocast_the_output_is_each_adapter_alone_bit_for_bit(method):
+    """The batch casts the factors (``lam ⊙ Q`` formed first) once for all, as each adapter would
+    cast its own."""
+    _same_with_and_without_the_batch_under_autocast(method=method)
 
 
 @pytest.mark.parametrize("method", ["adalora", "lora"])
@@ -223,23 +222,4 @@ def test_an_adapter_where_autocast_is_off_keeps_its_own_fp32_factors():
                     x = torch.tanh(layer(x.float() if i == 2 else x))
             return x
 
-    x = torch.randn(9, 16)
-    outs = []
-    for batched in (True, False):
-        torch.manual_seed(0)
-        m = OneOff().float()
-        ad = adalora.inject(m, adalora.AdapterConfig(targets=["layers." + str(i) for i in range(len(WIDTHS))],
-                                                     init_rank=4, alpha=4.0, fuse="epilogue"))
-        adalora.mark_only_adapters_trainable(m)
-        with torch.no_grad():
-            for p in adalora.adapter_parameters(ad):
-                p.normal_(0, 0.5)
-        if not batched:
-            factor_batch.remove(m)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(x)
-        y.float().pow(2).sum().backward()
-        outs.append((y.detach(), _grads(ad)))
-    assert torch.equal(outs[0][0], outs[1][0])
-    for k in outs[0][1]:
-        torch.testing.assert_close(outs[0][1][k], outs[1][1][k], rtol=1e-5, atol=1e-5, msg=k)
+    _same_with_and_without_the_batch_under_autocast(net=OneOff)
