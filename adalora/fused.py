@@ -223,7 +223,6 @@ class EpilogueLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, down, gate, up, scaling, triton):
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
-        ctx.up_dtype = up.dtype
         dg, up = dg.to(x.dtype), up.to(x.dtype)                   # no-ops unless under autocast
         if triton:
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
@@ -251,7 +250,8 @@ class EpilogueLinear(torch.autograd.Function):
         if need_d or need_g:
             dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
         if need_u:
-            du = _scaled_mm(ht, grad, s).t().to(ctx.up_dtype)   # s · Gᵀ h (d_out, r), column-major as U
+            # s · Gᵀ h (d_out, r), column-major as U; autograd casts a gradient to its input's dtype
+            du = _scaled_mm(ht, grad, s).t()
         return dx, None, None, dd, dgate, du, None, None
 
 

@@ -2,7 +2,9 @@
 same outputs and gradients as the unfused path and as each adapter alone, a number of operations
 that no longer grows with the number of adapters, and products that never outlive the forward
 that formed them. CPU only, no timing."""
+import collections
 import copy
+import types
 
 import pytest
 import torch
@@ -223,3 +225,51 @@ def test_an_adapter_where_autocast_is_off_keeps_its_own_fp32_factors():
             return x
 
     _same_with_and_without_the_batch_under_autocast(net=OneOff)
+
+
+def test_attach_is_once_per_model_and_remove_is_safe_twice():
+    m, _ = _model("epilogue")
+    factor_batch.attach(m)
+    assert len(m._forward_pre_hooks) == 1 and len(m._forward_hooks) == 1
+    factor_batch.remove(m)
+    factor_batch.remove(m)
+    assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+@pytest.mark.parametrize("widths", [WIDTHS, (8, 12, 16, 16, 24, 24)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_every_adapter_of_a_shared_width_gets_prepared_factors_and_a_lone_one_does_not(widths, autocast):
+    """Down factors are shared by ``d_in``, cast up factors by ``d_out`` (only under autocast):
+    a width of one adapter prepares its own, since one product for one adapter saves nothing.
+    The second chain starts with lone widths. Outside autocast the prepared down factor is
+    ``lam ⊙ Q`` exactly."""
+    dtype = torch.float32 if autocast else torch.float64
+    m, ad = _model("epilogue", widths=widths, dtype=dtype)
+    seen = {}
+    for name, a in ad.items():
+        a.register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: mod.__dict__.get(factor_batch.SLOT)}))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        m(torch.randn(3, widths[0], dtype=dtype))
+    n_in = collections.Counter(widths)
+    n_out = collections.Counter(a.out_features for a in ad.values())
+    for name, a in ad.items():
+        down, up = seen[name] or (None, None)
+        assert (down is not None) == (n_in[a.in_features] > 1), name
+        assert (up is not None) == (autocast and n_out[a.out_features] > 1), name
+        if down is not None and not autocast:
+            torch.testing.assert_close(down, a.Q * a.lam[:, None], rtol=0, atol=0)
+
+
+def test_auto_prepares_factors_for_cuda_parameters_only():
+    """``"auto"`` resolves by the down factor's device (``is_cuda`` is all that is read, so a
+    stand-in checks the choice on a machine without CUDA); ``"none"`` and ``"stack"`` never
+    prepare, ``"epilogue"`` and ``"triton"`` on any device."""
+    _, ad = _model("auto")
+    layer = ad["layers.0"]
+    assert not factor_batch._fused(layer)
+    for mode, expected in (("none", False), ("stack", False), ("epilogue", True), ("triton", True)):
+        layer.fuse = mode
+        assert factor_batch._fused(layer) is expected, mode
+    layer.fuse = "auto"
+    layer._parameters["Q"] = types.SimpleNamespace(is_cuda=True)
+    assert factor_batch._fused(layer)
