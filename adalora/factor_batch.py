@@ -59,10 +59,8 @@ def _fused(layer) -> bool:
     """Whether ``layer``'s forward takes ``"epilogue"`` or ``"triton"`` (``"auto"`` on a CUDA
     parameter), on weights the fused paths take."""
     from . import fused
-    mode = layer.fuse
-    if mode == "auto":
-        mode = "epilogue" if layer._parameters[layer._DOWN].is_cuda else "none"
-    return mode in ("epilogue", "triton") and fused.weights_apply(layer)
+    auto_on_cuda = layer.fuse == "auto" and layer._parameters[layer._DOWN].is_cuda
+    return (auto_on_cuda or layer.fuse in ("epilogue", "triton")) and fused.weights_apply(layer)
 
 
 def _form(model: nn.Module, args) -> None:
