@@ -71,8 +71,10 @@ def _form(model: nn.Module, args) -> None:
     ups: dict = {}
     filled = model.__dict__[_FILLED] = []     # before any slot is set: _drop clears what was
     for layer in model.modules():
-        if getattr(layer, "gradient_checkpointing", False) is True:
-            return                    # transformers' flag on the blocks' container
+        # transformers' flag on the blocks' container, a plain attribute: read from __dict__, as
+        # getattr on a module without it raises inside nn.Module.__getattr__ (half this hook's time)
+        if layer.__dict__.get("gradient_checkpointing") is True:
+            return
         if not isinstance(layer, AdapterLayer) or not _fused(layer):
             continue
         d = layer._parameters[layer._DOWN]
