@@ -37,7 +37,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-SLOT = "_batched_factors"   # an adapter's (down, up) in its __dict__ (no state_dict entry); None: its own
+from . import shared_input
+
+SLOT = "_batched_factors"   # an adapter's [down, up, Lead or None] in its __dict__ (no state_dict entry); None: its own
 _FILLED = "_factor_batch_filled"
 
 
@@ -70,6 +72,7 @@ def _form(model: nn.Module, args) -> None:
     downs: dict = {}
     ups: dict = {}
     filled = model.__dict__[_FILLED] = []     # before any slot is set: _drop clears what was
+    calls: list = []
     for layer in model.modules():
         # transformers' flag on the blocks' container, a plain attribute: read from __dict__, as
         # getattr on a module without it raises inside nn.Module.__getattr__ (half this hook's time)
@@ -77,32 +80,61 @@ def _form(model: nn.Module, args) -> None:
             return
         if not isinstance(layer, AdapterLayer) or not _fused(layer):
             continue
+        layer.__dict__[shared_input.CALLS] = calls    # the forward's calls, for the next plan
+        filled.append(layer)
         d = layer._parameters[layer._DOWN]
         device = d.device.type
         cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else d.dtype
-        if layer._GATE or cast != d.dtype:
-            downs.setdefault((d.shape[1], d.dtype, d.device, cast, layer._GATE), []).append(layer)
+        downs.setdefault((d.shape[1], d.dtype, d.device, cast, layer._GATE), []).append(layer)
         if cast != d.dtype:
             u = layer._parameters[layer._UP]
             ups.setdefault((u.shape[0], u.dtype, u.device, cast), []).append(layer)
-    for (_, _, _, cast, gate), members in downs.items():
-        if len(members) < 2:
+    groups = shared_input.plan(model)
+    for (_, dtype, _, cast, gate), members in downs.items():
+        units = _units(members, groups)
+        if not gate and cast == dtype:
+            units = [u for u in units if len(u) > 1]   # LoRA in its own dtype: only for groups
+        rows = [m for u in units for m in u]
+        if len(rows) < 2:
             continue                  # one adapter: its own preparation is as cheap
-        d_all = torch.cat([m._parameters[m._DOWN] for m in members])             # (Σr, d_in)
+        d_all = torch.cat([m._parameters[m._DOWN] for m in rows])               # (Σr, d_in)
         if gate:
-            d_all = d_all * torch.cat([m._parameters[gate] for m in members]).unsqueeze(1)
-        for m, d in zip(members, d_all.to(cast).split([m.rank for m in members])):
-            m.__dict__[SLOT] = [d, None]
-            filled.append(m)
+            d_all = d_all * torch.cat([m._parameters[gate] for m in rows]).unsqueeze(1)
+        # one view per unit: a group's rows are adjacent, and its leader multiplies them as one
+        # (its members' own views, for a call outside the group, are views of that view)
+        for u, part in zip(units, d_all.to(cast).split([sum(m.rank for m in u) for u in units])):
+            ranks = tuple(m.rank for m in u)
+            for m, d in zip(u, part.split(ranks) if len(u) > 1 else (part,)):
+                m.__dict__[SLOT] = [d, None, None]
+            if len(u) > 1:
+                u[0].__dict__[SLOT][2] = shared_input.Lead(part, u[1:], ranks)
     for (_, _, _, cast), members in ups.items():
         if len(members) < 2:
             continue
         ut_all = torch.cat([m._parameters[m._UP].t() for m in members]).to(cast)  # (Σr, d_out) row-major
         for m, ut in zip(members, ut_all.split([m.rank for m in members])):
-            m.__dict__.setdefault(SLOT, [None, None])[1] = ut.t()                # (d_out, r) column-major
-            filled.append(m)
+            m.__dict__.setdefault(SLOT, [None, None, None])[1] = ut.t()          # (d_out, r) column-major
+
+
+def _units(members: list, groups: tuple) -> list:
+    """``members`` (one width, module order) as lists: each group of the plan whose adapters are
+    all here, in call order, and every other adapter alone."""
+    here = {id(m) for m in members}
+    group_of = {id(m): g for g in groups if all(id(x) in here for x in g) for m in g}
+    units, done = [], set()
+    for m in members:
+        g = group_of.get(id(m), (m,))
+        if id(g[0]) not in done:
+            done.add(id(g[0]))
+            units.append(list(g))
+    return units
 
 
 def _drop(model: nn.Module, args, output) -> None:
+    calls = None
     for layer in model.__dict__.pop(_FILLED, ()):
+        calls = layer.__dict__.pop(shared_input.CALLS, calls)
         layer.__dict__.pop(SLOT, None)
+        layer.__dict__.pop(shared_input.HANDED, None)
+    if calls is not None:
+        shared_input.replan(model, calls)

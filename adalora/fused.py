@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import factor_batch, lowrank_gemm
+from . import factor_batch, lowrank_gemm, shared_input
 
 FUSE_MODES = ("none", "epilogue", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
 
@@ -145,14 +145,20 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
         # g ⊙ D, and under autocast both factors cast. Taken only in the dtype of this product
         # (an adapter in a region where autocast is off keeps its own).
         prepared = layer.__dict__.get(factor_batch.SLOT)
+        lead = y = None
         if prepared is not None:
-            pd, pu = prepared
+            pd, pu, lead = prepared
             if pd is not None and pd.dtype == x2.dtype:
                 down, gate = pd, None
             if pu is not None and pu.dtype == x2.dtype:
                 up = pu
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode == "triton")
+            if mode == "epilogue":
+                # adapters called on the same x share its down-projection (shared_input.py)
+                shared_input.record(layer, x)
+                y = shared_input.forward(layer, x, x2, w, b, up, lead)
+            if y is None:
+                y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode == "triton")
     else:
         stack, bstack = _stack(layer, w, b, down)
         y = StackedLinear.apply(x2, stack, bstack, w, down, gate, up, layer.scaling)
@@ -251,26 +257,20 @@ class EpilogueLinear(torch.autograd.Function):
             dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
         if need_u:
             # s · Gᵀ h (d_out, r), column-major as U; autograd casts a gradient to its input's dtype
-            du = _scaled_mm(ht, grad, s).t()
+            du = lowrank_gemm.scaled_mm(ht, grad, s).t()
         return dx, None, None, dd, dgate, du, None, None
 
 
 def _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g):
     """From ``(G U)ᵀ (r, N)``: ``d(g ⊙ D) = s · (G U)ᵀ x`` split into ``dD`` and ``dg``, in the
     factors' dtype."""
-    ddg = _scaled_mm(tt, x, s).to(down.dtype)                # (r, d_in)
+    ddg = lowrank_gemm.scaled_mm(tt, x, s).to(down.dtype)   # (r, d_in)
     if gate is None:
         return ddg, None
     dd = ddg * gate.unsqueeze(1) if need_d else None
     # dg_i = Σ_k d(g ⊙ D)_ik D_ik: r row-wise dot products as one batched GEMM
     dgate = torch.bmm(ddg.unsqueeze(1), down.unsqueeze(2)).view(-1) if need_g else None
     return dd, dgate
-
-
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """``s · a b`` as one GEMM, ``s`` applied in its epilogue: with ``beta=0`` addmm never reads
-    its first argument (documented; nan or inf there do not propagate), so it can be empty."""
-    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
 
 
 class StackedLinear(torch.autograd.Function):

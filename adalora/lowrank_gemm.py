@@ -81,6 +81,13 @@ def _kernel(autotune: bool):
 _INTERPRETED = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s · a b`` as one cuBLAS (or CPU) GEMM, ``s`` applied in its epilogue: with ``beta=0``
+    addmm never reads its first argument (documented; nan or inf there do not propagate), so it
+    can be empty. The fused paths' thin products backward."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
+
+
 def block_rank(r: int) -> int:
     """``r`` padded to what ``tl.dot`` takes: a power of two, at least 16."""
     return max(16, 1 << (r - 1).bit_length())

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def count_ops(fn, views: bool = False, only: str | None = None) -> dict:
+def count_ops(fn, views: bool = False, only: str | tuple[str, ...] | None = None) -> dict:
     """Non-view aten ops dispatched by ``fn()`` (≈ kernels) and how many force a device->host sync.
     ``views=True`` counts views in ``ops`` too: each is a dispatch the host pays for. ``only``
-    (an op name such as ``"aten._to_copy"``) counts that op alone in ``ops``."""
+    (an op name such as ``"aten._to_copy"``, or a tuple of them) counts those ops alone in ``ops``."""
+    only = (only,) if isinstance(only, str) else only
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -24,7 +25,7 @@ def count_ops(fn, views: bool = False, only: str | None = None) -> dict:
             if only is None:
                 self.ops += views or not func.is_view     # views move no data: count ops that do
             else:
-                self.ops += str(func.overloadpacket) == only
+                self.ops += str(func.overloadpacket) in only
             self.syncs += func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "item")
             return func(*args, **(kwargs or {}))
     # tolist() and numpy() read memory without dispatching an op: count those reads separately.

@@ -253,7 +253,7 @@ def test_every_adapter_of_a_shared_width_gets_prepared_factors_and_a_lone_one_do
     n_in = collections.Counter(widths)
     n_out = collections.Counter(a.out_features for a in ad.values())
     for name, a in ad.items():
-        down, up = seen[name] or (None, None)
+        down, up, _ = seen[name] or (None, None, None)
         assert (down is not None) == (n_in[a.in_features] > 1), name
         assert (up is not None) == (autocast and n_out[a.out_features] > 1), name
         if down is not None and not autocast:

@@ -1,0 +1,147 @@
+"""Adapters called on the same input tensor share one down-projection (horizontal fusion).
+
+The q, k and v projections of an attention block, and a gated MLP's gate and up projections,
+are called on the same tensor ``x (N, d_in)``. On the epilogue path (adalora/fused.py) each
+adapter on them reads x for its own ``hᵀ_k = D_k xᵀ``, reads it again backward for
+``dD_k = s_k (G_k U_k)ᵀ x``, and adds ``s_k (G_k U_k) D_k`` into its own input gradient: per
+adapter one more read of x each way and one more pass over ``dx``. For a group of adapters
+``1..L`` called one after another on the same x, with ``D = [D_1; ...; D_L] (Σr, d_in)``:
+
+    Hᵀ  = D xᵀ                           (Σr, N)   one GEMM, x read once
+    y_1 = x W_1ᵀ + b_1 + s_1 h_1 U_1ᵀ     the leader (the group's first call) computes Hᵀ
+    y_k = x W_kᵀ + b_k + s_k h_k U_kᵀ     each follower is handed its rows hᵀ_k of Hᵀ
+
+and backward, with ``T = [s_1 (G_1 U_1)ᵀ; ...; s_L (G_L U_L)ᵀ] (Σr, N)`` (each follower returns
+its rows as the gradient of its ``hᵀ_k``, and the leader joins them):
+
+    dx_1 = G_1 W_1 + Tᵀ D                one in-place GEMM pass: the whole group's share
+    dx_k = G_k W_k                       followers: the frozen share only
+    dD   = T x                           one GEMM, x read once
+
+The sum of the ``dx_k`` (autograd adds them, as without the group) and every other gradient are
+those of the adapters alone; ``D`` is the group's rows of the down factors that
+adalora/factor_batch.py prepares per width (``lam ⊙ Q``, cast under autocast), so the group's
+members are adjacent there and ``D`` is a view.
+
+Which adapters share an input is seen, not declared: while the model's forward runs, each
+adapter on the epilogue path records the tensor it was called on, and adapters called in a row on
+the same tensor object form a group for the next forward (``plan``). A plan can be wrong by the
+time it is used (another path through the model, an in-place write to x between the calls): a
+follower takes its rows only when it is called on the very tensor they were computed from,
+unmodified, and otherwise computes its own, the leader's rows for it then getting a zero
+gradient. A stale plan costs time, never a wrong result. The first forward has no plan, nor
+does a model that calls one adapter twice in a forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .lowrank_gemm import scaled_mm
+
+CALLS = "_shared_input_calls"   # the forward's list of (adapter, x), in an adapter's __dict__ while it runs
+HANDED = "_shared_input_rows"   # a follower's (x, x._version, hᵀ_k), set by its leader
+PLAN = "_shared_input_plan"     # the model's groups, tuples of adapters in call order
+
+
+def plan(model) -> tuple:
+    """The groups the next forward of ``model`` shares inputs in (``()`` before any forward)."""
+    return model.__dict__.get(PLAN, ())
+
+
+def record(layer, x: torch.Tensor) -> None:
+    calls = layer.__dict__.get(CALLS)
+    if calls is not None:
+        calls.append((layer, x))
+
+
+def replan(model, calls: list) -> None:
+    """Groups from one forward's calls: runs of adapters called in a row on the same tensor."""
+    groups, run = [], []
+    for layer, x in calls:
+        if run and x is not run[-1][1]:
+            groups.append(run)
+            run = []
+        run.append((layer, x))
+    groups.append(run)
+    once = len({id(layer) for layer, _ in calls}) == len(calls)
+    model.__dict__[PLAN] = tuple(tuple(layer for layer, _ in g) for g in groups if len(g) > 1) if once else ()
+
+
+class Lead:
+    """What factor_batch.py hands a group's leader: the group's prepared down factors as one
+    ``(Σr, d_in)`` view, its followers in call order, and every member's rank."""
+    __slots__ = ("down", "followers", "ranks")
+
+    def __init__(self, down, followers, ranks):
+        self.down, self.followers, self.ranks = down, followers, ranks
+
+
+def forward(layer, x, x2, w, b, up, lead):
+    """``layer``'s output through its group (``x`` the tensor it was called on, ``x2`` its
+    ``(N, d_in)`` rows in the product's dtype), or None where it computes its own ``hᵀ``."""
+    handed = layer.__dict__.pop(HANDED, None)
+    if handed is not None and handed[0] is x and handed[1] == x._version and handed[2].dtype == x2.dtype:
+        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling)
+    if lead is None or lead.down.dtype != x2.dtype:
+        return None
+    y, *hts = LeadLinear.apply(x2, w, b, lead.down, up, layer.scaling, lead.ranks)
+    for follower, ht in zip(lead.followers, hts):
+        follower.__dict__[HANDED] = (x, x._version, ht)
+    return y
+
+
+class LeadLinear(torch.autograd.Function):
+    """The leader's ``y_1`` and every follower's ``hᵀ_k``; backward the group's adapter share of
+    ``dx`` and ``dD`` (module docstring). Returns ``(y_1, hᵀ_2, ..., hᵀ_L)``."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, down, up, scaling, ranks):
+        r = ranks[0]
+        ht = torch.mm(down, x.t())                           # Hᵀ (Σr, N), x read once
+        y = F.linear(x, w, b)                                # (N, d_out)
+        y.addmm_(ht[:r].t(), up.t(), alpha=scaling)          # y += s · h_1 U_1ᵀ, in place
+        ctx.save_for_backward(x, w, down, up, ht)
+        ctx.scaling, ctx.r = scaling, r
+        return (y, *ht[r:].split(ranks[1:]))
+
+    @staticmethod
+    def backward(ctx, grad, *grad_hts):
+        x, w, down, up, ht = ctx.saved_tensors
+        s, r = ctx.scaling, ctx.r
+        need_x, _, _, need_d, need_u, _, _ = ctx.needs_input_grad
+        dx = dd = du = None
+        if need_x or need_d:
+            # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
+            t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
+            if need_x:
+                dx = torch.mm(grad, w)                       # G_1 W_1 (N, d_in)
+                dx.addmm_(t.t(), down)                       # + Tᵀ D: the group's share, in place
+            if need_d:
+                dd = torch.mm(t, x)                          # T x (Σr, d_in)
+        if need_u:
+            du = scaled_mm(ht[:r], grad, s).t()             # s · G_1ᵀ h_1, column-major as U
+        return dx, None, None, dd, du, None, None
+
+
+class FollowLinear(torch.autograd.Function):
+    """A follower's ``y_k = x W_kᵀ + b_k + s_k h_k U_kᵀ`` from its handed ``hᵀ_k``; backward
+    ``G_k W_k`` into x and ``d hᵀ_k = s_k (G_k U_k)ᵀ`` to the leader. x is not saved."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, ht, up, scaling):
+        y = F.linear(x, w, b)                                # (N, d_out)
+        y.addmm_(ht.t(), up.t(), alpha=scaling)              # y += s · h Uᵀ, in place
+        ctx.save_for_backward(w, up, ht)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, up, ht = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, _, _, need_h, need_u, _ = ctx.needs_input_grad
+        dx = torch.mm(grad, w) if need_x else None               # G W (N, d_in)
+        dht = scaled_mm(up.t(), grad.t(), s) if need_h else None   # s · (G U)ᵀ (r, N)
+        du = scaled_mm(ht, grad, s).t() if need_u else None      # s · Gᵀ h, column-major as U
+        return dx, None, None, dht, du, None
