@@ -72,7 +72,7 @@ def _form(model: nn.Module, args) -> None:
     downs: dict = {}
     ups: dict = {}
     filled = model.__dict__[_FILLED] = []     # before any slot is set: _drop clears what was
-    calls: list = []
+    calls = shared_input.Calls()
     for layer in model.modules():
         # transformers' flag on the blocks' container, a plain attribute: read from __dict__, as
         # getattr on a module without it raises inside nn.Module.__getattr__ (half this hook's time)

@@ -30,7 +30,8 @@ time it is used (another path through the model, an in-place write to x between 
 follower takes its rows only when it is called on the very tensor they were computed from,
 unmodified, and otherwise computes its own, the leader's rows for it then getting a zero
 gradient. A stale plan costs time, never a wrong result. The first forward has no plan, nor
-does a model that calls one adapter twice in a forward.
+does a model that calls one adapter twice in a forward; under ``torch.inference_mode`` (whose
+tensors keep no version counter) no rows are handed.
 """
 from __future__ import annotations
 
@@ -39,9 +40,25 @@ import torch.nn.functional as F
 
 from .lowrank_gemm import scaled_mm
 
-CALLS = "_shared_input_calls"   # the forward's list of (adapter, x), in an adapter's __dict__ while it runs
+CALLS = "_shared_input_calls"   # the forward's Calls, in an adapter's __dict__ while the forward runs
 HANDED = "_shared_input_rows"   # a follower's (x, x._version, hᵀ_k), set by its leader
 PLAN = "_shared_input_plan"     # the model's groups, tuples of adapters in call order
+
+
+class Calls:
+    """One forward's adapter calls as runs on the same tensor. Only the last tensor is held, so
+    recording keeps no activation alive (under no_grad nothing else would)."""
+    __slots__ = ("last", "runs")
+
+    def __init__(self):
+        self.last, self.runs = None, []
+
+    def add(self, layer, x: torch.Tensor) -> None:
+        if self.runs and x is self.last:
+            self.runs[-1].append(layer)
+        else:
+            self.runs.append([layer])
+            self.last = x
 
 
 def plan(model) -> tuple:
@@ -52,20 +69,14 @@ def plan(model) -> tuple:
 def record(layer, x: torch.Tensor) -> None:
     calls = layer.__dict__.get(CALLS)
     if calls is not None:
-        calls.append((layer, x))
+        calls.add(layer, x)
 
 
-def replan(model, calls: list) -> None:
-    """Groups from one forward's calls: runs of adapters called in a row on the same tensor."""
-    groups, run = [], []
-    for layer, x in calls:
-        if run and x is not run[-1][1]:
-            groups.append(run)
-            run = []
-        run.append((layer, x))
-    groups.append(run)
-    once = len({id(layer) for layer, _ in calls}) == len(calls)
-    model.__dict__[PLAN] = tuple(tuple(layer for layer, _ in g) for g in groups if len(g) > 1) if once else ()
+def replan(model, calls: Calls) -> None:
+    """The groups of one forward: its runs of two or more, none if an adapter ran twice."""
+    layers = [layer for run in calls.runs for layer in run]
+    once = len({id(layer) for layer in layers}) == len(layers)
+    model.__dict__[PLAN] = tuple(tuple(run) for run in calls.runs if len(run) > 1) if once else ()
 
 
 class Lead:
@@ -83,8 +94,8 @@ def forward(layer, x, x2, w, b, up, lead):
     handed = layer.__dict__.pop(HANDED, None)
     if handed is not None and handed[0] is x and handed[1] == x._version and handed[2].dtype == x2.dtype:
         return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling)
-    if lead is None or lead.down.dtype != x2.dtype:
-        return None
+    if lead is None or lead.down.dtype != x2.dtype or x.is_inference():
+        return None                   # an inference tensor keeps no version: a write could not be seen
     y, *hts = LeadLinear.apply(x2, w, b, lead.down, up, layer.scaling, lead.ranks)
     for follower, ht in zip(lead.followers, hts):
         follower.__dict__[HANDED] = (x, x._version, ht)

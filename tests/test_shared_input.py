@@ -167,6 +167,24 @@ def test_a_stale_plan_changes_no_result():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
 
 
+def test_under_inference_mode_nothing_is_handed_and_the_output_is_the_unfused_one():
+    """Inference tensors keep no version counter, so a write between the calls could not be
+    seen: no rows are handed, also when x is written in place between q and k."""
+    x = torch.randn(7, 16, dtype=torch.float64)
+    outs = []
+    for fuse in ("none", "epilogue"):
+        m, _ = _model(fuse)
+        m(x)
+        m.blocks[0].bump = True
+        seen = []
+        for a in adalora.find_adapters(m).values():
+            a.register_forward_pre_hook(lambda mod, args: seen.append(shared_input.HANDED in mod.__dict__))
+        with torch.inference_mode():
+            outs.append(m(x.clone()))
+        assert not any(seen)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
 def test_a_model_that_calls_an_adapter_twice_shares_nothing():
     m, _ = _model(blocks=1)
 
