@@ -5,10 +5,11 @@ For a frozen ``nn.Linear`` ``W0 (d_out, d_in)``, bias ``b``, and an adapter with
 ``U (d_out, r)`` (``P`` or ``B``, stored column-major) and scale ``s``, with ``G = dL/dout``:
 
 ``"epilogue"`` keeps the products apart but adds the adapter's share into the frozen product's
-output and input gradient in place, in the epilogue of a GEMM:
+output and input gradient in place, in one pass over each (adalora/rank_update.py: a Triton
+kernel for fp16 and bf16 CUDA tensors, ``addmm_`` elsewhere):
 
-    y   = x W0ᵀ + b,   hᵀ = (g ⊙ D) xᵀ   (r, N),   y += s · h Uᵀ       (addmm_ into y)
-    dx  = G W0,        dx += s · (G U) (g ⊙ D)                         (addmm_ into dx)
+    y   = x W0ᵀ + b,   hᵀ = (g ⊙ D) xᵀ   (r, N),   y += s · h Uᵀ       (in place into y)
+    dx  = G W0,        dx += s · (G U) (g ⊙ D)                         (in place into dx)
     d(g ⊙ D) = s · (G U)ᵀ x,   dU = s · Gᵀ h
 
 Autograd's version of the same maps (``"none"``) writes ``y + s·h Uᵀ`` to new memory (a copy of
@@ -41,14 +42,13 @@ None, as for LoRA).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import factor_batch, lowrank_gemm, shared_input
+from . import factor_batch, lowrank_gemm, rank_update, shared_input
 
 FUSE_MODES = ("none", "epilogue", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
 
@@ -91,16 +91,7 @@ def _triton_runs(layer, x: torch.Tensor) -> bool:
         return False
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return dtype in lowrank_gemm.DTYPES and layer.rank <= lowrank_gemm.MAX_RANK and _have_triton()
-
-
-@functools.cache
-def _have_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return dtype in lowrank_gemm.DTYPES and layer.rank <= lowrank_gemm.MAX_RANK and lowrank_gemm.have_triton()
 
 
 def applies(layer, x: torch.Tensor) -> bool:
@@ -218,8 +209,9 @@ class EpilogueLinear(torch.autograd.Function):
     input gradient added in place, backward by hand: the ``"epilogue"`` and ``"triton"`` paths.
 
     Epilogue: the products and their layouts are those of ``AdapterLayer.forward``'s unfused
-    path, so the forward is bit for bit the same; backward, autograd's separate ``dx`` share and
-    its sum become one ``addmm_``. Triton: ``y`` with ``hᵀ``, and ``dx`` with ``(G U)ᵀ``, each
+    path, so where ``rank_update`` takes ``addmm_`` (the CPU, fp32) the forward is bit for bit
+    the same (its kernel may sum the r terms in another order); backward, autograd's separate
+    ``dx`` share and its sum become one in-place pass. Triton: ``y`` with ``hᵀ``, and ``dx`` with ``(G U)ᵀ``, each
     come from one ``lowrank_gemm``. Both fold ``s`` into a product where one takes it.
     Factors in another dtype than ``x`` (fp32 factors under bf16 autocast) are cast as autocast
     casts them for the unfused products: ``g ⊙ D`` is formed in their dtype, then cast; their
@@ -235,7 +227,7 @@ class EpilogueLinear(torch.autograd.Function):
         else:
             y = F.linear(x, w, b)                            # (N, d_out)
             ht = torch.mm(dg, x.t())                         # hᵀ (r, N)
-            y.addmm_(ht.t(), up.t(), alpha=scaling)          # y += s · h Uᵀ, in place
+            rank_update.add_(y, ht.t(), up.t(), scaling)    # y += s · h Uᵀ, in place
         ctx.save_for_backward(x, w, down, gate, up, dg, ht)
         ctx.scaling, ctx.triton = scaling, triton
         return y
@@ -252,7 +244,7 @@ class EpilogueLinear(torch.autograd.Function):
             tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled
             if need_x:
                 dx = torch.mm(grad, w)                       # G W0 (N, d_in)
-                dx.addmm_(tt.t(), dg, alpha=s)               # + s · (G U)(g ⊙ D), in place
+                rank_update.add_(dx, tt.t(), dg, s)          # + s · (G U)(g ⊙ D), in place
         if need_d or need_g:
             dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
         if need_u:

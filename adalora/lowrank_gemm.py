@@ -28,6 +28,15 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # what tl.dot multipli
 
 
 @functools.cache
+def have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
 def _kernel(autotune: bool):
     import triton
     import triton.language as tl

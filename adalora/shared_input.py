@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import rank_update
 from .lowrank_gemm import scaled_mm
 
 CALLS = "_shared_input_calls"   # the forward's Calls, in an adapter's __dict__ while the forward runs
@@ -111,7 +112,7 @@ class LeadLinear(torch.autograd.Function):
         r = ranks[0]
         ht = torch.mm(down, x.t())                           # Hᵀ (Σr, N), x read once
         y = F.linear(x, w, b)                                # (N, d_out)
-        y.addmm_(ht[:r].t(), up.t(), alpha=scaling)          # y += s · h_1 U_1ᵀ, in place
+        rank_update.add_(y, ht[:r].t(), up.t(), scaling)    # y += s · h_1 U_1ᵀ, in place
         ctx.save_for_backward(x, w, down, up, ht)
         ctx.scaling, ctx.r = scaling, r
         return (y, *ht[r:].split(ranks[1:]))
@@ -127,7 +128,7 @@ class LeadLinear(torch.autograd.Function):
             t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
             if need_x:
                 dx = torch.mm(grad, w)                       # G_1 W_1 (N, d_in)
-                dx.addmm_(t.t(), down)                       # + Tᵀ D: the group's share, in place
+                rank_update.add_(dx, t.t(), down, 1.0)       # + Tᵀ D: the group's share, in place
             if need_d:
                 dd = torch.mm(t, x)                          # T x (Σr, d_in)
         if need_u:
@@ -142,7 +143,7 @@ class FollowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, ht, up, scaling):
         y = F.linear(x, w, b)                                # (N, d_out)
-        y.addmm_(ht.t(), up.t(), alpha=scaling)              # y += s · h Uᵀ, in place
+        rank_update.add_(y, ht.t(), up.t(), scaling)        # y += s · h Uᵀ, in place
         ctx.save_for_backward(w, up, ht)
         ctx.scaling = scaling
         return y

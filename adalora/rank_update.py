@@ -1,0 +1,87 @@
+"""``out += s · a b`` in place for a thin ``a (M, r)`` and ``b (r, N)``: the fused paths'
+rank-r shares of the output and of the input gradient, as one streaming pass in Triton.
+
+The epilogue path (adalora/fused.py) adds ``s · h Uᵀ`` into the frozen product's ``y`` and
+``s · (G U)(g ⊙ D)`` into its ``dx``, each an ``(N, d)`` tensor read and written once. cuBLAS
+runs these as GEMMs with ``K = r`` and ``beta = 1``, with tiles made for a long ``K``; on one
+H200 they ran at about two thirds of the memory bandwidth at the widest shapes. Here each
+program loads one ``(BLOCK_M, BLOCK_N)`` tile of ``out``, the ``(BLOCK_M, r)`` rows of ``a`` and
+the ``(r, BLOCK_N)`` columns of ``b``, multiplies the two thin tiles in fp32, adds ``s`` times
+the product to the tile in fp32 and stores it rounded once: what ``out.addmm_(a, b, alpha=s)``
+computes (the ``r`` terms may sum in another order).
+
+``add_`` takes the kernel for fp16 and bf16 CUDA tensors, ``r <= 64``, outside
+``torch.compile`` (whose graphs keep ``addmm_``, and fuse it themselves);
+elsewhere ``addmm_``. The tile shape is tuned per ``(N, r)`` on first use, with ``out``
+restored after each trial: make that first call outside any CUDA graph being captured, as a
+warm-up step does.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .lowrank_gemm import MAX_RANK, block_rank, have_triton
+
+DTYPES = (torch.float16, torch.bfloat16)   # fp32 would multiply in TF32 or slowly in IEEE: addmm_
+_INTERPRETED = dict(BLOCK_M=32, BLOCK_N=32)  # Triton's CPU interpreter cannot time tiles
+
+
+@functools.cache
+def _kernel(autotune: bool):
+    import triton
+    import triton.language as tl
+
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=wp)
+               for bm, bn, wp in ((64, 64, 4), (32, 128, 8), (64, 128, 4), (64, 128, 8), (32, 64, 4))]
+
+    @triton.jit
+    def rank_update(out_ptr, a_ptr, b_ptr, M, N, R, scale, som, son, sam, sar, sbr, sbn,
+                    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, BLOCK_R)
+        a = tl.load(a_ptr + rm[:, None] * sam + rr[None, :] * sar, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        b = tl.load(b_ptr + rr[:, None] * sbr + rn[None, :] * sbn, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        ab = tl.dot(a, b, input_precision=PRECISION)    # (BLOCK_M, BLOCK_N), fp32
+        at = out_ptr + rm[:, None] * som + rn[None, :] * son
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tile = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(at, (tile + scale * ab).to(out_ptr.dtype.element_ty), mask=mask)
+
+    # The key leaves out M (batch x sequence), as lowrank_gemm's does; out is restored after
+    # each timed trial, since the kernel writes it in place.
+    return (triton.autotune(configs=configs, key=["N", "R"], restore_value=["out_ptr"])(rank_update)
+            if autotune else rank_update)
+
+
+def runs(out: torch.Tensor, r: int) -> bool:
+    """Whether ``add_`` takes the Triton kernel for ``out`` and rank ``r``: CUDA only (on the
+    CPU ``addmm_`` is as fast, and Triton's interpreter has no bf16)."""
+    return (out.is_cuda and out.dtype in DTYPES and 0 < r <= MAX_RANK
+            and not torch.compiler.is_compiling() and have_triton())
+
+
+def add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``out += s · a b`` in place (``out (M, N)``, ``a (M, r)``, ``b (r, N)``, any strides, one
+    dtype); returns ``out``."""
+    if not runs(out, a.shape[1]):
+        return out.addmm_(a, b, alpha=s)
+    return kernel_(out, a, b, s)
+
+
+def kernel_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``add_`` through the Triton kernel, whatever the dtype (the tests run fp32 and fp16 in the
+    interpreter, which has no bf16)."""
+    (M, N), R = out.shape, a.shape[1]
+    if not (a.shape[0] == M and b.shape == (R, N) and 0 < R <= MAX_RANK):
+        raise ValueError(f"rank_update: shapes out {tuple(out.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)} "
+                         f"do not chain, or r > {MAX_RANK}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    grid = lambda meta: (-(-M // meta["BLOCK_M"]), -(-N // meta["BLOCK_N"]))   # noqa: E731
+    _kernel(not interpreted)[grid](out, a, b, M, N, R, float(s), *out.stride(), *a.stride(), *b.stride(),
+                                   BLOCK_R=block_rank(R), PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
+                                   **(_INTERPRETED if interpreted else {}))
+    return out

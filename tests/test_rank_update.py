@@ -1,0 +1,71 @@
+"""The in-place rank-r update (adalora/rank_update.py), run by Triton's CPU interpreter: the
+kernel against float64 dense products, when it is taken, and the fused paths through it against
+the same paths through ``addmm_``. bf16 is checked on the GPU only (the interpreter has no bf16);
+the benchmark's fused check commits that comparison. No timing."""
+import types
+
+import pytest
+import torch
+
+from adalora import rank_update
+
+pytest.importorskip("triton", reason="Triton is in the dev extra (and in CUDA builds of torch)")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("r", [1, 12, 17, 64])
+def test_kernel_adds_s_a_b_in_place(dtype, tol, r):
+    """Sizes off every tile edge (the interpreter's tiles are 32); ``a`` and ``b`` transposed
+    views, as the fused paths pass ``hᵀ`` and ``Uᵀ``; ranks padded to 16, 32 and 64."""
+    assert __import__("os").environ.get("TRITON_INTERPRET") == "1"
+    g = torch.Generator().manual_seed(r)
+    M, N, s = 70, 45, 0.75
+    out = torch.randn(M, N, generator=g).to(dtype)
+    a = torch.randn(r, M, generator=g).to(dtype).t()          # (M, r), strides (1, M)
+    b = torch.randn(N, r, generator=g).to(dtype).t()          # (r, N), strides (1, r)
+    ref = out.double() + s * (a.double() @ b.double())
+    got = rank_update.kernel_(out, a, b, s)
+    assert got is out and out.dtype == dtype
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_kernel_refuses_shapes_that_do_not_chain():
+    with pytest.raises(ValueError, match="do not chain"):
+        rank_update.kernel_(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(2, 3), 1.0)
+    with pytest.raises(ValueError, match="r > 64"):
+        rank_update.kernel_(torch.zeros(4, 3), torch.zeros(4, 65), torch.zeros(65, 3), 1.0)
+
+
+def test_the_kernel_is_taken_for_half_precision_cuda_tensors_of_rank_up_to_64():
+    """``is_cuda`` and ``dtype`` are all that is read, so a stand-in checks the choice on a
+    machine without CUDA; CPU tensors always take ``addmm_``."""
+    def cuda(dtype):
+        return types.SimpleNamespace(is_cuda=True, dtype=dtype)
+    assert rank_update.runs(cuda(torch.bfloat16), 12) and rank_update.runs(cuda(torch.float16), 64)
+    assert not rank_update.runs(cuda(torch.float32), 12)
+    assert not rank_update.runs(cuda(torch.bfloat16), 65)
+    assert not rank_update.runs(torch.zeros(2, 2, dtype=torch.bfloat16), 12)
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_the_epilogue_path_through_the_kernel_equals_it_through_addmm(monkeypatch, method):
+    """The model of tests/test_shared_input.py in fp16 (grouped and single adapters, forward and
+    backward), its in-place shares added by the kernel in the interpreter against ``addmm_``:
+    outputs and gradients to fp16 rounding, and the kernel called once per adapter forward and
+    once per input gradient backward (the leaders' and the single adapters')."""
+    from test_shared_input import _model, _step
+
+    x = torch.randn(6, 16, dtype=torch.float16)
+    runs, calls = [], []
+    kernel = rank_update.kernel_
+    monkeypatch.setattr(rank_update, "kernel_", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    for taken in (False, True):
+        monkeypatch.setattr(rank_update, "runs", lambda out, r: taken)
+        m, ad = _model(method=method, dtype=torch.float16, std=0.1)
+        m(x)                                              # the plan
+        calls.clear()
+        runs.append(_step(m, ad, x.clone().requires_grad_(True)))
+    assert len(calls) == 14 + (14 - 6)                    # 14 adapters; 6 followers add no share to dx
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-2, atol=1e-2)
+    for k in runs[0][1]:
+        torch.testing.assert_close(runs[0][1][k], runs[1][1][k], rtol=2e-2, atol=2e-2, msg=k)
