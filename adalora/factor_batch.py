@@ -41,6 +41,7 @@ from . import shared_input
 
 SLOT = "_batched_factors"   # an adapter's [down, up, Lead or None] in its __dict__ (no state_dict entry); None: its own
 _FILLED = "_factor_batch_filled"
+_CALLS = "_factor_batch_calls"   # the forward's shared_input.Calls, replanned from after it
 
 
 def attach(model: nn.Module) -> None:
@@ -72,7 +73,7 @@ def _form(model: nn.Module, args) -> None:
     downs: dict = {}
     ups: dict = {}
     filled = model.__dict__[_FILLED] = []     # before any slot is set: _drop clears what was
-    calls = shared_input.Calls()
+    calls = model.__dict__[_CALLS] = shared_input.Calls()
     for layer in model.modules():
         # transformers' flag on the blocks' container, a plain attribute: read from __dict__, as
         # getattr on a module without it raises inside nn.Module.__getattr__ (half this hook's time)
@@ -131,10 +132,9 @@ def _units(members: list, groups: tuple) -> list:
 
 
 def _drop(model: nn.Module, args, output) -> None:
-    calls = None
     for layer in model.__dict__.pop(_FILLED, ()):
-        calls = layer.__dict__.pop(shared_input.CALLS, calls)
-        layer.__dict__.pop(SLOT, None)
-        layer.__dict__.pop(shared_input.HANDED, None)
+        for key in (SLOT, shared_input.CALLS, shared_input.HANDED):
+            layer.__dict__.pop(key, None)
+    calls = model.__dict__.pop(_CALLS, None)
     if calls is not None:
         shared_input.replan(model, calls)

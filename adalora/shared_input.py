@@ -115,7 +115,10 @@ class LeadLinear(torch.autograd.Function):
         rank_update.add_(y, ht[:r].t(), up.t(), scaling)    # y += s · h_1 U_1ᵀ, in place
         ctx.save_for_backward(x, w, down, up, ht)
         ctx.scaling, ctx.r = scaling, r
-        return (y, *ht[r:].split(ranks[1:]))
+        hts = ht[r:].split(ranks[1:])
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
+            ctx.mark_non_differentiable(*hts)   # nothing to send their gradient to: followers skip it
+        return (y, *hts)
 
     @staticmethod
     def backward(ctx, grad, *grad_hts):

@@ -49,10 +49,11 @@ class Net(nn.Module):
         return x
 
 
-def _model(fuse="epilogue", method="adalora", dtype=torch.float64, blocks=2, std=0.5):
+def _model(fuse="epilogue", method="adalora", dtype=torch.float64, blocks=2, std=0.2):
     torch.manual_seed(0)
     m = Net(blocks).to(dtype)
-    ad = adalora.inject(m, adalora.AdapterConfig(method=method, targets=list(NAMES), init_rank=4, alpha=4.0, fuse=fuse))
+    # alpha 6 at rank 4: a scale of 1.5 for both methods, so a lost scale shows
+    ad = adalora.inject(m, adalora.AdapterConfig(method=method, targets=list(NAMES), init_rank=4, alpha=6.0, fuse=fuse))
     adalora.mark_only_adapters_trainable(m)
     with torch.no_grad():                  # lam = 0 and B = 0 at init would zero most gradients
         for p in adalora.adapter_parameters(ad):
@@ -141,6 +142,30 @@ def test_each_group_of_l_adapters_runs_3_l_minus_1_fewer_gemms(method):
     assert alone - grouped == 18
 
 
+@pytest.mark.parametrize("trains,expected", [("all", 90), ("up", 79), ("down", 76)])
+def test_gradients_are_formed_only_where_needed(trains, expected):
+    """GEMMs of the grouped step when the input x needs no gradient, counted by hand. Forward, a
+    leader or a single adapter runs 3 (frozen product, hᵀ, in-place h Uᵀ), a follower 2: 18 a
+    block. Backward, per adapter, where its x needs a gradient (all but the first block's q, k
+    and v): the single adapters (G U)ᵀ, G W and the in-place share; leaders the same (their T);
+    followers G W alone. Where the down factors train: dD for a single adapter or a leader, and
+    a follower's d hᵀ (which a leader or a single adapter computes anyway, as (G U)ᵀ). Where the
+    up factors train: dU for each.
+    - all train: 36 forward; backward block 0 (q: 3; k, v: 2; o, gate, down: 5; up: 3) 25,
+      block 1 (q: 5; k, v: 3; o, gate, down: 5; up: 3) 29: 90;
+    - only the up factors: 36 + block 0 (q, k, v: dU alone, their rows needing no gradient; o,
+      gate, down: 4; up: 3) 18 + block 1 (q: 4; k, v: 3; o, gate, down: 4; up: 3) 25 = 79;
+    - only the down factors: 36 + block 0 (q: 2; k, v: 1; o, gate, down: 4; up: 2) 18 + block 1
+      (q: 4; k, v: 2; o, gate, down: 4; up: 2) 22 = 76."""
+    x = torch.randn(6, 16, dtype=torch.float64)
+    m, ad = _model(method="lora")
+    m(x)                                                    # the plan
+    for a in ad.values():
+        a.A.requires_grad_(trains in ("all", "down"))
+        a.B.requires_grad_(trains in ("all", "up"))
+    assert _gemms(m, x) == expected
+
+
 def test_a_stale_plan_changes_no_result():
     """The plan from one forward meets another path: v called on another tensor (its rows are
     not taken), v not called at all (the leader's rows for it get a zero gradient), or x written in
@@ -183,6 +208,36 @@ def test_under_inference_mode_nothing_is_handed_and_the_output_is_the_unfused_on
             outs.append(m(x.clone()))
         assert not any(seen)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
+def test_nothing_is_left_on_the_adapters_after_a_forward():
+    """A leader hands rows to v, which is not called: after the forward no adapter keeps handed
+    rows, prepared factors or the call log (a later call of v alone, on the same tensor after an
+    optimizer step, would otherwise take rows of the old parameters)."""
+    m, ad = _model()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    m(x)
+    m.blocks[0].skip_v = True
+    m(x)
+    keys = (shared_input.HANDED, shared_input.CALLS, factor_batch.SLOT)
+    assert not [(n, k) for n, a in ad.items() for k in keys if k in a.__dict__]
+
+
+def test_a_group_is_prepared_once_in_its_width():
+    """The down factors of a width are joined once, each group's rows adjacent: the view every
+    adapter of width 16 gets has as many rows as their ranks sum to, and a leader's view is its
+    group's rows, in call order."""
+    m, ad = _model()
+    m(torch.randn(3, 16, dtype=torch.float64))             # the plan
+    seen = {}
+    for name, a in ad.items():
+        a.register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: mod.__dict__[factor_batch.SLOT]}))
+    m(torch.randn(3, 16, dtype=torch.float64))
+    width16 = [n for n, a in ad.items() if a.in_features == 16]
+    assert len(width16) == 12 and all(seen[n][0]._base.shape == (48, 16) for n in width16)
+    lead = seen["blocks.1.q"][2]
+    assert lead.down.shape == (12, 16) and lead.followers == [ad["blocks.1.k"], ad["blocks.1.v"]]
+    torch.testing.assert_close(lead.down, torch.cat([ad[f"blocks.1.{n}"]._down_weight() for n in "qkv"]), rtol=0, atol=0)
 
 
 def test_a_model_that_calls_an_adapter_twice_shares_nothing():
