@@ -20,11 +20,17 @@ joins the adapters' gradients with one cat per width, undoes the cast and the ga
 hands each parameter a view of the result as its gradient (no copy): a handful of kernels per
 width instead of several per adapter. Ranks may differ within a width (after ``compact``).
 
+The adapters that adalora/shared_input.py saw called on one input tensor in the previous forward
+are put next to each other in their width, and the first of them (the group's leader) also gets
+their rows as one view, ``Lead.down``, to multiply x by once. A width of LoRA adapters in their
+own dtype, which needs neither gate nor cast, is joined only for such groups.
+
 The values are those each adapter forms alone (``dlam`` sums in another order: fp32 rounding).
 ``attach`` registers the two hooks on the module ``inject`` adapted: before its forward the
 factors are prepared, after it (also when it raises) they are dropped, so no adapter called
-later on its own can use factors of parameters that have changed since. Nothing else happens in
-the hooks: no parameter, buffer or rank changes.
+later on its own can use factors of parameters that have changed since; the hook after it also
+clears the rows a leader handed on, and plans the next forward's groups from the calls it saw.
+Nothing else happens in the hooks: no parameter, buffer or rank changes.
 
 Skipped, each adapter then preparing its own: under ``torch.compile`` (the compiler fuses the
 product and the casts into their neighbours) and in a model with gradient checkpointing on (a
