@@ -59,8 +59,9 @@ def _kernel(autotune: bool):
 
 def runs(out: torch.Tensor, r: int) -> bool:
     """Whether ``add_`` takes the Triton kernel for ``out`` and rank ``r``: CUDA only (on the
-    CPU ``addmm_`` is as fast, and Triton's interpreter has no bf16)."""
-    return (out.is_cuda and out.dtype in DTYPES and 0 < r <= MAX_RANK
+    CPU ``addmm_`` is as fast, and Triton's interpreter has no bf16), and fewer than 2³¹
+    elements (the kernel's offsets are 32-bit)."""
+    return (out.is_cuda and out.dtype in DTYPES and 0 < r <= MAX_RANK and out.numel() < 2**31
             and not torch.compiler.is_compiling() and have_triton())
 
 

@@ -37,13 +37,14 @@ def test_kernel_refuses_shapes_that_do_not_chain():
 
 
 def test_the_kernel_is_taken_for_half_precision_cuda_tensors_of_rank_up_to_64():
-    """``is_cuda`` and ``dtype`` are all that is read, so a stand-in checks the choice on a
-    machine without CUDA; CPU tensors always take ``addmm_``."""
-    def cuda(dtype):
-        return types.SimpleNamespace(is_cuda=True, dtype=dtype)
+    """``is_cuda``, ``dtype`` and ``numel()`` are all that is read, so a stand-in checks the
+    choice on a machine without CUDA; CPU tensors always take ``addmm_``."""
+    def cuda(dtype, numel=2**31 - 1):
+        return types.SimpleNamespace(is_cuda=True, dtype=dtype, numel=lambda: numel)
     assert rank_update.runs(cuda(torch.bfloat16), 12) and rank_update.runs(cuda(torch.float16), 64)
     assert not rank_update.runs(cuda(torch.float32), 12)
     assert not rank_update.runs(cuda(torch.bfloat16), 65)
+    assert not rank_update.runs(cuda(torch.bfloat16, 2**31), 12)      # 32-bit offsets
     assert not rank_update.runs(torch.zeros(2, 2, dtype=torch.bfloat16), 12)
 
 
