@@ -211,8 +211,8 @@ class EpilogueLinear(torch.autograd.Function):
     Epilogue: the products and their layouts are those of ``AdapterLayer.forward``'s unfused
     path, so where ``rank_update`` takes ``addmm_`` (the CPU, fp32) the forward is bit for bit
     the same (its kernel may sum the r terms in another order); backward, autograd's separate
-    ``dx`` share and its sum become one in-place pass. Triton: ``y`` with ``hᵀ``, and ``dx`` with ``(G U)ᵀ``, each
-    come from one ``lowrank_gemm``. Both fold ``s`` into a product where one takes it.
+    ``dx`` share and its sum become one in-place pass. Triton: ``y`` with ``hᵀ``, and ``dx``
+    with ``(G U)ᵀ``, each come from one ``lowrank_gemm``. Both fold ``s`` into a product where one takes it.
     Factors in another dtype than ``x`` (fp32 factors under bf16 autocast) are cast as autocast
     casts them for the unfused products: ``g ⊙ D`` is formed in their dtype, then cast; their
     gradients come back in their dtype, ``dD`` and ``dg`` formed there.
