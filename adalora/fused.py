@@ -85,9 +85,12 @@ def path(layer, x: torch.Tensor) -> str:
 def _triton_runs(layer, x: torch.Tensor) -> bool:
     """Whether the Triton kernel can take ``x``: a CUDA tensor (or Triton's CPU interpreter, set
     by TRITON_INTERPRET=1 before the first import) of a dtype it multiplies, Triton importable,
-    ``r`` within its tile, and not under torch.compile, whose graphs take the epilogue path's
-    ops instead."""
+    ``r`` within its tile, x and y of fewer than 2³¹ elements (its offsets are 32-bit; so are
+    the backward's G and dx, of the same sizes), and not under torch.compile, whose graphs take
+    the epilogue path's ops instead."""
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or torch.compiler.is_compiling():
+        return False
+    if x.numel() >= 2**31 or x.numel() // x.shape[-1] * layer.out_features >= 2**31:
         return False
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -104,21 +107,22 @@ def applies(layer, x: torch.Tensor) -> bool:
 
 
 def weights_apply(layer) -> bool:
-    """``applies`` without the input: what the layer itself allows."""
-    base = layer.base
-    if type(base) is not nn.Linear or layer.merged or layer.rank == 0:
+    """``applies`` without the input: what the layer itself allows. Called per adapter and
+    step, so it reads the module dicts directly: ``nn.Module.__getattr__`` would be most of its
+    host time."""
+    base, drop = layer._modules["base"], layer._modules.get("drop")
+    if type(base) is not nn.Linear or layer.merged or drop is not None and drop.training:
         return False
-    if layer.drop is not None and layer.drop.training:
-        return False
-    w, b = base.weight, base.bias
-    if w.requires_grad or (b is not None and b.requires_grad):
+    w, b = base._parameters["weight"], base._parameters["bias"]
+    if layer.rank == 0 or w.requires_grad or (b is not None and b.requires_grad):
         return False
     return w.dtype == layer._adapter_dtype()
 
 
 def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     """``layer(x)`` through ``EpilogueLinear`` or ``StackedLinear`` (``mode`` from ``path``)."""
-    w, b = layer.base.weight, layer.base.bias
+    base = layer._modules["base"]
+    w, b = base._parameters["weight"], base._parameters["bias"]
     down = layer._parameters[layer._DOWN]
     gate = layer._parameters[layer._GATE] if layer._GATE else None
     up = layer._up()

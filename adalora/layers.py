@@ -228,7 +228,7 @@ class SVDLinear(AdapterLayer):
         return fast_param(self, "lam").shape[0]     # read every step by the allocator
 
     def _adapter_dtype(self) -> torch.dtype:
-        return self.lam.dtype
+        return fast_param(self, "lam").dtype
 
     def _down_weight(self):
         # lam scales the rows of Q (r, d_in), not the activations (r, N): the same product, with
@@ -307,7 +307,7 @@ class LoRALinear(AdapterLayer):
         return fast_param(self, "A").shape[0]
 
     def _adapter_dtype(self) -> torch.dtype:
-        return self.A.dtype
+        return fast_param(self, "A").dtype
 
     def _down_weight(self):
         return self.A

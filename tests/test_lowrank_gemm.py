@@ -114,6 +114,13 @@ def test_triton_falls_back_to_the_epilogue_path(monkeypatch):
     edge, wide = _layer(SVDLinear, rank=64), _layer(SVDLinear, rank=65)
     edge.fuse = wide.fuse = "triton"
     assert fused.path(edge, x) == "triton" and fused.path(wide, x) == "epilogue"
+    # 32-bit offsets: a y (20 -> 30), or an x (30 -> 20), of 2³¹ elements; expanded views,
+    # with no memory behind them
+    rows = 2**31 // 30
+    narrow = SVDLinear(nn.Linear(30, 20).requires_grad_(False), 5, 8.0, fuse="triton")
+    for wide_side, d_in in ((layer, 20), (narrow, 30)):
+        assert fused.path(wide_side, torch.zeros(1, d_in).expand(rows, d_in)) == "triton"
+        assert fused.path(wide_side, torch.zeros(1, d_in).expand(rows + 1, d_in)) == "epilogue"
     double = copy.deepcopy(layer).double()
     assert fused.path(double, x.double()) == "epilogue"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
