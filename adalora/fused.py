@@ -6,7 +6,7 @@ For a frozen ``nn.Linear`` ``W0 (d_out, d_in)``, bias ``b``, and an adapter with
 
 ``"epilogue"`` keeps the products apart but adds the adapter's share into the frozen product's
 output and input gradient in place, in one pass over each (adalora/rank_update.py: a Triton
-kernel for fp16 and bf16 CUDA tensors, ``addmm_`` elsewhere):
+kernel for fp16 and bf16 CUDA tensors in a captured CUDA graph, ``addmm_`` elsewhere):
 
     y   = x W0ᵀ + b,   hᵀ = (g ⊙ D) xᵀ   (r, N),   y += s · h Uᵀ       (in place into y)
     dx  = G W0,        dx += s · (G U) (g ⊙ D)                         (in place into dx)

@@ -12,10 +12,16 @@ the product to the tile in fp32 and stores it rounded once: what ``out.addmm_(a,
 computes (the ``r`` terms may sum in another order).
 
 ``add_`` takes the kernel for fp16 and bf16 CUDA tensors of fewer than 2³¹ elements, ``r <= 64``,
-outside ``torch.compile`` (whose graphs keep ``addmm_``, and fuse it themselves); elsewhere
-``addmm_``. The tile shape is tuned per ``(N, r)`` on first use, with ``out``
-restored after each trial: make that first call outside any CUDA graph being captured, as a
-warm-up step does.
+outside ``torch.compile`` (whose graphs keep ``addmm_``, and fuse it themselves), and only while
+a CUDA graph is being captured: launched from Python, a Triton kernel costs the host about 49 µs
+against ``addmm_``'s 15 (one H200's host, measured while developing this module), and an eager
+step is bound by the host, so there the kernel's gain on the device is lost several times over.
+A captured graph pays that launch once. Elsewhere it is ``addmm_``.
+
+The tile shape is tuned per ``(N, r)`` on the first eager call with that shape, which takes the
+kernel for that one call (tuning synchronizes, so it cannot happen during a capture); with
+``out`` restored after each trial. The warm-up steps before a capture make those calls. A
+capture of a shape that was never run eagerly keeps ``addmm_``.
 """
 from __future__ import annotations
 
@@ -58,20 +64,32 @@ def _kernel(autotune: bool):
             if autotune else rank_update)
 
 
+_TUNED: set = set()   # (N, r, dtype, device) of the shapes the kernel has been tuned for
+
+
 def runs(out: torch.Tensor, r: int) -> bool:
-    """Whether ``add_`` takes the Triton kernel for ``out`` and rank ``r``: CUDA only (on the
-    CPU ``addmm_`` is as fast, and Triton's interpreter has no bf16), and fewer than 2³¹
-    elements (the kernel's offsets are 32-bit)."""
+    """Whether the Triton kernel can take ``out`` and rank ``r``: CUDA only (on the CPU
+    ``addmm_`` is as fast, and Triton's interpreter has no bf16), fewer than 2³¹ elements (the
+    kernel's offsets are 32-bit), not compiling."""
     return (out.is_cuda and out.dtype in DTYPES and 0 < r <= MAX_RANK and out.numel() < 2**31
             and not torch.compiler.is_compiling() and have_triton())
 
 
 def add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """``out += s · a b`` in place (``out (M, N)``, ``a (M, r)``, ``b (r, N)``, any strides, one
-    dtype); returns ``out``."""
-    if not runs(out, a.shape[1]):
-        return out.addmm_(a, b, alpha=s)
-    return kernel_(out, a, b, s)
+    dtype); returns ``out``. The kernel under CUDA-graph capture, once per shape eagerly to tune
+    it, ``addmm_`` otherwise (module docstring)."""
+    r = a.shape[1]
+    if runs(out, r):
+        key = (out.shape[1], r, out.dtype, out.device)
+        if torch.cuda.is_current_stream_capturing():
+            if key in _TUNED:
+                return kernel_(out, a, b, s)
+        elif key not in _TUNED:
+            kernel_(out, a, b, s)
+            _TUNED.add(key)
+            return out
+    return out.addmm_(a, b, alpha=s)
 
 
 def kernel_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:

@@ -60,6 +60,7 @@ def test_the_epilogue_path_through_the_kernel_equals_it_through_addmm(monkeypatc
     runs, calls = [], []
     kernel = rank_update.kernel_
     monkeypatch.setattr(rank_update, "kernel_", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    _capturing(monkeypatch, True, tuned=_Everything())    # as in a captured step, every shape tuned
     for taken in (False, True):
         monkeypatch.setattr(rank_update, "runs", lambda out, r: taken)
         m, ad = _model(method=method, dtype=torch.float16, std=0.1)
@@ -70,3 +71,46 @@ def test_the_epilogue_path_through_the_kernel_equals_it_through_addmm(monkeypatc
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-2, atol=1e-2)
     for k in runs[0][1]:
         torch.testing.assert_close(runs[0][1][k], runs[1][1][k], rtol=2e-2, atol=2e-2, msg=k)
+
+
+class _Everything:
+    def __contains__(self, key):
+        return True
+
+
+def _capturing(monkeypatch, on: bool, tuned=None):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: on)
+    if tuned is not None:
+        monkeypatch.setattr(rank_update, "_TUNED", tuned)
+
+
+def test_the_kernel_runs_under_capture_and_once_eagerly_per_shape_to_tune(monkeypatch):
+    """Eager steps are bound by the host, where a Triton launch costs several ``addmm_``: eagerly
+    the kernel runs once per ``(N, r)`` (its tuning), then ``addmm_``; under capture it runs for
+    the shapes tuned, and ``addmm_`` takes a shape never run eagerly. Every call adds the same
+    ``s · a b`` (float64 reference)."""
+    calls = []
+    kernel = rank_update.kernel_
+    monkeypatch.setattr(rank_update, "kernel_", lambda *a: calls.append(tuple(a[0].shape)) or kernel(*a))
+    monkeypatch.setattr(rank_update, "runs", lambda out, r: True)
+    _capturing(monkeypatch, False, tuned=set())
+    g = torch.Generator().manual_seed(0)
+    expected = []
+
+    def add(n, r, capture):
+        _capturing(monkeypatch, capture)
+        out, a, b = (torch.randn(*shape, generator=g) for shape in ((9, n), (9, r), (r, n)))
+        ref = out.double() + 0.5 * (a.double() @ b.double())
+        rank_update.add_(out, a, b, 0.5)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        expected.append(len(calls))
+
+    add(5, 3, capture=False)      # tunes: the kernel
+    add(5, 3, capture=False)      # tuned, eager: addmm_
+    add(5, 3, capture=True)       # tuned, captured: the kernel
+    add(7, 3, capture=True)       # another N, never tuned: addmm_
+    add(5, 4, capture=True)       # another r: addmm_
+    add(7, 3, capture=False)      # tunes it
+    add(7, 3, capture=True)
+    assert expected == [1, 1, 2, 2, 2, 3, 4]
+    assert calls == [(9, 5), (9, 5), (9, 7), (9, 7)]
