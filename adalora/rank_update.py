@@ -13,10 +13,10 @@ computes (the ``r`` terms may sum in another order).
 
 ``add_`` takes the kernel for fp16 and bf16 CUDA tensors of fewer than 2³¹ elements, ``r <= 64``,
 outside ``torch.compile`` (whose graphs keep ``addmm_``, and fuse it themselves), and only while
-a CUDA graph is being captured: launched from Python, a Triton kernel costs the host about 49 µs
-against ``addmm_``'s 15 (one H200's host, measured while developing this module), and an eager
-step is bound by the host, so there the kernel's gain on the device is lost several times over.
-A captured graph pays that launch once. Elsewhere it is ``addmm_``.
+a CUDA graph is being captured. Launched from Python, a Triton kernel costs the host several
+times what ``addmm_`` costs, and an eager step is bound by the host: there the few microseconds
+the kernel saves on the device are lost. A captured graph pays the launch once. Elsewhere it is
+``addmm_``.
 
 The tile shape is tuned per ``(N, r)`` on the first eager call with that shape, which takes the
 kernel for that one call (tuning synchronizes, so it cannot happen during a capture); with
