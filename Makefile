@@ -8,8 +8,9 @@ install:
 	$(PY) -m pip install --no-deps -r requirements-data.txt
 
 # Two workers: the suite is single-threaded per test (tests/conftest.py), and CI has 2 cores.
+# One test handed out at a time, the long ones first (tests/conftest.py): both finish together.
 test: install
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1
 
 # A fresh folder per demo: a finished run is never overwritten.
 demo: install

@@ -11,6 +11,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` first, the rest in file order. ``make test`` has pytest-xdist hand
+    out one test at a time (``--maxschedchunk 1``), so the long ones start early on both workers
+    and short ones fill in at the end; in file order, a long test starting late kept one worker
+    busy for a minute or more after the other had finished."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture
 def no_recompiles():
     """Dynamo raises on any recompilation inside the test. Through torch's own config patch:

@@ -24,6 +24,7 @@ def _check_outputs(out: Path, variants: list[str], alloc_layers: list[int]) -> d
     return result
 
 
+@pytest.mark.long
 def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
     pytest.importorskip("peft", reason="peft is in the dev extra; the peft rows need it")
     # the Triton variants run in Triton's CPU interpreter, too slow for 20-step checks: tested below
@@ -98,6 +99,7 @@ def test_benchmark_bad_override_is_one_line(tmp_path):
     assert "preset=<value>" in r.stderr
 
 
+@pytest.mark.long
 def test_benchmark_hydra_entry_point(tmp_path):
     pytest.importorskip("hydra")
     out = tmp_path / "run"
@@ -107,6 +109,7 @@ def test_benchmark_hydra_entry_point(tmp_path):
     _check_outputs(out, ["floor", "lora", "adalora"], [1])
 
 
+@pytest.mark.long
 def test_compiled_variants_each_compile_once(tmp_path, no_recompiles):
     """Every variant's loss closure has its own Dynamo cache (one compile each, no recompiles
     across variants or steps, masking included) and `graphs` in a suite entry means reduce-overhead."""
@@ -163,6 +166,7 @@ def test_tiny_llama_preset_runs_every_adapter_variant(tmp_path):
 # Triton's CPU interpreter takes 12 s a run here: AdaLoRA's (gated) adapters only.
 @pytest.mark.parametrize("name,fused", [(n, f) for n in ("lora", "adalora") for f in ("_fused", "_epilogue")]
                          + [("adalora", "_triton")])
+@pytest.mark.long
 def test_fused_variant_trains_like_the_unfused_one_on_the_decoder(name, fused):
     import torch
     from experiments.bench_variants import build_variant, make_batch

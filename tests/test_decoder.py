@@ -147,6 +147,7 @@ def test_report_shows_decoder_scores_and_matrix_types(llama_run, tmp_path):
     assert "final.test.accuracy" in md and "figures/heatmap_" in md
 
 
+@pytest.mark.long
 def test_two_ranks_of_a_decoder_hold_identical_masks_and_adapters(tmp_path):
     from test_distributed import torchrun
     args = [a for a in LM if not a.startswith("trainer.batch_size")] + [

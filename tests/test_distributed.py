@@ -67,6 +67,7 @@ NO_DROPOUT = ["model.dropout=0", "model.head_dropout=0"]
 ADAPTER_ATOL = 1e-7
 
 
+@pytest.mark.long
 def test_two_ranks_hold_identical_masks_and_adapters_and_one_run_folder(tmp_path):
     # grad_accum=2 exercises no_sync; compact re-wraps DDP around the shrunk adapters; dropout
     # stays on (each rank its own stream): masks agree because the gradients are all-reduced.
@@ -102,6 +103,7 @@ def test_two_ranks_hold_identical_masks_and_adapters_and_one_run_folder(tmp_path
     assert train_steps == list(range(1, 17))           # logged once, by rank 0
 
 
+@pytest.mark.long
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(tmp_path):
     args = BASE + NO_DROPOUT + ["trainer.epochs=2", "schedule.mask_interval=1"]
     ddp_dir = tmp_path / "ddp"

@@ -33,6 +33,7 @@ def _evaluate(*args, capsys=None):
     return _Result(code, capsys.readouterr().err if capsys else "")
 
 
+@pytest.mark.long
 def test_a_run_folder_evaluates_to_its_own_final_metrics(run_dir, tmp_path):
     out = tmp_path / "eval"
     r = subprocess.run([sys.executable, "-m", "experiments.evaluate", str(run_dir), "--out", str(out)], cwd=REPO,

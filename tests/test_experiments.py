@@ -406,6 +406,7 @@ def test_ranks_share_a_gpu_only_under_gloo(monkeypatch):
     assert D.gpu_index(1) == 0
 
 
+@pytest.mark.long
 def test_compiled_training_forward_matches_eager(tmp_path):
     """trainer.compile: the traced training forward (aot_eager: same kernels, no code generation)
     trains to the same losses, masks and final ranks as eager, masking and varying sequence

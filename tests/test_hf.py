@@ -162,6 +162,7 @@ def test_orth_term_in_training_loss_only(tmp_path):
     assert abs(metrics["eval_loss"] - (float(task_eval) + ORTH * orth)) > 1e-2
 
 
+@pytest.mark.long
 def test_import_adalora_pulls_in_no_optional_dependency():
     code = ("import sys, adalora, adalora.hf\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'hydra', 'matplotlib', "

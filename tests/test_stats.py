@@ -246,6 +246,7 @@ def test_old_folders_still_load(tmp_path):
 
 # --- report --------------------------------------------------------------------------------------
 
+@pytest.mark.long
 def test_report_shows_comparison_settings_and_what_confounds_the_comparison(sweep_dir, tmp_path):
     from analysis import report
     assert report.main([str(sweep_dir), "--out", str(tmp_path / "rep")]) == 0
