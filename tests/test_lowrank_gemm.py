@@ -114,13 +114,17 @@ def test_triton_falls_back_to_the_epilogue_path(monkeypatch):
     edge, wide = _layer(SVDLinear, rank=64), _layer(SVDLinear, rank=65)
     edge.fuse = wide.fuse = "triton"
     assert fused.path(edge, x) == "triton" and fused.path(wide, x) == "epilogue"
-    # 32-bit offsets: a y (20 -> 30), or an x (30 -> 20), of 2³¹ elements; expanded views,
-    # with no memory behind them
-    rows = 2**31 // 30
-    narrow = SVDLinear(nn.Linear(30, 20).requires_grad_(False), 5, 8.0, fuse="triton")
-    for wide_side, d_in in ((layer, 20), (narrow, 30)):
-        assert fused.path(wide_side, torch.zeros(1, d_in).expand(rows, d_in)) == "triton"
-        assert fused.path(wide_side, torch.zeros(1, d_in).expand(rows + 1, d_in)) == "epilogue"
+    # 32-bit offsets: a y (16 -> 32) or an x (32 -> 16) of 2³¹ elements takes the epilogue path,
+    # one row fewer the kernel; a 3-D x counts its rows over both leading dimensions. Expanded
+    # views: no memory behind them.
+    wide = SVDLinear(nn.Linear(16, 32).requires_grad_(False), 5, 8.0, fuse="triton")
+    narrow = SVDLinear(nn.Linear(32, 16).requires_grad_(False), 5, 8.0, fuse="triton")
+    rows = 2**26                                       # rows x 32 = 2³¹
+    for big_side, d_in in ((wide, 16), (narrow, 32)):
+        assert fused.path(big_side, torch.zeros(1, d_in).expand(rows - 1, d_in)) == "triton"
+        assert fused.path(big_side, torch.zeros(1, d_in).expand(rows, d_in)) == "epilogue"
+    assert fused.path(wide, torch.zeros(1, 1, 16).expand(rows // 2 - 1, 2, 16)) == "triton"
+    assert fused.path(wide, torch.zeros(1, 1, 16).expand(rows // 2, 2, 16)) == "epilogue"
     double = copy.deepcopy(layer).double()
     assert fused.path(double, x.double()) == "epilogue"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
