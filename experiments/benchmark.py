@@ -104,6 +104,7 @@ class BenchConfig:
     alloc_hidden: int = 256
     alloc_steps: int = 20
     suite: List[str] = field(default_factory=list)   # ["base:bf16", "large:fp32:compile", ...]
+    top_kernels: int = 8                  # CUDA: the longest kernels each variant records, by name
     seed: int = 0
     out: Optional[str] = None             # None: the Hydra run folder
 
@@ -123,6 +124,8 @@ class BenchConfig:
             raise ValueError(f"unknown variants {unknown}: choose from {VARIANTS}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        if self.top_kernels < 0:
+            raise ValueError(f"top_kernels={self.top_kernels}: give 0 or more")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
         if self.heads % self.kv_heads or (self.arch == "bert" and self.kv_heads != self.heads):
@@ -224,7 +227,7 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
     if dev.type == "cuda":
         # after the timed rounds, so the profiler's own host cost never enters the times above
         for v in variants:
-            out[v.name].update(kernel_time(v.step, cfg.steps))
+            out[v.name].update(kernel_time(v.step, cfg.steps, cfg.top_kernels))
     return out
 
 

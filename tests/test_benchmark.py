@@ -86,6 +86,8 @@ def test_benchmark_config_checks_and_hydra_overrides():
         benchmark.BenchConfig(variants=["adalora", "qlora"])
     with pytest.raises(ValueError, match="preset:dtype"):
         benchmark.BenchConfig(suite=["base:fp16"])
+    with pytest.raises(ValueError, match="top_kernels=-1"):
+        benchmark.BenchConfig(top_kernels=-1)
 
 
 def test_benchmark_bad_override_is_one_line(tmp_path):
