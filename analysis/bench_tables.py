@@ -269,7 +269,32 @@ def paths(files) -> str:
                   "vs unfused: max loss diff; equal masks", "results file"], rows, "lllrrrrrrrrll")
 
 
-TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
+def kernels(files) -> str:
+    """Per ``kernel_breakdown`` file, the kernels that the epilogue path's AdaLoRA step runs beyond
+    the floor's: for each kernel name among its longest, the extra time and launches a step
+    against the floor's same name, largest first; then the rows' sum, and the whole step's extra
+    kernel time for AdaLoRA and for LoRA (the names outside the longest make the difference;
+    LoRA's thin GEMMs get other cuBLAS kernels, so it is compared as a whole)."""
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "kernel_breakdown":
+            continue
+        v = d["variants"]
+        floor = {t["name"]: t for t in v["floor"]["top_kernels"]}
+        extra = {t["name"]: (t["ms"] - floor.get(t["name"], {}).get("ms", 0.0),
+                             t["count"] - floor.get(t["name"], {}).get("count", 0.0))
+                 for t in v["adalora_epilogue"]["top_kernels"]}
+        listed = sorted((k for k in extra if extra[k][0] >= 0.01), key=lambda k: -extra[k][0])
+        rows += [[f"`{k[:60]}`", f"{extra[k][0]:.3f}", f"{extra[k][1]:.0f}", f"`{name}`"] for k in listed]
+        rows.append(["(these rows)", f"{sum(extra[k][0] for k in listed):.3f}", "", f"`{name}`"])
+        for variant, what in (("adalora_epilogue", "AdaLoRA"), ("lora_epilogue", "LoRA")):
+            rows.append([f"(whole step, {what})", f"{v[variant]['kernel_ms'] - v['floor']['kernel_ms']:.3f}",
+                         f"{v[variant]['kernels'] - v['floor']['kernels']:.0f}", f"`{name}`"])
+    return table(["kernel (name cut at 60 characters)", "extra ms a step", "extra launches a step", "results file"],
+                 rows, "lrrl")
+
+
+TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
           "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch}
 
 

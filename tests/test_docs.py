@@ -135,3 +135,26 @@ def test_paths_table_reads_its_cells_from_a_results_file(tmp_path):
     config.update(bf16_mode="autocast", lora_rank=12)
     (tmp_path / "x.json").write_text(json.dumps(d))
     assert B.paths(B.load(tmp_path)).splitlines()[2].startswith("| large, step captured, autocast, LoRA r=12 | 1x H200 | none |")
+
+
+def test_kernels_table_subtracts_the_floor_kernel_by_kernel(tmp_path):
+    """The kernel breakdown: AdaLoRA's longest kernels less the floor's same names, by hand; names
+    under 0.01 ms extra left out; then the rows' sum and both adapters' whole-step extras."""
+    import json
+
+    from analysis import bench_tables as B
+
+    k = lambda name, ms, count: {"name": name, "ms": ms, "count": count}  # noqa: E731
+    d = {"kind": "kernel_breakdown", "variants": {
+        "floor": {"kernel_ms": 4.0, "kernels": 400.0, "top_kernels": [k("gemm", 2.0, 60.0), k("add", 0.5, 70.0)]},
+        "lora_epilogue": {"kernel_ms": 5.5, "kernels": 800.0, "top_kernels": []},
+        "adalora_epilogue": {"kernel_ms": 6.25, "kernels": 950.0,
+                             "top_kernels": [k("gemm", 2.5, 60.0), k("rank_update", 0.75, 119.0),
+                                             k("add", 0.505, 71.0)]}}}
+    (tmp_path / "x.json").write_text(json.dumps(d))
+    assert B.kernels(B.load(tmp_path)).splitlines()[2:] == [
+        "| `rank_update` | 0.750 | 119 | `x.json` |",
+        "| `gemm` | 0.500 | 0 | `x.json` |",
+        "| (these rows) | 1.250 |  | `x.json` |",
+        "| (whole step, AdaLoRA) | 2.250 | 550 | `x.json` |",
+        "| (whole step, LoRA) | 1.500 | 400 | `x.json` |"]
