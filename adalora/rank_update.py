@@ -18,10 +18,12 @@ times what ``addmm_`` costs, and an eager step is bound by the host: there the f
 the kernel saves on the device are lost. A captured graph pays the launch once. Elsewhere it is
 ``addmm_``.
 
-The tile shape is tuned per ``(N, r)`` on the first eager call with that shape, which takes the
-kernel for that one call (tuning synchronizes, so it cannot happen during a capture); with
-``out`` restored after each trial. The warm-up steps before a capture make those calls. A
-capture of a shape that was never run eagerly keeps ``addmm_``.
+The first eager call with each signature (shapes, strides, dtype, device, and the 16-byte
+alignment of the three tensors: what Triton compiles a variant of the kernel for) takes the
+kernel, so that it is compiled, and its tile shape tuned per ``(N, r)`` with ``out`` restored
+after each trial, outside any capture: tuning synchronizes, and neither may happen while a graph
+is captured. The warm-up steps before a capture make those calls. A capture of a signature never
+run eagerly keeps ``addmm_``.
 """
 from __future__ import annotations
 
@@ -64,7 +66,11 @@ def _kernel(autotune: bool):
             if autotune else rank_update)
 
 
-_TUNED: set = set()   # (N, r, dtype, device) of the shapes the kernel has been tuned for
+_TUNED: set = set()   # the signatures the kernel has been compiled (and tuned) for
+
+
+def _signature(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple:
+    return (out.dtype, out.device) + tuple((t.shape, t.stride(), t.data_ptr() % 16) for t in (out, a, b))
 
 
 def runs(out: torch.Tensor, r: int) -> bool:
@@ -77,11 +83,10 @@ def runs(out: torch.Tensor, r: int) -> bool:
 
 def add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """``out += s · a b`` in place (``out (M, N)``, ``a (M, r)``, ``b (r, N)``, any strides, one
-    dtype); returns ``out``. The kernel under CUDA-graph capture, once per shape eagerly to tune
-    it, ``addmm_`` otherwise (module docstring)."""
-    r = a.shape[1]
-    if runs(out, r):
-        key = (out.shape[1], r, out.dtype, out.device)
+    dtype); returns ``out``. The kernel under CUDA-graph capture, once per signature eagerly to
+    compile and tune it, ``addmm_`` otherwise (module docstring)."""
+    if runs(out, a.shape[1]):
+        key = _signature(out, a, b)
         if torch.cuda.is_current_stream_capturing():
             if key in _TUNED:
                 return kernel_(out, a, b, s)

@@ -84,11 +84,11 @@ def _capturing(monkeypatch, on: bool, tuned=None):
         monkeypatch.setattr(rank_update, "_TUNED", tuned)
 
 
-def test_the_kernel_runs_under_capture_and_once_eagerly_per_shape_to_tune(monkeypatch):
+def test_the_kernel_runs_under_capture_and_once_eagerly_per_signature(monkeypatch):
     """Eager steps are bound by the host, where a Triton launch costs several ``addmm_``: eagerly
-    the kernel runs once per ``(N, r)`` (its tuning), then ``addmm_``; under capture it runs for
-    the shapes tuned, and ``addmm_`` takes a shape never run eagerly. Every call adds the same
-    ``s · a b`` (float64 reference)."""
+    the kernel runs once per signature (compiled and tuned then), then ``addmm_``; under capture
+    it runs for the signatures seen eagerly, and ``addmm_`` takes a shape, rank or layout never
+    run eagerly. Every call adds the same ``s · a b`` (float64 reference)."""
     calls = []
     kernel = rank_update.kernel_
     monkeypatch.setattr(rank_update, "kernel_", lambda *a: calls.append(tuple(a[0].shape)) or kernel(*a))
@@ -97,9 +97,11 @@ def test_the_kernel_runs_under_capture_and_once_eagerly_per_shape_to_tune(monkey
     g = torch.Generator().manual_seed(0)
     expected = []
 
-    def add(n, r, capture):
+    def add(n, r, capture, a_transposed=False):
         _capturing(monkeypatch, capture)
         out, a, b = (torch.randn(*shape, generator=g) for shape in ((9, n), (9, r), (r, n)))
+        if a_transposed:
+            a = a.t().contiguous().t()                        # the same (9, r), strides (1, 9)
         ref = out.double() + 0.5 * (a.double() @ b.double())
         rank_update.add_(out, a, b, 0.5)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -112,5 +114,6 @@ def test_the_kernel_runs_under_capture_and_once_eagerly_per_shape_to_tune(monkey
     add(5, 4, capture=True)       # another r: addmm_
     add(7, 3, capture=False)      # tunes it
     add(7, 3, capture=True)
-    assert expected == [1, 1, 2, 2, 2, 3, 4]
+    add(5, 3, capture=True, a_transposed=True)    # another layout: a variant never compiled
+    assert expected == [1, 1, 2, 2, 2, 3, 4, 4]
     assert calls == [(9, 5), (9, 5), (9, 7), (9, 7)]
