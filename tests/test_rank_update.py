@@ -36,9 +36,10 @@ def test_kernel_refuses_shapes_that_do_not_chain():
         rank_update.kernel_(torch.zeros(4, 3), torch.zeros(4, 65), torch.zeros(65, 3), 1.0)
 
 
-def test_the_kernel_is_taken_for_half_precision_cuda_tensors_of_rank_up_to_64():
-    """``is_cuda``, ``dtype`` and ``numel()`` are all that is read, so a stand-in checks the
-    choice on a machine without CUDA; CPU tensors always take ``addmm_``."""
+def test_the_kernel_can_take_half_precision_cuda_tensors_of_rank_up_to_64():
+    """Which tensors the kernel can take (whether it does is the capture's business, below).
+    ``is_cuda``, ``dtype`` and ``numel()`` are all that is read, so a stand-in checks the choice
+    on a machine without CUDA; CPU tensors always take ``addmm_``."""
     def cuda(dtype, numel=2**31 - 1):
         return types.SimpleNamespace(is_cuda=True, dtype=dtype, numel=lambda: numel)
     assert rank_update.runs(cuda(torch.bfloat16), 12) and rank_update.runs(cuda(torch.float16), 64)
