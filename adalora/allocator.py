@@ -196,6 +196,7 @@ class RankAllocator(Allocator):
         self._lam_masks: list[torch.Tensor] | None = None     # rank_mask cast to lam's dtype
         self._segment: tuple | None = None                    # (ranks, adapter id per singular value)
         self._tables: tuple | None = None                     # mask_on_device's (budgets, is mask step, arange)
+        self._device_threshold: torch.Tensor | None = None    # mask_on_device's score at position b(t), (1,)
 
     # -- the two per-step calls ------------------------------------------------------------------
     def update_importance(self, step: int, grads_finite: bool | None = None) -> bool:
@@ -231,7 +232,7 @@ class RankAllocator(Allocator):
         order = torch.sort(flat, descending=True, stable=True).indices
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[order[:budget]] = True
-        threshold = flat[order[budget:budget + 1]] if budget < flat.numel() else None   # (1,), on the device
+        threshold = _threshold(flat, order, budget)
         lams = self._lams()
         sizes = [lam.shape[0] for lam in lams]
         torch._foreach_copy_([layer.rank_mask for layer in self.layers], list(keep.split(sizes)))
@@ -250,8 +251,8 @@ class RankAllocator(Allocator):
 
         ``b(t)`` and "is ``t`` a mask step" are read from device tables of ``schedule.budget_at``
         and ``schedule.is_mask_step``; off mask steps the masks and ``lam`` stay as they are. The
-        masks equal ``mask_to_budget``'s, step for step. No record is returned (read ``ranks()``
-        after a replay). From ``schedule.final_step`` on, call ``mask_to_budget``: the final
+        masks equal ``mask_to_budget``'s, step for step. No record is returned: ``mask_record(step)``
+        gives it after a replay. From ``schedule.final_step`` on, call ``mask_to_budget``: the final
         allocation is a host event, and the frozen-mask step after it is itself capturable. A
         device cannot raise, so a ``step`` past the table reads its last entry: switching is the
         caller's job."""
@@ -275,14 +276,30 @@ class RankAllocator(Allocator):
         order = torch.sort(flat, descending=True, stable=True).indices
         position = torch.empty_like(order).scatter_(0, order, index)
         now = masking.index_select(0, t)                   # (1,)
+        budget = budgets.index_select(0, t)                # (1,)
+        # mask_record's threshold: the score at position b(t), before the mask zeroes any lam
+        # (magnitude scores read lam). Clamped: with nothing pruned it reads a kept score, unused.
+        self._device_threshold = flat.index_select(0, order.index_select(0, budget.clamp(max=flat.numel() - 1)))
         masks = [layer.rank_mask for layer in self.layers]
-        keep = torch.where(now, position < budgets.index_select(0, t), torch.cat(masks))
+        keep = torch.where(now, position < budget, torch.cat(masks))
         sizes = [m.shape[0] for m in masks]
         torch._foreach_copy_(masks, list(keep.split(sizes)))
         lams = self._lams()
         # all ones off mask steps: lam untouched
         torch._foreach_mul_(lams, _like_lams(keep | ~now, lams, sizes))
         self._lam_masks = None                             # the final phase recasts rank_mask
+
+    @torch.no_grad()
+    def mask_record(self, step: int) -> AllocationRecord:
+        """The record ``mask_to_budget(step)`` returns, for a mask step taken by ``mask_on_device``
+        (which returns none): call it after that step (after the graph's replay), before the next.
+        The threshold is the one that step ranked by; the ranks are the masks it left."""
+        if self._device_threshold is None:
+            raise RuntimeError("mask_record(step) reads the last mask_on_device step: call that first")
+        budget = schedule.budget_at(step, self.schedule, self.initial_budget, self.target_budget)
+        # cloned: a replay overwrites the captured tensor in place, and a record may be read later
+        threshold = self._device_threshold.clone() if budget < sum(layer.rank for layer in self.layers) else None
+        return _PendingRecord(step, budget, pending=(self._counts(), threshold, self.adapters))
 
     def _lams(self) -> list[torch.Tensor]:
         return [fast_param(layer, "lam") for layer in self.layers]
@@ -380,6 +397,11 @@ class RankAllocator(Allocator):
         self.scorer.load_state_dict(sd["scorer"])
         self.final_done, self.compacted = bool(sd["final_done"]), bool(sd["compacted"])
         self.final_scores = None if sd["final_scores"] is None else [s.clone() for s in sd["final_scores"]]
+
+
+def _threshold(flat: torch.Tensor, order: torch.Tensor, budget: int) -> torch.Tensor | None:
+    """The highest pruned score, ``(1,)`` on the device; None when nothing is pruned."""
+    return flat[order[budget:budget + 1]] if budget < flat.numel() else None
 
 
 def _like_lams(flat: torch.Tensor, lams: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:

@@ -309,6 +309,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5
     # Under torchrun: ddp. fsdp is refused: sharded adapters would need gathered importance scores.
     strategy: str = "ddp"
+    # Capture the optimizer step as CUDA graphs and replay them (experiments/step_graph.py): one
+    # GPU, classification, lora/adalora/full; batches keep their padded length.
+    step_graph: bool = False
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1 and self.grad_accum >= 1,
@@ -328,6 +331,13 @@ class TrainerConfig:
                "supported yet)")
         _check(self.strategy != "fsdp", "trainer.strategy=fsdp is not supported yet (sharded "
                "adapters need gathered importance scores); use trainer.strategy=ddp")
+        if self.step_graph:
+            _check(self.grad_accum == 1, "trainer.step_graph=true needs trainer.grad_accum=1 (one micro-batch "
+                   "per graph); or set trainer.step_graph=false")
+            _check(self.precision != "fp16", "trainer.step_graph=true needs trainer.precision=bf16 or fp32 "
+                   "(fp16's GradScaler decides its step on the host); or set trainer.step_graph=false")
+            _check(self.compile != "reduce-overhead", "trainer.step_graph=true needs trainer.compile=none or "
+                   "default (the step is already one graph); or set trainer.step_graph=false")
 
 
 @dataclass

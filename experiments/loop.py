@@ -15,6 +15,9 @@ Per optimizer step (``step`` counts optimizer steps, never micro-batches):
     [DDP: all-reduce a checksum of the masks; raise if ranks differ]
     opt.zero_grad(set_to_none=True); step += 1
 
+``trainer.step_graph=true`` runs the same calls as two CUDA graphs, replayed each step: forward to
+clipping, then the update (experiments/step_graph.py).
+
 Data parallel (experiments/distributed.py): rank r trains on the r-th slice of each global
 micro-batch; gradients are the full global batch's on every rank, so the allocator's scores
 and masks are the same everywhere. Only rank 0 evaluates and writes.
@@ -34,6 +37,7 @@ import adalora
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import step_graph as SG
 from .build import Built, param_groups
 from .config import RunConfig
 from .objective import Classify
@@ -48,11 +52,12 @@ class LoopResult:
     skipped_steps: int = 0           # non-finite gradients: update and scoring skipped
 
 
-def batch_at(data: Dict[str, torch.Tensor], idx: torch.Tensor, device) -> Dict[str, torch.Tensor]:
+def batch_at(data: Dict[str, torch.Tensor], idx: torch.Tensor, device, trim: bool = True) -> Dict[str, torch.Tensor]:
     """Select rows and trim padding to the longest real sequence in the batch (2-3x faster on
-    short texts; results do not depend on it since padded positions are masked)."""
+    short texts; results do not depend on it since padded positions are masked). ``trim=False``
+    keeps the padded length: a captured step has fixed shapes."""
     b = {k: v[idx] for k, v in data.items()}
-    L = int(b["attention_mask"].sum(1).max())
+    L = int(b["attention_mask"].sum(1).max()) if trim else b["attention_mask"].shape[1]
     # contiguous: a trimmed slice and an untrimmed batch then have the same strides, which a
     # compiled forward (trainer.compile) would otherwise guard on and recompile for
     return {k: (v[:, :L].contiguous() if v.dim() == 2 else v).to(device) for k, v in b.items()}
@@ -189,11 +194,17 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     # Adapters are already injected: DDP all-reduces the very tensors the allocator scores.
     net = D.wrap(model, device, dist)
     fwd = _compiled(net, t)
-    opt = torch.optim.AdamW(param_groups(cfg, model))
+    # A captured step needs AdamW's state and learning rates on the device (step_graph.py).
+    graphed = {"fused": True, "capturable": device.type == "cuda"} if t.step_graph else {}
+    opt = torch.optim.AdamW(param_groups(cfg, model), **graphed)
+    if t.step_graph:
+        SG.place_lrs(opt, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
+        if t.step_graph:
+            SG.place_lrs(opt, device)
         scaler.load_state_dict(resume_state["scaler"])
         rngs = resume_state.get("rng_ranks") or [resume_state["rng"]]
         ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
@@ -202,6 +213,28 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     if allocator is not None:
         allocator.bind_optimizer(opt)       # ElaLoRA grows and svd_truncate cuts factors in it
     params = [p for g in opt.param_groups for p in g["params"]]
+
+    def grads_of(b) -> torch.Tensor:
+        """Forward and backward of one micro-batch; the loss, detached."""
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            task_loss = objective.loss(fwd, b)     # cross-entropy, or LM loss
+        scaler.scale(task_loss / t.grad_accum).backward()
+        return task_loss.detach()
+
+    def finish_grads():
+        """Unscale, add γ·∇R, clip: (R, the total norm), on the device."""
+        scaler.unscale_(opt)
+        # R does not depend on the batch: adding γ∇R once equals adding γR/accum to every
+        # micro-batch's loss, in a few batched kernels instead of a second autograd path.
+        orth = (adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form) if orth_weight > 0
+                else 0.0)
+        return orth, torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+
+    def step_graph():
+        return SG.StepGraph(lambda b: (grads_of(b), *finish_grads()),
+                            lambda step, finite: update(opt, sched, scaler, allocator, step, finite),
+                            opt, sched, allocator, device, capture=device.type == "cuda")
+    graph = step_graph() if t.step_graph else None
 
     saved_step = resume_state["step"] if resume_state is not None else None
 
@@ -233,25 +266,23 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             loss_finite = True
             for i in range(t.grad_accum):
                 idx = D.shard(micro_batch_indices(n_train, per_step, position, cfg.seed), dist)
-                b = batch_at(train_data, idx, device)
+                b = batch_at(train_data, idx, device, trim=graph is None)
                 position += 1
                 # DDP: all-reduce once per optimizer step, on the last micro-batch.
                 last = i == t.grad_accum - 1
-                with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        task_loss = objective.loss(fwd, b)     # cross-entropy, or LM loss
-                    scaler.scale(task_loss / t.grad_accum).backward()
+                if graph is not None:                  # one micro-batch: the whole section below
+                    task_loss, orth, norm = graph.grads(b)
+                else:
+                    with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
+                        task_loss = grads_of(b)
                 loss_value = task_loss.item()
                 loss_finite = loss_finite and math.isfinite(loss_value)
                 acc_loss += loss_value / t.grad_accum
             acc_n += 1
             # ---- unscale, add γ·∇R, clip; a non-finite norm skips the update and the scoring ----
-            scaler.unscale_(opt)
-            if orth_weight > 0:
-                # R does not depend on the batch: adding γ∇R once equals adding γR/accum to every
-                # micro-batch's loss, in a few batched kernels instead of a second autograd path.
-                acc_orth += float(adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form))
-            norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            if graph is None:
+                orth, norm = finish_grads()
+            acc_orth += float(orth)
             finite = bool(torch.isfinite(norm))      # same on every rank: grads are all-reduced
             # One all-reduce for the step's per-rank facts: a stop signal, a non-finite loss.
             stopping, loss_bad = D.any_rank([stop.signum is not None, not loss_finite], dist)
@@ -268,7 +299,8 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                     f"(last at step {step}; trainer.max_nonfinite_steps={t.max_nonfinite_steps}): "
                     f"lower trainer.lr, check the data, or use trainer.precision=fp32{kept}")
             was_final = allocator is not None and allocator.final_done
-            record = update(opt, sched, scaler, allocator, step, finite)
+            record = graph.update(step, finite) if graph is not None else \
+                update(opt, sched, scaler, allocator, step, finite)
             if allocator is not None:
                 if record is not None:
                     D.check_masks(allocator, step, dist)
@@ -279,7 +311,9 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                     params = [p for g in opt.param_groups for p in g["params"]]
                     net = D.wrap(model, device, dist)     # DDP must hold the new tensors
                     fwd = _compiled(net, t)               # and the graph the new shapes
-            opt.zero_grad(set_to_none=True)
+                    graph = step_graph() if graph is not None else None
+            if graph is None:                             # a captured step's grads are its own
+                opt.zero_grad(set_to_none=True)
             step += 1
             # ---- bookkeeping: logs, evals, checkpoints, early stop ----
             if bar is not None:
@@ -289,12 +323,12 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             if step % cfg.logger.log_every == 0 or step == total:
                 acc_loss, acc_orth = D.mean([acc_loss, acc_orth], dist)   # global-batch loss
                 writer.log_metrics({"step": step, "split": "train", "loss": acc_loss / acc_n,
-                                    "orth": acc_orth / acc_n, "lr": sched.get_last_lr()[0],
+                                    "orth": acc_orth / acc_n, "lr": float(sched.get_last_lr()[0]),
                                     "epoch": epoch, "time_s": time.time() - t0})
                 acc_loss, acc_orth, acc_n = 0.0, 0.0, 0
             if t.eval_every and step % t.eval_every == 0 and step < total and dist.is_main:
                 m = evaluate(model, splits["val"], cfg, device, amp_dtype, objective)
-                writer.log_metrics({"step": step, "split": "val", "lr": sched.get_last_lr()[0],
+                writer.log_metrics({"step": step, "split": "val", "lr": float(sched.get_last_lr()[0]),
                                     **m, "epoch": epoch, "time_s": time.time() - t0})
             stopping = stopping or (t.stop_at_step is not None and total > step >= t.stop_at_step)
             # A checkpoint only after a good step: the last one on disk is always a good one.
@@ -311,7 +345,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     if dist.is_main:          # eval on the unwrapped model: no collectives, other ranks done
         for split in ("val", "test"):
             final[split] = evaluate(model, splits[split], cfg, device, amp_dtype, objective)
-            writer.log_metrics({"step": step, "split": split, "lr": sched.get_last_lr()[0],
+            writer.log_metrics({"step": step, "split": split, "lr": float(sched.get_last_lr()[0]),
                                 **final[split], "epoch": position * per_step / n_train,
                                 "time_s": time.time() - t0})
     if t.checkpoint_every:

@@ -24,7 +24,7 @@ from .config import ConfigError, RunConfig
 from .provenance import git_commit, versions
 from .runlog import RunWriter, read_summary
 from .loop import train
-from . import lm
+from . import lm, step_graph
 from .model import HEAD, load_model, load_tokenizer, tokenize
 from .objective import for_task
 from .tasks import load_task
@@ -167,6 +167,7 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
     device = D.device_for(cfg.trainer.device, dist)
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    step_graph.refuse(cfg, device, dist.world_size)
     seed_everything(cfg.seed)       # the same model and adapter init on every rank
     t0 = time.time()
 

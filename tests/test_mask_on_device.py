@@ -21,17 +21,20 @@ def _setup(kind="sensitivity_uncertainty"):
     return m, ad, alloc, torch.optim.AdamW(adalora.adapter_parameters(ad), lr=1e-2)
 
 
-def _step(m, ad, alloc, opt, step, device_step=None):
+def _step(m, ad, alloc, opt, step, device_step=None, records=None):
     x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
     loss = m(x).pow(2).mean() + 0.1 * adalora.orthogonality_penalty(ad)
     loss.backward()
     opt.step()
     alloc.update_importance(step, grads_finite=True)
     if device_step is None or step >= alloc.schedule.final_step:
-        alloc.mask_to_budget(step)
+        record = alloc.mask_to_budget(step)
     else:
         alloc.mask_on_device(device_step)
         device_step.add_(1)
+        record = alloc.mask_record(step) if adalora.schedule.is_mask_step(step, alloc.schedule) else None
+    if records is not None and record is not None:
+        records[step] = record.to_dict()
     opt.zero_grad(set_to_none=True)
     return loss.item()
 
@@ -39,14 +42,32 @@ def _step(m, ad, alloc, opt, step, device_step=None):
 @pytest.mark.parametrize("kind", ["sensitivity_uncertainty", "sensitivity", "magnitude"])
 def test_device_step_trains_exactly_as_mask_to_budget(kind):
     """Step for step through warmup, budgeting (mask every 3rd step, lam revived in between) and
-    the final phase: equal losses, rank masks and lam, bit for bit."""
+    the final phase: equal losses, rank masks and lam, bit for bit; and ``mask_record`` gives
+    every mask step the record ``mask_to_budget`` returned, threshold included."""
     ref, dev = _setup(kind), _setup(kind)
     t = torch.tensor(1)
+    ref_records, dev_records = {}, {}
     for step in range(1, 40):
-        assert _step(*ref, step) == _step(*dev, step, device_step=t)
+        assert _step(*ref, step, records=ref_records) == _step(*dev, step, device_step=t, records=dev_records)
         for a, b in zip(ref[2].layers, dev[2].layers):
             assert torch.equal(a.rank_mask, b.rank_mask) and torch.equal(a.lam, b.lam)
     assert ref[2].ranks() == dev[2].ranks() and dev[2].final_done
+    # mask steps t % 3 == 0 inside (4, 30), then the final allocation at 30
+    assert sorted(dev_records) == sorted(ref_records) == [6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert dev_records == ref_records
+    assert all(r["threshold"] is not None and sum(r["ranks"].values()) == r["budget"] for r in dev_records.values())
+
+
+def test_mask_record_needs_a_device_mask_step_and_leaves_threshold_unset_when_nothing_is_pruned():
+    m, ad, alloc, opt = _setup()
+    with pytest.raises(RuntimeError, match=r"^mask_record\(step\) reads the last mask_on_device step: call that first$"):
+        alloc.mask_record(6)
+    for p in adalora.adapter_parameters(ad):
+        p.grad = torch.rand_like(p)
+    alloc.update_importance(1, grads_finite=True)
+    alloc.mask_on_device(torch.tensor(1))          # warmup: b = b0 = 12, every value kept
+    r = alloc.mask_record(1).to_dict()
+    assert r["budget"] == 12 and r["threshold"] is None and r["params_kept"] == 4 * (22 + 22 + 22 + 3)
 
 
 def test_budget_is_the_cubic_schedule_by_hand_and_lam_is_left_alone_off_mask_steps():

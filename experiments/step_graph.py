@@ -1,0 +1,171 @@
+"""``trainer.step_graph=true``: the loop's optimizer step as two CUDA graphs, captured once and
+replayed every step, so that the host launches two graphs instead of thousands of kernels. An
+eager step of a small model is bound by the host (analysis/README.md, eager rows), and a captured
+one by the GPU.
+
+    grads graph:   the batch into static buffers; forward; backward; += γ∇R; clip
+                   -> (loss, R, total norm), device tensors
+    update graph:  opt.step(); update_importance; mask_on_device(step)      before the final allocation
+                   opt.step(); mask_to_budget(step), the frozen-mask step    after it
+                   opt.step()                                                without an allocator
+
+Between the two replays the loop reads the loss and the norm, as it does in eager mode, and
+decides as it always does. What a graph cannot hold runs the loop's own ``update`` eagerly on the
+same tensors: a step whose gradient is not finite (no update, no scoring) and the final allocation
+(a host event). A graph is captured after ``WARMUP`` uncaptured runs of its body, which initialise
+what capture cannot (cuBLAS workspaces, AdamW's state, the kernels' tuning); a new phase's update
+graph is captured at once, its calls being warm by then.
+
+A captured graph fixes its shapes and addresses: the batches keep their padded length (``batch_at``
+does not trim them), the learning rates are device tensors that the scheduler fills in place, and
+the gradients are the grads graph's own outputs. Captured with ``.grad`` unset, each replay writes
+them afresh, so no ``zero_grad`` runs between replays. Compaction replaces the adapters' tensors:
+the loop then builds a new ``StepGraph``.
+
+Where no graph can be captured (``capture=False``: the CPU tests) the same bodies run uncaptured,
+every step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from adalora import schedule
+
+from .config import ConfigError, RunConfig
+
+WARMUP = 3      # uncaptured runs of a body before it is captured, on a side stream as CUDA asks
+
+# Methods whose step a graph can hold: no allocator, or AdaLoRA's (mask_on_device).
+METHODS = ("adalora", "lora", "svd_lora", "full", "head", "peft_lora")
+
+
+def refuse(cfg: RunConfig, device: torch.device, world_size: int) -> None:
+    """A one-line ConfigError naming the fix where ``trainer.step_graph=true`` cannot capture what
+    the rest of the config asks (TrainerConfig checks its own fields)."""
+    if not cfg.trainer.step_graph:
+        return
+    reasons = [
+        (cfg.task.objective != "classify", "task.objective=classify (the LM objectives pick scored tokens on the host)"),
+        (cfg.method.name not in METHODS, f"method one of {', '.join(METHODS)} (method={cfg.method.name} "
+                                         "allocates on the host)"),
+        (cfg.schedule.score.startswith("random"), f"a gradient or magnitude schedule.score (schedule.score="
+                                                  f"{cfg.schedule.score} draws on the host)"),
+        (world_size > 1, "one process (DDP's all-reduce is not captured here)"),
+        (device.type != "cuda", f"a CUDA device (this run is on {device.type})"),
+    ]
+    for bad, fix in reasons:
+        if bad:
+            raise ConfigError(f"trainer.step_graph=true needs {fix}; or set trainer.step_graph=false")
+
+
+def place_lrs(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Each group's learning rate as a 0-d tensor on ``device``: a captured float would stay the
+    value at capture, a tensor the scheduler fills in place is read by every replay. Also after a
+    checkpoint load, which restores the saved value."""
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(float(g["lr"]), device=device)
+
+
+class StepGraph:
+    """The two graphs of one run (module docstring), their warm-up and their eager fallbacks.
+
+    ``grads_body(batch) -> (loss, R, norm)``: the loop's forward, backward, γ∇R and clipping of one
+    batch. ``eager_update(step, finite) -> record``: the loop's ``update``. ``capture=False`` runs
+    the bodies uncaptured (CPU)."""
+
+    def __init__(self, grads_body: Callable, eager_update: Callable, opt: torch.optim.Optimizer, sched,
+                 allocator, device: torch.device, capture: bool):
+        self.grads_body, self.eager_update = grads_body, eager_update
+        self.opt, self.sched, self.allocator, self.capture = opt, sched, allocator, capture
+        # mask_on_device's step, filled from the host before each update (one small copy)
+        self.device_step = torch.zeros((), dtype=torch.long, device=device)
+        self.runs = {"grads": 0, "update": 0}      # uncaptured runs of each body so far
+        self.grads_graph: Optional[tuple] = None   # (graph, static batch, outputs)
+        self.update_graphs: Dict[str, torch.cuda.CUDAGraph] = {}
+        self.side = torch.cuda.Stream(device) if capture else None
+
+    # -- the two calls the loop makes ----------------------------------------------------------
+    def grads(self, batch: Dict[str, torch.Tensor]):
+        """(loss, R, total norm) of ``batch``, gradients in ``.grad``: a replay once captured."""
+        if self.grads_graph is None and self.capture and self.runs["grads"] >= WARMUP:
+            static = {k: v.clone() for k, v in batch.items()}
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.grads_body(dict(static))     # the objective pops the labels from its copy
+            self.grads_graph = (graph, static, out)
+        if self.grads_graph is None:
+            self.runs["grads"] += 1
+            return self._uncaptured(lambda: self.grads_body(dict(batch)))
+        graph, static, out = self.grads_graph
+        for k, v in batch.items():
+            if v.shape != static[k].shape:
+                raise RuntimeError(f"trainer.step_graph: batch '{k}' has shape {tuple(v.shape)}, the graph "
+                                   f"{tuple(static[k].shape)}; every batch must keep the padded length")
+            static[k].copy_(v)
+        graph.replay()
+        return out
+
+    def update(self, step: int, finite: bool):
+        """The loop's ``update`` for ``step``: a replay of this phase's graph where one can hold
+        it, else the loop's own calls. Returns the allocation record of a mask step, else None."""
+        phase = self._phase(step)
+        if not finite or phase is None:
+            record = self.eager_update(step, finite)
+        else:
+            self.device_step.fill_(step)
+            graph = self.update_graphs.get(phase)
+            # Captured only once the gradients are the grads graph's (uncaptured ones are unset
+            # after the step). A later phase's calls are warm: its graph is captured at once.
+            if graph is None and self.grads_graph is not None and (self.runs["update"] >= WARMUP or self.update_graphs):
+                self.update_graphs.clear()          # the budgeting graph is never replayed again
+                graph = self.update_graphs[phase] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._update_body(step, phase)
+            if graph is None:
+                self.runs["update"] += 1
+                self._uncaptured(lambda: self._update_body(step, phase))
+            else:
+                graph.replay()
+                if phase == "budget" and self.allocator.scorer.uses_grad:
+                    self.allocator.scorer.updates += 1   # the checkpointed count: a replay runs no Python
+            self.sched.step()
+            mask_step = phase == "budget" and schedule.is_mask_step(step, self.allocator.schedule)
+            record = self.allocator.mask_record(step) if mask_step else None
+        if self.grads_graph is None:
+            # Uncaptured, backward accumulates into .grad: unset it, as the eager loop does.
+            self.opt.zero_grad(set_to_none=True)
+        return record
+
+    # -- internals ----------------------------------------------------------------------------
+    def _phase(self, step: int) -> Optional[str]:
+        """Which update graph holds ``step``: none, budget, final; None for the final allocation."""
+        a = self.allocator
+        if a is None:
+            return "none"
+        if a.final_done:
+            return "final"
+        return "budget" if step < a.schedule.final_step else None
+
+    def _update_body(self, step: int, phase: str) -> None:
+        """``loop.update``'s calls with the allocator's device form (step from ``device_step``)."""
+        a = self.allocator
+        if phase == "budget" and a.score_before_step:
+            a.update_importance(step, grads_finite=True)
+        self.opt.step()
+        if phase == "budget":
+            if not a.score_before_step:
+                a.update_importance(step, grads_finite=True)
+            a.mask_on_device(self.device_step)
+        elif phase == "final":
+            a.mask_to_budget(step)
+
+    def _uncaptured(self, fn):
+        if self.side is None:
+            return fn()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(self.side)
+        return out
+
