@@ -1,0 +1,187 @@
+"""``trainer.step_graph``: the loop's step as two CUDA graphs (experiments/step_graph.py).
+
+No CUDA here, so the graphs' bodies run uncaptured, as ``StepGraph(capture=False)`` does; the GPU
+side (the captured run against the eager one) is a committed results file. What the CPU checks:
+the bodies and their eager fallbacks train as the loop's own ``update`` (the reference), step
+for step; a run and its resumption are the same run; the bodies wait on the device nowhere (what
+capture needs); and every configuration a graph cannot hold is refused with its fix."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adalora
+from adalora import AdapterConfig, RankAllocator, ScheduleConfig
+from exp_utils import TINY, compose, read_jsonl, run_inproc
+from experiments import step_graph as SG
+from experiments.config import ConfigError
+from experiments.loop import update
+from experiments.opcount import count_ops
+
+SCHED = dict(target_rank=2, total_steps=30, init_warmup=3, final_warmup=8, mask_interval=2)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 10)).double()
+    ad = adalora.inject(m, AdapterConfig(targets=["0", "2"], init_rank=4, alpha=4.0))
+    adalora.mark_only_adapters_trainable(m)
+    alloc = RankAllocator(ad, ScheduleConfig(**SCHED))
+    opt = torch.optim.AdamW(adalora.adapter_parameters(ad), lr=torch.tensor(1e-2, dtype=torch.float64),
+                            fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / 40)
+    return m, ad, alloc, opt, sched
+
+
+def _grads(m, ad, step):
+    def body(b):
+        loss = m(b["x"]).pow(2).mean()
+        loss.backward()
+        return loss.detach(), adalora.orthogonality_grad_(ad, 0.1), torch.zeros(())
+    x = torch.randn(8, 10, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+    if step in (7, 20):     # a non-finite gradient: no update, no scoring, the mask step still runs
+        x[0, 0] = math.inf
+    return body, {"x": x}
+
+
+def test_bodies_and_fallbacks_train_as_the_loops_update_step_for_step():
+    """Through warmup, budgeting (every other step a mask step), the final allocation and the
+    frozen-mask phase, with two non-finite steps: the same losses, masks, lam and records as the
+    eager loop's ``update``, bit for bit."""
+    ref, dev = _model(), _model()
+    m, ad, alloc, opt, sched = dev
+    graph = SG.StepGraph(None, lambda step, finite: update(opt, sched, None, alloc, step, finite),
+                         opt, sched, alloc, torch.device("cpu"), capture=False)
+    records = {"ref": {}, "dev": {}}
+    for step in range(1, 31):
+        body, b = _grads(ref[0], ref[1], step)
+        loss_ref = body(b)[0]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in adalora.adapter_parameters(ref[1]))
+        r = update(ref[3], ref[4], None, ref[2], step, finite)
+        ref[3].zero_grad(set_to_none=True)
+        if r is not None:
+            records["ref"][step] = r.to_dict()
+
+        body, b = _grads(m, ad, step)
+        graph.grads_body = body
+        loss_dev = graph.grads(b)[0]
+        r = graph.update(step, finite)
+        if r is not None:
+            records["dev"][step] = r.to_dict()
+        assert torch.equal(loss_ref, loss_dev) or (step in (7, 20) and not torch.isfinite(loss_ref))
+        for a, c in zip(ref[2].layers, alloc.layers):
+            assert torch.equal(a.rank_mask, c.rank_mask) and torch.equal(a.lam, c.lam)
+            assert torch.equal(a.P, c.P) and torch.equal(a.Q, c.Q)
+        assert all(p.grad is None for p in adalora.adapter_parameters(ad))   # uncaptured: unset after each step
+    assert sorted(records["ref"]) == [4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
+    assert records["dev"] == records["ref"] and alloc.final_done
+    assert alloc.scorer.skipped == ref[2].scorer.skipped == 2
+    assert float(opt.param_groups[0]["lr"]) == float(ref[3].param_groups[0]["lr"]) == 1e-2 * (1 - 30 / 40)
+
+
+# -- the loop, end to end -----------------------------------------------------------------------
+LOOP = TINY + ["model.dropout=0.0", "trainer.epochs=3", "schedule.init_warmup=2", "schedule.final_warmup=8",
+               "schedule.mask_interval=2", "trainer.eval_every=0", "logger.tensorboard=false"]
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """The runner's checks as on a GPU: the CPU runs the graphs' bodies uncaptured."""
+    refuse = SG.refuse
+    monkeypatch.setattr(SG, "refuse", lambda cfg, device, world: refuse(cfg, torch.device("cuda"), world))
+
+
+def test_loop_with_step_graph_trains_as_the_eager_loop(cpu_graphs, tmp_path):
+    """24 steps of AdaLoRA on real data (7 allocations, the final one at step 16, and 8 steps after it): the same
+    ranks and budgets, thresholds and losses to float rounding (the graph's batches keep their
+    padding, which the eager loop trims), the same learning rates."""
+    runs = {}
+    for mode in ("false", "true"):
+        s = run_inproc(tmp_path / mode, LOOP + [f"trainer.step_graph={mode}"])
+        assert s["status"] == "completed" and s["steps"] == 24
+        runs[mode] = read_jsonl(tmp_path / mode / "ranks.jsonl"), read_jsonl(tmp_path / mode / "metrics.jsonl")
+    (ra, ma), (rb, mb) = runs["false"], runs["true"]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [0, 4, 6, 8, 10, 12, 14, 16]
+    for a, b in zip(ra, rb):
+        assert (a["step"], a["budget"], a["ranks"], a["params_kept"]) == (b["step"], b["budget"], b["ranks"], b["params_kept"])
+        assert (a["threshold"] is None) == (b["threshold"] is None)
+        assert a["threshold"] is None or b["threshold"] == pytest.approx(a["threshold"], rel=1e-4)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for a, b in zip(ma, mb):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["lr"] == pytest.approx(a["lr"], rel=1e-6)
+
+
+def test_step_graph_resumes_to_the_uninterrupted_run(cpu_graphs, tmp_path):
+    """Interrupted mid-budgeting and resumed (the learning rates come back as device tensors):
+    the same ranks, metrics and adapter weights as the run that never stopped."""
+    from safetensors.torch import load_file
+    mode = LOOP + ["trainer.step_graph=true", "trainer.checkpoint_every=8"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_inproc(whole, mode)
+    assert run_inproc(part, mode + ["trainer.stop_at_step=7"])["status"] == "interrupted"
+    assert run_inproc(part, mode + [f"trainer.resume={part}"])["status"] == "completed"
+    assert read_jsonl(part / "ranks.jsonl") == read_jsonl(whole / "ranks.jsonl")
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "time_s"} for m in ms]
+    assert strip(read_jsonl(part / "metrics.jsonl")) == strip(read_jsonl(whole / "metrics.jsonl"))
+    a, b = load_file(str(whole / "adapters.safetensors")), load_file(str(part / "adapters.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bodies_never_wait_on_the_device(cpu_graphs, tmp_path, monkeypatch):
+    """What capture needs: no op of the grads or budgeting update body reads a device value on the
+    host. Transformers skips its mask inspection while a stream captures; here it is told so."""
+    from transformers import masking_utils
+    monkeypatch.setattr(masking_utils, "is_tracing", lambda tensor=None: True)
+    counted, uncaptured = [], SG.StepGraph._uncaptured
+
+    def counting(self, fn):
+        out = {}
+        counted.append(count_ops(lambda: out.setdefault("v", uncaptured(self, fn))))
+        return out["v"]
+    monkeypatch.setattr(SG.StepGraph, "_uncaptured", counting)
+    run_inproc(tmp_path / "r", LOOP + ["trainer.step_graph=true", "trainer.epochs=1", "schedule.final_warmup=2",
+                                       "schedule.init_warmup=1"])
+    assert len(counted) == 2 * 8 - 1          # grads every step; update but at the final allocation
+    assert all(c["host_syncs"] == 0 for c in counted) and all(c["ops"] > 0 for c in counted)
+
+
+# -- refusals -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, fix", [
+    (["trainer.grad_accum=2"], "trainer.grad_accum=1 (one micro-batch per graph)"),
+    (["trainer.precision=fp16"], "trainer.precision=bf16 or fp32 (fp16's GradScaler decides its step on the host)"),
+    (["trainer.compile=reduce-overhead"], "trainer.compile=none or default (the step is already one graph)"),
+])
+def test_trainer_settings_a_graph_cannot_hold_are_refused_at_compose(overrides, fix):
+    with pytest.raises(ConfigError, match=rf"^trainer.step_graph=true needs {_re(fix)}; or set "
+                                          r"trainer.step_graph=false$"):
+        compose(["trainer.step_graph=true"] + overrides)
+
+
+@pytest.mark.parametrize("overrides, device, world, fix", [
+    (["method=sora"], "cuda", 1, "method one of adalora, lora, svd_lora, full, head, peft_lora "
+                                 "(method=sora allocates on the host)"),
+    (["ablation=random_churn"], "cuda", 1, "a gradient or magnitude schedule.score (schedule.score=random_churn "
+                                           "draws on the host)"),
+    (["task=rotten_tomatoes_lm", "model=tiny_llama"], "cuda", 1,
+     "task.objective=classify (the LM objectives pick scored tokens on the host)"),
+    ([], "cuda", 2, "one process (DDP's all-reduce is not captured here)"),
+    ([], "cpu", 1, "a CUDA device (this run is on cpu)"),
+])
+def test_runs_a_graph_cannot_hold_are_refused_with_the_fix(overrides, device, world, fix):
+    cfg, _ = compose(TINY + ["trainer.step_graph=true"] + overrides)
+    with pytest.raises(ConfigError, match=rf"^trainer.step_graph=true needs {_re(fix)}; or set trainer.step_graph=false$"):
+        SG.refuse(cfg, torch.device(device), world)
+    cfg, _ = compose(TINY + overrides)
+    SG.refuse(cfg, torch.device(device), world)       # without step_graph: nothing to refuse
+
+
+def test_a_cpu_run_with_step_graph_stops_before_writing_anything(tmp_path):
+    with pytest.raises(ConfigError, match=r"needs a CUDA device \(this run is on cpu\)"):
+        run_inproc(tmp_path / "r", TINY + ["trainer.step_graph=true"])
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def _re(s: str) -> str:
+    import re
+    return re.escape(s)
