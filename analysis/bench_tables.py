@@ -5,8 +5,8 @@
     python -m analysis.bench_tables --check analysis/README.md   # exit 1 if a quoted table is stale
 
 analysis/README.md quotes these tables between the same marker lines, so the Markdown can be
-regenerated from the results files and compared with what the README says. Standard library only:
-the numbers are read, never recomputed from a benchmark run.
+regenerated from the results files and compared with what the README says. Standard library, and
+scipy for one t quantile: the numbers are read or reduced from the files, never from a run.
 """
 from __future__ import annotations
 
@@ -294,8 +294,69 @@ def kernels(files) -> str:
                  rows, "lrrl")
 
 
+def step_ms(run: dict) -> list[float]:
+    """ms per optimizer step over each 10-step span of a run's train log that holds no evaluation,
+    from step 20 on (the first steps compile, tune and, with ``step_graph``, capture)."""
+    log, evals = run["train_log"], set(run["eval_steps"])
+    return [(b[1] - a[1]) / (b[0] - a[0]) * 1e3 for a, b in zip(log, log[1:])
+            if a[0] >= 20 and b[0] - a[0] == 10 and a[0] not in evals]
+
+
+def loop_runs(files) -> str:
+    """``loop_step_graph`` files: each run's median ms per step (IQR over its 10-step spans), the
+    eager run's median over the captured run's for the same seed and settings, and accuracy."""
+    import statistics
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "loop_step_graph":
+            continue
+        med = {r["run"]: statistics.median(step_ms(r)) for r in d["runs"]}
+        eager = {(r["seed"], r["precision"], r["dropout"]): r["run"] for r in d["runs"] if not r["step_graph"]}
+        for r in d["runs"]:
+            q = statistics.quantiles(step_ms(r), n=4, method="inclusive")
+            speed = f"{med[eager[(r['seed'], r['precision'], r['dropout'])]] / med[r['run']]:.1f}×" if r["step_graph"] else "–"
+            rows.append([f"`{r['run']}`", "step_graph" if r["step_graph"] else "eager", r["precision"],
+                         "yes" if r["dropout"] else "no", str(r["seed"]), f"{med[r['run']]:.1f} ({q[2] - q[0]:.1f})",
+                         speed, f"{r['test_accuracy']:.4f}", f"{r['peak_gpu_bytes'] / 2**20:.0f}", f"`{name}`"])
+    return table(["run", "loop", "precision", "dropout", "seed", "ms per step (IQR)", "eager ÷ step_graph",
+                  "test accuracy", "peak GPU MiB", "results file"], rows, "lllllrrrrl")
+
+
+def loop_compare(files) -> str:
+    """``loop_step_graph`` files: each eager run against its captured twin (allocation records,
+    losses), and over the seeds that differ only in the loop, the paired test-accuracy difference
+    with its two-sided 95% t-interval."""
+    import statistics
+    from scipy import stats
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "loop_step_graph":
+            continue
+        acc = {r["run"]: r["test_accuracy"] for r in d["runs"]}
+        for c in d["comparisons"]:
+            first = c["first_differing_record_step"]
+            rows.append([f"`{c['a']}` / `{c['b']}`", "yes" if c["steps_and_budgets_identical"] else "no",
+                         "yes" if c["records_ranks_identical"] else "no", "–" if first is None else str(first),
+                         str(c["final_ranks_l1"]), f"{c['max_abs_train_loss_diff']:.2g}",
+                         f"{acc[c['b']] - acc[c['a']]:+.4f}"])
+        by = {}
+        for c in d["comparisons"]:
+            run = next(r for r in d["runs"] if r["run"] == c["a"])
+            by.setdefault((run["precision"], run["dropout"]), []).append(acc[c["b"]] - acc[c["a"]])
+        for (precision, dropout), diffs in by.items():
+            if len(diffs) < 2:
+                continue
+            mean, half = statistics.mean(diffs), stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            rows.append([f"{len(diffs)} seeds, {precision}, dropout {'on' if dropout else 'off'}", "", "", "", "", "",
+                         f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"])
+    return table(["eager / step_graph", "record steps and budgets equal", "every record's ranks equal",
+                  "first differing record (step)", "final ranks, L1 distance", "largest train-loss difference",
+                  "test accuracy, step_graph − eager"], rows, "lllrrrr")
+
+
 TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
-          "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch}
+          "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch,
+          "loop_runs": loop_runs, "loop_compare": loop_compare}
 
 
 def render(names=None, folder: Path = HERE, markers: bool = True) -> str:

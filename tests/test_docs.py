@@ -158,3 +158,37 @@ def test_kernels_table_subtracts_the_floor_kernel_by_kernel(tmp_path):
         "| (these rows) | 1.250 |  | `x.json` |",
         "| (whole step, AdaLoRA) | 2.250 | 550 | `x.json` |",
         "| (whole step, LoRA) | 1.500 | 400 | `x.json` |"]
+
+
+def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
+    """ms per step from the train log's 10-step spans (before step 20 and after an evaluation left
+    out), eager over captured per seed, and the paired accuracy difference with its t-interval:
+    differences 0.01, 0.02, 0.03 have mean 0.02, s = 0.01 and t(0.975, 2) = 4.3027, so the
+    half-width is 4.3027 × 0.01 / √3 = 0.0248."""
+    import json
+
+    from analysis import bench_tables as B
+
+    def run(name, seed, graph, ms, acc):
+        # logs every 10 steps; the span 10 -> 20 is slow (left out), the one after step 30 holds
+        # an evaluation (left out); the others take `ms` per step
+        times = [0.0, 5.0, 5.0 + ms[0] / 100, 5.0 + (ms[0] + 999) / 100, 5.0 + (ms[0] + 999 + ms[1]) / 100]
+        return {"run": name, "seed": seed, "precision": "bf16 autocast", "dropout": True, "step_graph": graph,
+                "eval_steps": [30], "train_log": [[10 * (i + 1), t, 0.5] for i, t in enumerate(times)],
+                "test_accuracy": acc, "peak_gpu_bytes": 3 * 2**20}
+    runs = [run("e0", 0, False, (40.0, 60.0), 0.80), run("g0", 0, True, (4.0, 6.0), 0.81),
+            run("e1", 1, False, (30.0, 30.0), 0.70), run("g1", 1, True, (3.0, 3.0), 0.72),
+            run("e2", 2, False, (10.0, 10.0), 0.60), run("g2", 2, True, (5.0, 5.0), 0.63)]
+    cmp = lambda a, b: {"a": a, "b": b, "steps_and_budgets_identical": True, "records_ranks_identical": False,  # noqa: E731
+                        "first_differing_record_step": 35, "final_ranks_l1": 4, "max_abs_train_loss_diff": 0.05}
+    d = {"kind": "loop_step_graph", "runs": runs, "comparisons": [cmp("e0", "g0"), cmp("e1", "g1"), cmp("e2", "g2")]}
+    (tmp_path / "x.json").write_text(json.dumps(d))
+    assert B.step_ms(runs[0]) == pytest.approx([40.0, 60.0])
+    files = B.load(tmp_path)
+    rows = B.loop_runs(files).splitlines()[2:]
+    assert rows[0] == "| `e0` | eager | bf16 autocast | yes | 0 | 50.0 (10.0) | – | 0.8000 | 3 | `x.json` |"
+    assert rows[1] == "| `g0` | step_graph | bf16 autocast | yes | 0 | 5.0 (1.0) | 10.0× | 0.8100 | 3 | `x.json` |"
+    assert rows[5].split(" | ")[5:7] == ["5.0 (0.0)", "2.0×"]
+    rows = B.loop_compare(files).splitlines()[2:]
+    assert rows[0] == "| `e0` / `g0` | yes | no | 35 | 4 | 0.05 | +0.0100 |"
+    assert rows[3] == "| 3 seeds, bf16 autocast, dropout on |  |  |  |  |  | +0.0200 [-0.0048, +0.0448] |"
