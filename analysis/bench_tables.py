@@ -304,54 +304,56 @@ def step_ms(run: dict) -> list[float]:
 
 def loop_runs(files) -> str:
     """``loop_step_graph`` files: each run's median ms per step (IQR over its 10-step spans), the
-    eager run's median over the captured run's for the same seed and settings, and accuracy."""
+    eager run's median over the captured run's of the same method, seed and settings, and accuracy."""
     import statistics
     rows = []
     for name, d in files.items():
         if d.get("kind") != "loop_step_graph":
             continue
+        key = lambda r: (r["method"], r["seed"], r["precision"], r["dropout"])  # noqa: E731
         med = {r["run"]: statistics.median(step_ms(r)) for r in d["runs"]}
-        eager = {(r["seed"], r["precision"], r["dropout"]): r["run"] for r in d["runs"] if not r["step_graph"]}
+        eager = {key(r): r["run"] for r in d["runs"] if not r["step_graph"]}
         for r in d["runs"]:
             q = statistics.quantiles(step_ms(r), n=4, method="inclusive")
-            speed = f"{med[eager[(r['seed'], r['precision'], r['dropout'])]] / med[r['run']]:.1f}×" if r["step_graph"] else "–"
-            rows.append([f"`{r['run']}`", "step_graph" if r["step_graph"] else "eager", r["precision"],
+            speed = f"{med[eager[key(r)]] / med[r['run']]:.1f}×" if r["step_graph"] and key(r) in eager else "–"
+            rows.append([f"`{r['run']}`", r["method"], "step_graph" if r["step_graph"] else "eager", r["precision"],
                          "yes" if r["dropout"] else "no", str(r["seed"]), f"{med[r['run']]:.1f} ({q[2] - q[0]:.1f})",
                          speed, f"{r['test_accuracy']:.4f}", f"{r['peak_gpu_bytes'] / 2**20:.0f}", f"`{name}`"])
-    return table(["run", "loop", "precision", "dropout", "seed", "ms per step (IQR)", "eager ÷ step_graph",
-                  "test accuracy", "peak GPU MiB", "results file"], rows, "lllllrrrrl")
+    return table(["run", "method", "loop", "precision", "dropout", "seed", "ms per step (IQR)", "eager ÷ step_graph",
+                  "test accuracy", "peak GPU MiB", "results file"], rows, "llllllrrrrl")
 
 
 def loop_compare(files) -> str:
-    """``loop_step_graph`` files: each eager run against its captured twin (allocation records,
-    losses), and over the seeds that differ only in the loop, the paired test-accuracy difference
-    with its two-sided 95% t-interval."""
+    """``loop_step_graph`` files: pairs of runs (allocation records, losses, accuracy), and over
+    the seeds where an eager run and a captured one differ only in the loop, the paired
+    test-accuracy difference with its two-sided 95% t-interval."""
     import statistics
     from scipy import stats
     rows = []
     for name, d in files.items():
         if d.get("kind") != "loop_step_graph":
             continue
-        acc = {r["run"]: r["test_accuracy"] for r in d["runs"]}
-        for c in d["comparisons"]:
-            first = c["first_differing_record_step"]
-            rows.append([f"`{c['a']}` / `{c['b']}`", "yes" if c["steps_and_budgets_identical"] else "no",
-                         "yes" if c["records_ranks_identical"] else "no", "–" if first is None else str(first),
-                         str(c["final_ranks_l1"]), f"{c['max_abs_train_loss_diff']:.2g}",
-                         f"{acc[c['b']] - acc[c['a']]:+.4f}"])
+        run = {r["run"]: r for r in d["runs"]}
+        yes_no = lambda v: "–" if v is None else ("yes" if v else "no")  # noqa: E731
         by = {}
         for c in d["comparisons"]:
-            run = next(r for r in d["runs"] if r["run"] == c["a"])
-            by.setdefault((run["precision"], run["dropout"]), []).append(acc[c["b"]] - acc[c["a"]])
-        for (precision, dropout), diffs in by.items():
+            a, b, first = run[c["a"]], run[c["b"]], c["first_differing_record_step"]
+            diff = b["test_accuracy"] - a["test_accuracy"]
+            rows.append([f"`{c['a']}` / `{c['b']}`", yes_no(c["steps_and_budgets_identical"]),
+                         yes_no(c["records_ranks_identical"]), "–" if first is None else str(first),
+                         "–" if c["final_ranks_l1"] is None else str(c["final_ranks_l1"]),
+                         f"{c['max_abs_train_loss_diff']:.2g}", f"{diff:+.4f}"])
+            if not a["step_graph"] and b["step_graph"]:
+                by.setdefault((a["method"], a["precision"], a["dropout"]), []).append(diff)
+        for (method, precision, dropout), diffs in by.items():
             if len(diffs) < 2:
                 continue
             mean, half = statistics.mean(diffs), stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-            rows.append([f"{len(diffs)} seeds, {precision}, dropout {'on' if dropout else 'off'}", "", "", "", "", "",
-                         f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"])
-    return table(["eager / step_graph", "record steps and budgets equal", "every record's ranks equal",
+            rows.append([f"{method}, {len(diffs)} seeds, {precision}, dropout {'on' if dropout else 'off'}: "
+                         "step_graph − eager", "", "", "", "", "", f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"])
+    return table(["runs a / b", "record steps and budgets equal", "every record's ranks equal",
                   "first differing record (step)", "final ranks, L1 distance", "largest train-loss difference",
-                  "test accuracy, step_graph − eager"], rows, "lllrrrr")
+                  "test accuracy, b − a"], rows, "lllrrrr")
 
 
 TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,

@@ -173,7 +173,7 @@ def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
         # logs every 10 steps; the span 10 -> 20 is slow (left out), the one after step 30 holds
         # an evaluation (left out); the others take `ms` per step
         times = [0.0, 5.0, 5.0 + ms[0] / 100, 5.0 + (ms[0] + 999) / 100, 5.0 + (ms[0] + 999 + ms[1]) / 100]
-        return {"run": name, "seed": seed, "precision": "bf16 autocast", "dropout": True, "step_graph": graph,
+        return {"run": name, "method": "adalora", "seed": seed, "precision": "bf16 autocast", "dropout": True, "step_graph": graph,
                 "eval_steps": [30], "train_log": [[10 * (i + 1), t, 0.5] for i, t in enumerate(times)],
                 "test_accuracy": acc, "peak_gpu_bytes": 3 * 2**20}
     runs = [run("e0", 0, False, (40.0, 60.0), 0.80), run("g0", 0, True, (4.0, 6.0), 0.81),
@@ -181,14 +181,21 @@ def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
             run("e2", 2, False, (10.0, 10.0), 0.60), run("g2", 2, True, (5.0, 5.0), 0.63)]
     cmp = lambda a, b: {"a": a, "b": b, "steps_and_budgets_identical": True, "records_ranks_identical": False,  # noqa: E731
                         "first_differing_record_step": 35, "final_ranks_l1": 4, "max_abs_train_loss_diff": 0.05}
-    d = {"kind": "loop_step_graph", "runs": runs, "comparisons": [cmp("e0", "g0"), cmp("e1", "g1"), cmp("e2", "g2")]}
+    runs.append({**run("g3", 0, True, (4.0, 4.0), 0.5), "method": "lora"})     # no eager LoRA run to pair
+    lora = {**cmp("g0", "g3"), "steps_and_budgets_identical": None, "records_ranks_identical": None,
+            "first_differing_record_step": None, "final_ranks_l1": None}
+    d = {"kind": "loop_step_graph", "runs": runs,
+         "comparisons": [cmp("e0", "g0"), cmp("e1", "g1"), cmp("e2", "g2"), lora]}
     (tmp_path / "x.json").write_text(json.dumps(d))
     assert B.step_ms(runs[0]) == pytest.approx([40.0, 60.0])
     files = B.load(tmp_path)
     rows = B.loop_runs(files).splitlines()[2:]
-    assert rows[0] == "| `e0` | eager | bf16 autocast | yes | 0 | 50.0 (10.0) | – | 0.8000 | 3 | `x.json` |"
-    assert rows[1] == "| `g0` | step_graph | bf16 autocast | yes | 0 | 5.0 (1.0) | 10.0× | 0.8100 | 3 | `x.json` |"
-    assert rows[5].split(" | ")[5:7] == ["5.0 (0.0)", "2.0×"]
+    assert rows[0] == "| `e0` | adalora | eager | bf16 autocast | yes | 0 | 50.0 (10.0) | – | 0.8000 | 3 | `x.json` |"
+    assert rows[1] == "| `g0` | adalora | step_graph | bf16 autocast | yes | 0 | 5.0 (1.0) | 10.0× | 0.8100 | 3 | `x.json` |"
+    assert rows[5].split(" | ")[6:8] == ["5.0 (0.0)", "2.0×"]
+    assert rows[6].split(" | ")[6:8] == ["4.0 (0.0)", "–"]
     rows = B.loop_compare(files).splitlines()[2:]
     assert rows[0] == "| `e0` / `g0` | yes | no | 35 | 4 | 0.05 | +0.0100 |"
-    assert rows[3] == "| 3 seeds, bf16 autocast, dropout on |  |  |  |  |  | +0.0200 [-0.0048, +0.0448] |"
+    assert rows[3] == "| `g0` / `g3` | – | – | – | – | 0.05 | -0.3100 |"
+    assert rows[4] == ("| adalora, 3 seeds, bf16 autocast, dropout on: step_graph − eager |  |  |  |  |  | "
+                       "+0.0200 [-0.0048, +0.0448] |")
