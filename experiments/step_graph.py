@@ -3,18 +3,21 @@ replayed every step, so that the host launches two graphs instead of thousands o
 eager step of a small model is bound by the host (analysis/README.md, eager rows), and a captured
 one by the GPU.
 
-    grads graph:   the batch into static buffers; forward; backward; += γ∇R; clip
-                   -> (loss, R, total norm), device tensors
-    update graph:  opt.step(); update_importance; mask_on_device(step)      before the final allocation
-                   opt.step(); mask_to_budget(step), the frozen-mask step    after it
-                   opt.step()                                                without an allocator
+    grads graph:    the batch into static buffers; forward; backward; += γ∇R; clip
+                    -> (loss, R, total norm), device tensors
+    update graphs:  opt.step(); update_importance; mask_on_device(step)     mask steps before the final allocation
+                    opt.step(); update_importance                           the other steps before it
+                    opt.step(); mask_to_budget(step), the frozen mask       after it
+                    opt.step()                                              without an allocator
 
 Between the two replays the loop reads the loss and the norm, as it does in eager mode, and
 decides as it always does. What a graph cannot hold runs the loop's own ``update`` eagerly on the
 same tensors: a step whose gradient is not finite (no update, no scoring) and the final allocation
-(a host event). A graph is captured after ``WARMUP`` uncaptured runs of its body, which initialise
-what capture cannot (cuBLAS workspaces, AdamW's state, the kernels' tuning); a new phase's update
-graph is captured at once, its calls being warm by then.
+(a host event). The grads graph is captured after ``WARMUP`` uncaptured runs of its body, which
+initialise what capture cannot (cuBLAS workspaces, AdamW's state, the kernels' tuning); each
+update graph after one uncaptured run of its own (the mask step builds its device tables then).
+The host knows which steps are mask steps, so the others skip the scoring and the mask step's
+kernels; ``mask_on_device`` would leave the masks and ``lam`` untouched on them anyway.
 
 A captured graph fixes its shapes and addresses: the batches keep their padded length (``batch_at``
 does not trim them), the learning rates are device tensors that the scheduler fills in place, and
@@ -80,7 +83,7 @@ class StepGraph:
         self.opt, self.sched, self.allocator, self.capture = opt, sched, allocator, capture
         # mask_on_device's step, filled from the host before each update (one small copy)
         self.device_step = torch.zeros((), dtype=torch.long, device=device)
-        self.runs = {"grads": 0, "update": 0}      # uncaptured runs of each body so far
+        self.runs = {"grads": 0}                   # uncaptured runs of each body so far, by graph
         self.grads_graph: Optional[tuple] = None   # (graph, static batch, outputs)
         self.update_graphs: Dict[str, torch.cuda.CUDAGraph] = {}
         self.side = torch.cuda.Stream(device) if capture else None
@@ -113,25 +116,26 @@ class StepGraph:
         if not finite or phase is None:
             record = self.eager_update(step, finite)
         else:
-            self.device_step.fill_(step)
+            if phase == "mask":
+                self.device_step.fill_(step)
             graph = self.update_graphs.get(phase)
-            # Captured only once the gradients are the grads graph's (uncaptured ones are unset
-            # after the step). A later phase's calls are warm: its graph is captured at once.
-            if graph is None and self.grads_graph is not None and (self.runs["update"] >= WARMUP or self.update_graphs):
-                self.update_graphs.clear()          # the budgeting graph is never replayed again
+            # Captured once the gradients are the grads graph's (uncaptured ones are unset after
+            # the step) and its body has run uncaptured.
+            if graph is None and self.grads_graph is not None and self.runs.get(phase, 0) >= 1:
+                if phase == "final":
+                    self.update_graphs.clear()      # the budgeting graphs are never replayed again
                 graph = self.update_graphs[phase] = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     self._update_body(step, phase)
             if graph is None:
-                self.runs["update"] += 1
+                self.runs[phase] = self.runs.get(phase, 0) + 1
                 self._uncaptured(lambda: self._update_body(step, phase))
             else:
                 graph.replay()
-                if phase == "budget" and self.allocator.scorer.uses_grad:
+                if phase in ("mask", "plain") and self.allocator.scorer.uses_grad:
                     self.allocator.scorer.updates += 1   # the checkpointed count: a replay runs no Python
             self.sched.step()
-            mask_step = phase == "budget" and schedule.is_mask_step(step, self.allocator.schedule)
-            record = self.allocator.mask_record(step) if mask_step else None
+            record = self.allocator.mask_record(step) if phase == "mask" else None
         if self.grads_graph is None:
             # Uncaptured, backward accumulates into .grad: unset it, as the eager loop does.
             self.opt.zero_grad(set_to_none=True)
@@ -139,23 +143,26 @@ class StepGraph:
 
     # -- internals ----------------------------------------------------------------------------
     def _phase(self, step: int) -> Optional[str]:
-        """Which update graph holds ``step``: none, budget, final; None for the final allocation."""
+        """Which update graph holds ``step``: none, mask, plain, final; None for the final allocation."""
         a = self.allocator
         if a is None:
             return "none"
         if a.final_done:
             return "final"
-        return "budget" if step < a.schedule.final_step else None
+        if step >= a.schedule.final_step:
+            return None
+        return "mask" if schedule.is_mask_step(step, a.schedule) else "plain"
 
     def _update_body(self, step: int, phase: str) -> None:
         """``loop.update``'s calls with the allocator's device form (step from ``device_step``)."""
         a = self.allocator
-        if phase == "budget" and a.score_before_step:
+        scoring = phase in ("mask", "plain")
+        if scoring and a.score_before_step:
             a.update_importance(step, grads_finite=True)
         self.opt.step()
-        if phase == "budget":
-            if not a.score_before_step:
-                a.update_importance(step, grads_finite=True)
+        if scoring and not a.score_before_step:
+            a.update_importance(step, grads_finite=True)
+        if phase == "mask":
             a.mask_on_device(self.device_step)
         elif phase == "final":
             a.mask_to_budget(step)
