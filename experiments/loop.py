@@ -15,7 +15,7 @@ Per optimizer step (``step`` counts optimizer steps, never micro-batches):
     [DDP: all-reduce a checksum of the masks; raise if ranks differ]
     opt.zero_grad(set_to_none=True); step += 1
 
-``trainer.step_graph=true`` runs the same calls as two CUDA graphs, replayed each step: forward to
+``trainer.step_graph=true`` runs the same calls as two CUDA graph replays a step: forward to
 clipping, then the update (experiments/step_graph.py).
 
 Data parallel (experiments/distributed.py): rank r trains on the r-th slice of each global

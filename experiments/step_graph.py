@@ -1,4 +1,4 @@
-"""``trainer.step_graph=true``: the loop's optimizer step as two CUDA graphs, captured once and
+"""``trainer.step_graph=true``: the loop's optimizer step as CUDA graphs, captured once and
 replayed every step, so that the host launches two graphs instead of thousands of kernels. An
 eager step of a small model is bound by the host (analysis/README.md, eager rows), and a captured
 one by the GPU.
