@@ -89,6 +89,15 @@ def lm_loss(model, b: Dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(b["input_ids"], b["attention_mask"], select).float(), targets)
 
 
+def lm_loss_every_position(model, b: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``lm_loss`` with the output layer on every position and the unscored targets ignored: no
+    boolean indexing, whose size the host must read, so a captured CUDA graph can hold it. The
+    same mean; (B·L, V) logits instead of (T, V)."""
+    targets = F.pad(b["labels"][:, 1:], (0, 1), value=IGNORE)            # (B, L): position t predicts t+1
+    logits = model(b["input_ids"], b["attention_mask"], None)             # (B, L, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
 def row_sums(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     """(B,) sums of the per-position ``values`` (T,) of each row of ``select`` (B, L)."""
     rows = select.nonzero()[:, 0]
@@ -151,13 +160,14 @@ class CausalLMObjective:
     casefold), and with label words ``accuracy``, ``macro_f1``, ``mcc`` of the most likely
     word (summed log-probability of its tokens, as lm-eval-harness's acc)."""
 
-    def __init__(self, tokenizer, kind: str, words: Optional[List[str]]):
-        self.tok, self.kind, self.words = tokenizer, kind, words
+    def __init__(self, tokenizer, kind: str, words: Optional[List[str]], every_position: bool = False):
+        # every_position: the training loss in lm_loss_every_position's form (trainer.step_graph)
+        self.tok, self.kind, self.words, self.every_position = tokenizer, kind, words, every_position
         self.eos, self.pad = special_ids(tokenizer)
         self.word_ids = None if words is None else [_ids(tokenizer, " " + w.strip()) for w in words]
 
     def loss(self, fwd, b: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss(fwd, b)
+        return (lm_loss_every_position if self.every_position else lm_loss)(fwd, b)
 
     def _text(self, ids) -> str:
         ids = [int(i) for i in ids]

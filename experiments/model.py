@@ -104,7 +104,8 @@ class CausalLM(nn.Module):
     """A decoder LM (``backbone``, e.g. LlamaForCausalLM or GPT2LMHeadModel) returning the
     next-token logits (T, V) of the positions ``select`` (B, L) marks, in row-major order: the
     output layer runs on the scored positions only (a few per row for an answer task, where
-    the full (B, L, V) logits would cost more than the rest of the model).
+    the full (B, L, V) logits would cost more than the rest of the model). ``select=None``: every
+    position's, (B, L, V).
     ``classifier`` is empty: a causal LM has no fresh head (its output layer stays frozen), and
     the head-handling code (optimizer groups, head.safetensors) then finds nothing to train."""
 
@@ -114,10 +115,10 @@ class CausalLM(nn.Module):
         self.classifier = nn.Module()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                select: torch.Tensor) -> torch.Tensor:
+                select: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                      use_cache=False)[0]                          # (B, L, H)
-        return self.backbone.get_output_embeddings()(h[select])                  # (T, V)
+        return self.backbone.get_output_embeddings()(h if select is None else h[select])   # (T, V)
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -40,9 +40,10 @@ class Classify:
         return m
 
 
-def for_task(task_cfg, num_labels: int, tokenizer=None, label_words=None):
-    """The objective of ``task.objective``: Classify, or a causal LM objective (lm.py)."""
+def for_task(task_cfg, num_labels: int, tokenizer=None, label_words=None, capturable: bool = False):
+    """The objective of ``task.objective``: Classify, or a causal LM objective (lm.py).
+    ``capturable``: a training loss with no host sync (trainer.step_graph)."""
     if task_cfg.objective == "classify":
         return Classify(num_labels)
     from .lm import CausalLMObjective
-    return CausalLMObjective(tokenizer, task_cfg.objective, label_words)
+    return CausalLMObjective(tokenizer, task_cfg.objective, label_words, every_position=capturable)

@@ -126,7 +126,7 @@ def prepare(cfg: RunConfig, world_size: int = 1, inject: bool = True) -> Prepare
     try:
         if cfg.task.objective == "answer" and data.label_names:
             words = lm.label_words(cfg.task, data.label_names)
-        objective = for_task(cfg.task, data.num_labels, tok, words)
+        objective = for_task(cfg.task, data.num_labels, tok, words, capturable=cfg.trainer.step_graph)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0])
     model = load_model(cfg.model, data.num_labels, len(tok), decoder=decoder)

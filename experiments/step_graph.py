@@ -19,8 +19,10 @@ update graph after one uncaptured run of its own (the mask step builds its devic
 The host knows which steps are mask steps, so the others skip the scoring and the mask step's
 kernels; ``mask_on_device`` would leave the masks and ``lam`` untouched on them anyway.
 
-A captured graph fixes its shapes and addresses: the batches keep their padded length (``batch_at``
-does not trim them), the learning rates are device tensors that the scheduler fills in place, and
+A captured graph fixes its shapes and addresses, and reads nothing back to the host: the batches
+keep their padded length (``batch_at`` does not trim them), a causal LM's loss runs the output
+layer on every position instead of selecting the scored ones (``lm.lm_loss_every_position``), the
+learning rates are device tensors that the scheduler fills in place, and
 the gradients are the grads graph's own outputs. Captured with ``.grad`` unset, each replay writes
 them afresh, so no ``zero_grad`` runs between replays. Compaction replaces the adapters' tensors:
 the loop then builds a new ``StepGraph``.
@@ -49,7 +51,6 @@ def refuse(cfg: RunConfig, device: torch.device, world_size: int) -> None:
     if not cfg.trainer.step_graph:
         return
     reasons = [
-        (cfg.task.objective != "classify", "task.objective=classify (the LM objectives pick scored tokens on the host)"),
         (cfg.method.name not in METHODS, f"method one of {', '.join(METHODS)} (method={cfg.method.name} "
                                          "allocates on the host)"),
         (cfg.schedule.score.startswith("random"), f"a gradient or magnitude schedule.score (schedule.score="

@@ -68,7 +68,9 @@ def test_loss_on_scored_positions_equals_the_full_logits_loss(arch, tok):
         full = m.backbone(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
         ref = F.cross_entropy(full[:, :-1].flatten(0, 1), d["labels"][:, 1:].flatten(), ignore_index=-100)
         got = lm.lm_loss(m, d)
+        every = lm.lm_loss_every_position(m, d)      # the captured step's form: no boolean selection
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(every, ref, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -112,6 +112,25 @@ def test_loop_with_step_graph_trains_as_the_eager_loop(cpu_graphs, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["lr"] == pytest.approx(a["lr"], rel=1e-6)
 
 
+def test_a_decoder_loop_with_step_graph_trains_as_the_eager_loop(cpu_graphs, tmp_path):
+    """A causal LM (tiny Llama, answer task): the captured form of its loss takes every
+    position's logits; the same allocation records and losses as the eager loop, to rounding."""
+    lm = ["model=tiny_llama", "task=rotten_tomatoes_lm", "task.max_train_samples=64", "task.max_eval_samples=16",
+          "task.max_len=48", "trainer.batch_size=16", "trainer.eval_batch_size=16", "trainer.progress=false",
+          "logger.log_every=1", "trainer.eval_every=0", "logger.tensorboard=false", "trainer.epochs=6",
+          "schedule.init_warmup=2", "schedule.final_warmup=8", "schedule.mask_interval=2", "model.dropout=0.0"]
+    runs = {}
+    for mode in ("false", "true"):
+        s = run_inproc(tmp_path / mode, lm + [f"trainer.step_graph={mode}"])
+        assert s["status"] == "completed" and s["steps"] == 24
+        runs[mode] = read_jsonl(tmp_path / mode / "ranks.jsonl"), read_jsonl(tmp_path / mode / "metrics.jsonl")
+    (ra, ma), (rb, mb) = runs["false"], runs["true"]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [0, 4, 6, 8, 10, 12, 14, 16]
+    assert [(r["budget"], r["ranks"]) for r in ra] == [(r["budget"], r["ranks"]) for r in rb]
+    for a, b in zip(ma, mb):
+        assert (a["step"], a["split"]) == (b["step"], b["split"]) and b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
 def test_step_graph_resumes_to_the_uninterrupted_run(cpu_graphs, tmp_path):
     """Interrupted mid-budgeting and resumed (the learning rates come back as device tensors):
     the same ranks, metrics and adapter weights as the run that never stopped."""
@@ -128,9 +147,11 @@ def test_step_graph_resumes_to_the_uninterrupted_run(cpu_graphs, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bodies_never_wait_on_the_device(cpu_graphs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", [[], ["model=tiny_llama", "task=rotten_tomatoes_lm", "task.max_len=48"]])
+def test_bodies_never_wait_on_the_device(task, cpu_graphs, tmp_path, monkeypatch):
     """What capture needs: no op of the grads or budgeting update body reads a device value on the
-    host. Transformers skips its mask inspection while a stream captures; here it is told so."""
+    host, for an encoder classifier and a causal LM. Transformers skips its mask inspection while
+    a stream captures; here it is told so."""
     from transformers import masking_utils
     monkeypatch.setattr(masking_utils, "is_tracing", lambda tensor=None: True)
     counted, uncaptured = [], SG.StepGraph._uncaptured
@@ -140,8 +161,8 @@ def test_bodies_never_wait_on_the_device(cpu_graphs, tmp_path, monkeypatch):
         counted.append(count_ops(lambda: out.setdefault("v", uncaptured(self, fn))))
         return out["v"]
     monkeypatch.setattr(SG.StepGraph, "_uncaptured", counting)
-    run_inproc(tmp_path / "r", LOOP + ["trainer.step_graph=true", "trainer.epochs=1", "schedule.final_warmup=2",
-                                       "schedule.init_warmup=1"])
+    run_inproc(tmp_path / "r", LOOP + task + ["trainer.step_graph=true", "trainer.epochs=1", "schedule.final_warmup=2",
+                                              "schedule.init_warmup=1"])
     assert len(counted) == 2 * 8 - 1          # grads every step; update but at the final allocation
     assert all(c["host_syncs"] == 0 for c in counted) and all(c["ops"] > 0 for c in counted)
 
@@ -163,8 +184,6 @@ def test_trainer_settings_a_graph_cannot_hold_are_refused_at_compose(overrides, 
                                  "(method=sora allocates on the host)"),
     (["ablation=random_churn"], "cuda", 1, "a gradient or magnitude schedule.score (schedule.score=random_churn "
                                            "draws on the host)"),
-    (["task=rotten_tomatoes_lm", "model=tiny_llama"], "cuda", 1,
-     "task.objective=classify (the LM objectives pick scored tokens on the host)"),
     ([], "cuda", 2, "one process (DDP's all-reduce is not captured here)"),
     ([], "cpu", 1, "a CUDA device (this run is on cpu)"),
 ])
