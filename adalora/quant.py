@@ -14,6 +14,7 @@ is dequantized in full for each matmul, which costs memory for one layer at a ti
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,11 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
-def _code(name: str, device) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def _code(name: str, device: torch.device) -> Tensor:
+    """The code table on ``device``, built once: every dequantization reads it, and a fresh
+    host-to-device copy per call costs eager steps host time and cannot run in a captured CUDA
+    graph. Read-only: callers index it and never write to it."""
     table = torch.tensor(NF4_TABLE) if name == "nf4" else create_dynamic_map()
     return table.to(device)
 
