@@ -72,7 +72,7 @@ def place_lrs(opt: torch.optim.Optimizer, device: torch.device) -> None:
 
 
 class StepGraph:
-    """The two graphs of one run (module docstring), their warm-up and their eager fallbacks.
+    """The graphs of one run (module docstring), their warm-up and their eager fallbacks.
 
     ``grads_body(batch) -> (loss, R, norm)``: the loop's forward, backward, γ∇R and clipping of one
     batch. ``eager_update(step, finite) -> record``: the loop's ``update``. ``capture=False`` runs
@@ -82,7 +82,7 @@ class StepGraph:
                  allocator, device: torch.device, capture: bool):
         self.grads_body, self.eager_update = grads_body, eager_update
         self.opt, self.sched, self.allocator, self.capture = opt, sched, allocator, capture
-        # mask_on_device's step, filled from the host before each update (one small copy)
+        # mask_on_device's step, filled from the host before each mask step's update
         self.device_step = torch.zeros((), dtype=torch.long, device=device)
         self.runs = {"grads": 0}                   # uncaptured runs of each body so far, by graph
         self.grads_graph: Optional[tuple] = None   # (graph, static batch, outputs)
