@@ -68,6 +68,10 @@ def test_mask_record_needs_a_device_mask_step_and_leaves_threshold_unset_when_no
     alloc.mask_on_device(torch.tensor(1))          # warmup: b = b0 = 12, every value kept
     r = alloc.mask_record(1).to_dict()
     assert r["budget"] == 12 and r["threshold"] is None and r["params_kept"] == 4 * (22 + 22 + 22 + 3)
+    # t = 5: b = 6 + 6 (1 − 1/26)³ = 11.33 → 11 of 12 kept, so the threshold is the lowest score
+    alloc.mask_on_device(torch.tensor(5))
+    r = alloc.mask_record(5).to_dict()
+    assert r["budget"] == 11 and r["threshold"] == float(alloc.scorer.flat_scores().min())
 
 
 def test_budget_is_the_cubic_schedule_by_hand_and_lam_is_left_alone_off_mask_steps():
