@@ -92,13 +92,15 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(SG, "refuse", lambda cfg, device, world: refuse(cfg, torch.device("cuda"), world))
 
 
-def test_loop_with_step_graph_trains_as_the_eager_loop(cpu_graphs, tmp_path):
-    """24 steps of AdaLoRA on real data (7 allocations, the final one at step 16, and 8 steps after it): the same
-    ranks and budgets, thresholds and losses to float rounding (the graph's batches keep their
-    padding, which the eager loop trims), the same learning rates."""
+@pytest.mark.parametrize("extra", [[], ["trainer.compact=true"]])
+def test_loop_with_step_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_path):
+    """24 steps of AdaLoRA on real data (7 allocations, the final one at step 16, and 8 steps after
+    it; with compaction, the graphs are rebuilt for the shrunk adapters there): the same ranks and
+    budgets, thresholds and losses to float rounding (the graph's batches keep their padding,
+    which the eager loop trims), the same learning rates."""
     runs = {}
     for mode in ("false", "true"):
-        s = run_inproc(tmp_path / mode, LOOP + [f"trainer.step_graph={mode}"])
+        s = run_inproc(tmp_path / mode, LOOP + extra + [f"trainer.step_graph={mode}"])
         assert s["status"] == "completed" and s["steps"] == 24
         runs[mode] = read_jsonl(tmp_path / mode / "ranks.jsonl"), read_jsonl(tmp_path / mode / "metrics.jsonl")
     (ra, ma), (rb, mb) = runs["false"], runs["true"]
