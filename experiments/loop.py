@@ -16,7 +16,8 @@ Per optimizer step (``step`` counts optimizer steps, never micro-batches):
     opt.zero_grad(set_to_none=True); step += 1
 
 ``trainer.step_graph=true`` runs the same calls as two CUDA graph replays a step: forward to
-clipping, then the update (experiments/step_graph.py).
+clipping, then the update (experiments/step_graph.py). The graphs skip a non-finite step on the
+device, and the host reads the steps' values back only where it logs, evaluates or checkpoints.
 
 Data parallel (experiments/distributed.py): rank r trains on the r-th slice of each global
 micro-batch; gradients are the full global batch's on every rank, so the allocator's scores
@@ -25,6 +26,7 @@ and masks are the same everywhere. Only rank 0 evaluates and writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -55,7 +57,12 @@ class LoopResult:
 def batch_at(data: Dict[str, torch.Tensor], idx: torch.Tensor, device, trim: bool = True) -> Dict[str, torch.Tensor]:
     """Select rows and trim padding to the longest real sequence in the batch (2-3x faster on
     short texts; results do not depend on it since padded positions are masked). ``trim=False``
-    keeps the padded length: a captured step has fixed shapes."""
+    keeps the padded length: a captured step has fixed shapes. ``data`` already on a CUDA device
+    (a captured run's) is gathered there: only the indices travel, from pinned memory, so the
+    copy does not wait for the step before it."""
+    here = next(iter(data.values())).device
+    if idx.device != here:
+        idx = idx.pin_memory().to(here, non_blocking=True) if here.type == "cuda" else idx.to(here)
     b = {k: v[idx] for k, v in data.items()}
     L = int(b["attention_mask"].sum(1).max()) if trim else b["attention_mask"].shape[1]
     # contiguous: a trimmed slice and an untrimmed batch then have the same strides, which a
@@ -70,10 +77,14 @@ def micro_batch_indices(n: int, batch: int, position: int, seed: int) -> torch.T
     out = []
     while len(out) < batch:
         epoch, offset = divmod(start + len(out), n)
-        g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        out.extend(perm[offset:offset + batch - len(out)].tolist())
+        out.extend(_permutation(n, seed, epoch)[offset:offset + batch - len(out)])
     return torch.tensor(out)
+
+
+@functools.lru_cache(maxsize=2)     # an epoch's, and the next one's at the boundary
+def _permutation(n: int, seed: int, epoch: int) -> tuple:
+    # Drawn once per epoch, not per micro-batch: a captured step takes about as long as the draw.
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist())
 
 
 @torch.no_grad()
@@ -194,9 +205,11 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     # Adapters are already injected: DDP all-reduces the very tensors the allocator scores.
     net = D.wrap(model, device, dist)
     fwd = _compiled(net, t)
-    # A captured step needs AdamW's state and learning rates on the device (step_graph.py).
-    graphed = {"fused": True, "capturable": device.type == "cuda"} if t.step_graph else {}
-    opt = torch.optim.AdamW(param_groups(cfg, model), **graphed)
+    # On CUDA one fused kernel (as the benchmark times); a captured step also needs AdamW's state
+    # and learning rates on the device (step_graph.py). The CPU keeps the default, multi-tensor.
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(param_groups(cfg, model), fused=cuda or t.step_graph or None,
+                            capturable=cuda and t.step_graph)
     if t.step_graph:
         SG.place_lrs(opt, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
@@ -226,9 +239,9 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         scaler.unscale_(opt)
         # R does not depend on the batch: adding γ∇R once equals adding γR/accum to every
         # micro-batch's loss, in a few batched kernels instead of a second autograd path.
-        orth = (adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form) if orth_weight > 0
-                else 0.0)
-        return orth, torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        orth = adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form) if orth_weight > 0 else None
+        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        return (torch.zeros_like(norm) if orth is None else orth), norm
 
     def step_graph():
         return SG.StepGraph(lambda b: (grads_of(b), *finish_grads()),
@@ -252,18 +265,58 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 "wall_time_s": time.time() - t0, **(ckpt_extra or {})})
 
     train_data, n_train = splits["train"], splits["train"]["labels"].shape[0]
+    if graph is not None:
+        # Gathered on the device: a copy of each batch from pageable host memory would wait for
+        # the step before it, and the GPU for the host.
+        train_data = {k: v.to(device) for k, v in train_data.items()}
     per_step = t.batch_size * dist.world_size          # examples per micro-batch, all ranks
     stop = StopFlag()
     bar = None
     if t.progress and dist.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, leave=False)
-    t0, acc_loss, acc_orth, acc_n, nonfinite, skipped = time.time(), 0.0, 0.0, 0, 0, 0
+    t0, acc_loss, acc_orth, acc_n, nonfinite, skipped, bad = time.time(), 0.0, 0.0, 0, 0, 0, False
+    unlogged = []                      # allocation records not yet written (to_dict reads the device)
+
+    def account(s: int, loss_values, orth_value: float, norm_value: float, loss_bad: bool):
+        """Step ``s``'s bookkeeping from the values read back: running means, the run of
+        non-finite steps (an error at trainer.max_nonfinite_steps) and the skip count. Returns
+        (finite: the update ran, bad: the step counts towards the limit)."""
+        nonlocal acc_loss, acc_orth, acc_n, nonfinite, skipped
+        for v in loss_values:
+            acc_loss += v / t.grad_accum
+        acc_orth += orth_value
+        acc_n += 1
+        finite = math.isfinite(norm_value) and not loss_bad   # same on every rank: grads are all-reduced
+        # Without a scaler any non-finite step counts; with one, overflows are its job and
+        # only a non-finite loss (which no scale fixes) counts towards the limit.
+        bad = loss_bad if scaler.is_enabled() else not finite
+        nonfinite = nonfinite + 1 if bad else 0
+        skipped += 0 if finite else 1
+        if nonfinite >= t.max_nonfinite_steps:
+            kept = f"; checkpoint.pt (step {saved_step}) is kept" if saved_step is not None else ""
+            raise FloatingPointError(
+                f"{nonfinite} consecutive optimizer steps with a non-finite loss or gradient "
+                f"(last at step {s}; trainer.max_nonfinite_steps={t.max_nonfinite_steps}): "
+                f"lower trainer.lr, check the data, or use trainer.precision=fp32{kept}")
+        return finite, bad
+
+    def drain() -> None:
+        """Account for the captured steps whose values wait on the device, in order; then write
+        the allocation records held back."""
+        nonlocal bad
+        if graph is not None:
+            for s, (loss_value, orth_value, norm_value) in graph.read():
+                bad = account(s, [loss_value], orth_value, norm_value, not math.isfinite(loss_value))[1]
+        for record in unlogged:
+            writer.log_ranks(record.to_dict())
+        unlogged.clear()
+
     net.train()
     try:
         while step < total:
             # ---- forward/backward over grad_accum micro-batches ----
-            loss_finite = True
+            losses = []
             for i in range(t.grad_accum):
                 idx = D.shard(micro_batch_indices(n_train, per_step, position, cfg.seed), dist)
                 b = batch_at(train_data, idx, device, trim=graph is None)
@@ -271,42 +324,32 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 # DDP: all-reduce once per optimizer step, on the last micro-batch.
                 last = i == t.grad_accum - 1
                 if graph is not None:                  # one micro-batch: the whole section below
-                    task_loss, orth, norm = graph.grads(b)
+                    graph.grads(b)
                 else:
                     with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
-                        task_loss = grads_of(b)
-                loss_value = task_loss.item()
-                loss_finite = loss_finite and math.isfinite(loss_value)
-                acc_loss += loss_value / t.grad_accum
-            acc_n += 1
-            # ---- unscale, add γ·∇R, clip; a non-finite norm skips the update and the scoring ----
-            if graph is None:
-                orth, norm = finish_grads()
-            acc_orth += float(orth)
-            finite = bool(torch.isfinite(norm))      # same on every rank: grads are all-reduced
-            # One all-reduce for the step's per-rank facts: a stop signal, a non-finite loss.
-            stopping, loss_bad = D.any_rank([stop.signum is not None, not loss_finite], dist)
-            # Without a scaler any non-finite step counts; with one, overflows are its job and
-            # only a non-finite loss (which no scale fixes) counts towards the limit.
-            bad = loss_bad if scaler.is_enabled() else (loss_bad or not finite)
-            finite = finite and not loss_bad
-            nonfinite = nonfinite + 1 if bad else 0
-            skipped += 0 if finite else 1
-            if nonfinite >= t.max_nonfinite_steps:
-                kept = f"; checkpoint.pt (step {saved_step}) is kept" if saved_step is not None else ""
-                raise FloatingPointError(
-                    f"{nonfinite} consecutive optimizer steps with a non-finite loss or gradient "
-                    f"(last at step {step}; trainer.max_nonfinite_steps={t.max_nonfinite_steps}): "
-                    f"lower trainer.lr, check the data, or use trainer.precision=fp32{kept}")
+                        losses.append(grads_of(b))
+            stopping = stop.signum is not None
             was_final = allocator is not None and allocator.final_done
-            record = graph.update(step, finite) if graph is not None else \
-                update(opt, sched, scaler, allocator, step, finite)
+            if graph is None:
+                # ---- unscale, add γ·∇R, clip; a non-finite norm skips the update and the scoring ----
+                orth, norm = finish_grads()
+                # The step's one host sync: the losses, R and the norm, read together.
+                *loss_values, orth_value, norm_value = torch.stack([v.double() for v in (*losses, orth, norm)]).tolist()
+                # One all-reduce for the step's per-rank facts: a stop signal, a non-finite loss.
+                stopping, loss_bad = D.any_rank([stopping, not all(map(math.isfinite, loss_values))], dist)
+                finite, bad = account(step, loss_values, orth_value, norm_value, loss_bad)
+                record = update(opt, sched, scaler, allocator, step, finite)
+            else:
+                # The graphs skip a non-finite step themselves; the host reads the step's values
+                # later, where the bookkeeping below needs them (step_graph.py).
+                record = graph.update(step)
             if allocator is not None:
                 if record is not None:
                     D.check_masks(allocator, step, dist)
-                    writer.log_ranks(record.to_dict())
+                    unlogged.append(record)
                 if (t.compact and allocator.final_done and not was_final) or \
                         (record is not None and allocator.reshapes):
+                    drain()                               # what the old graphs hold, first
                     allocator.compact(opt)
                     params = [p for g in opt.param_groups for p in g["params"]]
                     net = D.wrap(model, device, dist)     # DDP must hold the new tensors
@@ -316,23 +359,28 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 opt.zero_grad(set_to_none=True)
             step += 1
             # ---- bookkeeping: logs, evals, checkpoints, early stop ----
+            log_now = step % cfg.logger.log_every == 0 or step == total
+            eval_now = t.eval_every and step % t.eval_every == 0 and step < total and dist.is_main
+            checkpoint_now = t.checkpoint_every and step % t.checkpoint_every == 0
+            stopping = stopping or (t.stop_at_step is not None and total > step >= t.stop_at_step)
+            if graph is None or graph.full or log_now or eval_now or checkpoint_now or stopping:
+                drain()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{acc_loss / max(acc_n, 1):.3f}")
             epoch = position * per_step / n_train
-            if step % cfg.logger.log_every == 0 or step == total:
+            if log_now:
                 acc_loss, acc_orth = D.mean([acc_loss, acc_orth], dist)   # global-batch loss
                 writer.log_metrics({"step": step, "split": "train", "loss": acc_loss / acc_n,
                                     "orth": acc_orth / acc_n, "lr": float(sched.get_last_lr()[0]),
                                     "epoch": epoch, "time_s": time.time() - t0})
                 acc_loss, acc_orth, acc_n = 0.0, 0.0, 0
-            if t.eval_every and step % t.eval_every == 0 and step < total and dist.is_main:
+            if eval_now:
                 m = evaluate(model, splits["val"], cfg, device, amp_dtype, objective)
                 writer.log_metrics({"step": step, "split": "val", "lr": float(sched.get_last_lr()[0]),
                                     **m, "epoch": epoch, "time_s": time.time() - t0})
-            stopping = stopping or (t.stop_at_step is not None and total > step >= t.stop_at_step)
             # A checkpoint only after a good step: the last one on disk is always a good one.
-            if (t.checkpoint_every and step % t.checkpoint_every == 0 and not bad) or stopping:
+            if (checkpoint_now and not bad) or stopping:
                 save_checkpoint()
             if stopping:
                 return LoopResult("interrupted", step, {}, skipped)

@@ -10,17 +10,23 @@ one by the GPU.
                     opt.step(); mask_to_budget(step), the frozen mask       after it
                     opt.step()                                              without an allocator
 
-Between the two replays the loop reads the loss and the norm, as it does in eager mode, and
-decides as it always does. What a graph cannot hold runs the loop's own ``update`` eagerly on the
-same tensors: a step whose gradient is not finite (no update, no scoring) and the final allocation
-(a host event). The grads graph is captured after ``WARMUP`` uncaptured runs of its body, which
+The host reads nothing back between the replays. The grads graph also writes whether the
+step's loss and norm are finite, and the update graphs skip a step that is not on the device:
+fused AdamW leaves it out (``found_inf``, as under a GradScaler) and the importance EMAs keep their
+values, as the eager loop's skip does. The loss, R and the norm of each step wait in a device
+buffer until the loop reads them, in one host sync, where it logs, evaluates or checkpoints
+(``read``); its bookkeeping (means, the run of non-finite steps, the skip count) then runs on them
+step by step as in eager mode, only later. So the host runs ahead of the GPU, and the GPU never
+waits for it. The final allocation (a host event) runs the loop's own ``update`` eagerly on the
+same tensors, after reading that step's verdict. The grads graph is captured after ``WARMUP`` uncaptured runs of its body, which
 initialise what capture cannot (cuBLAS workspaces, AdamW's state, the kernels' tuning); each
 update graph after one uncaptured run of its own (the mask step builds its device tables then).
 The host knows which steps are mask steps, so the others skip the scoring and the mask step's
 kernels; ``mask_on_device`` would leave the masks and ``lam`` untouched on them anyway.
 
 A captured graph fixes its shapes and addresses, and reads nothing back to the host: the batches
-keep their padded length (``batch_at`` does not trim them), a causal LM's loss runs the output
+keep their padded length (``batch_at`` does not trim them; the loop gathers them on the device
+from a copy of the training split there, so no step waits on a host-to-device copy), a causal LM's loss runs the output
 layer on every position instead of selecting the scored ones (``lm.lm_loss_every_position``), the
 learning rates are device tensors that the scheduler fills in place, and
 the gradients are the grads graph's own outputs. Captured with ``.grad`` unset, each replay writes
@@ -32,6 +38,7 @@ every step.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional
 
 import torch
@@ -40,6 +47,7 @@ from adalora import schedule
 from .config import ConfigError, RunConfig
 
 WARMUP = 3      # uncaptured runs of a body before it is captured, on a side stream as CUDA asks
+WINDOW = 64     # steps whose values may wait on the device before the loop must read them
 
 # Methods whose step a graph can hold: no allocator, or AdaLoRA's (mask_on_device).
 METHODS = ("adalora", "lora", "svd_lora", "full", "head", "peft_lora")
@@ -76,7 +84,7 @@ class StepGraph:
 
     ``grads_body(batch) -> (loss, R, norm)``: the loop's forward, backward, γ∇R and clipping of one
     batch. ``eager_update(step, finite) -> record``: the loop's ``update``. ``capture=False`` runs
-    the bodies uncaptured (CPU)."""
+    the bodies uncaptured (CPU). Sets ``opt.found_inf``, which fused AdamW reads at every step."""
 
     def __init__(self, grads_body: Callable, eager_update: Callable, opt: torch.optim.Optimizer, sched,
                  allocator, device: torch.device, capture: bool):
@@ -88,34 +96,44 @@ class StepGraph:
         self.grads_graph: Optional[tuple] = None   # (graph, static batch, outputs)
         self.update_graphs: Dict[str, torch.cuda.CUDAGraph] = {}
         self.side = torch.cuda.Stream(device) if capture else None
+        # The step's verdict, written by the grads graph: loss and norm finite; 1.0 where not.
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        opt.found_inf = torch.zeros((), device=device)
+        # (loss, R, norm) of the steps not yet read, in order; the next one goes to row `slot`.
+        self.values = torch.zeros(WINDOW, 3, dtype=torch.float64, device=device)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+        self.unread: list = []                     # (step, phase) of those steps
 
     # -- the two calls the loop makes ----------------------------------------------------------
-    def grads(self, batch: Dict[str, torch.Tensor]):
-        """(loss, R, total norm) of ``batch``, gradients in ``.grad``: a replay once captured."""
+    def grads(self, batch: Dict[str, torch.Tensor]) -> None:
+        """The gradients of ``batch`` in ``.grad``, its values and verdict on the device: a replay
+        once captured."""
         if self.grads_graph is None and self.capture and self.runs["grads"] >= WARMUP:
             static = {k: v.clone() for k, v in batch.items()}
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.grads_body(dict(static))     # the objective pops the labels from its copy
-            self.grads_graph = (graph, static, out)
+                self._grads_body(dict(static))          # the objective pops the labels from its copy
+            self.grads_graph = (graph, static)
         if self.grads_graph is None:
             self.runs["grads"] += 1
-            return self._uncaptured(lambda: self.grads_body(dict(batch)))
-        graph, static, out = self.grads_graph
+            self._uncaptured(lambda: self._grads_body(dict(batch)))
+            return
+        graph, static = self.grads_graph
         for k, v in batch.items():
             if v.shape != static[k].shape:
                 raise RuntimeError(f"trainer.step_graph: batch '{k}' has shape {tuple(v.shape)}, the graph "
                                    f"{tuple(static[k].shape)}; every batch must keep the padded length")
             static[k].copy_(v)
         graph.replay()
-        return out
 
-    def update(self, step: int, finite: bool):
-        """The loop's ``update`` for ``step``: a replay of this phase's graph where one can hold
-        it, else the loop's own calls. Returns the allocation record of a mask step, else None."""
+    def update(self, step: int):
+        """The loop's ``update`` for ``step``, after ``grads``: a replay of this phase's graph where
+        one can hold it, else the loop's own calls. Returns the allocation record of a mask step,
+        else None."""
         phase = self._phase(step)
-        if not finite or phase is None:
-            record = self.eager_update(step, finite)
+        self.unread.append((step, phase))
+        if phase is None:
+            record = self.eager_update(step, bool(self.finite))   # the final allocation: one sync
         else:
             if phase == "mask":
                 self.device_step.fill_(step)
@@ -134,7 +152,7 @@ class StepGraph:
             else:
                 graph.replay()
                 if phase in ("mask", "plain") and self.allocator.scorer.uses_grad:
-                    self.allocator.scorer.updates += 1   # the checkpointed count: a replay runs no Python
+                    self.allocator.scorer.updates += 1   # the checkpointed count (read corrects a skip)
             self.sched.step()
             record = self.allocator.mask_record(step) if phase == "mask" else None
         if self.grads_graph is None:
@@ -142,7 +160,34 @@ class StepGraph:
             self.opt.zero_grad(set_to_none=True)
         return record
 
+    @property
+    def full(self) -> bool:
+        """Whether the buffer holds ``WINDOW`` unread steps: the loop must ``read`` before the next."""
+        return len(self.unread) >= WINDOW
+
+    def read(self) -> list:
+        """``[(step, [loss, R, norm]), ...]`` of the steps since the last read, in order: one host
+        sync. A skipped scoring step counted as an update is counted as a skip, as ``update_importance``
+        counts it eagerly."""
+        values = self.values[:len(self.unread)].tolist()
+        self.slot.zero_()
+        scorer = self.allocator.scorer if self.allocator is not None else None
+        for (step, phase), (loss, _, norm) in zip(self.unread, values):
+            if phase in ("mask", "plain") and scorer.uses_grad and not (math.isfinite(loss) and math.isfinite(norm)):
+                scorer.updates, scorer.skipped = scorer.updates - 1, scorer.skipped + 1
+        out = [(step, v) for (step, _), v in zip(self.unread, values)]
+        self.unread = []
+        return out
+
     # -- internals ----------------------------------------------------------------------------
+    def _grads_body(self, batch: Dict[str, torch.Tensor]) -> None:
+        loss, orth, norm = self.grads_body(batch)
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        self.finite.copy_(finite)
+        self.opt.found_inf.copy_(~finite)
+        self.values.index_copy_(0, self.slot.view(1), torch.stack([v.double() for v in (loss, orth, norm)]).view(1, 3))
+        self.slot.add_(1)
+
     def _phase(self, step: int) -> Optional[str]:
         """Which update graph holds ``step``: none, mask, plain, final; None for the final allocation."""
         a = self.allocator
@@ -155,14 +200,22 @@ class StepGraph:
         return "mask" if schedule.is_mask_step(step, a.schedule) else "plain"
 
     def _update_body(self, step: int, phase: str) -> None:
-        """``loop.update``'s calls with the allocator's device form (step from ``device_step``)."""
+        """``loop.update``'s calls with the allocator's device form (step from ``device_step``),
+        skipped on the device where the gradient is not finite: AdamW by ``found_inf``, the EMAs
+        put back."""
         a = self.allocator
         scoring = phase in ("mask", "plain")
+        emas = [(t, t.clone()) for t in (a.scorer.ibar, a.scorer.ubar) if t is not None] if scoring else []
         if scoring and a.score_before_step:
             a.update_importance(step, grads_finite=True)
         self.opt.step()
         if scoring and not a.score_before_step:
             a.update_importance(step, grads_finite=True)
+        if scoring and not emas and a.scorer.ibar is not None:
+            # made by this first update: the skip's state is zeros (scoring alike as no EMAs)
+            emas = [(t, torch.zeros_like(t)) for t in (a.scorer.ibar, a.scorer.ubar) if t is not None]
+        for t, before in emas:
+            t.copy_(torch.where(self.finite, t, before))
         if phase == "mask":
             a.mask_on_device(self.device_step)
         elif phase == "final":

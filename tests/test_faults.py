@@ -132,10 +132,20 @@ def nan_logits(monkeypatch, first: int, last: int = 10 ** 9) -> None:
     monkeypatch.setattr(R, "load_model", load_model)
 
 
-def test_persistent_nan_fails_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def graphs_on_the_cpu(monkeypatch) -> list:
+    """``trainer.step_graph=true`` with the runner's checks as on a GPU: the CPU runs the graphs'
+    bodies uncaptured, and a non-finite step is skipped on the device and read back later."""
+    from experiments import step_graph as SG
+    refuse = SG.refuse
+    monkeypatch.setattr(SG, "refuse", lambda cfg, device, world: refuse(cfg, torch.device("cuda"), world))
+    return ["trainer.step_graph=true", "model.dropout=0.0"]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_persistent_nan_fails_cleanly_and_keeps_the_last_good_checkpoint(graphs, tmp_path, monkeypatch):
     d = tmp_path / "run"
     args = FAST + ["trainer.epochs=2", "trainer.checkpoint_every=2",        # 16 steps
-                   "trainer.max_nonfinite_steps=3"]
+                   "trainer.max_nonfinite_steps=3"] + (graphs_on_the_cpu(monkeypatch) if graphs else [])
     nan_logits(monkeypatch, first=6)                    # optimizer steps 6, 7, 8 (1-based)
     with pytest.raises(FloatingPointError, match="max_nonfinite_steps=3"):
         run_inproc(d, args)
@@ -145,13 +155,17 @@ def test_persistent_nan_fails_cleanly_and_keeps_the_last_good_checkpoint(tmp_pat
     state = ckpt.load(d)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     monkeypatch.undo()                                   # the cause is gone: resume completes
+    if graphs:
+        graphs_on_the_cpu(monkeypatch)
     s = run_inproc(d, args + [f"trainer.resume={d}"])
     assert s["status"] == "completed" and s["steps"] == 16
 
 
-def test_transient_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_transient_nan_steps_are_skipped_and_counted(graphs, tmp_path, monkeypatch):
     nan_logits(monkeypatch, first=3, last=4)
-    s = run_inproc(tmp_path / "run", FAST + ["trainer.max_steps=10", "trainer.max_nonfinite_steps=3"])
+    s = run_inproc(tmp_path / "run", FAST + ["trainer.max_steps=10", "trainer.max_nonfinite_steps=3"]
+                   + (graphs_on_the_cpu(monkeypatch) if graphs else []))
     assert s["status"] == "completed" and s["skipped_steps"] == 2
     assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"]
 
