@@ -317,7 +317,7 @@ def loop_runs(files) -> str:
             q = statistics.quantiles(step_ms(r), n=4, method="inclusive")
             speed = f"{med[eager[key(r)]] / med[r['run']]:.1f}×" if r["step_graph"] and key(r) in eager else "–"
             rows.append([f"`{r['run']}`", r["method"], "step_graph" if r["step_graph"] else "eager", r["precision"],
-                         "yes" if r["dropout"] else "no", str(r["seed"]), f"{med[r['run']]:.1f} ({q[2] - q[0]:.1f})",
+                         "yes" if r["dropout"] else "no", str(r["seed"]), f"{med[r['run']]:.2f} ({q[2] - q[0]:.2f})",
                          speed, f"{r['test_accuracy']:.4f}", f"{r['peak_gpu_bytes'] / 2**20:.0f}", f"`{name}`"])
     return table(["run", "method", "loop", "precision", "dropout", "seed", "ms per step (IQR)", "eager ÷ step_graph",
                   "test accuracy", "peak GPU MiB", "results file"], rows, "llllllrrrrl")

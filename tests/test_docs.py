@@ -190,10 +190,10 @@ def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
     assert B.step_ms(runs[0]) == pytest.approx([40.0, 60.0])
     files = B.load(tmp_path)
     rows = B.loop_runs(files).splitlines()[2:]
-    assert rows[0] == "| `e0` | adalora | eager | bf16 autocast | yes | 0 | 50.0 (10.0) | – | 0.8000 | 3 | `x.json` |"
-    assert rows[1] == "| `g0` | adalora | step_graph | bf16 autocast | yes | 0 | 5.0 (1.0) | 10.0× | 0.8100 | 3 | `x.json` |"
-    assert rows[5].split(" | ")[6:8] == ["5.0 (0.0)", "2.0×"]
-    assert rows[6].split(" | ")[6:8] == ["4.0 (0.0)", "–"]
+    assert rows[0] == "| `e0` | adalora | eager | bf16 autocast | yes | 0 | 50.00 (10.00) | – | 0.8000 | 3 | `x.json` |"
+    assert rows[1] == "| `g0` | adalora | step_graph | bf16 autocast | yes | 0 | 5.00 (1.00) | 10.0× | 0.8100 | 3 | `x.json` |"
+    assert rows[5].split(" | ")[6:8] == ["5.00 (0.00)", "2.0×"]
+    assert rows[6].split(" | ")[6:8] == ["4.00 (0.00)", "–"]
     rows = B.loop_compare(files).splitlines()[2:]
     assert rows[0] == "| `e0` / `g0` | yes | no | 35 | 4 | 0.05 | +0.0100 |"
     assert rows[3] == "| `g0` / `g3` | – | – | – | – | 0.05 | -0.3100 |"
