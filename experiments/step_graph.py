@@ -4,7 +4,7 @@ eager step of a small model is bound by the host (analysis/README.md, eager rows
 one by the GPU.
 
     grads graph:    the batch into static buffers; forward; backward; += γ∇R; clip
-                    -> (loss, R, total norm), device tensors
+                    -> (loss, R, total norm) into a device buffer; finite or not, on the device
     update graphs:  opt.step(); update_importance; mask_on_device(step)     mask steps before the final allocation
                     opt.step(); update_importance                           the other steps before it
                     opt.step(); mask_to_budget(step), the frozen mask       after it
@@ -16,20 +16,21 @@ fused AdamW leaves it out (``found_inf``, as under a GradScaler) and the importa
 values, as the eager loop's skip does. The loss, R and the norm of each step wait in a device
 buffer until the loop reads them, in one host sync, where it logs, evaluates or checkpoints
 (``read``); its bookkeeping (means, the run of non-finite steps, the skip count) then runs on them
-step by step as in eager mode, only later. So the host runs ahead of the GPU, and the GPU never
-waits for it. The final allocation (a host event) runs the loop's own ``update`` eagerly on the
-same tensors, after reading that step's verdict. The grads graph is captured after ``WARMUP`` uncaptured runs of its body, which
-initialise what capture cannot (cuBLAS workspaces, AdamW's state, the kernels' tuning); each
-update graph after one uncaptured run of its own (the mask step builds its device tables then).
+step by step as in eager mode, only later. So the host runs ahead of the GPU, which waits for it
+only after those reads. The final allocation (a host event) runs the loop's own ``update``
+eagerly on the same tensors, after reading that step's verdict. The grads graph is captured after
+``WARMUP`` uncaptured runs of its body, which initialise what capture cannot (cuBLAS workspaces,
+AdamW's state, the kernels' tuning); each update graph after one uncaptured run of its own (the
+mask step builds its device tables then).
 The host knows which steps are mask steps, so the others skip the scoring and the mask step's
 kernels; ``mask_on_device`` would leave the masks and ``lam`` untouched on them anyway.
 
 A captured graph fixes its shapes and addresses, and reads nothing back to the host: the batches
 keep their padded length (``batch_at`` does not trim them; the loop gathers them on the device
-from a copy of the training split there, so no step waits on a host-to-device copy), a causal LM's loss runs the output
-layer on every position instead of selecting the scored ones (``lm.lm_loss_every_position``), the
-learning rates are device tensors that the scheduler fills in place, and
-the gradients are the grads graph's own outputs. Captured with ``.grad`` unset, each replay writes
+from a copy of the training split there, so no step waits on a host-to-device copy), a causal
+LM's loss runs the output layer on every position instead of selecting the scored ones
+(``lm.lm_loss_every_position``), the learning rates are device tensors that the scheduler fills
+in place, and the gradients are the grads graph's own outputs. Captured with ``.grad`` unset, each replay writes
 them afresh, so no ``zero_grad`` runs between replays. Compaction replaces the adapters' tensors:
 the loop then builds a new ``StepGraph``.
 
