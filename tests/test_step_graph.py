@@ -121,6 +121,26 @@ def test_loop_with_step_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_pa
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["lr"] == pytest.approx(a["lr"], rel=1e-6)
 
 
+def test_values_read_back_when_the_buffer_fills_between_logs(cpu_graphs, tmp_path, monkeypatch):
+    """A buffer of 4 steps and a train line every 7: the loop reads back whenever the buffer is
+    full, and logs the same losses and skip-free run as the eager loop."""
+    monkeypatch.setattr(SG, "WINDOW", 4)
+    reads, read = [], SG.StepGraph.read
+    monkeypatch.setattr(SG.StepGraph, "read", lambda self: reads.append(len(self.unread)) or read(self))
+    runs = {}
+    for mode in ("false", "true"):
+        s = run_inproc(tmp_path / mode, LOOP + ["logger.log_every=7", f"trainer.step_graph={mode}"])
+        assert s["status"] == "completed" and s["steps"] == 24 and s["skipped_steps"] == 0
+        runs[mode] = ([m for m in read_jsonl(tmp_path / mode / "metrics.jsonl") if m["split"] == "train"],
+                      read_jsonl(tmp_path / mode / "ranks.jsonl"))
+    assert max(reads) == 4 and sum(reads) == 24          # every step read once, never more than 4 at a time
+    (ma, ra), (mb, rb) = runs["false"], runs["true"]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [7, 14, 21, 24]
+    for a, b in zip(ma, mb):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    assert [(r["step"], r["ranks"]) for r in ra] == [(r["step"], r["ranks"]) for r in rb]
+
+
 def test_a_decoder_loop_with_step_graph_trains_as_the_eager_loop(cpu_graphs, tmp_path):
     """A causal LM (tiny Llama, answer task): the captured form of its loss takes every
     position's logits; the same allocation records and losses as the eager loop, to rounding."""
