@@ -239,7 +239,8 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         scaler.unscale_(opt)
         # R does not depend on the batch: adding γ∇R once equals adding γR/accum to every
         # micro-batch's loss, in a few batched kernels instead of a second autograd path.
-        orth = adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form) if orth_weight > 0 else None
+        orth = (adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form) if orth_weight > 0
+                else None)
         norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         return (torch.zeros_like(norm) if orth is None else orth), norm
 
@@ -334,7 +335,8 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 # ---- unscale, add γ·∇R, clip; a non-finite norm skips the update and the scoring ----
                 orth, norm = finish_grads()
                 # The step's one host sync: the losses, R and the norm, read together.
-                *loss_values, orth_value, norm_value = torch.stack([v.double() for v in (*losses, orth, norm)]).tolist()
+                values = torch.stack([v.double() for v in (*losses, orth, norm)]).tolist()
+                *loss_values, orth_value, norm_value = values
                 # One all-reduce for the step's per-rank facts: a stop signal, a non-finite loss.
                 stopping, loss_bad = D.any_rank([stopping, not all(map(math.isfinite, loss_values))], dist)
                 finite, bad = account(step, loss_values, orth_value, norm_value, loss_bad)

@@ -88,8 +88,9 @@ class RunWriter:
         self.metrics.write(record)
         if self.tb is not None:
             split = record["split"]
-            self._scalars({f"{split}/{k}": v for k, v in record.items()
-                           if k not in ("step", "split", "epoch") and isinstance(v, (int, float))}, record["step"])
+            values = {f"{split}/{k}": v for k, v in record.items()
+                      if k not in ("step", "split", "epoch") and isinstance(v, (int, float))}
+            self._scalars(values, record["step"])
 
     def log_ranks(self, record: Dict[str, Any]) -> None:
         """One AllocationRecord.to_dict(): budget, threshold, kept params, per-module ranks."""

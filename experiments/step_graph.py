@@ -30,9 +30,9 @@ keep their padded length (``batch_at`` does not trim them; the loop gathers them
 from a copy of the training split there, so no step waits on a host-to-device copy), a causal
 LM's loss runs the output layer on every position instead of selecting the scored ones
 (``lm.lm_loss_every_position``), the learning rates are device tensors that the scheduler fills
-in place, and the gradients are the grads graph's own outputs. Captured with ``.grad`` unset, each replay writes
-them afresh, so no ``zero_grad`` runs between replays. Compaction replaces the adapters' tensors:
-the loop then builds a new ``StepGraph``.
+in place, and the gradients are the grads graph's own outputs. Captured with ``.grad`` unset,
+each replay writes them afresh, so no ``zero_grad`` runs between replays. Compaction replaces the
+adapters' tensors: the loop then builds a new ``StepGraph``.
 
 Where no graph can be captured (``capture=False``: the CPU tests) the same bodies run uncaptured,
 every step.
@@ -97,7 +97,7 @@ class StepGraph:
         self.grads_graph: Optional[tuple] = None   # (graph, static batch, outputs)
         self.update_graphs: Dict[str, torch.cuda.CUDAGraph] = {}
         self.side = torch.cuda.Stream(device) if capture else None
-        # The step's verdict, written by the grads graph: loss and norm finite; 1.0 where not.
+        # The step's verdict, written by the grads graph: loss and norm finite (found_inf 1.0 where not).
         self.finite = torch.ones((), dtype=torch.bool, device=device)
         opt.found_inf = torch.zeros((), device=device)
         # (loss, R, norm) of the steps not yet read, in order; the next one goes to row `slot`.
@@ -174,7 +174,8 @@ class StepGraph:
         self.slot.zero_()
         scorer = self.allocator.scorer if self.allocator is not None else None
         for (step, phase), (loss, _, norm) in zip(self.unread, values):
-            if phase in ("mask", "plain") and scorer.uses_grad and not (math.isfinite(loss) and math.isfinite(norm)):
+            skipped = not (math.isfinite(loss) and math.isfinite(norm))
+            if skipped and phase in ("mask", "plain") and scorer.uses_grad:
                 scorer.updates, scorer.skipped = scorer.updates - 1, scorer.skipped + 1
         out = [(step, v) for (step, _), v in zip(self.unread, values)]
         self.unread = []
@@ -186,7 +187,8 @@ class StepGraph:
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         self.finite.copy_(finite)
         self.opt.found_inf.copy_(~finite)
-        self.values.index_copy_(0, self.slot.view(1), torch.stack([v.double() for v in (loss, orth, norm)]).view(1, 3))
+        row = torch.stack([v.double() for v in (loss, orth, norm)]).view(1, 3)
+        self.values.index_copy_(0, self.slot.view(1), row)
         self.slot.add_(1)
 
     def _phase(self, step: int) -> Optional[str]:
