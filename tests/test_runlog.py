@@ -1,14 +1,12 @@
 """The run folder's TensorBoard events (experiments/runlog.py), read back by TensorBoard's own
 reader: every number of ``metrics.jsonl`` and ``ranks.jsonl``, at its step, under its tag."""
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments.runlog import RunWriter
 
-pytest.importorskip("tensorboard")
-
 
 def test_tensorboard_scalars_read_back_as_the_jsonl_records(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     w = RunWriter(tmp_path, tensorboard=True)
     metrics = [{"step": 10, "split": "train", "loss": 0.75, "orth": 0.125, "lr": 1e-3, "epoch": 0.5, "time_s": 2.0},
                {"step": 20, "split": "val", "accuracy": 0.625, "lr": 5e-4, "epoch": 1.0, "time_s": 4.0}]
