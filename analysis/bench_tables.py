@@ -311,10 +311,11 @@ def loop_runs(files) -> str:
         if d.get("kind") != "loop_step_graph":
             continue
         key = lambda r: (r["method"], r["seed"], r["precision"], r["dropout"])  # noqa: E731
-        med = {r["run"]: statistics.median(step_ms(r)) for r in d["runs"]}
+        spans = {r["run"]: step_ms(r) for r in d["runs"]}
+        med = {run: statistics.median(ms) for run, ms in spans.items()}
         eager = {key(r): r["run"] for r in d["runs"] if not r["step_graph"]}
         for r in d["runs"]:
-            q = statistics.quantiles(step_ms(r), n=4, method="inclusive")
+            q = statistics.quantiles(spans[r["run"]], n=4, method="inclusive")
             speed = f"{med[eager[key(r)]] / med[r['run']]:.1f}×" if r["step_graph"] and key(r) in eager else "–"
             rows.append([f"`{r['run']}`", r["method"], "step_graph" if r["step_graph"] else "eager", r["precision"],
                          "yes" if r["dropout"] else "no", str(r["seed"]), f"{med[r['run']]:.2f} ({q[2] - q[0]:.2f})",

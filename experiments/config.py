@@ -310,8 +310,8 @@ class TrainerConfig:
     # Under torchrun: ddp. fsdp is refused: sharded adapters would need gathered importance scores.
     strategy: str = "ddp"
     # Capture the optimizer step as CUDA graphs and replay them (experiments/step_graph.py): one
-    # GPU, lora/adalora/full; batches keep their padded length, and a causal LM's loss takes every
-    # position's logits (no boolean selection of the scored ones).
+    # GPU, the methods step_graph.METHODS names; batches keep their padded length, and a causal
+    # LM's loss takes every position's logits (no boolean selection of the scored ones).
     step_graph: bool = False
 
     def __post_init__(self) -> None:

@@ -118,7 +118,7 @@ class CausalLM(nn.Module):
                 select: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                      use_cache=False)[0]                          # (B, L, H)
-        return self.backbone.get_output_embeddings()(h if select is None else h[select])   # (T, V)
+        return self.backbone.get_output_embeddings()(h if select is None else h[select])   # (T, V) or (B, L, V)
 
 
 def load_tokenizer(cfg: ModelConfig):
