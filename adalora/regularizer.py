@@ -14,45 +14,47 @@ from .config import ORTH_FORMS
 from .layers import SVDLinear, fast_param, like_param
 
 
-def _factors(svd: list[SVDLinear]):
-    """Both factor lists with whether each holds its singular vectors as columns: ``P`` (``(d, r)``,
-    stored column-major) and ``Q`` (``(r, d)``). Either way the matrix ``M (r, d)`` whose rows are
-    the singular vectors gives ``PᵀP − I`` and ``QQᵀ − I`` as ``MMᵀ − I``."""
-    return ([fast_param(a, "P") for a in svd], True), ([fast_param(a, "Q") for a in svd], False)
+def _factors(svd: list[SVDLinear]) -> list[tuple[torch.Tensor, bool]]:
+    """Every factor with whether it holds its singular vectors as columns: each ``P`` (``(d, r)``,
+    stored column-major), then each ``Q`` (``(r, d)``). Either way the matrix ``M (r, d)`` whose
+    rows are the singular vectors gives ``PᵀP − I`` and ``QQᵀ − I`` as ``MMᵀ − I``."""
+    return [(fast_param(a, "P"), True) for a in svd] + [(fast_param(a, "Q"), False) for a in svd]
 
 
-def _groups(leaves: list[torch.Tensor], transposed: bool):
-    """Batch the matrices ``M (r, d)`` of ``leaves`` (each ``M``, or ``Mᵀ`` when ``transposed``) by
-    their full dimension ``d``, whatever their rank, so the cost is a few kernels per distinct
-    ``d`` rather than per adapter or per rank (compacted adapters have many ranks). Yields
-    ``(idx, x, mask, where)``: the group's indices into ``leaves``, their batch ``x (n, R, d)``,
-    and for a batch of unequal ranks, zero-padded to the largest ``R``: the ``(n, R, R)`` mask of
-    each matrix's own block and where each element sits in the flat batch (``None, None`` when
-    ranks are equal).
+def _groups(leaves: list[tuple[torch.Tensor, bool]]):
+    """Batch the matrices ``M (r, d)`` of ``leaves`` (``(leaf, transposed)``: each ``M``, or ``Mᵀ``)
+    by their full dimension ``d``, whatever their rank and whether they are ``P`` or ``Q``, so the
+    cost is a few kernels per distinct ``d`` rather than per adapter, per rank (compacted adapters
+    have many ranks) or per kind (a BERT layer's P and Q share its two widths). Yields
+    ``(members, x, mask, where)``: the group's leaves, ``P`` before ``Q``, their batch
+    ``x (n, R, d)``, and for a batch of unequal ranks, zero-padded to the largest ``R``: the
+    ``(n, R, R)`` mask of each matrix's own block and where each element sits in the flat batch
+    (``None, None`` when ranks are equal).
     """
     # Keyed by dtype and device too: a model can mix fp32 adapters (on an NF4 base) with bf16
     # ones of the same width, and one batch must hold one dtype.
-    groups: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for i, m in enumerate(leaves):
+    groups: dict[tuple, list[tuple[torch.Tensor, bool]]] = defaultdict(list)
+    for m, transposed in leaves:
         d, r = m.shape if transposed else m.shape[::-1]
         if r > 0:                                                   # rank 0: nothing to penalise
-            groups[(d, m.dtype, m.device)][0].append(i)
-            groups[(d, m.dtype, m.device)][1].append(r)
-    for (d, _, _), (idx, ranks) in groups.items():
-        ms = [leaves[i] for i in idx]
+            groups[(d, m.dtype, m.device)].append((m, transposed))
+    for (d, _, _), members in groups.items():
+        ranks = [m.shape[1] if t else m.shape[0] for m, t in members]
         r = max(ranks)
         if min(ranks) == r:
-            # One stack of the leaves as stored; the batch of P is its transposed view, so no
+            # One stack per kind as stored; the batch of P is its transposed view, so no
             # per-matrix transpose is dispatched (bmm takes the strides as they are).
-            x = torch.stack(ms)                                     # (n, r, d) or (n, d, r)
-            yield idx, (x.transpose(1, 2) if transposed else x), None, None
+            ps = [m for m, t in members if t]
+            qs = [m for m, t in members if not t]
+            parts = ([torch.stack(ps).transpose(1, 2)] if ps else []) + ([torch.stack(qs)] if qs else [])
+            yield members, (torch.cat(parts) if len(parts) > 1 else parts[0]), None, None
             continue
         # One cat and one scatter into the zero padding, however many matrices and ranks.
+        ms = [m for m, _ in members]
         where, mask = _padding(tuple(ranks), d, ms[0].device, ms[0].dtype)
-        rows = [m.t() for m in ms] if transposed else ms            # (r, d) each: contiguous views
-        flat = torch.cat([m.reshape(-1) for m in rows])
+        flat = torch.cat([(m.t() if t else m).reshape(-1) for m, t in members])   # (r, d) rows each
         x = ms[0].new_zeros(len(ms) * r * d).index_copy(0, where, flat)
-        yield idx, x.view(len(ms), r, d), mask, where
+        yield members, x.view(len(ms), r, d), mask, where
 
 
 def _residual(x: torch.Tensor, mask) -> torch.Tensor:
@@ -63,10 +65,10 @@ def _residual(x: torch.Tensor, mask) -> torch.Tensor:
     return resid if mask is None else resid * mask
 
 
-def _gram_residual_norms(leaves: list[torch.Tensor], transposed: bool, squared: bool) -> torch.Tensor:
+def _gram_residual_norms(leaves: list[tuple[torch.Tensor, bool]], squared: bool) -> torch.Tensor:
     """Sum over the matrices of ``leaves`` of ``‖MMᵀ − I‖_F``, squared if asked."""
-    total = leaves[0].new_zeros(())
-    for _, x, mask, _ in _groups(leaves, transposed):
+    total = leaves[0][0].new_zeros(())
+    for _, x, mask, _ in _groups(leaves):
         sq = _residual(x, mask).pow(2).sum(dim=(1, 2))              # (n,) squared Frobenius norms
         total = total + (sq.sum() if squared else sq.sqrt().sum())
     return total
@@ -113,8 +115,7 @@ def orthogonality_penalty(adapters: dict, form: str = "reference") -> torch.Tens
     if not svd:
         return torch.zeros(())
     squared = form == "paper"
-    p, q = (_gram_residual_norms(leaves, transposed, squared) for leaves, transposed in _factors(svd))
-    total = p + q
+    total = _gram_residual_norms(_factors(svd), squared)
     # DEVIATION (reference form): unsquared norms averaged over the 2|S| matrices, as both public
     # implementations compute it and as their published numbers were obtained.
     return total if squared else total / (2 * len(svd))
@@ -139,32 +140,33 @@ def orthogonality_grad_(adapters: dict, weight: float, form: str = "reference") 
         return torch.zeros(())
     squared = form == "paper"
     total = svd[0].P.new_zeros(())
-    for leaves, transposed in _factors(svd):
-        for idx, x, mask, where in _groups(leaves, transposed):
-            c = _residual(x, mask)                                  # (n, R, R), symmetric
-            sq = c.pow(2).sum(dim=(1, 2))                           # (n,)
-            if squared:
-                total += sq.sum()
-                c.mul_(4 * weight)
-            else:
-                norm = sq.sqrt()
-                total += norm.sum()
-                c.mul_((weight / len(svd) / norm.clamp_min(torch.finfo(norm.dtype).tiny))[:, None, None])
-            _add_to_grads([leaves[i] for i in idx], c @ x, where, transposed)      # (n, R, d)
+    for members, x, mask, where in _groups(_factors(svd)):
+        c = _residual(x, mask)                                      # (n, R, R), symmetric
+        sq = c.pow(2).sum(dim=(1, 2))                               # (n,)
+        if squared:
+            total += sq.sum()
+            c.mul_(4 * weight)
+        else:
+            norm = sq.sqrt()
+            total += norm.sum()
+            c.mul_((weight / len(svd) / norm.clamp_min(torch.finfo(norm.dtype).tiny))[:, None, None])
+        _add_to_grads(members, c @ x, where)                        # (n, R, d)
     return total if squared else total / (2 * len(svd))
 
 
-def _add_to_grads(leaves: list[torch.Tensor], g: torch.Tensor, where, transposed: bool) -> None:
+def _add_to_grads(members: list[tuple[torch.Tensor, bool]], g: torch.Tensor, where) -> None:
     """``leaf.grad += g_m`` for each matrix of a batch (one multi-tensor kernel), ``g (n, R, d)``
-    padded as ``_groups`` built it; ``transposed``: the matrices were the leaves transposed."""
+    padded as ``_groups`` built it, its ``P`` rows (the leaves held transposed) first."""
+    n_p = sum(t for _, t in members)
     if where is None:
-        parts = (g.transpose(1, 2) if transposed else g).unbind(0)   # in the leaves' shapes
+        # in the leaves' shapes: two unbinds, not a transpose per P
+        parts = g[:n_p].transpose(1, 2).unbind(0) + g[n_p:].unbind(0)
     else:
-        sizes = [m.numel() for m in leaves]
+        sizes = [m.numel() for m, _ in members]
         parts = [p.view(-1, g.shape[-1]) for p in g.reshape(-1).index_select(0, where).split(sizes)]
-        parts = [p.t() for p in parts] if transposed else parts
+        parts = [p.t() if t else p for p, (_, t) in zip(parts, members)]
     grads, adds = [], []
-    for m, p in zip(leaves, parts):
+    for (m, _), p in zip(members, parts):
         if not m.requires_grad:
             continue
         if m.grad is None:

@@ -34,6 +34,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['min_ms']:.1f} | {rel} | {dev} | "
                      f"{r['peak_mem_mb']:.0f} | {r['trainable_params']:,} | {r['alloc_state_bytes'] / 2**20:.2f} |")
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
+    phased = {n: r["host_phases_ms"] for n, r in res.items() if r.get("host_phases_ms")}
+    if phased:
+        names = list(next(iter(phased.values())))
+        lines += ["", "Host ms per phase of an eager step (medians; each step starts on an idle device; update: "
+                  "AdamW, then the allocator's importance update and mask step):", "",
+                  "| variant | " + " | ".join(names) + " | sum |", "|---|" + "---:|" * (len(names) + 1)]
+        lines += [f"| {n} | " + " | ".join(f"{p[k]:.2f}" for k in names) + f" | {sum(p.values()):.2f} |"
+                  for n, p in phased.items()]
     for key, what in (("graph_check", "The captured step against the eager one"),
                       ("fused_check", "Each fused path against the unfused one")):
         check = result.get(key)

@@ -11,6 +11,7 @@ trained with AdamW on one fixed random batch; adapters sit on every linear map o
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -140,21 +141,33 @@ def make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, counter=No
         return _graphed_step(fn, opt, adapters if orth and not cfg.compile else None, cfg.orth_weight, alloc, counter,
                              capture=dev.type == "cuda")
 
-    def step():
+    def step(clock: list | None = None):
+        """``clock``: a list that gets ``time.perf_counter()`` after each of ``PHASES``."""
+        mark = clock.append if clock is not None else lambda _: None
         t = counter[0]
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = fn()
+        mark(time.perf_counter())
         loss.backward()
+        mark(time.perf_counter())
         if orth and not cfg.compile:
             adalora.orthogonality_grad_(adapters, cfg.orth_weight)
+        mark(time.perf_counter())
         # The loop passes the clipping norm's verdict; the benchmark passes True, so neither
         # implementation is charged a finite-check sync.
         update(opt, None, None, alloc, t, finite=True)
+        mark(time.perf_counter())
         opt.zero_grad(set_to_none=True)
+        mark(time.perf_counter())
         counter[0] = t + 1
         return loss.detach()
     return step
+
+
+# What an eager step's clock marks the end of: update is AdamW, then the allocator's importance
+# update and mask step (LoRA: AdamW alone).
+PHASES = ("forward", "backward", "penalty", "update", "zero_grad")
 
 
 GRAPH_WARMUP = 3   # eager steps on a side stream before capture, as torch.cuda.graph asks

@@ -35,8 +35,8 @@ import torch
 
 import adalora
 
-from .bench_variants import (TARGETS, BIG_T, FUSE_OF, GRAPH_WARMUP, build_model, build_variant, have_peft, make_batch,
-                             nbytes, scorer_bytes)
+from .bench_variants import (TARGETS, BIG_T, FUSE_OF, GRAPH_WARMUP, PHASES, build_model, build_variant, have_peft,
+                             make_batch, nbytes, scorer_bytes)
 from .config import MethodConfig, library_default
 from .bench_report import markdown
 from .opcount import count_ops, kernel_time
@@ -224,11 +224,28 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
               flush=True)
     for n in times:
         out[n].update(_stats(times[n]))
+    if not cfg.compile and not cfg.step_graph:
+        for v in variants:
+            out[v.name]["host_phases_ms"] = host_phases(v.step, cfg.steps, dev)
     if dev.type == "cuda":
         # after the timed rounds, so the profiler's own host cost never enters the times above
         for v in variants:
             out[v.name].update(kernel_time(v.step, cfg.steps, cfg.top_kernels))
     return out
+
+
+def host_phases(step, steps: int, dev: torch.device) -> dict:
+    """Median host milliseconds of each phase of an eager step (``bench_variants.PHASES``), over
+    ``steps`` steps that each start on an idle device. In an eager step the device waits for the
+    host, so these add up to about the step's time; a phase that waits for the device (a host
+    sync) counts the wait too."""
+    spans = []
+    for _ in range(steps):
+        _sync(dev)
+        clock = [time.perf_counter()]
+        step(clock)
+        spans.append([(b - a) * 1e3 for a, b in zip(clock, clock[1:])])
+    return {name: statistics.median(s) for name, s in zip(PHASES, zip(*spans))}
 
 
 def ratios(res: dict) -> dict:

@@ -41,6 +41,8 @@ def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
     assert result["ratios"]["adalora_epilogue/lora_epilogue"] == (
         v["adalora_epilogue"]["median_ms"] / v["lora_epilogue"]["median_ms"])
     assert not any("triton" in k for k in result["ratios"])           # no triton variant ran
+    from experiments.bench_variants import PHASES
+    assert all(list(r["host_phases_ms"]) == list(PHASES) for r in v.values())   # eager: every variant
     for name in ("lora", "adalora"):
         for fused in ("_fused", "_epilogue"):
             assert v[name + fused]["trainable_params"] == v[name]["trainable_params"]
@@ -200,6 +202,42 @@ def test_device_summary_sums_per_step_by_hand():
     assert s["top_kernels"] == [{"name": "gemm", "ms": pytest.approx(0.045), "count": 1.5},
                                 {"name": "Memcpy DtoD", "ms": pytest.approx(0.0025), "count": 0.5}]
     assert device_summary([], steps=3) == {}
+
+
+def test_host_phases_are_medians_of_the_clock_differences_by_hand():
+    import torch
+    from experiments.bench_variants import PHASES
+    durations = iter([[1, 2, 3, 4, 5], [3, 2, 1, 0, 9], [2, 2, 2, 2, 2]])    # ms per phase, 3 steps
+
+    def step(clock):
+        for ms in next(durations):
+            clock.append(clock[-1] + ms / 1e3)
+    got = benchmark.host_phases(step, 3, torch.device("cpu"))
+    assert list(got) == list(PHASES)
+    assert got == pytest.approx({"forward": 2, "backward": 2, "penalty": 2, "update": 2, "zero_grad": 5})
+
+
+def test_the_eager_steps_clock_marks_each_phase_where_it_ends(monkeypatch):
+    """AdaLoRA's step calls orthogonality_grad_ after two marks (forward, backward) and the
+    update after three; the clock then holds one mark per phase, in order."""
+    import torch
+    from experiments import bench_variants
+    cfg = benchmark.BenchConfig(preset="tiny", device="cpu")
+    batch = bench_variants.make_batch(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    v = bench_variants.build_variant("adalora", cfg, torch.device("cpu"), batch, {})
+    clock, seen = [0.0], {}
+    orth, update = adalora.orthogonality_grad_, bench_variants.update
+
+    def spy(name, fn):
+        def call(*args, **kwargs):
+            seen[name] = len(clock)
+            return fn(*args, **kwargs)
+        return call
+    monkeypatch.setattr(adalora, "orthogonality_grad_", spy("penalty", orth))
+    monkeypatch.setattr(bench_variants, "update", spy("update", update))
+    v.step(clock)
+    assert seen == {"penalty": 3, "update": 4}
+    assert len(clock) == 1 + len(bench_variants.PHASES) and clock[1:] == sorted(clock[1:])
 
 
 def test_step_graph_config_checks():

@@ -232,3 +232,33 @@ def test_fused_gradient_dispatches_as_many_ops_for_16_adapters_as_for_4():
             a.P.grad, a.Q.grad = torch.zeros_like(a.P), torch.zeros_like(a.Q)
         counts.append(count_ops(lambda: adalora.orthogonality_grad_(ad, 0.1), views=True)["ops"])
     assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("ranks", [(3, 3, 3, 3), (3, 1, 2, 3)])         # stacked and padded batches
+@pytest.mark.parametrize("form", ["reference", "paper"])
+def test_p_and_q_of_one_width_share_one_batch_and_match_the_dense_formula(ranks, form):
+    """A (6, 5) adapter's P and a (5, 6) adapter's Q are both (r, 6) as matrices of singular
+    vectors (rows): one batch per width, two batched products each (the Gram matrix and its
+    gradient), with P and Q gradients equal to the per-matrix formula's."""
+    from experiments.opcount import count_ops
+    ad = _adapters([(6, 5), (5, 6), (6, 5), (5, 6)], r=3, seed=6)
+    for a, r in zip(ad.values(), ranks):
+        a.resize(torch.arange(r))
+    leaves = {n: (a.P.detach().clone().requires_grad_(), a.Q.detach().clone().requires_grad_()) for n, a in ad.items()}
+
+    def norm(m):
+        c = m @ m.T - torch.eye(m.shape[0], dtype=torch.float64)
+        return torch.linalg.matrix_norm(c) ** 2 if form == "paper" else torch.linalg.matrix_norm(c)
+    dense = sum(norm(p.T) + norm(q) for p, q in leaves.values())
+    dense = dense if form == "paper" else dense / (2 * len(ad))
+    dense.backward()
+    assert count_ops(lambda: adalora.orthogonality_penalty(ad, form), only="aten.bmm")["ops"] == 2
+    value = adalora.orthogonality_grad_(ad, 0.5, form)
+    assert torch.allclose(value, dense.detach(), rtol=0, atol=1e-12)
+    for n, a in ad.items():
+        assert torch.allclose(a.P.grad, 0.5 * leaves[n][0].grad, rtol=0, atol=1e-12)
+        assert torch.allclose(a.Q.grad, 0.5 * leaves[n][1].grad, rtol=0, atol=1e-12)
+        assert a.P.grad.stride() == a.P.stride()              # fused AdamW reads both in one layout
+    for a in ad.values():
+        a.P.grad, a.Q.grad = None, None
+    assert count_ops(lambda: adalora.orthogonality_grad_(ad, 0.5, form), only="aten.bmm")["ops"] == 4
