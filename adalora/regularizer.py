@@ -157,8 +157,8 @@ def orthogonality_grad_(adapters: dict, weight: float, form: str = "reference") 
 def _add_to_grads(members: list[tuple[torch.Tensor, bool]], g: torch.Tensor, where) -> None:
     """``leaf.grad += g_m`` for each matrix of a batch (one multi-tensor kernel), ``g (n, R, d)``
     padded as ``_groups`` built it, its ``P`` rows (the leaves held transposed) first."""
-    n_p = sum(t for _, t in members)
     if where is None:
+        n_p = sum(t for _, t in members)
         # in the leaves' shapes: two unbinds, not a transpose per P
         parts = g[:n_p].transpose(1, 2).unbind(0) + g[n_p:].unbind(0)
     else:
