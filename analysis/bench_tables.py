@@ -294,6 +294,49 @@ def kernels(files) -> str:
                  rows, "lrrl")
 
 
+def host_phases(files) -> str:
+    """``phases_benchmark`` files: per variant the host milliseconds of each phase of an eager
+    step (medians over steps that each start on an idle device; the phases as the files name
+    them, which must agree), their sum, and the timed median with its IQR; then AdaLoRA's phases
+    less LoRA's, phase by phase."""
+    rows, names = [], None
+    for name, d in files.items():
+        if d.get("kind") != "phases_benchmark":
+            continue
+        c, v = d["config"], d["variants"]
+        shape = f"{c['preset']}, eager" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
+        for variant, r in v.items():
+            p = r["host_phases_ms"]
+            if names is None:
+                names = list(p)
+            if list(p) != names:
+                raise ValueError(f"{name}: {variant}'s phases {list(p)} are not the table's {names}")
+            rows.append([shape, variant] + [f"{p[k]:.2f}" for k in names] + [f"{sum(p.values()):.1f}",
+                        f"{r['median_ms']:.1f} ({r['iqr_ms']:.1f})", f"`{name}`"])
+        ada, lora = v["adalora_epilogue"]["host_phases_ms"], v["lora_epilogue"]["host_phases_ms"]
+        rows.append([shape, "AdaLoRA − LoRA"] + [f"{ada[k] - lora[k]:+.2f}" for k in names]
+                    + [f"{sum(ada.values()) - sum(lora.values()):+.1f}", "", f"`{name}`"])
+    names = names or []
+    return table(["shape, mode", "variant"] + [f"{k} ms" for k in names] + ["sum ms", "timed ms (IQR)", "results file"],
+                 rows, "ll" + "r" * (len(names) + 2) + "l")
+
+
+def ab_pairs(files) -> str:
+    """``ab_pair`` files, two runs of one command on one machine start that differ in one change:
+    per variant, median ms per step, kernel ms and kernels a step of each, and b over a."""
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "ab_pair":
+            continue
+        a, b = d["a"]["variants"], d["b"]["variants"]
+        for variant in a:
+            x, y = a[variant], b[variant]
+            rows.append([f"`{variant}`", f"{x['median_ms']:.2f} / {y['median_ms']:.2f}",
+                         f"{y['median_ms'] / x['median_ms']:.3f}", f"{x['kernel_ms']:.2f} / {y['kernel_ms']:.2f}",
+                         f"{x['kernels']:.0f} / {y['kernels']:.0f}", f"`{name}`"])
+    return table(["variant", "ms a / b", "b ÷ a", "kernel ms a / b", "kernels a / b", "results file"], rows, "lrrrrl")
+
+
 def step_ms(run: dict) -> list[float]:
     """ms per optimizer step over each 10-step span of a run's train log that holds no evaluation,
     from step 20 on (the first steps compile, tune and, with ``step_graph``, capture)."""
@@ -357,7 +400,7 @@ def loop_compare(files) -> str:
                   "test accuracy, b − a"], rows, "lllrrrr")
 
 
-TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
+TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "host_phases": host_phases, "ab_pairs": ab_pairs, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
           "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch,
           "loop_runs": loop_runs, "loop_compare": loop_compare}
 

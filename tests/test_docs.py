@@ -160,6 +160,31 @@ def test_kernels_table_subtracts_the_floor_kernel_by_kernel(tmp_path):
         "| (whole step, LoRA) | 1.500 | 400 | `x.json` |"]
 
 
+def test_host_phase_and_pair_tables_read_their_cells_from_results_files(tmp_path):
+    """Host phases: each variant's phases, their sum and the timed median (IQR), then AdaLoRA's
+    phases less LoRA's by hand. Pairs: each variant's a and b medians, b ÷ a, kernel ms and counts."""
+    import json
+
+    from analysis import bench_tables as B
+
+    phases = lambda *ms: dict(zip(("forward", "backward", "penalty", "update", "zero_grad"), ms))  # noqa: E731
+    d = {"kind": "phases_benchmark", "config": {"preset": "base", "bf16_mode": "autocast"}, "variants": {
+        "lora_epilogue": {"host_phases_ms": phases(10.0, 8.0, 0.0, 1.5, 0.25), "median_ms": 20.0, "iqr_ms": 2.0},
+        "adalora_epilogue": {"host_phases_ms": phases(9.5, 8.5, 3.0, 4.0, 0.5), "median_ms": 26.0, "iqr_ms": 1.0}}}
+    run = lambda ms, k, n: {"median_ms": ms, "kernel_ms": k, "kernels": n}  # noqa: E731
+    pair = {"kind": "ab_pair", "a": {"variants": {"adalora_epilogue": run(8.0, 7.5, 1140.0)}},
+            "b": {"variants": {"adalora_epilogue": run(7.8, 7.25, 1113.0)}}}
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    (tmp_path / "q.json").write_text(json.dumps(pair))
+    files = B.load(tmp_path)
+    assert B.host_phases(files).splitlines()[2:] == [
+        "| base, eager, autocast | lora_epilogue | 10.00 | 8.00 | 0.00 | 1.50 | 0.25 | 19.8 | 20.0 (2.0) | `p.json` |",
+        "| base, eager, autocast | adalora_epilogue | 9.50 | 8.50 | 3.00 | 4.00 | 0.50 | 25.5 | 26.0 (1.0) | `p.json` |",
+        "| base, eager, autocast | AdaLoRA − LoRA | -0.50 | +0.50 | +3.00 | +2.50 | +0.25 | +5.8 |  | `p.json` |"]
+    assert B.ab_pairs(files).splitlines()[2:] == [
+        "| `adalora_epilogue` | 8.00 / 7.80 | 0.975 | 7.50 / 7.25 | 1140 / 1113 | `q.json` |"]
+
+
 def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
     """ms per step from the train log's 10-step spans (before step 20 and after an evaluation left
     out), eager over captured per seed, and the paired accuracy difference with its t-interval:
