@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import factor_batch, lowrank_gemm, rank_update, shared_input
+from . import factor_batch, lowrank_gemm, rank_update, shared_input, side_stream
 
 FUSE_MODES = ("none", "epilogue", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
 
@@ -147,6 +147,7 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
                 down, gate = pd, None
             if pu is not None and pu.dtype == x2.dtype:
                 up = pu
+        side_stream.prepare(x2)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             if mode == "epilogue":
                 # adapters called on the same x share its down-projection (shared_input.py)
@@ -229,8 +230,11 @@ class EpilogueLinear(torch.autograd.Function):
         if triton:
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
+            side = side_stream.fork(x)                       # captured: hᵀ beside the frozen GEMM
+            with side_stream.on(side):
+                ht = torch.mm(dg, x.t())                     # hᵀ (r, N)
             y = F.linear(x, w, b)                            # (N, d_out)
-            ht = torch.mm(dg, x.t())                         # hᵀ (r, N)
+            side_stream.join(side, ht)
             rank_update.add_(y, ht.t(), up.t(), scaling)    # y += s · h Uᵀ, in place
         ctx.save_for_backward(x, w, down, gate, up, dg, ht)
         ctx.scaling, ctx.triton = scaling, triton
@@ -246,14 +250,17 @@ class EpilogueLinear(torch.autograd.Function):
             dx, tt = lowrank_gemm.lowrank_gemm(grad, w, up, dg, s)   # G W0 + s (G U)(g ⊙ D), (G U)ᵀ (r, N)
         elif need_x or need_d or need_g:
             tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled
-            if need_x:
-                dx = torch.mm(grad, w)                       # G W0 (N, d_in)
-                rank_update.add_(dx, tt.t(), dg, s)          # + s · (G U)(g ⊙ D), in place
-        if need_d or need_g:
-            dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
-        if need_u:
-            # s · Gᵀ h (d_out, r), column-major as U; autograd casts a gradient to its input's dtype
-            du = lowrank_gemm.scaled_mm(ht, grad, s).t()
+        side = None if ctx.triton else side_stream.fork(grad)   # captured: beside the frozen G W0
+        with side_stream.on(side):
+            if need_d or need_g:
+                dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
+            if need_u:
+                # s · Gᵀ h (d_out, r), column-major as U; autograd casts a gradient to its input's dtype
+                du = lowrank_gemm.scaled_mm(ht, grad, s).t()
+        if need_x and not ctx.triton:
+            dx = torch.mm(grad, w)                           # G W0 (N, d_in)
+            rank_update.add_(dx, tt.t(), dg, s)              # + s · (G U)(g ⊙ D), in place
+        side_stream.join(side, dd, dgate, du)
         return dx, None, None, dd, dgate, du, None, None
 
 

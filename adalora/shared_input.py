@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import rank_update
+from . import rank_update, side_stream
 from .lowrank_gemm import scaled_mm
 
 CALLS = "_shared_input_calls"   # the forward's Calls, in an adapter's __dict__ while the forward runs
@@ -110,8 +110,11 @@ class LeadLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, down, up, scaling, ranks):
         r = ranks[0]
-        ht = torch.mm(down, x.t())                           # Hᵀ (Σr, N), x read once
+        side = side_stream.fork(x)                           # captured: Hᵀ beside the frozen GEMM
+        with side_stream.on(side):
+            ht = torch.mm(down, x.t())                       # Hᵀ (Σr, N), x read once
         y = F.linear(x, w, b)                                # (N, d_out)
+        side_stream.join(side, ht)
         rank_update.add_(y, ht[:r].t(), up.t(), scaling)    # y += s · h_1 U_1ᵀ, in place
         ctx.save_for_backward(x, w, down, up, ht)
         ctx.scaling, ctx.r = scaling, r
@@ -129,13 +132,16 @@ class LeadLinear(torch.autograd.Function):
         if need_x or need_d:
             # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
             t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
-            if need_x:
-                dx = torch.mm(grad, w)                       # G_1 W_1 (N, d_in)
-                rank_update.add_(dx, t.t(), down, 1.0)       # + Tᵀ D: the group's share, in place
+        side = side_stream.fork(grad)                        # captured: beside the frozen G_1 W_1
+        with side_stream.on(side):
             if need_d:
                 dd = torch.mm(t, x)                          # T x (Σr, d_in)
-        if need_u:
-            du = scaled_mm(ht[:r], grad, s).t()             # s · G_1ᵀ h_1, column-major as U
+            if need_u:
+                du = scaled_mm(ht[:r], grad, s).t()         # s · G_1ᵀ h_1, column-major as U
+        if need_x:
+            dx = torch.mm(grad, w)                           # G_1 W_1 (N, d_in)
+            rank_update.add_(dx, t.t(), down, 1.0)           # + Tᵀ D: the group's share, in place
+        side_stream.join(side, dd, du)
         return dx, None, None, dd, du, None, None
 
 
@@ -156,7 +162,10 @@ class FollowLinear(torch.autograd.Function):
         w, up, ht = ctx.saved_tensors
         s = ctx.scaling
         need_x, _, _, need_h, need_u, _ = ctx.needs_input_grad
-        dx = torch.mm(grad, w) if need_x else None               # G W (N, d_in)
-        dht = scaled_mm(up.t(), grad.t(), s) if need_h else None   # s · (G U)ᵀ (r, N)
-        du = scaled_mm(ht, grad, s).t() if need_u else None      # s · Gᵀ h, column-major as U
+        side = side_stream.fork(grad)                                # captured: beside the frozen G W
+        with side_stream.on(side):
+            dht = scaled_mm(up.t(), grad.t(), s) if need_h else None   # s · (G U)ᵀ (r, N)
+            du = scaled_mm(ht, grad, s).t() if need_u else None      # s · Gᵀ h, column-major as U
+        dx = torch.mm(grad, w) if need_x else None                   # G W (N, d_in)
+        side_stream.join(side, dht, du)
         return dx, None, None, dht, du, None
