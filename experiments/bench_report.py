@@ -20,8 +20,9 @@ def markdown(result: dict) -> str:
              f"({env['threads']} threads; torch {env['torch']}, peft {env['peft']})", "",
              f"{c['rounds']} interleaved rounds x {c['steps']} steps after {c['warmup']} warm-up steps. "
              f"Peak memory: {'CUDA max allocated' if 'gpu' in env else 'RSS growth (coarse)'} per variant.", "",
-             "Kernel ms: the GPU's busy time per step (profiled after the timed rounds); idle ms: the "
-             "median minus it, the GPU waiting for the host.", "",
+             "Kernel ms: the GPU's kernels per step, their durations summed (profiled after the timed rounds); "
+             "idle ms: the median minus it, the GPU waiting for the host (negative where kernels ran at once "
+             "on two streams).", "",
              "| variant | median ms/step | IQR ms | min ms | vs floor | kernel ms | kernels | idle ms | peak MiB "
              "| trainable params | allocator state MiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

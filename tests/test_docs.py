@@ -172,8 +172,8 @@ def test_host_phase_and_pair_tables_read_their_cells_from_results_files(tmp_path
         "lora_epilogue": {"host_phases_ms": phases(10.0, 8.0, 0.0, 1.5, 0.25), "median_ms": 20.0, "iqr_ms": 2.0},
         "adalora_epilogue": {"host_phases_ms": phases(9.5, 8.5, 3.0, 4.0, 0.5), "median_ms": 26.0, "iqr_ms": 1.0}}}
     run = lambda ms, k, n: {"median_ms": ms, "kernel_ms": k, "kernels": n}  # noqa: E731
-    pair = {"kind": "ab_pair", "a": {"variants": {"adalora_epilogue": run(8.0, 7.5, 1140.0)}},
-            "b": {"variants": {"adalora_epilogue": run(7.8, 7.25, 1113.0)}}}
+    pair = {"kind": "ab_pair", "a": {"variants": {"floor": run(5.0, 4.5, 477.0), "adalora_epilogue": run(8.0, 7.5, 1140.0)}},
+            "b": {"variants": {"floor": run(4.0, 4.5, 477.0), "adalora_epilogue": run(7.8, 7.25, 1113.0)}}}
     (tmp_path / "p.json").write_text(json.dumps(d))
     (tmp_path / "q.json").write_text(json.dumps(pair))
     files = B.load(tmp_path)
@@ -181,8 +181,8 @@ def test_host_phase_and_pair_tables_read_their_cells_from_results_files(tmp_path
         "| base, eager, autocast | lora_epilogue | 10.00 | 8.00 | 0.00 | 1.50 | 0.25 | 19.8 | 20.0 (2.0) | `p.json` |",
         "| base, eager, autocast | adalora_epilogue | 9.50 | 8.50 | 3.00 | 4.00 | 0.50 | 25.5 | 26.0 (1.0) | `p.json` |",
         "| base, eager, autocast | AdaLoRA − LoRA | -0.50 | +0.50 | +3.00 | +2.50 | +0.25 | +5.8 |  | `p.json` |"]
-    assert B.ab_pairs(files).splitlines()[2:] == [
-        "| `adalora_epilogue` | 8.00 / 7.80 | 0.975 | 7.50 / 7.25 | 1140 / 1113 | `q.json` |"]
+    assert B.ab_pairs(files).splitlines()[3:] == [
+        "| `adalora_epilogue` | 8.00 / 7.80 | 0.975 | 1.60 / 1.95 | 7.50 / 7.25 | 1140 / 1113 | `q.json` |"]
 
 
 def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
