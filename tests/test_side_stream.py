@@ -3,12 +3,13 @@ stand-in stream: what runs on the side branch, what stays on the main stream, an
 hands back. The CUDA graphs themselves are run by the benchmark (its captured-against-eager
 check), not here. No timing."""
 import contextlib
+from collections import Counter
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from adalora import side_stream
+from adalora import factor_batch, side_stream
 from tests.test_shared_input import Net, _model
 
 SIDE = object()          # the stand-in side stream
@@ -69,11 +70,16 @@ def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, 
     assert any(name == "aten.addmm" and s[0] == 10 and not on for name, s, on in trace.ops)   # frozen GEMM
     passes = [on for name, _, on in trace.ops if name == "aten.addmm_"]    # the in-place shares of y and dx
     assert passes and not any(passes)
-    r = 4
-    made = [s for j in trace.joins for s in j if s is not None]
-    assert (r, 10) in made or (2 * r, 10) in made            # a forward's hᵀ (alone, or a group's rows)
-    up_grads = {(d, r) for d in full}
-    assert up_grads & set(made)                              # dU, column-major (d_out, r)
+    # What each join gets, by hand (r = 4, N = 10; q, o: 16 -> 16, k, v: 16 -> 8, gate, up: 16 -> 24,
+    # down: 24 -> 16; two blocks, two passes, groups from the second). Forward: each adapter's hᵀ
+    # (r, N), a leader's group rows (3r or 2r, N). Backward: alone, (dD, dg, dU), dg None as the
+    # factors are prepared per width (g ⊙ D); a leader (dD of the group, its dU); a follower
+    # (d hᵀ, dU).
+    want = Counter({((4, 10),): 18, ((12, 10),): 2, ((8, 10),): 2,
+                    ((4, 16), None, (16, 4)): 6, ((4, 16), None, (8, 4)): 4, ((4, 16), None, (24, 4)): 4,
+                    ((4, 24), None, (16, 4)): 4, ((12, 16), (16, 4)): 2, ((8, 16), (24, 4)): 2,
+                    ((4, 10), (8, 4)): 4, ((4, 10), (24, 4)): 2})
+    assert Counter(trace.joins) == want
     # the same training as the unfused path: the order of independent products changed nothing
     for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         if p.requires_grad:
@@ -89,3 +95,20 @@ def test_off_capture_and_off_cuda_there_is_no_side_stream():
     with side_stream.on(None):
         pass
     side_stream.join(None, x)
+
+
+def test_an_adapter_that_prepares_its_own_gate_joins_its_gradient_too(trace):
+    """Without the factors prepared per width, each AdaLoRA adapter forms ``g ⊙ D`` itself and its
+    backward join gets ``dg`` beside ``dD`` and ``dU``; the gradients are the unfused path's."""
+    model, _ = _model()
+    factor_batch.remove(model)
+    reference, _ = _model(fuse="none")
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with trace:
+        model(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    assert Counter(trace.joins) == Counter({((4, 10),): 14, ((4, 16), (4,), (16, 4)): 4, ((4, 16), (4,), (8, 4)): 4,
+                                            ((4, 16), (4,), (24, 4)): 4, ((4, 24), (4,), (16, 4)): 2})
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12), n
