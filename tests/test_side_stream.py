@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adalora import factor_batch, side_stream
-from tests.test_shared_input import Net, _model
+from tests.test_shared_input import _model
 
 SIDE = object()          # the stand-in side stream
 
