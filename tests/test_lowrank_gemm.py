@@ -2,14 +2,16 @@
 interpreter: the kernel against float64 dense products, the path against the unfused one
 (outputs, gradients, an allocator run), and its fallbacks. bf16 is checked on the GPU only
 (the interpreter has no bf16); the benchmark's fused check commits that comparison. No timing."""
+import contextlib
 import copy
 import os
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from adalora import fused, lowrank_gemm
+from adalora import fused, lowrank_gemm, side_stream
 from adalora.layers import LoRALinear, SVDLinear
 from test_fused import allocator_run, assert_same_run
 
@@ -64,6 +66,21 @@ def _layer(cls, rank=5, bias=True, seed=0):
     return layer
 
 
+@contextlib.contextmanager
+def count_products():
+    """The output shapes of the matrix products dispatched inside the block."""
+    shapes = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if str(func.overloadpacket) in ("aten.mm", "aten.addmm", "aten.bmm"):
+                shapes.append(tuple(out.shape))
+            return out
+    with Products():
+        yield shapes
+
+
 def _counting(monkeypatch):
     calls = []
     original = lowrank_gemm.lowrank_gemm
@@ -78,15 +95,21 @@ def test_triton_path_equals_the_unfused_path(interpreted, monkeypatch, cls, bias
     ref, fast = copy.deepcopy(layer), copy.deepcopy(layer)
     fast.fuse = "triton"
     calls = _counting(monkeypatch)
+    forks = []
+    monkeypatch.setattr(side_stream, "fork", lambda t: forks.append(t) or None)
     x = torch.randn(3, 7, 20)
     g = torch.randn(3, 7, 30)
     results = []
     for m in (ref, fast):
         xi = x.clone().requires_grad_(True)
         y = m(xi)
-        y.backward(g)
+        with count_products() as products:
+            y.backward(g)
         results.append([y.detach(), xi.grad] + [p.grad for p in m.parameters() if p.requires_grad])
     assert calls == [(21, 20), (21, 30)]              # the forward's GEMM and the backward's
+    # the kernel's dx is the one returned: no GEMM beside it makes a full (N, d_in) product, and
+    # nothing is forked to a side stream (the Triton path keeps one stream)
+    assert products and not [shape for shape in products if shape[0] == 21] and not forks
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for p in fast.parameters():
