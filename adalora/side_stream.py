@@ -7,9 +7,10 @@ kernel with a rank-r output, which fills a fraction of the GPU for a few microse
 onto a side stream from the capturing stream, and joined back before its result is read, it is
 a parallel branch of the CUDA graph: the GPU can run it beside the frozen GEMM, not after it.
 
-Only while a CUDA graph is captured. Eager, a fork and a join cost the host two stream calls
-each, and an eager step is bound by the host. Each stream runs the same kernels as the single
-stream did, in the same order, so the results are the same bit for bit.
+Only while a CUDA graph is captured, and not under ``torch.compile`` (whose graphs schedule their
+own kernels). Eager, a fork and a join cost the host two stream calls each, and an eager step is
+bound by the host. Each stream runs the same kernels as the single stream did, in the same
+order, so the results are the same bit for bit.
 
 Memory: tensors made on the side stream and read on the main one are marked with
 ``record_stream``, so that the caching allocator does not give their memory to the side stream's
@@ -35,14 +36,16 @@ _STREAMS: dict = {}   # device -> its side stream, made outside any capture
 def prepare(t: torch.Tensor) -> None:
     """Make the side stream of ``t``'s device if ``t`` is a CUDA tensor and none exists. Called at
     every fused forward; the warm-up steps before a capture make it, outside the capture."""
-    if t.is_cuda and t.device not in _STREAMS and not torch.cuda.is_current_stream_capturing():
+    if (t.is_cuda and t.device not in _STREAMS and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing()):
         _STREAMS[t.device] = torch.cuda.Stream(t.device)
 
 
 def fork(t: torch.Tensor):
     """The side stream of ``t``'s device, made to wait for the current stream's work so far, while
-    a CUDA graph is captured on ``t``'s device; None otherwise (everything stays on one stream)."""
-    side = _STREAMS.get(t.device) if t.is_cuda else None
+    a CUDA graph is captured on ``t``'s device outside ``torch.compile``; None otherwise
+    (everything stays on one stream)."""
+    side = _STREAMS.get(t.device) if t.is_cuda and not torch.compiler.is_compiling() else None
     if side is None or not torch.cuda.is_current_stream_capturing():
         return None
     side.wait_stream(torch.cuda.current_stream(t.device))

@@ -112,3 +112,60 @@ def test_an_adapter_that_prepares_its_own_gate_joins_its_gradient_too(trace):
     for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         if p.requires_grad:
             assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12), n
+
+
+def test_fork_waits_for_the_current_stream_only_while_capturing_outside_compile(monkeypatch):
+    """``fork`` on a stand-in CUDA tensor and stream: the side stream, after it waits for the
+    current stream, while a capture runs; None when none runs, under ``torch.compile``, or for a
+    device without a side stream. ``join`` makes the current stream wait and marks each tensor."""
+    class Stream:
+        def __init__(self, device):
+            self.device, self.waited, self.marked = device, [], []
+
+        def wait_stream(self, other):
+            self.waited.append(other)
+
+    class Tensor:
+        is_cuda, device = True, "cuda:7"
+
+        def __init__(self):
+            self.recorded = []
+
+        def record_stream(self, stream):
+            self.recorded.append(stream)
+    side, main = Stream("cuda:7"), Stream("cuda:7")
+    monkeypatch.setitem(side_stream._STREAMS, "cuda:7", side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    capturing, compiling = [False], [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling[0])
+    t = Tensor()
+    assert side_stream.fork(t) is None and side.waited == []
+    capturing[0] = True
+    assert side_stream.fork(t) is side and side.waited == [main]
+    other = Tensor()
+    other.device = "cuda:6"
+    assert side_stream.fork(other) is None
+    compiling[0] = True
+    assert side_stream.fork(t) is None and side.waited == [main]
+    made = Tensor()
+    side_stream.join(side, made, None)
+    assert main.waited == [side] and made.recorded == [main]
+
+
+def test_prepare_makes_a_side_stream_only_outside_captures_and_compiles(monkeypatch):
+    class Tensor:
+        is_cuda, device = True, "cuda:5"
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or ("stream", device))
+    monkeypatch.delitem(side_stream._STREAMS, "cuda:5", raising=False)
+    for capturing, compiling in ((True, False), (False, True)):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        side_stream.prepare(Tensor())
+        assert made == [] and "cuda:5" not in side_stream._STREAMS
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    side_stream.prepare(Tensor())
+    side_stream.prepare(Tensor())                       # once per device
+    assert made == ["cuda:5"] and side_stream._STREAMS.pop("cuda:5") == ("stream", "cuda:5")
