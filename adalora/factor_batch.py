@@ -65,11 +65,11 @@ def remove(model: nn.Module) -> None:
 
 
 def _fused(layer) -> bool:
-    """Whether ``layer``'s forward takes ``"epilogue"`` or ``"triton"`` (``"auto"`` on a CUDA
-    parameter), on weights the fused paths take."""
+    """Whether ``layer``'s forward takes ``"epilogue"``, ``"merge"`` or ``"triton"`` (``"auto"``
+    on a CUDA parameter), on weights the fused paths take."""
     from . import fused
     auto_on_cuda = layer.fuse == "auto" and layer._parameters[layer._DOWN].is_cuda
-    return (auto_on_cuda or layer.fuse in ("epilogue", "triton")) and fused.weights_apply(layer)
+    return (auto_on_cuda or layer.fuse in fused.PREPARED) and fused.weights_apply(layer)
 
 
 def _form(model: nn.Module, args) -> None:

@@ -29,6 +29,18 @@ and by hand, with ``t = s · G U``:
 
 Its output is a strided view of z, which slows the elementwise kernels after it.
 
+``"merge"`` multiplies x by the merged weight instead, formed per step from the factors:
+
+    W' = W0 + s · U (g ⊙ D)               (d_out, d_in), one addmm: W0 read, W' written
+    y  = x W'ᵀ + b,   hᵀ = (g ⊙ D) xᵀ      (hᵀ only for dU, on the side stream when captured)
+    dx = G W'                             no pass over dx for the adapter's share
+    d(g ⊙ D) = s · (G U)ᵀ x,   dU = s · Gᵀ h   as on the epilogue path
+
+Forming W' reads and writes ``d_out · d_in`` elements where the epilogue path's two in-place
+passes read and write ``N · (d_out + d_in)`` twice: fewer bytes whenever the tokens of a step
+outnumber the widths, as they do in training. W' is kept for backward (one more weight per
+adapter in memory). W' is rounded to the product's dtype, once (``lowrank_gemm.merged_weight``).
+
 ``"triton"`` computes the epilogue path's maps with the rank-r term inside the frozen GEMMs
 (adalora/lowrank_gemm.py): ``y`` and ``dx`` are each written once, and ``h`` and ``G U`` come out
 of the same loops, so x is read once forward and G once for ``dx``. It needs Triton (in CUDA
@@ -36,7 +48,7 @@ builds of torch), a CUDA tensor, ``r <= 64`` and eager execution; where one is m
 the epilogue path.
 
 ``AdapterLayer.forward`` takes the path ``path`` names; ``"none"`` is autograd's, the reference.
-On ``"epilogue"`` and ``"triton"``, ``forward`` takes ``g ⊙ D`` and the cast factors from the
+On ``"epilogue"``, ``"merge"`` and ``"triton"``, ``forward`` takes ``g ⊙ D`` and the cast factors from the
 layer when adalora/factor_batch.py has prepared them with the other adapters' (``gate`` is then
 None, as for LoRA).
 """
@@ -51,7 +63,10 @@ import torch.nn.functional as F
 
 from . import factor_batch, lowrank_gemm, rank_update, shared_input, side_stream
 
-FUSE_MODES = ("none", "epilogue", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
+FUSE_MODES = ("none", "epilogue", "merge", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
+
+
+PREPARED = ("epilogue", "merge", "triton")   # the paths through EpilogueLinear, with factors from factor_batch.py
 
 
 def check_fuse(mode) -> str:
@@ -128,7 +143,7 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     gate = layer._parameters[layer._GATE] if layer._GATE else None
     up = layer._up()
     x2 = x.reshape(-1, x.shape[-1])                                            # (N, d_in)
-    if mode in ("epilogue", "triton"):
+    if mode in PREPARED:
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         if autocast:
@@ -150,12 +165,12 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
                 up = pu
         side_stream.prepare(x2)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            if mode == "epilogue":
+            if mode != "triton":
                 # adapters called on the same x share its down-projection (shared_input.py)
                 shared_input.record(layer, x)
-                y = shared_input.forward(layer, x, x2, w, b, up, lead)
+                y = shared_input.forward(layer, x, x2, w, b, down, gate, up, lead, mode == "merge")
             if y is None:
-                y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode == "triton")
+                y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode)
     else:
         stack, bstack = _stack(layer, w, b, down)
         y = StackedLinear.apply(x2, stack, bstack, w, down, gate, up, layer.scaling)
@@ -212,57 +227,65 @@ def _rebuild(w: nn.Parameter, b: nn.Parameter | None, rows: int):
 
 class EpilogueLinear(torch.autograd.Function):
     """``x W0ᵀ + b + s · (x (g ⊙ D)ᵀ) Uᵀ`` with the adapter's shares of the output and of the
-    input gradient added in place, backward by hand: the ``"epilogue"`` and ``"triton"`` paths.
+    input gradient added in place, backward by hand: the ``"epilogue"``, ``"merge"`` and
+    ``"triton"`` paths.
 
     Epilogue: the products and their layouts are those of ``AdapterLayer.forward``'s unfused
     path, so where ``rank_update`` takes ``addmm_`` (the CPU, fp32) the forward is bit for bit
     the same (its kernel may sum the r terms in another order); backward, autograd's separate
     ``dx`` share and its sum become one in-place pass. Triton: ``y`` with ``hᵀ``, and ``dx``
-    with ``(G U)ᵀ``, each come from one ``lowrank_gemm``. Both fold ``s`` into a product where one takes it.
+    with ``(G U)ᵀ``, each come from one ``lowrank_gemm``. Merge: ``y`` and ``dx`` are each one
+    product with ``W'`` (``lowrank_gemm.merged_weight``), which is saved in W0's place. All fold ``s`` into a
+    product where one takes it.
     Factors in another dtype than ``x`` (fp32 factors under bf16 autocast) are cast as autocast
     casts them for the unfused products: ``g ⊙ D`` is formed in their dtype, then cast; their
     gradients come back in their dtype, ``dD`` and ``dg`` formed there.
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, down, gate, up, scaling, triton):
+    def forward(ctx, x, w, b, down, gate, up, scaling, how):
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
         dg, up = dg.to(x.dtype), up.to(x.dtype)                   # no-ops unless under autocast
-        if triton:
+        if how == "triton":
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
+            if how == "merge":
+                w = lowrank_gemm.merged_weight(w, up, dg, scaling)        # W' (d_out, d_in); backward's dx = G W'
             side = side_stream.fork(x)                       # captured: hᵀ beside the frozen GEMM
             with side_stream.on(side):
                 ht = torch.mm(dg, x.t())                     # hᵀ (r, N)
             y = F.linear(x, w, b)                            # (N, d_out)
             side_stream.join(side, ht)
-            rank_update.add_(y, ht.t(), up.t(), scaling)    # y += s · h Uᵀ, in place
+            if how == "epilogue":
+                rank_update.add_(y, ht.t(), up.t(), scaling)   # y += s · h Uᵀ, in place
         ctx.save_for_backward(x, w, down, gate, up, dg, ht)
-        ctx.scaling, ctx.triton = scaling, triton
+        ctx.scaling, ctx.how = scaling, how
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, down, gate, up, dg, ht = ctx.saved_tensors
-        s = ctx.scaling
+        x, w, down, gate, up, dg, ht = ctx.saved_tensors    # w: W' on the merge path
+        s, how = ctx.scaling, ctx.how
         need_x, _, _, need_d, need_g, need_u, _, _ = ctx.needs_input_grad
         dx = dd = dgate = du = None
-        if need_x and ctx.triton:
+        if need_x and how == "triton":
             dx, tt = lowrank_gemm.lowrank_gemm(grad, w, up, dg, s)   # G W0 + s (G U)(g ⊙ D), (G U)ᵀ (r, N)
-        elif need_x or need_d or need_g:
+        elif need_d or need_g or need_x and how == "epilogue":
             tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled
-        side = None if ctx.triton else side_stream.fork(grad)   # captured: beside the frozen G W0
+        side = None if how == "triton" else side_stream.fork(grad)   # captured: beside the frozen G W0
         with side_stream.on(side):
             if need_d or need_g:
                 dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
             if need_u:
                 # s · Gᵀ h (d_out, r), column-major as U; autograd casts a gradient to its input's dtype
                 du = lowrank_gemm.scaled_mm(ht, grad, s).t()
-        if need_x and not ctx.triton:
-            dx = torch.mm(grad, w)                           # G W0 (N, d_in)
-            rank_update.add_(dx, tt.t(), dg, s)              # + s · (G U)(g ⊙ D), in place
+        if need_x and how != "triton":
+            dx = torch.mm(grad, w)                           # G W0, or G W' whole on the merge path (N, d_in)
+            if how == "epilogue":
+                rank_update.add_(dx, tt.t(), dg, s)          # + s · (G U)(g ⊙ D), in place
         side_stream.join(side, dd, dgate, du)
         return dx, None, None, dd, dgate, du, None, None
+
 
 
 def _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g):

@@ -18,6 +18,10 @@ its rows as the gradient of its ``hᵀ_k``, and the leader joins them):
     dx_k = G_k W_k                       followers: the frozen share only
     dD   = T x                           one GEMM, x read once
 
+On the merge path each member multiplies by its own ``W'_k = W_k + s_k U_k D_k`` instead
+(adalora/fused.py): ``y_k = x W'_kᵀ + b_k`` and ``dx_k = G_k W'_k``, so no member passes over its
+output or ``dx``; the group still shares ``Hᵀ`` (for the ``dU_k``) and ``dD = T x``.
+
 The sum of the ``dx_k`` (autograd adds them, as without the group) and every other gradient are
 those of the adapters alone; ``D`` is the group's rows of the down factors that
 adalora/factor_batch.py prepares per width (``lam ⊙ Q``, cast under autocast), so the group's
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rank_update, side_stream
-from .lowrank_gemm import scaled_mm
+from .lowrank_gemm import merged_weight, scaled_mm
 
 CALLS = "_shared_input_calls"   # the forward's Calls, in an adapter's __dict__ while the forward runs
 HANDED = "_shared_input_rows"   # a follower's (x, x._version, hᵀ_k), set by its leader
@@ -89,15 +93,18 @@ class Lead:
         self.down, self.followers, self.ranks = down, followers, ranks
 
 
-def forward(layer, x, x2, w, b, up, lead):
+def forward(layer, x, x2, w, b, down, gate, up, lead, merge=False):
     """``layer``'s output through its group (``x`` the tensor it was called on, ``x2`` its
-    ``(N, d_in)`` rows in the product's dtype), or None where it computes its own ``hᵀ``."""
+    ``(N, d_in)`` rows in the product's dtype; ``merge``: the merge path), or None where it
+    computes its own ``hᵀ``."""
     handed = layer.__dict__.pop(HANDED, None)
     if handed is not None and handed[0] is x and handed[1] == x._version and handed[2].dtype == x2.dtype:
-        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling)
+        # merge: W'_k takes the follower's own g ⊙ D (its gradient still comes through hᵀ_k)
+        dg = None if not merge else down if gate is None else down * gate.unsqueeze(1)
+        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling, dg)
     if lead is None or lead.down.dtype != x2.dtype or x.is_inference():
         return None                   # an inference tensor keeps no version: a write could not be seen
-    y, *hts = LeadLinear.apply(x2, w, b, lead.down, up, layer.scaling, lead.ranks)
+    y, *hts = LeadLinear.apply(x2, w, b, lead.down, up, layer.scaling, lead.ranks, merge)
     for follower, ht in zip(lead.followers, hts):
         follower.__dict__[HANDED] = (x, x._version, ht)
     return y
@@ -108,16 +115,19 @@ class LeadLinear(torch.autograd.Function):
     ``dx`` and ``dD`` (module docstring). Returns ``(y_1, hᵀ_2, ..., hᵀ_L)``."""
 
     @staticmethod
-    def forward(ctx, x, w, b, down, up, scaling, ranks):
+    def forward(ctx, x, w, b, down, up, scaling, ranks, merge):
         r = ranks[0]
+        if merge:
+            w = merged_weight(w, up, down[:r], scaling)     # W'_1 (d_out, d_in), saved for dx_1
         side = side_stream.fork(x)                           # captured: Hᵀ beside the frozen GEMM
         with side_stream.on(side):
             ht = torch.mm(down, x.t())                       # Hᵀ (Σr, N), x read once
         y = F.linear(x, w, b)                                # (N, d_out)
         side_stream.join(side, ht)
-        rank_update.add_(y, ht[:r].t(), up.t(), scaling)    # y += s · h_1 U_1ᵀ, in place
+        if not merge:
+            rank_update.add_(y, ht[:r].t(), up.t(), scaling)   # y += s · h_1 U_1ᵀ, in place
         ctx.save_for_backward(x, w, down, up, ht)
-        ctx.scaling, ctx.r = scaling, r
+        ctx.scaling, ctx.r, ctx.merge = scaling, r, merge
         hts = ht[r:].split(ranks[1:])
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
             ctx.mark_non_differentiable(*hts)   # nothing to send their gradient to: followers skip it
@@ -125,11 +135,11 @@ class LeadLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, *grad_hts):
-        x, w, down, up, ht = ctx.saved_tensors
+        x, w, down, up, ht = ctx.saved_tensors             # w: W'_1 on the merge path
         s, r = ctx.scaling, ctx.r
-        need_x, _, _, need_d, need_u, _, _ = ctx.needs_input_grad
+        need_x, _, _, need_d, need_u, _, _, _ = ctx.needs_input_grad
         dx = dd = du = None
-        if need_x or need_d:
+        if need_d or need_x and not ctx.merge:
             # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
             t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
         side = side_stream.fork(grad)                        # captured: beside the frozen G_1 W_1
@@ -139,20 +149,25 @@ class LeadLinear(torch.autograd.Function):
             if need_u:
                 du = scaled_mm(ht[:r], grad, s).t()         # s · G_1ᵀ h_1, column-major as U
         if need_x:
-            dx = torch.mm(grad, w)                           # G_1 W_1 (N, d_in)
-            rank_update.add_(dx, t.t(), down, 1.0)           # + Tᵀ D: the group's share, in place
+            dx = torch.mm(grad, w)                           # G_1 W_1, or G_1 W'_1 merged (N, d_in)
+            if not ctx.merge:
+                rank_update.add_(dx, t.t(), down, 1.0)       # + Tᵀ D: the group's share, in place
         side_stream.join(side, dd, du)
-        return dx, None, None, dd, du, None, None
+        return dx, None, None, dd, du, None, None, None
 
 
 class FollowLinear(torch.autograd.Function):
     """A follower's ``y_k = x W_kᵀ + b_k + s_k h_k U_kᵀ`` from its handed ``hᵀ_k``; backward
-    ``G_k W_k`` into x and ``d hᵀ_k = s_k (G_k U_k)ᵀ`` to the leader. x is not saved."""
+    ``G_k W_k`` into x and ``d hᵀ_k = s_k (G_k U_k)ᵀ`` to the leader. x is not saved. On the
+    merge path ``dg`` is its ``g_k ⊙ D_k``, for ``W'_k`` only (no gradient: that comes via hᵀ_k)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, ht, up, scaling):
+    def forward(ctx, x, w, b, ht, up, scaling, dg):
+        if dg is not None:
+            w = merged_weight(w, up, dg, scaling)           # W'_k (d_out, d_in), saved for dx_k
         y = F.linear(x, w, b)                                # (N, d_out)
-        rank_update.add_(y, ht.t(), up.t(), scaling)        # y += s · h Uᵀ, in place
+        if dg is None:
+            rank_update.add_(y, ht.t(), up.t(), scaling)    # y += s · h Uᵀ, in place
         ctx.save_for_backward(w, up, ht)
         ctx.scaling = scaling
         return y
@@ -161,11 +176,11 @@ class FollowLinear(torch.autograd.Function):
     def backward(ctx, grad):
         w, up, ht = ctx.saved_tensors
         s = ctx.scaling
-        need_x, _, _, need_h, need_u, _ = ctx.needs_input_grad
+        need_x, _, _, need_h, need_u, _, _ = ctx.needs_input_grad
         side = side_stream.fork(grad)                                # captured: beside the frozen G W
         with side_stream.on(side):
             dht = scaled_mm(up.t(), grad.t(), s) if need_h else None   # s · (G U)ᵀ (r, N)
             du = scaled_mm(ht, grad, s).t() if need_u else None      # s · Gᵀ h, column-major as U
-        dx = torch.mm(grad, w) if need_x else None                   # G W (N, d_in)
+        dx = torch.mm(grad, w) if need_x else None                   # G W, or G W' merged (N, d_in)
         side_stream.join(side, dht, du)
-        return dx, None, None, dht, du, None
+        return dx, None, None, dht, du, None, None

@@ -249,7 +249,7 @@ def paths(files) -> str:
         if c["lora_rank"] != int(c["target_rank"]):
             mode += f", LoRA r={c['lora_rank']}"      # not the default pairing (LoRA at AdaLoRA's target)
         floor, peft = v["floor"]["median_ms"], v.get("peft_lora", {}).get("median_ms")
-        for path, suffix in (("none", ""), ("epilogue", "_epilogue"), ("triton", "_triton")):
+        for path, suffix in (("none", ""), ("epilogue", "_epilogue"), ("merge", "_merge"), ("triton", "_triton")):
             lora, ada = v.get("lora" + suffix), v.get("adalora" + suffix)
             if lora is None or ada is None:
                 continue

@@ -5,9 +5,9 @@ gradient clipping and DDP, so that a timed step is what a training run pays for 
 Every variant is a random-init BERT-shaped ``BertForSequenceClassification`` (2 labels), or for
 the decoder presets a Llama-shaped ``LlamaForCausalLM`` (causal-LM loss on the batch's tokens),
 trained with AdamW on one fixed random batch; adapters sit on every linear map of each block.
-``lora`` and ``adalora`` run the unfused adapter path; ``*_epilogue``, ``*_triton`` and
-``*_fused`` are the same adapters with ``fuse="epilogue"``, ``"triton"`` and ``"stack"``
-(adalora/fused.py)."""
+``lora`` and ``adalora`` run the unfused adapter path; ``*_epilogue``, ``*_merge``, ``*_triton``
+and ``*_fused`` are the same adapters with ``fuse="epilogue"``, ``"merge"``, ``"triton"`` and
+``"stack"`` (adalora/fused.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +24,7 @@ from .loop import update
 from .model import BLOCK_LINEARS
 
 TARGETS = BLOCK_LINEARS["bert"]
-FUSE_OF = {"fused": "stack", "epilogue": "epilogue", "triton": "triton"}   # variant-name suffix -> AdapterConfig.fuse
+FUSE_OF = {"fused": "stack", "epilogue": "epilogue", "merge": "merge", "triton": "triton"}   # variant-name suffix -> AdapterConfig.fuse
 BIG_T = 100_000  # schedule length that keeps the timed AdaLoRA steps inside the budgeting phase
 
 

@@ -56,10 +56,10 @@ PRESETS = {  # layers, hidden, heads, intermediate, seq, batch
 # its own KV head and BERT's vocabulary.
 DECODERS = {"smollm2": ("llama", 3, 49152), "tiny_llama": ("llama", 1, 256)}
 ENCODER = ("bert", None, 30522)
-# lora and adalora run the unfused adapter path (the reference rows), *_epilogue, *_triton and
-# *_fused the fused ones (fuse="epilogue", "triton", "stack").
-VARIANTS = ["floor", "full", "lora", "lora_epilogue", "lora_triton", "lora_fused", "adalora", "adalora_epilogue",
-            "adalora_triton", "adalora_fused", "adalora_every10", "adalora_compact",
+# lora and adalora run the unfused adapter path (the reference rows), *_epilogue, *_merge,
+# *_triton and *_fused the fused ones (fuse="epilogue", "merge", "triton", "stack").
+VARIANTS = ["floor", "full", "lora", "lora_epilogue", "lora_merge", "lora_triton", "lora_fused", "adalora",
+            "adalora_epilogue", "adalora_merge", "adalora_triton", "adalora_fused", "adalora_every10", "adalora_compact",
             "lora_final", "peft_lora", "peft_adalora"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _TARGET_RANK = library_default(adalora.ScheduleConfig, "target_rank")

@@ -44,11 +44,11 @@ def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
     from experiments.bench_variants import PHASES
     assert all(list(r["host_phases_ms"]) == list(PHASES) for r in v.values())   # eager: every variant
     for name in ("lora", "adalora"):
-        for fused in ("_fused", "_epilogue"):
+        for fused in ("_fused", "_epilogue", "_merge"):
             assert v[name + fused]["trainable_params"] == v[name]["trainable_params"]
             assert v[name + fused]["alloc_state_bytes"] == v[name]["alloc_state_bytes"]
     check = result["fused_check"]
-    assert set(check) == {f"{m}_{f}" for m in ("lora", "adalora") for f in ("fused", "epilogue")}
+    assert set(check) == {f"{m}_{f}" for m in ("lora", "adalora") for f in ("fused", "epilogue", "merge")}
     for name, r in check.items():                     # fp32 on the CPU: the paths agree to round-off
         assert r["steps"] == 20 and r["max_rel_loss_diff"] < 1e-5, name
         assert r.get("mask_equal_steps", 20) == 20 and len(set(r["unfused_loss"])) > 1, name
@@ -169,7 +169,7 @@ def test_tiny_llama_preset_runs_every_adapter_variant(tmp_path):
 
 # Triton's CPU interpreter takes 12 s a run here: AdaLoRA's (gated) adapters only.
 @pytest.mark.parametrize("name,fused", [(n, f) for n in ("lora", "adalora") for f in ("_fused", "_epilogue")]
-                         + [("adalora", "_triton")])
+                         + [("adalora", "_triton"), ("adalora", "_merge")])
 @pytest.mark.long
 def test_fused_variant_trains_like_the_unfused_one_on_the_decoder(name, fused):
     import torch
@@ -180,7 +180,7 @@ def test_fused_variant_trains_like_the_unfused_one_on_the_decoder(name, fused):
     for variant in (name, name + fused):
         v = build_variant(variant, cfg, torch.device("cpu"), batch, {})
         assert {a.fuse for a in adalora.find_adapters(v.model).values()} == {
-            {"": "none", "_fused": "stack", "_epilogue": "epilogue", "_triton": "triton"}[variant[len(name):]]}
+            {"": "none", "_fused": "stack", "_epilogue": "epilogue", "_merge": "merge", "_triton": "triton"}[variant[len(name):]]}
         for _ in range(3):
             v.step()
         trained.append({n: p.detach().clone() for n, p in v.model.named_parameters() if p.requires_grad})

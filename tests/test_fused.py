@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import adalora
 from adalora import fused
@@ -47,7 +48,8 @@ def _took(layer, y, mode) -> bool:
     """Whether ``layer``'s last forward, which gave ``y``, ran the ``mode`` path."""
     if mode == "stack":
         return "_fused_stack" in layer.__dict__
-    return "EpilogueLinearBackward" in _nodes(y)
+    fns = [y.grad_fn, *(f for f, _ in y.grad_fn.next_functions)] if y.grad_fn is not None else []
+    return any(type(f).__name__ == "EpilogueLinearBackward" and f.how == mode for f in fns if f is not None)
 
 
 def _dense(layer, x):
@@ -73,7 +75,7 @@ def _run(layer, x, g):
 @pytest.mark.parametrize("cls,case", [(c, k) for c in (SVDLinear, LoRALinear) for k in ("2d", "3d", "no_bias")]
                          + [(SVDLinear, "masked")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 def test_forward_and_gradients_equal_the_unfused_path_and_the_dense_map(cls, dtype, case, mode):
     layer = _layer(cls, dtype, bias=case != "no_bias")
     if case == "masked":
@@ -98,7 +100,7 @@ def test_forward_and_gradients_equal_the_unfused_path_and_the_dense_map(cls, dty
     assert fast.base.weight.grad is None and (fast.base.bias is None or fast.base.bias.grad is None)
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 @pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
 def test_gradients_equal_autograd_of_the_dense_map_in_float64(mode, cls):
     layer = _layer(cls, torch.float64, rank=3, d_in=6, d_out=5, fuse=mode)
@@ -108,7 +110,7 @@ def test_gradients_equal_autograd_of_the_dense_map_in_float64(mode, cls):
     assert torch.autograd.gradcheck(lambda *_: layer(x), params)
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 def test_inplace_ops_on_the_output_and_a_layer_used_twice(mode):
     ref, fast = _pair(_layer(SVDLinear, torch.float64, d_in=30, d_out=30), mode)
     x = torch.randn(6, 30, dtype=torch.float64)
@@ -137,7 +139,7 @@ def _mlp(seed=0, fuse="none", method="adalora", dtype=torch.float64):
     return m, ad
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 @pytest.mark.parametrize("method", ["adalora", "lora"])
 def test_adamw_steps_give_the_same_parameters(method, mode):
     trained = []
@@ -186,7 +188,7 @@ def assert_same_run(ref, run, rtol):
     assert max(abs(a - b) / abs(a) for a, b in zip(l0, l1)) < rtol
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 def test_rank_allocator_run_gives_the_same_masks_ranks_and_losses(mode):
     assert_same_run(allocator_run("none"), allocator_run(mode), rtol=1e-10)
 
@@ -248,7 +250,7 @@ def test_inference_mode_first_then_training():
     torch.testing.assert_close(g1["Q"], g0["Q"], **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 def test_switching_named_sets_keeps_the_fused_forward_right(mode):
     m0, _ = _mlp()
     m1, _ = _mlp(fuse=mode)
@@ -292,7 +294,7 @@ def test_saved_files_and_state_dicts_are_those_of_the_unfused_model(tmp_path):
     assert all(torch.equal(reloaded[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 def test_fallbacks_use_the_unfused_path_exactly(mode):
     from transformers.pytorch_utils import Conv1D
     x = torch.randn(6, 8)
@@ -336,7 +338,7 @@ def test_auto_takes_the_epilogue_path_for_cuda_tensors():
 
 
 def test_fuse_values_are_checked():
-    with pytest.raises(ValueError, match=r"AdapterConfig.fuse='fused': use one of \('none', 'epilogue', 'triton', 'stack', 'auto'\)"):
+    with pytest.raises(ValueError, match=r"AdapterConfig.fuse='fused': use one of \('none', 'epilogue', 'merge', 'triton', 'stack', 'auto'\)"):
         adalora.AdapterConfig(fuse="fused")
     m, ad = _mlp()
     with pytest.raises(ValueError, match="fuse='on': use one of"):
@@ -346,7 +348,7 @@ def test_fuse_values_are_checked():
     assert adalora.AdapterConfig().fuse == "auto"
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 def test_compiled_fused_model_gives_eager_gradients(no_recompiles, mode):
     from torch._dynamo.testing import CompileCounterWithBackend
     m, ad = _mlp(fuse=mode)
@@ -370,7 +372,7 @@ def test_stack_rows_are_padded_to_16_bytes():
     assert fused._rows(5, 4, fp32) == 12 and fused._rows(6, 2, fp32) == 8
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 def test_rank_1_takes_the_fused_path_and_rank_0_does_not(mode):
     one = _layer(SVDLinear, torch.float32, rank=1, fuse=mode)
     assert _took(one, one(torch.randn(2, 20)), mode)
@@ -378,7 +380,7 @@ def test_rank_1_takes_the_fused_path_and_rank_0_does_not(mode):
     assert not _took(zero, zero(torch.randn(2, 20)), mode)
 
 
-@pytest.mark.parametrize("mode", ["epilogue", "stack"])
+@pytest.mark.parametrize("mode", ["epilogue", "merge", "stack"])
 def test_adapters_in_another_dtype_than_the_base_use_the_unfused_path(mode):
     """fp32 factors on a bf16 base: the unfused path computes the adapter in fp32; stacking would
     round D to bf16, and the epilogue add into the bf16 output takes one dtype."""
@@ -434,16 +436,17 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
 def test_the_epilogue_path_makes_no_full_size_tensor_beyond_y_and_dx(cls):
     """N = 64 rows, d_in = 20, d_out = 30: the unfused path writes y twice (addmm out of place)
-    and dx three times (two shares and their sum); the epilogue path once each."""
+    and dx three times (two shares and their sum); the epilogue and merge paths once each, and
+    the merge path one (d_out, d_in) weight W', which the others never form."""
     counts = {}
-    for mode in ("none", "epilogue"):
+    for mode in ("none", "epilogue", "merge"):
         layer = _layer(cls, torch.float32, fuse=mode)
         x = torch.randn(64, 20, requires_grad=True)
         g = torch.randn(64, 30)
         with _Allocations() as rec:
             layer(x).backward(g)
-        counts[mode] = (rec.shapes.count((64, 30)), rec.shapes.count((64, 20)))
-    assert counts == {"none": (2, 3), "epilogue": (1, 1)}
+        counts[mode] = (rec.shapes.count((64, 30)), rec.shapes.count((64, 20)), rec.shapes.count((30, 20)))
+    assert counts == {"none": (2, 3, 0), "epilogue": (1, 1, 0), "merge": (1, 1, 1)}
 
 
 @pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
@@ -495,3 +498,39 @@ def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
             assert _took(fast, fast(x), "epilogue") and not _took(ref, ref(x), "epilogue")
         unfused, epilogue = errors
         assert max(unfused) < 1e-2 and all(e <= 2 * u + 2e-3 for e, u in zip(epilogue, unfused)), (unfused, epilogue)
+
+
+def test_merge_in_bf16_multiplies_by_w_prime_rounded_once_and_keeps_the_factors_gradients():
+    """bf16 weights: the merge path's output is x times W' = W0 + s P (lam ⊙ Q), rounded to bf16
+    from its exact sum (one ulp at most: addmm rounds an fp32 sum), and its factors' gradients
+    are the epilogue path's bit for bit (both multiply the factors themselves). A change to W0
+    under half its last place is rounded away in the forward but not in the gradients: the
+    documented deviation."""
+    layer = _layer(SVDLinear, torch.bfloat16, d_in=64, d_out=48, rank=8)
+    epi, mer = copy.deepcopy(layer), copy.deepcopy(layer)
+    epi.fuse, mer.fuse = "epilogue", "merge"
+    x, g = torch.randn(32, 64, dtype=torch.bfloat16), torch.randn(32, 48, dtype=torch.bfloat16)
+    y1, _, g1 = _run(mer, x, g)
+    _, _, g0 = _run(epi, x, g)
+    assert _took(mer, mer(x), "merge")
+    d = layer.base.weight.double() + layer.scaling * layer.P.double() @ (layer.lam[:, None] * layer.Q).double()
+    w_prime = fused.lowrank_gemm.merged_weight(layer.base.weight, layer.P, layer.lam[:, None] * layer.Q, layer.scaling)
+    torch.testing.assert_close(w_prime.double(), d.to(torch.bfloat16).double(), rtol=2**-8, atol=0)
+    ref = x.double() @ w_prime.double().T + layer.base.bias.double()
+    torch.testing.assert_close(y1.double(), ref, rtol=2**-7, atol=2**-7)
+    assert g1.keys() == g0.keys() and all(torch.equal(g1[n], g0[n]) for n in g0)
+
+    tiny = _layer(LoRALinear, torch.bfloat16, d_in=4, d_out=3, rank=1, bias=False)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.bfloat16)
+    with torch.no_grad():
+        tiny.base.weight.fill_(1.0)                        # bf16's last place at 1.0 is 2⁻⁷
+        tiny.A.copy_(2**-5 * signs)
+        tiny.B.fill_(2**-5 / tiny.scaling)                 # s B A = ±2⁻¹⁰ per entry
+    xs = signs.expand(2, 4)                                # x W0ᵀ = 0, s x (B A)ᵀ = 4 · 2⁻¹⁰
+    for mode, expected in (("epilogue", 2**-8), ("merge", 0.0)):
+        tiny.fuse = mode
+        ys = tiny(xs)
+        assert torch.equal(ys, torch.full_like(ys, expected))   # W' = W0 after rounding: the change is lost
+        ys.float().sum().backward()
+        assert tiny.A.grad.abs().sum() > 0 and tiny.B.grad.abs().sum() > 0
+        tiny.zero_grad()

@@ -100,13 +100,14 @@ def test_a_forward_shows_the_groups_called_on_one_tensor():
     assert shared_input.plan(m) == expected
 
 
+@pytest.mark.parametrize("path", ["epilogue", "merge"])
 @pytest.mark.parametrize("method", ["adalora", "lora"])
-def test_outputs_and_gradients_equal_the_unfused_path(method):
+def test_outputs_and_gradients_equal_the_unfused_path(method, path):
     """Two steps accumulated, the second grouped; for AdaLoRA one follower pruned to rank 2 of 4
     and one leader to 3, so the ranks within a group differ."""
     x = torch.randn(7, 16, dtype=torch.float64)
     runs = []
-    for fuse in ("none", "epilogue"):
+    for fuse in ("none", path):
         m, ad = _model(fuse, method)
         if method == "adalora":
             ad["blocks.0.k"].resize(torch.tensor([0, 3]))
@@ -115,7 +116,7 @@ def test_outputs_and_gradients_equal_the_unfused_path(method):
         first = _step(m, ad, x)
         assert handed == []
         runs.append(_step(m, ad, x))
-        if fuse == "epilogue":
+        if fuse == path:
             assert sorted(handed) == sorted(f"blocks.{b}.{n}" for b in (0, 1) for n in ("k", "v", "up"))
     _assert_same(*runs, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(runs[1][0], first[0], rtol=0, atol=0)
@@ -140,6 +141,19 @@ def test_each_group_of_l_adapters_runs_3_l_minus_1_fewer_gemms(method):
     grouped = _gemms(m, x)
     assert alone == 8 * len(NAMES) * 2
     assert alone - grouped == 18
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_merged_each_group_of_l_adapters_runs_2_l_minus_1_fewer_gemms(method):
+    """Alone, an adapter on the merge path runs 7 GEMMs a step: W' = W + s U D, hᵀ and the
+    product with W' forward; (G U)ᵀ, G W', dD and dU backward (no share of y or dx to add). In a
+    group each follower runs 5: it needs no hᵀ and no dD. 2 · (2 + 1) · 2 = 12 fewer."""
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    m, _ = _model("merge", method)
+    alone = _gemms(m, x)
+    grouped = _gemms(m, x)
+    assert alone == 7 * len(NAMES) * 2
+    assert alone - grouped == 12
 
 
 @pytest.mark.parametrize("trains,expected", [("all", 90), ("up", 79), ("down", 76)])
@@ -284,10 +298,11 @@ def test_under_autocast_the_group_is_as_accurate_as_the_unfused_path():
         assert all(g.dtype == torch.float32 for g in got[1:])
         return handed, sum(((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, exact))
 
-    handed, grouped = error("epilogue", 2)
-    assert len(handed) == 6
     _, unfused = error("none", 1)
-    assert grouped < 1.25 * unfused, (grouped, unfused)
+    for path in ("epilogue", "merge"):
+        handed, grouped = error(path, 2)
+        assert len(handed) == 6
+        assert grouped < 1.25 * unfused, (path, grouped, unfused)
 
 
 def test_checkpointing_and_the_other_paths_share_nothing():

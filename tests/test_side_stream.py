@@ -50,13 +50,15 @@ def trace(monkeypatch):
     return t
 
 
+@pytest.mark.parametrize("path", ["epilogue", "merge"])
 @pytest.mark.parametrize("method", ["adalora", "lora"])
-def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, method):
+def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, method, path):
     """Two forwards and backwards (the second with q, k, v and gate, up in groups): every op on
     the side branch has a rank-sized dimension (N rows never with a full width), the frozen
-    products and the in-place passes stay on the main stream, and each join gets the branch's
-    outputs, the gradients of the down factor, the gate and the up factor among them."""
-    model, ad = _model(method=method)
+    products, the in-place passes (epilogue) and the merged weights (merge) stay on the main
+    stream, and each join gets the branch's outputs, the gradients of the down factor, the gate
+    and the up factor among them."""
+    model, ad = _model(fuse=path, method=method)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     reference, _ = _model(fuse="none", method=method)
     for _ in range(2):
@@ -69,7 +71,9 @@ def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, 
     assert side and not [op for op in side if op[1][:1] == (10,) and op[1][-1] in full], side
     assert any(name == "aten.addmm" and s[0] == 10 and not on for name, s, on in trace.ops)   # frozen GEMM
     passes = [on for name, _, on in trace.ops if name == "aten.addmm_"]    # the in-place shares of y and dx
-    assert passes and not any(passes)
+    merged = [on for name, s, on in trace.ops if name == "aten.addmm" and s[0] not in (4, 10)]   # W' (d_out, d_in)
+    assert (bool(passes), len(merged)) == ((True, 0) if path == "epilogue" else (False, 2 * 2 * 7))
+    assert not any(passes + merged)
     # What each join gets, by hand (r = 4, N = 10; q, o: 16 -> 16, k, v: 16 -> 8, gate, up: 16 -> 24,
     # down: 24 -> 16; two blocks, two passes, groups from the second). Forward: each adapter's hᵀ
     # (r, N), a leader's group rows (3r or 2r, N). Backward: alone, (dD, dg, dU), dg None as the
