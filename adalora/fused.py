@@ -39,7 +39,7 @@ Its output is a strided view of z, which slows the elementwise kernels after it.
 Forming W' reads and writes ``d_out · d_in`` elements where the epilogue path's two in-place
 passes read and write ``N · (d_out + d_in)`` twice: fewer bytes whenever the tokens of a step
 outnumber the widths, as they do in training. W' is kept for backward (one more weight per
-adapter in memory). W' is rounded to the product's dtype, once (``lowrank_gemm.merged_weight``).
+adapter in memory). W' is rounded to the product's dtype, once (``rank_update.merged_weight``).
 
 ``"triton"`` computes the epilogue path's maps with the rank-r term inside the frozen GEMMs
 (adalora/lowrank_gemm.py): ``y`` and ``dx`` are each written once, and ``h`` and ``G U`` come out
@@ -235,7 +235,7 @@ class EpilogueLinear(torch.autograd.Function):
     the same (its kernel may sum the r terms in another order); backward, autograd's separate
     ``dx`` share and its sum become one in-place pass. Triton: ``y`` with ``hᵀ``, and ``dx``
     with ``(G U)ᵀ``, each come from one ``lowrank_gemm``. Merge: ``y`` and ``dx`` are each one
-    product with ``W'`` (``lowrank_gemm.merged_weight``), which is saved in W0's place. All fold ``s`` into a
+    product with ``W'`` (``rank_update.merged_weight``), which is saved in W0's place. All fold ``s`` into a
     product where one takes it.
     Factors in another dtype than ``x`` (fp32 factors under bf16 autocast) are cast as autocast
     casts them for the unfused products: ``g ⊙ D`` is formed in their dtype, then cast; their
@@ -250,7 +250,7 @@ class EpilogueLinear(torch.autograd.Function):
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
             if how == "merge":
-                w = lowrank_gemm.merged_weight(w, up, dg, scaling)        # W' (d_out, d_in); backward's dx = G W'
+                w = rank_update.merged_weight(w, up, dg, scaling)        # W' (d_out, d_in); backward's dx = G W'
             side = side_stream.fork(x)                       # captured: hᵀ beside the frozen GEMM
             with side_stream.on(side):
                 ht = torch.mm(dg, x.t())                     # hᵀ (r, N)
@@ -268,12 +268,15 @@ class EpilogueLinear(torch.autograd.Function):
         s, how = ctx.scaling, ctx.how
         need_x, _, _, need_d, need_g, need_u, _, _ = ctx.needs_input_grad
         dx = dd = dgate = du = None
+        tt = None
         if need_x and how == "triton":
             dx, tt = lowrank_gemm.lowrank_gemm(grad, w, up, dg, s)   # G W0 + s (G U)(g ⊙ D), (G U)ᵀ (r, N)
-        elif need_d or need_g or need_x and how == "epilogue":
-            tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled
+        elif need_x and how == "epilogue":
+            tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled: dx's share needs it
         side = None if how == "triton" else side_stream.fork(grad)   # captured: beside the frozen G W0
         with side_stream.on(side):
+            if (need_d or need_g) and tt is None:
+                tt = torch.mm(up.t(), grad.t())              # for dD and dg only (merge): off the main stream
             if need_d or need_g:
                 dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
             if need_u:

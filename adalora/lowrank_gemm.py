@@ -97,19 +97,6 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
 
 
-def merged_weight(w: torch.Tensor, up: torch.Tensor, dg: torch.Tensor, s: float) -> torch.Tensor:
-    """``W' = W0 + s · U (g ⊙ D)`` ``(d_out, d_in)`` as one ``addmm``, in the product's dtype.
-
-    ``U (d_out, r)``, ``g ⊙ D (r, d_in)``: ``d_out · d_in · r`` multiply-adds, fewer than the
-    ``N · r · (d_in + d_out)`` of the rank-r products it replaces once ``N`` exceeds the
-    widths' product over their sum."""
-    # DEVIATION: the unfused path adds s · h Uᵀ to y; here the sum is rounded per weight, once,
-    # to the product's dtype. In bf16 the forward so sees U (g ⊙ D) on the grid of W0's
-    # values (a change under half a unit in the last place of a W0 entry is rounded away),
-    # while every gradient multiplies the factors themselves.
-    return torch.addmm(w, up, dg, alpha=s)
-
-
 def block_rank(r: int) -> int:
     """``r`` padded to what ``tl.dot`` takes: a power of two, at least 16."""
     return max(16, 1 << (r - 1).bit_length())

@@ -47,7 +47,7 @@ def _kernel(autotune: bool):
                for bm, bn, wp in ((64, 64, 4), (32, 128, 8), (64, 128, 4), (64, 128, 8), (32, 64, 4))]
 
     @triton.jit
-    def rank_update(out_ptr, a_ptr, b_ptr, M, N, R, scale, som, son, sam, sar, sbr, sbn,
+    def rank_update(out_ptr, src_ptr, a_ptr, b_ptr, M, N, R, scale, som, son, ssm, ssn, sam, sar, sbr, sbn,
                     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,10 +55,10 @@ def _kernel(autotune: bool):
         a = tl.load(a_ptr + rm[:, None] * sam + rr[None, :] * sar, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         b = tl.load(b_ptr + rr[:, None] * sbr + rn[None, :] * sbn, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
         ab = tl.dot(a, b, input_precision=PRECISION)    # (BLOCK_M, BLOCK_N), fp32
-        at = out_ptr + rm[:, None] * som + rn[None, :] * son
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tile = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(at, (tile + scale * ab).to(out_ptr.dtype.element_ty), mask=mask)
+        tile = tl.load(src_ptr + rm[:, None] * ssm + rn[None, :] * ssn, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, (tile + scale * ab).to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
     # The key leaves out M (batch x sequence), as lowrank_gemm's does; out is restored after
     # each timed trial, since the kernel writes it in place.
@@ -85,28 +85,46 @@ def add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch
     """``out += s · a b`` in place (``out (M, N)``, ``a (M, r)``, ``b (r, N)``, any strides, one
     dtype); returns ``out``. The kernel under CUDA-graph capture, once per signature eagerly to
     compile and tune it, ``addmm_`` otherwise (module docstring)."""
-    if runs(out, a.shape[1]):
-        key = _signature(out, a, b)
-        if torch.cuda.is_current_stream_capturing():
-            if key in _TUNED:
-                return kernel_(out, a, b, s)
-        elif key not in _TUNED:
-            kernel_(out, a, b, s)
-            _TUNED.add(key)
-            return out
-    return out.addmm_(a, b, alpha=s)
+    return _update(out, out, a, b, s)
 
 
-def kernel_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """``add_`` through the Triton kernel, whatever the dtype (the tests run fp32 and fp16 in the
-    interpreter, which has no bf16)."""
+def merged_weight(w: torch.Tensor, up: torch.Tensor, dg: torch.Tensor, s: float) -> torch.Tensor:
+    """The merge path's ``W' = W0 + s · U (g ⊙ D)`` ``(d_out, d_in)``, a new row-major tensor in
+    the product's dtype, by the same rules as ``add_`` (``addmm`` where that takes ``addmm_``;
+    cuBLAS would run it as a GEMM with ``K = r`` too). ``U (d_out, r)``, ``g ⊙ D (r, d_in)``:
+    ``d_out · d_in · r`` multiply-adds, fewer than the ``N · r · (d_in + d_out)`` of the rank-r
+    products it replaces once ``N`` exceeds the widths' product over their sum."""
+    # DEVIATION: the unfused path adds s · h Uᵀ to y; here the sum is rounded per weight, once,
+    # to the product's dtype. In bf16 the forward so sees U (g ⊙ D) on the grid of W0's
+    # values (a change under half a unit in the last place of a W0 entry is rounded away),
+    # while every gradient multiplies the factors themselves.
+    return _update(None, w, up, dg, s)
+
+
+def _update(out, src, a, b, s):
+    """``out = src + s · a b`` (a new ``out`` where None): ``add_`` and ``merged_weight``."""
+    if runs(src, a.shape[1]):
+        key = _signature(src, a, b) + (out is None,)
+        capturing = torch.cuda.is_current_stream_capturing()
+        if key in _TUNED if capturing else key not in _TUNED:
+            if not capturing:
+                _TUNED.add(key)
+            new = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
+            return kernel_(new, a, b, s, src)
+    return torch.addmm(src, a, b, alpha=s) if out is None else out.addmm_(a, b, alpha=s)
+
+
+def kernel_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, src: torch.Tensor | None = None) -> torch.Tensor:
+    """``add_`` (or with ``src``, ``added`` into ``out``) through the Triton kernel, whatever the
+    dtype (the tests run fp32 and fp16 in the interpreter, which has no bf16)."""
     (M, N), R = out.shape, a.shape[1]
-    if not (a.shape[0] == M and b.shape == (R, N) and 0 < R <= MAX_RANK):
+    src = out if src is None else src
+    if not (a.shape[0] == M and b.shape == (R, N) and src.shape == out.shape and 0 < R <= MAX_RANK):
         raise ValueError(f"rank_update: shapes out {tuple(out.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)} "
                          f"do not chain, or r > {MAX_RANK}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     grid = lambda meta: (-(-M // meta["BLOCK_M"]), -(-N // meta["BLOCK_N"]))   # noqa: E731
-    _kernel(not interpreted)[grid](out, a, b, M, N, R, float(s), *out.stride(), *a.stride(), *b.stride(),
+    _kernel(not interpreted)[grid](out, src, a, b, M, N, R, float(s), *out.stride(), *src.stride(), *a.stride(), *b.stride(),
                                    BLOCK_R=block_rank(R), PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
                                    **(_INTERPRETED if interpreted else {}))
     return out

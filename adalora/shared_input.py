@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from . import rank_update, side_stream
-from .lowrank_gemm import merged_weight, scaled_mm
+from .lowrank_gemm import scaled_mm
+from .rank_update import merged_weight
 
 CALLS = "_shared_input_calls"   # the forward's Calls, in an adapter's __dict__ while the forward runs
 HANDED = "_shared_input_rows"   # a follower's (x, x._version, hᵀ_k), set by its leader
@@ -139,11 +140,14 @@ class LeadLinear(torch.autograd.Function):
         s, r = ctx.scaling, ctx.r
         need_x, _, _, need_d, need_u, _, _, _ = ctx.needs_input_grad
         dx = dd = du = None
-        if need_d or need_x and not ctx.merge:
+        def group_t():
             # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
-            t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
+            return torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
+        t = group_t() if need_x and not ctx.merge else None  # the group's share of dx needs it
         side = side_stream.fork(grad)                        # captured: beside the frozen G_1 W_1
         with side_stream.on(side):
+            if need_d and t is None:
+                t = group_t()                                # for dD alone (merge): off the main stream
             if need_d:
                 dd = torch.mm(t, x)                          # T x (Σr, d_in)
             if need_u:

@@ -514,7 +514,7 @@ def test_merge_in_bf16_multiplies_by_w_prime_rounded_once_and_keeps_the_factors_
     _, _, g0 = _run(epi, x, g)
     assert _took(mer, mer(x), "merge")
     d = layer.base.weight.double() + layer.scaling * layer.P.double() @ (layer.lam[:, None] * layer.Q).double()
-    w_prime = fused.lowrank_gemm.merged_weight(layer.base.weight, layer.P, layer.lam[:, None] * layer.Q, layer.scaling)
+    w_prime = fused.rank_update.merged_weight(layer.base.weight, layer.P, layer.lam[:, None] * layer.Q, layer.scaling)
     torch.testing.assert_close(w_prime.double(), d.to(torch.bfloat16).double(), rtol=2**-8, atol=0)
     ref = x.double() @ w_prime.double().T + layer.base.bias.double()
     torch.testing.assert_close(y1.double(), ref, rtol=2**-7, atol=2**-7)

@@ -118,3 +118,29 @@ def test_the_kernel_runs_under_capture_and_once_eagerly_per_signature(monkeypatc
     add(5, 3, capture=True, a_transposed=True)    # another layout: a variant never compiled
     assert expected == [1, 1, 2, 2, 2, 3, 4, 4]
     assert calls == [(9, 5), (9, 5), (9, 7), (9, 7)]
+
+
+def test_merged_weight_is_w0_plus_s_u_d_in_new_memory_by_the_same_rules(monkeypatch):
+    """``merged_weight`` writes ``W0 + s · U (g ⊙ D)`` to a new row-major tensor and leaves W0 as
+    it was, through the kernel (interpreter) or ``addmm`` alike, U column-major as adapters store
+    it. The kernel runs by ``add_``'s rules, its out-of-place signature tuned apart from the
+    in-place one."""
+    calls = []
+    kernel = rank_update.kernel_
+    monkeypatch.setattr(rank_update, "kernel_", lambda *a: calls.append(len(a)) or kernel(*a))
+    monkeypatch.setattr(rank_update, "runs", lambda out, r: True)
+    _capturing(monkeypatch, False, tuned=set())
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(9, 7, generator=g)
+    up, dg = torch.randn(3, 9, generator=g).t(), torch.randn(3, 7, generator=g)    # U (9, 3) column-major
+    before = w.clone()
+    ref = w.double() + 0.5 * (up.double() @ dg.double())
+    for capture, kernel_calls in ((False, [5]), (False, [5]), (True, [5, 5])):
+        _capturing(monkeypatch, capture)
+        got = rank_update.merged_weight(w, up, dg, 0.5)
+        assert calls == kernel_calls and got.is_contiguous() and got.data_ptr() != w.data_ptr()
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(w, before)
+    rank_update.add_(w, up, dg, 0.5)               # captured, in place: never run eagerly, so addmm_
+    assert calls == [5, 5]
+    torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-5)
