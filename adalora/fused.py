@@ -151,7 +151,9 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
             # (none needs a gradient through the cast, bar x); the factors inside the Function,
             # which returns their gradients in their own dtype without an autograd node per cast.
             dt = torch.get_autocast_dtype(device)
-            x2, w, b = (t if t is None else t.to(dt) for t in (x2, w, b))
+            x2, b = (t if t is None else t.to(dt) for t in (x2, b))
+            if mode != "merge":         # the merge path rounds W0 + s U (g ⊙ D) to dt at once instead
+                w = w.to(dt)
         # Factors prepared with the other adapters' before the model's forward (factor_batch.py):
         # g ⊙ D, and under autocast both factors cast. Taken only in the dtype of this product
         # (an adapter in a region where autocast is off keeps its own).
@@ -250,7 +252,7 @@ class EpilogueLinear(torch.autograd.Function):
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
             if how == "merge":
-                w = rank_update.merged_weight(w, up, dg, scaling)        # W' (d_out, d_in); backward's dx = G W'
+                w = rank_update.merged_weight(w, up, dg, scaling, x.dtype)   # W' (d_out, d_in); backward's dx = G W'
             side = side_stream.fork(x)                       # captured: hᵀ beside the frozen GEMM
             with side_stream.on(side):
                 ht = torch.mm(dg, x.t())                     # hᵀ (r, N)

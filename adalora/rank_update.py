@@ -73,11 +73,11 @@ def _signature(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple:
     return (out.dtype, out.device) + tuple((t.shape, t.stride(), t.data_ptr() % 16) for t in (out, a, b))
 
 
-def runs(out: torch.Tensor, r: int) -> bool:
-    """Whether the Triton kernel can take ``out`` and rank ``r``: CUDA only (on the CPU
-    ``addmm_`` is as fast, and Triton's interpreter has no bf16), fewer than 2³¹ elements (the
-    kernel's offsets are 32-bit), not compiling."""
-    return (out.is_cuda and out.dtype in DTYPES and 0 < r <= MAX_RANK and out.numel() < 2**31
+def runs(out: torch.Tensor, r: int, dtype: torch.dtype | None = None) -> bool:
+    """Whether the Triton kernel can write ``out`` (in ``dtype``, ``out``'s by default) with rank
+    ``r``: CUDA only (on the CPU ``addmm_`` is as fast, and Triton's interpreter has no bf16),
+    fewer than 2³¹ elements (the kernel's offsets are 32-bit), not compiling."""
+    return (out.is_cuda and (dtype or out.dtype) in DTYPES and 0 < r <= MAX_RANK and out.numel() < 2**31
             and not torch.compiler.is_compiling() and have_triton())
 
 
@@ -88,30 +88,40 @@ def add_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch
     return _update(out, out, a, b, s)
 
 
-def merged_weight(w: torch.Tensor, up: torch.Tensor, dg: torch.Tensor, s: float) -> torch.Tensor:
+def merged_weight(w: torch.Tensor, up: torch.Tensor, dg: torch.Tensor, s: float,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """The merge path's ``W' = W0 + s · U (g ⊙ D)`` ``(d_out, d_in)``, a new row-major tensor in
-    the product's dtype, by the same rules as ``add_`` (``addmm`` where that takes ``addmm_``;
-    cuBLAS would run it as a GEMM with ``K = r`` too). ``U (d_out, r)``, ``g ⊙ D (r, d_in)``:
-    ``d_out · d_in · r`` multiply-adds, fewer than the ``N · r · (d_in + d_out)`` of the rank-r
-    products it replaces once ``N`` exceeds the widths' product over their sum."""
+    ``dtype`` (the product's; W0's by default), by the same rules as ``add_`` (``addmm`` where
+    that takes ``addmm_``; cuBLAS would run it as a GEMM with ``K = r`` too). ``U (d_out, r)``
+    and ``g ⊙ D (r, d_in)`` are multiplied in ``dtype`` (cast where they are not, as autocast
+    casts them for the unfused products); an fp32 W0 under autocast is added in fp32 and
+    rounded once, as autocast's cast of W0 would round it. ``d_out · d_in · r`` multiply-adds:
+    fewer than the ``N · r · (d_in + d_out)`` of the rank-r products it replaces once ``N``
+    exceeds the widths' product over their sum."""
     # DEVIATION: the unfused path adds s · h Uᵀ to y; here the sum is rounded per weight, once,
-    # to the product's dtype. In bf16 the forward so sees U (g ⊙ D) on the grid of W0's
-    # values (a change under half a unit in the last place of a W0 entry is rounded away),
+    # to the product's dtype. With bf16 weights the forward so sees U (g ⊙ D) on the grid of
+    # W0's values (a change under half a unit in the last place of a W0 entry is rounded away),
     # while every gradient multiplies the factors themselves.
-    return _update(None, w, up, dg, s)
+    dtype = dtype or w.dtype
+    return _update(None, w, up.to(dtype), dg.to(dtype), s, dtype)
 
 
-def _update(out, src, a, b, s):
-    """``out = src + s · a b`` (a new ``out`` where None): ``add_`` and ``merged_weight``."""
-    if runs(src, a.shape[1]):
-        key = _signature(src, a, b) + (out is None,)
+def _update(out, src, a, b, s, dtype=None):
+    """``out = src + s · a b``; with ``out`` None a new tensor in ``dtype``: ``add_`` and
+    ``merged_weight``."""
+    if runs(src, a.shape[1], dtype):
+        key = _signature(src, a, b) + (out is None, dtype)
         capturing = torch.cuda.is_current_stream_capturing()
         if key in _TUNED if capturing else key not in _TUNED:
             if not capturing:
                 _TUNED.add(key)
-            new = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
+            new = torch.empty(src.shape, dtype=dtype, device=src.device) if out is None else out
             return kernel_(new, a, b, s, src)
-    return torch.addmm(src, a, b, alpha=s) if out is None else out.addmm_(a, b, alpha=s)
+    if out is not None:
+        return out.addmm_(a, b, alpha=s)
+    if src.dtype == dtype:
+        return torch.addmm(src, a, b, alpha=s)
+    return torch.addmm(src, a.to(src.dtype), b.to(src.dtype), alpha=s).to(dtype)   # in W0's dtype, rounded once
 
 
 def kernel_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, src: torch.Tensor | None = None) -> torch.Tensor:

@@ -119,7 +119,7 @@ class LeadLinear(torch.autograd.Function):
     def forward(ctx, x, w, b, down, up, scaling, ranks, merge):
         r = ranks[0]
         if merge:
-            w = merged_weight(w, up, down[:r], scaling)     # W'_1 (d_out, d_in), saved for dx_1
+            w = merged_weight(w, up, down[:r], scaling, x.dtype)   # W'_1 (d_out, d_in), saved for dx_1
         side = side_stream.fork(x)                           # captured: Hᵀ beside the frozen GEMM
         with side_stream.on(side):
             ht = torch.mm(down, x.t())                       # Hᵀ (Σr, N), x read once
@@ -168,7 +168,7 @@ class FollowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, ht, up, scaling, dg):
         if dg is not None:
-            w = merged_weight(w, up, dg, scaling)           # W'_k (d_out, d_in), saved for dx_k
+            w = merged_weight(w, up, dg, scaling, x.dtype)   # W'_k (d_out, d_in), saved for dx_k
         y = F.linear(x, w, b)                                # (N, d_out)
         if dg is None:
             rank_update.add_(y, ht.t(), up.t(), scaling)    # y += s · h Uᵀ, in place

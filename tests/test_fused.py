@@ -455,29 +455,31 @@ def test_under_autocast_no_path_copies_x_into_the_adapter_dtype(cls):
     (autocast's product casts it to bf16 anyway), so the (N, d_in) tensors are only dx: on the
     unfused path its two shares and their sum, on the epilogue path one."""
     counts = {}
-    for mode in ("none", "epilogue"):
+    for mode in ("none", "epilogue", "merge"):
         layer = _layer(cls, torch.float32, fuse=mode)
         x = torch.randn(64, 20, dtype=torch.bfloat16, requires_grad=True)
         with _Allocations() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
             layer(x).float().sum().backward()
         counts[mode] = rec.shapes.count((64, 20))
-    assert counts == {"none": 3, "epilogue": 1}
+    assert counts == {"none": 3, "epilogue": 1, "merge": 1}
 
 
+@pytest.mark.parametrize("path", ["epilogue", "merge"])
 @pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
-def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
+def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls, path):
     """fp32 factors and base under bf16 autocast, fed an fp32 and a bf16 input (an earlier
-    autocast op's output), with and without a bias: the epilogue path runs, in bf16, returns fp32
+    autocast op's output), with and without a bias: the path runs, in bf16, returns fp32
     gradients, and is as close to the float64 map as the unfused path under the same autocast,
-    backward run outside autocast as training loops do. Its output is the
+    backward run outside autocast as training loops do. The epilogue path's output is the
     unfused path's bit for bit (g ⊙ Q formed in fp32 before the cast on both); its gradients
-    round s · G U in another order."""
+    round s · G U in another order. The merge path rounds W0 + s U (g ⊙ Q) to bf16 once, where
+    autocast rounds W0."""
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm())
 
     for x_dtype, bias in ((torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)):
         layer = _layer(cls, torch.float32, d_in=64, d_out=48, rank=8, bias=bias)
-        ref, fast = _pair(layer, "epilogue")
+        ref, fast = _pair(layer, path)
         x = torch.randn(5, 7, 64).to(x_dtype)
         g = torch.randn(5, 7, 48, dtype=torch.bfloat16)
         exact = _run(copy.deepcopy(layer).double(), x.double(), g.double())
@@ -493,9 +495,9 @@ def test_the_epilogue_path_under_autocast_computes_what_autocast_does(cls):
             assert all(grads[n].dtype == torch.float32 for n in grads)
             errors.append([rel(y, exact[0]), rel(dx, exact[1])] + [rel(grads[n], exact[2][n]) for n in sorted(grads)])
             outputs.append(y)
-        assert torch.equal(*outputs)
+        assert torch.equal(*outputs) or path == "merge"
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert _took(fast, fast(x), "epilogue") and not _took(ref, ref(x), "epilogue")
+            assert _took(fast, fast(x), path) and not _took(ref, ref(x), path)
         unfused, epilogue = errors
         assert max(unfused) < 1e-2 and all(e <= 2 * u + 2e-3 for e, u in zip(epilogue, unfused)), (unfused, epilogue)
 

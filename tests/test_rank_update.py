@@ -63,7 +63,7 @@ def test_the_epilogue_path_through_the_kernel_equals_it_through_addmm(monkeypatc
     monkeypatch.setattr(rank_update, "kernel_", lambda *a: calls.append(a[0].shape) or kernel(*a))
     _capturing(monkeypatch, True, tuned=_Everything())    # as in a captured step, every shape tuned
     for taken in (False, True):
-        monkeypatch.setattr(rank_update, "runs", lambda out, r: taken)
+        monkeypatch.setattr(rank_update, "runs", lambda out, r, dtype=None: taken)
         m, ad = _model(method=method, dtype=torch.float16, std=0.1)
         m(x)                                              # the plan
         calls.clear()
@@ -93,7 +93,7 @@ def test_the_kernel_runs_under_capture_and_once_eagerly_per_signature(monkeypatc
     calls = []
     kernel = rank_update.kernel_
     monkeypatch.setattr(rank_update, "kernel_", lambda *a: calls.append(tuple(a[0].shape)) or kernel(*a))
-    monkeypatch.setattr(rank_update, "runs", lambda out, r: True)
+    monkeypatch.setattr(rank_update, "runs", lambda out, r, dtype=None: True)
     _capturing(monkeypatch, False, tuned=set())
     g = torch.Generator().manual_seed(0)
     expected = []
@@ -128,7 +128,7 @@ def test_merged_weight_is_w0_plus_s_u_d_in_new_memory_by_the_same_rules(monkeypa
     calls = []
     kernel = rank_update.kernel_
     monkeypatch.setattr(rank_update, "kernel_", lambda *a: calls.append(len(a)) or kernel(*a))
-    monkeypatch.setattr(rank_update, "runs", lambda out, r: True)
+    monkeypatch.setattr(rank_update, "runs", lambda out, r, dtype=None: True)
     _capturing(monkeypatch, False, tuned=set())
     g = torch.Generator().manual_seed(1)
     w = torch.randn(9, 7, generator=g)
