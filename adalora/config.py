@@ -42,8 +42,10 @@ class AdapterConfig:
     autograd's two products apart (the reference); ``"epilogue"`` the same products with the
     adapter's shares of the output and of the input gradient added in place, backward by hand;
     ``"triton"`` those shares added inside the frozen GEMMs by a Triton kernel; ``"stack"`` one
-    GEMM against ``[W0; D]``. ``"auto"`` (the default) is epilogue on CUDA tensors, where it was
-    measured fastest (adalora/README.md), and none elsewhere.
+    GEMM against ``[W0; D]``; ``"merge"`` one GEMM against ``W0 + s · U (g ⊙ D)`` formed per
+    step, faster still, but its forward rounds that sum per weight. ``"auto"`` (the default) is
+    epilogue on CUDA tensors, the fastest path that keeps the unfused products' rounding
+    (adalora/README.md), and none elsewhere.
     """
 
     method: str = "adalora"

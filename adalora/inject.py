@@ -136,7 +136,7 @@ def unmerge(model: nn.Module, name: str | None = None) -> None:
 
 
 def set_fuse(model: nn.Module, fuse: str) -> None:
-    """Set every adapter's forward path: ``"none"``, ``"stack"`` or ``"auto"`` (``AdapterConfig.fuse``)."""
+    """Set every adapter's forward path, one of ``FUSE_MODES`` (``AdapterConfig.fuse``)."""
     check_fuse(fuse)
     adapters = find_adapters(model)
     if not adapters:

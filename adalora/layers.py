@@ -86,7 +86,7 @@ class AdapterLayer(nn.Module):
         # No dropout kernel, and no module call, when it is off (the common case).
         self.drop = nn.Dropout(dropout) if dropout > 0 else None
         self.merged = False
-        # "none" | "stack" | "auto" (adalora/fused.py); a plain attribute, changed with set_fuse.
+        # one of fused.FUSE_MODES (adalora/fused.py); a plain attribute, changed with set_fuse.
         self.fuse = fused.check_fuse(fuse)
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
