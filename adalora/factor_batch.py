@@ -43,9 +43,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import shared_input, side_stream
+from . import shared_input
 
-SLOT = "_batched_factors"   # an adapter's [down, up, Lead, (W', event)], each or None, in its __dict__ (no state_dict entry)
+SLOT = "_batched_factors"   # an adapter's [down, up, Lead or None] in its __dict__ (no state_dict entry); None: its own
 _FILLED = "_factor_batch_filled"
 _CALLS = "_factor_batch_calls"   # the forward's shared_input.Calls, replanned from after it
 
@@ -112,7 +112,7 @@ def _form(model: nn.Module, args) -> None:
         for u, part in zip(units, d_all.to(cast).split([sum(m.rank for m in u) for u in units])):
             ranks = tuple(m.rank for m in u)
             for m, d in zip(u, part.split(ranks) if len(u) > 1 else (part,)):
-                m.__dict__[SLOT] = [d, None, None, None]
+                m.__dict__[SLOT] = [d, None, None]
             if len(u) > 1:
                 u[0].__dict__[SLOT][2] = shared_input.Lead(part, u[1:], ranks)
     for (_, _, _, cast), members in ups.items():
@@ -120,36 +120,7 @@ def _form(model: nn.Module, args) -> None:
             continue
         ut_all = torch.cat([m._parameters[m._UP].t() for m in members]).to(cast)  # (Σr, d_out) row-major
         for m, ut in zip(members, ut_all.split([m.rank for m in members])):
-            m.__dict__.setdefault(SLOT, [None, None, None, None])[1] = ut.t()    # (d_out, r) column-major
-    _merge_ahead([m for m in filled if m.fuse == "merge"])
-
-
-def _merge_ahead(layers: list) -> None:
-    """Every merge-path adapter's ``W' = W0 + s · U (g ⊙ D)`` in its product's dtype, from the
-    factors prepared above where there are some, into its slot with an event: in a captured
-    graph on the side stream, so that the W' of later layers are formed while earlier ones run
-    and no adapter's forward waits for its own (adalora/side_stream.py)."""
-    from . import rank_update
-    if not layers:
-        return
-    first = layers[0]._parameters[layers[0]._DOWN]
-    side_stream.prepare(first)
-    side = side_stream.fork(first)
-    with side_stream.on(side), torch.no_grad():
-        for m in layers:
-            slot = m.__dict__.setdefault(SLOT, [None, None, None, None])
-            w = m._modules["base"]._parameters["weight"]
-            d, u = m._parameters[m._DOWN], m._up()
-            device = d.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
-            if slot[0] is not None and slot[0].dtype == dtype:
-                d = slot[0]
-            elif m._GATE:
-                d = d * m._parameters[m._GATE].unsqueeze(1)
-            if slot[1] is not None and slot[1].dtype == dtype:
-                u = slot[1]
-            with torch.autocast(device, enabled=False):   # W0 + s U D in W0's dtype, rounded once
-                slot[3] = (rank_update.merged_weight(w, u, d, m.scaling, dtype), side_stream.mark(side))
+            m.__dict__.setdefault(SLOT, [None, None, None])[1] = ut.t()          # (d_out, r) column-major
 
 
 def _units(members: list, groups: tuple) -> list:

@@ -158,39 +158,25 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
         # g ⊙ D, and under autocast both factors cast. Taken only in the dtype of this product
         # (an adapter in a region where autocast is off keeps its own).
         prepared = layer.__dict__.get(factor_batch.SLOT)
-        lead = y = ready = None
+        lead = y = None
         if prepared is not None:
-            pd, pu, lead, ready = prepared
+            pd, pu, lead = prepared
             if pd is not None and pd.dtype == x2.dtype:
                 down, gate = pd, None
             if pu is not None and pu.dtype == x2.dtype:
                 up = pu
         side_stream.prepare(x2)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            if mode == "merge":
-                w = _merged(layer, w, down, gate, up, x2.dtype, ready)   # W' in W0's place from here on
             if mode != "triton":
                 # adapters called on the same x share its down-projection (shared_input.py)
                 shared_input.record(layer, x)
-                y = shared_input.forward(layer, x, x2, w, b, up, lead, mode == "merge")
+                y = shared_input.forward(layer, x, x2, w, b, down, gate, up, lead, mode == "merge")
             if y is None:
                 y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode)
     else:
         stack, bstack = _stack(layer, w, b, down)
         y = StackedLinear.apply(x2, stack, bstack, w, down, gate, up, layer.scaling)
     return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def _merged(layer, w, down, gate, up, dtype, ready):
-    """The merge path's ``W' = W0 + s · U (g ⊙ D)`` in ``dtype``: the one factor_batch.py formed
-    before the forward (``ready``: ``(W', event)``; waited for here), or formed now. No autograd:
-    the gradients come from the factors by hand."""
-    if ready is not None and ready[0].dtype == dtype:
-        side_stream.wait(ready[1], ready[0])
-        return ready[0]
-    with torch.no_grad():
-        dg = down if gate is None else down * gate.unsqueeze(1)
-        return rank_update.merged_weight(w, up, dg, layer.scaling, dtype)
 
 
 def _stack(layer, w, b, down):
@@ -250,8 +236,8 @@ class EpilogueLinear(torch.autograd.Function):
     path, so where ``rank_update`` takes ``addmm_`` (the CPU, fp32) the forward is bit for bit
     the same (its kernel may sum the r terms in another order); backward, autograd's separate
     ``dx`` share and its sum become one in-place pass. Triton: ``y`` with ``hᵀ``, and ``dx``
-    with ``(G U)ᵀ``, each come from one ``lowrank_gemm``. Merge: ``w`` is ``W'`` (``_merged``), and
-    ``y`` and ``dx`` are each one product with it. All fold ``s`` into a
+    with ``(G U)ᵀ``, each come from one ``lowrank_gemm``. Merge: ``y`` and ``dx`` are each one
+    product with ``W'`` (``rank_update.merged_weight``), which is saved in W0's place. All fold ``s`` into a
     product where one takes it.
     Factors in another dtype than ``x`` (fp32 factors under bf16 autocast) are cast as autocast
     casts them for the unfused products: ``g ⊙ D`` is formed in their dtype, then cast; their
@@ -260,12 +246,13 @@ class EpilogueLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, down, gate, up, scaling, how):
-        # merge: w is W' (fused._merged), saved in W0's place, so that backward's dx = G W'
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
         dg, up = dg.to(x.dtype), up.to(x.dtype)                   # no-ops unless under autocast
         if how == "triton":
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
+            if how == "merge":
+                w = rank_update.merged_weight(w, up, dg, scaling, x.dtype)   # W' (d_out, d_in); backward's dx = G W'
             side = side_stream.fork(x)                       # captured: hᵀ beside the frozen GEMM
             with side_stream.on(side):
                 ht = torch.mm(dg, x.t())                     # hᵀ (r, N)

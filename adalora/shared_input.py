@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from . import rank_update, side_stream
 from .lowrank_gemm import scaled_mm
+from .rank_update import merged_weight
 
 CALLS = "_shared_input_calls"   # the forward's Calls, in an adapter's __dict__ while the forward runs
 HANDED = "_shared_input_rows"   # a follower's (x, x._version, hᵀ_k), set by its leader
@@ -93,13 +94,15 @@ class Lead:
         self.down, self.followers, self.ranks = down, followers, ranks
 
 
-def forward(layer, x, x2, w, b, up, lead, merge=False):
+def forward(layer, x, x2, w, b, down, gate, up, lead, merge=False):
     """``layer``'s output through its group (``x`` the tensor it was called on, ``x2`` its
-    ``(N, d_in)`` rows in the product's dtype; ``merge``: the merge path, ``w`` its ``W'``), or
-    None where it computes its own ``hᵀ``."""
+    ``(N, d_in)`` rows in the product's dtype; ``merge``: the merge path), or None where it
+    computes its own ``hᵀ``."""
     handed = layer.__dict__.pop(HANDED, None)
     if handed is not None and handed[0] is x and handed[1] == x._version and handed[2].dtype == x2.dtype:
-        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling, merge)
+        # merge: W'_k takes the follower's own g ⊙ D (its gradient still comes through hᵀ_k)
+        dg = None if not merge else down if gate is None else down * gate.unsqueeze(1)
+        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling, dg)
     if lead is None or lead.down.dtype != x2.dtype or x.is_inference():
         return None                   # an inference tensor keeps no version: a write could not be seen
     y, *hts = LeadLinear.apply(x2, w, b, lead.down, up, layer.scaling, lead.ranks, merge)
@@ -114,7 +117,9 @@ class LeadLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, down, up, scaling, ranks, merge):
-        r = ranks[0]                                         # merge: w is W'_1, saved for dx_1
+        r = ranks[0]
+        if merge:
+            w = merged_weight(w, up, down[:r], scaling, x.dtype)   # W'_1 (d_out, d_in), saved for dx_1
         side = side_stream.fork(x)                           # captured: Hᵀ beside the frozen GEMM
         with side_stream.on(side):
             ht = torch.mm(down, x.t())                       # Hᵀ (Σr, N), x read once
@@ -158,12 +163,14 @@ class LeadLinear(torch.autograd.Function):
 class FollowLinear(torch.autograd.Function):
     """A follower's ``y_k = x W_kᵀ + b_k + s_k h_k U_kᵀ`` from its handed ``hᵀ_k``; backward
     ``G_k W_k`` into x and ``d hᵀ_k = s_k (G_k U_k)ᵀ`` to the leader. x is not saved. On the
-    merge path ``w`` is its ``W'_k``, saved for ``dx_k``."""
+    merge path ``dg`` is its ``g_k ⊙ D_k``, for ``W'_k`` only (no gradient: that comes via hᵀ_k)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, ht, up, scaling, merge):
+    def forward(ctx, x, w, b, ht, up, scaling, dg):
+        if dg is not None:
+            w = merged_weight(w, up, dg, scaling, x.dtype)   # W'_k (d_out, d_in), saved for dx_k
         y = F.linear(x, w, b)                                # (N, d_out)
-        if not merge:
+        if dg is None:
             rank_update.add_(y, ht.t(), up.t(), scaling)    # y += s · h Uᵀ, in place
         ctx.save_for_backward(w, up, ht)
         ctx.scaling = scaling

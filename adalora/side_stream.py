@@ -23,11 +23,6 @@ inputs and saved tensors, freed after the join.
         ht = torch.mm(dg, x.t())        # the side branch
     y = F.linear(x, w, b)               # the main stream, meanwhile
     side_stream.join(side, ht)          # main waits for the branch; ht marked for main
-
-A branch can also run ahead of the main stream by more than one product: the merge path's
-weights ``W'`` depend on parameters alone, so adalora/factor_batch.py forms every adapter's at the
-start of the forward on the side stream, ``mark`` recording an event after each, and each adapter
-``wait``s for its own event only, when it is called.
 """
 from __future__ import annotations
 
@@ -72,23 +67,3 @@ def join(side, *made) -> None:
     for t in made:
         if t is not None:
             t.record_stream(main)
-
-
-def mark(side):
-    """An event recorded on ``side`` after the work so far (None for ``side`` None)."""
-    if side is None:
-        return None
-    event = torch.cuda.Event()
-    event.record(side)
-    return event
-
-
-def wait(event, *made) -> None:
-    """Make the current stream wait for ``event`` (from ``mark``) and mark the tensors ``made``
-    as read by it. Nothing for ``event`` None."""
-    if event is None:
-        return
-    main = torch.cuda.current_stream()
-    main.wait_event(event)
-    for t in made:
-        t.record_stream(main)

@@ -253,8 +253,7 @@ def test_every_adapter_of_a_shared_width_gets_prepared_factors_and_a_lone_one_do
     n_in = collections.Counter(widths)
     n_out = collections.Counter(a.out_features for a in ad.values())
     for name, a in ad.items():
-        down, up, _, merged = seen[name] or (None, None, None, None)
-        assert merged is None                         # the epilogue path forms no W'
+        down, up, _ = seen[name] or (None, None, None)
         assert (down is not None) == (n_in[a.in_features] > 1), name
         assert (up is not None) == (autocast and n_out[a.out_features] > 1), name
         if down is not None and not autocast:
@@ -274,32 +273,3 @@ def test_auto_prepares_factors_for_cuda_parameters_only():
     layer.fuse = "auto"
     layer._parameters["Q"] = types.SimpleNamespace(is_cuda=True)
     assert factor_batch._fused(layer)
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_the_merge_path_gets_every_merged_weight_formed_before_the_forward(autocast):
-    """On the merge path each adapter's slot holds ``W0 + s · P (lam ⊙ Q)`` in its product's dtype
-    (bf16 under autocast, rounded once from the fp32 sum), lone widths included, formed before the
-    forward from the factors of that moment, with no event off a capture; the forward equals
-    the epilogue path's in float64."""
-    dtype = torch.float32 if autocast else torch.float64
-    m, ad = _model("merge", dtype=dtype)
-    seen = {}
-    for name, a in ad.items():
-        a.register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: mod.__dict__[factor_batch.SLOT][3]}))
-    x = torch.randn(3, WIDTHS[0], dtype=dtype)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = m(x)
-    assert seen.keys() == ad.keys()
-    for name, a in ad.items():
-        w_prime, event = seen[name]
-        up, down = a.P, a.lam[:, None] * a.Q
-        if autocast:                                  # the factors as autocast casts them, W0 not
-            up, down = up.bfloat16(), down.bfloat16()
-        exact = a.base.weight.double() + a.scaling * up.double() @ down.double()
-        assert event is None and w_prime.dtype == (torch.bfloat16 if autocast else dtype)
-        torch.testing.assert_close(w_prime.double(), exact.to(w_prime.dtype).double(),
-                                   rtol=2**-8 if autocast else 1e-12, atol=1e-6 if autocast else 0)
-    if not autocast:
-        epilogue, _ = _model("epilogue", dtype=dtype)
-        torch.testing.assert_close(y, epilogue(x), rtol=1e-12, atol=1e-12)

@@ -21,7 +21,7 @@ class Trace(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.on_side, self.ops, self.joins, self.marks, self.waits = False, [], [], [], []
+        self.on_side, self.ops, self.joins = False, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -44,20 +44,9 @@ def trace(monkeypatch):
     def join(side, *made):
         assert side is SIDE and not t.on_side
         t.joins.append(tuple(None if m is None else tuple(m.shape) for m in made))
-
-    def mark(side):
-        assert side is SIDE and t.on_side
-        t.marks.append(len(t.ops))                # an event after the side branch's ops so far
-        return ("event", len(t.marks) - 1)
-
-    def wait(event, *made):
-        assert not t.on_side
-        t.waits.append((event, tuple(tuple(m.shape) for m in made)))
     monkeypatch.setattr(side_stream, "fork", lambda x: SIDE)
     monkeypatch.setattr(side_stream, "on", on)
     monkeypatch.setattr(side_stream, "join", join)
-    monkeypatch.setattr(side_stream, "mark", mark)
-    monkeypatch.setattr(side_stream, "wait", wait)
     return t
 
 
@@ -66,10 +55,9 @@ def trace(monkeypatch):
 def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, method, path):
     """Two forwards and backwards (the second with q, k, v and gate, up in groups): every op on
     the side branch has a rank-sized dimension (N rows never with a full width), the frozen
-    products and the in-place passes (epilogue) stay on the main stream, and each join gets the
-    branch's outputs, the gradients of the down factor, the gate and the up factor among them.
-    On the merge path the merged weights are formed on the side branch before each forward, an
-    event after each, and each adapter waits for its own event, with its W', when called."""
+    products, the in-place passes (epilogue) and the merged weights (merge) stay on the main
+    stream, and each join gets the branch's outputs, the gradients of the down factor, the gate
+    and the up factor among them."""
     model, ad = _model(fuse=path, method=method)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     reference, _ = _model(fuse="none", method=method)
@@ -85,14 +73,7 @@ def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, 
     passes = [on for name, _, on in trace.ops if name == "aten.addmm_"]    # the in-place shares of y and dx
     merged = [on for name, s, on in trace.ops if name == "aten.addmm" and s[0] not in (4, 10)]   # W' (d_out, d_in)
     assert (bool(passes), len(merged)) == ((True, 0) if path == "epilogue" else (False, 2 * 2 * 7))
-    assert not any(passes) and all(merged)
-    if path == "merge":                       # 14 adapters a forward: an event after each W'
-        weights = [i for i, (name, s, _) in enumerate(trace.ops) if name == "aten.addmm" and s[0] not in (4, 10)]
-        assert [i + 1 for i in weights] == trace.marks
-        shapes = [trace.ops[i][1] for i in weights]
-        assert [(e, made) for e, made in trace.waits] == [(("event", i), (w,)) for i, w in enumerate(shapes)]
-    else:
-        assert trace.marks == trace.waits == []
+    assert not any(passes + merged)
     # What each join gets, by hand (r = 4, N = 10; q, o: 16 -> 16, k, v: 16 -> 8, gate, up: 16 -> 24,
     # down: 24 -> 16; two blocks, two passes, groups from the second). Forward: each adapter's hᵀ
     # (r, N), a leader's group rows (3r or 2r, N). Backward: alone, (dD, dg, dU), dg None as the
