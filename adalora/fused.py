@@ -270,15 +270,15 @@ class EpilogueLinear(torch.autograd.Function):
         s, how = ctx.scaling, ctx.how
         need_x, _, _, need_d, need_g, need_u, _, _ = ctx.needs_input_grad
         dx = dd = dgate = du = None
-        tt = ready = None
+        tt = None
         if need_x and how == "triton":
             dx, tt = lowrank_gemm.lowrank_gemm(grad, w, up, dg, s)   # G W0 + s (G U)(g ⊙ D), (G U)ᵀ (r, N)
+        elif need_x and how == "epilogue":
+            tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled: dx's share needs it
         side = None if how == "triton" else side_stream.fork(grad)   # captured: beside the frozen G W0
         with side_stream.on(side):
-            if tt is None and (need_d or need_g or need_x and how == "epilogue"):
-                tt = torch.mm(up.t(), grad.t())              # (G U)ᵀ (r, N), unscaled
-                if need_x and how == "epilogue":
-                    ready = side_stream.mark(side)           # the pass over dx waits for this alone
+            if (need_d or need_g) and tt is None:
+                tt = torch.mm(up.t(), grad.t())              # for dD and dg only (merge): off the main stream
             if need_d or need_g:
                 dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
             if need_u:
@@ -287,7 +287,6 @@ class EpilogueLinear(torch.autograd.Function):
         if need_x and how != "triton":
             dx = torch.mm(grad, w)                           # G W0, or G W' whole on the merge path (N, d_in)
             if how == "epilogue":
-                side_stream.wait(ready, tt)
                 rank_update.add_(dx, tt.t(), dg, s)          # + s · (G U)(g ⊙ D), in place
         side_stream.join(side, dd, dgate, du)
         return dx, None, None, dd, dgate, du, None, None

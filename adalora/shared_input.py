@@ -139,15 +139,15 @@ class LeadLinear(torch.autograd.Function):
         x, w, down, up, ht = ctx.saved_tensors             # w: W'_1 on the merge path
         s, r = ctx.scaling, ctx.r
         need_x, _, _, need_d, need_u, _, _, _ = ctx.needs_input_grad
-        dx = dd = du = t = ready = None
-        share = need_x and not ctx.merge                     # the group's share of dx needs T
+        dx = dd = du = None
+        def group_t():
+            # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
+            return torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
+        t = group_t() if need_x and not ctx.merge else None  # the group's share of dx needs it
         side = side_stream.fork(grad)                        # captured: beside the frozen G_1 W_1
         with side_stream.on(side):
-            if need_d or share:
-                # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
-                t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
-                if share:
-                    ready = side_stream.mark(side)           # the pass over dx waits for this alone
+            if need_d and t is None:
+                t = group_t()                                # for dD alone (merge): off the main stream
             if need_d:
                 dd = torch.mm(t, x)                          # T x (Σr, d_in)
             if need_u:
@@ -155,7 +155,6 @@ class LeadLinear(torch.autograd.Function):
         if need_x:
             dx = torch.mm(grad, w)                           # G_1 W_1, or G_1 W'_1 merged (N, d_in)
             if not ctx.merge:
-                side_stream.wait(ready, t)
                 rank_update.add_(dx, t.t(), down, 1.0)       # + Tᵀ D: the group's share, in place
         side_stream.join(side, dd, du)
         return dx, None, None, dd, du, None, None, None

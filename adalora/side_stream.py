@@ -23,11 +23,6 @@ inputs and saved tensors, freed after the join.
         ht = torch.mm(dg, x.t())        # the side branch
     y = F.linear(x, w, b)               # the main stream, meanwhile
     side_stream.join(side, ht)          # main waits for the branch; ht marked for main
-
-Backward, the main stream also needs one of the branch's products before the branch is done:
-the epilogue path's pass over ``dx`` adds ``s · (G U)(g ⊙ D)``. So ``(G U)ᵀ`` runs first on the
-side stream, beside ``dx = G W0``, ``mark`` records an event after it, and the main stream
-``wait``s for that event alone before its pass, while ``dD`` and ``dU`` go on beside it.
 """
 from __future__ import annotations
 
@@ -72,23 +67,3 @@ def join(side, *made) -> None:
     for t in made:
         if t is not None:
             t.record_stream(main)
-
-
-def mark(side):
-    """An event recorded on ``side`` after its work so far (None for ``side`` None)."""
-    if side is None:
-        return None
-    event = torch.cuda.Event()
-    event.record(side)
-    return event
-
-
-def wait(event, *made) -> None:
-    """Make the current stream wait for ``event`` (from ``mark``) and mark the tensors ``made``
-    as read by it. Nothing for ``event`` None."""
-    if event is None:
-        return
-    main = torch.cuda.current_stream()
-    main.wait_event(event)
-    for t in made:
-        t.record_stream(main)

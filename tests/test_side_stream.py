@@ -21,7 +21,7 @@ class Trace(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.on_side, self.ops, self.joins, self.marks, self.waits = False, [], [], [], []
+        self.on_side, self.ops, self.joins = False, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -44,20 +44,9 @@ def trace(monkeypatch):
     def join(side, *made):
         assert side is SIDE and not t.on_side
         t.joins.append(tuple(None if m is None else tuple(m.shape) for m in made))
-
-    def mark(side):
-        assert side is SIDE and t.on_side
-        t.marks.append(t.ops[-1])                  # the op the event follows
-        return len(t.marks) - 1
-
-    def wait(event, *made):
-        assert not t.on_side and event == len(t.marks) - 1   # the branch's last event: its own fork's
-        t.waits.append(tuple(tuple(m.shape) for m in made))
     monkeypatch.setattr(side_stream, "fork", lambda x: SIDE)
     monkeypatch.setattr(side_stream, "on", on)
     monkeypatch.setattr(side_stream, "join", join)
-    monkeypatch.setattr(side_stream, "mark", mark)
-    monkeypatch.setattr(side_stream, "wait", wait)
     return t
 
 
@@ -68,10 +57,7 @@ def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, 
     the side branch has a rank-sized dimension (N rows never with a full width), the frozen
     products, the in-place passes (epilogue) and the merged weights (merge) stay on the main
     stream, and each join gets the branch's outputs, the gradients of the down factor, the gate
-    and the up factor among them. On the epilogue path the branch computes ``(G U)ᵀ`` (a
-    leader: the group's ``T``) first and marks an event after it, which the main stream waits
-    for, with that tensor, before its pass over dx: once per input gradient with an adapter
-    share, by hand."""
+    and the up factor among them."""
     model, ad = _model(fuse=path, method=method)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     reference, _ = _model(fuse="none", method=method)
@@ -88,11 +74,6 @@ def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, 
     merged = [on for name, s, on in trace.ops if name == "aten.addmm" and s[0] not in (4, 10)]   # W' (d_out, d_in)
     assert (bool(passes), len(merged)) == ((True, 0) if path == "epilogue" else (False, 2 * 2 * 7))
     assert not any(passes + merged)
-    # waits: the first pass 14 adapters alone, each (G U)ᵀ (4, N); the second per block q's group
-    # T (12, N), o (4, N), gate's group T (8, N) and down (4, N). Each after its op on the branch.
-    want_waits = Counter({((4, 10),): 18, ((12, 10),): 2, ((8, 10),): 2}) if path == "epilogue" else Counter()
-    assert Counter(trace.waits) == want_waits and len(trace.marks) == len(trace.waits)
-    assert all(op[2] and op[1] == made[0] for op, made in zip(trace.marks, trace.waits))
     # What each join gets, by hand (r = 4, N = 10; q, o: 16 -> 16, k, v: 16 -> 8, gate, up: 16 -> 24,
     # down: 24 -> 16; two blocks, two passes, groups from the second). Forward: each adapter's hᵀ
     # (r, N), a leader's group rows (3r or 2r, N). Backward: alone, (dD, dg, dU), dg None as the
