@@ -48,9 +48,9 @@ builds of torch), a CUDA tensor, ``r <= 64`` and eager execution; where one is m
 the epilogue path.
 
 ``AdapterLayer.forward`` takes the path ``path`` names; ``"none"`` is autograd's, the reference.
-On ``"epilogue"``, ``"merge"`` and ``"triton"``, ``forward`` takes ``g ⊙ D`` and the cast factors from the
-layer when adalora/factor_batch.py has prepared them with the other adapters' (``gate`` is then
-None, as for LoRA).
+On ``"epilogue"``, ``"merge"`` and ``"triton"``, ``forward`` takes ``g ⊙ D`` and the cast
+factors from the layer when adalora/factor_batch.py has prepared them with the other adapters'
+(``gate`` is then None, as for LoRA).
 """
 from __future__ import annotations
 
@@ -64,8 +64,6 @@ import torch.nn.functional as F
 from . import factor_batch, lowrank_gemm, rank_update, shared_input, side_stream
 
 FUSE_MODES = ("none", "epilogue", "merge", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
-
-
 PREPARED = ("epilogue", "merge", "triton")   # the paths through EpilogueLinear, with factors from factor_batch.py
 
 
@@ -237,8 +235,8 @@ class EpilogueLinear(torch.autograd.Function):
     the same (its kernel may sum the r terms in another order); backward, autograd's separate
     ``dx`` share and its sum become one in-place pass. Triton: ``y`` with ``hᵀ``, and ``dx``
     with ``(G U)ᵀ``, each come from one ``lowrank_gemm``. Merge: ``y`` and ``dx`` are each one
-    product with ``W'`` (``rank_update.merged_weight``), which is saved in W0's place. All fold ``s`` into a
-    product where one takes it.
+    product with ``W'`` (``rank_update.merged_weight``), which is saved in W0's place. All fold
+    ``s`` into a product where one takes it.
     Factors in another dtype than ``x`` (fp32 factors under bf16 autocast) are cast as autocast
     casts them for the unfused products: ``g ⊙ D`` is formed in their dtype, then cast; their
     gradients come back in their dtype, ``dD`` and ``dg`` formed there.
@@ -252,7 +250,7 @@ class EpilogueLinear(torch.autograd.Function):
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
             if how == "merge":
-                w = rank_update.merged_weight(w, up, dg, scaling, x.dtype)   # W' (d_out, d_in); backward's dx = G W'
+                w = rank_update.merged_weight(w, up, dg, scaling, x.dtype)   # W' (d_out, d_in), saved
             side = side_stream.fork(x)                       # captured: hᵀ beside the frozen GEMM
             with side_stream.on(side):
                 ht = torch.mm(dg, x.t())                     # hᵀ (r, N)
@@ -290,7 +288,6 @@ class EpilogueLinear(torch.autograd.Function):
                 rank_update.add_(dx, tt.t(), dg, s)          # + s · (G U)(g ⊙ D), in place
         side_stream.join(side, dd, dgate, du)
         return dx, None, None, dd, dgate, du, None, None
-
 
 
 def _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g):

@@ -9,7 +9,9 @@ this kernel's take 3.3 (analysis/README.md, "Adapter paths"). Here each
 program loads one ``(BLOCK_M, BLOCK_N)`` tile of ``out``, the ``(BLOCK_M, r)`` rows of ``a`` and
 the ``(r, BLOCK_N)`` columns of ``b``, multiplies the two thin tiles in fp32, adds ``s`` times
 the product to the tile in fp32 and stores it rounded once: what ``out.addmm_(a, b, alpha=s)``
-computes (the ``r`` terms may sum in another order).
+computes (the ``r`` terms may sum in another order). The merge path's weight
+``W' = W0 + s · U (g ⊙ D)`` (``merged_weight``) is the same pass, read from ``W0`` and written
+to a new tensor.
 
 ``add_`` takes the kernel for fp16 and bf16 CUDA tensors of fewer than 2³¹ elements, ``r <= 64``,
 outside ``torch.compile`` (whose graphs keep ``addmm_``, and fuse it themselves), and only while
@@ -124,9 +126,11 @@ def _update(out, src, a, b, s, dtype=None):
     return torch.addmm(src, a.to(src.dtype), b.to(src.dtype), alpha=s).to(dtype)   # in W0's dtype, rounded once
 
 
-def kernel_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, src: torch.Tensor | None = None) -> torch.Tensor:
-    """``add_`` (or with ``src``, ``added`` into ``out``) through the Triton kernel, whatever the
-    dtype (the tests run fp32 and fp16 in the interpreter, which has no bf16)."""
+def kernel_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+            src: torch.Tensor | None = None) -> torch.Tensor:
+    """``add_`` through the Triton kernel (with ``src``: ``out = src + s · a b``, as
+    ``merged_weight``), whatever the dtype (the tests run fp32 and fp16 in the interpreter,
+    which has no bf16)."""
     (M, N), R = out.shape, a.shape[1]
     src = out if src is None else src
     if not (a.shape[0] == M and b.shape == (R, N) and src.shape == out.shape and 0 < R <= MAX_RANK):
@@ -134,7 +138,8 @@ def kernel_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, src: 
                          f"do not chain, or r > {MAX_RANK}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     grid = lambda meta: (-(-M // meta["BLOCK_M"]), -(-N // meta["BLOCK_N"]))   # noqa: E731
-    _kernel(not interpreted)[grid](out, src, a, b, M, N, R, float(s), *out.stride(), *src.stride(), *a.stride(), *b.stride(),
-                                   BLOCK_R=block_rank(R), PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
+    _kernel(not interpreted)[grid](out, src, a, b, M, N, R, float(s), *out.stride(), *src.stride(),
+                                   *a.stride(), *b.stride(), BLOCK_R=block_rank(R),
+                                   PRECISION="ieee" if out.dtype == torch.float32 else "tf32",
                                    **(_INTERPRETED if interpreted else {}))
     return out
