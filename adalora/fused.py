@@ -168,7 +168,7 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
             if mode != "triton":
                 # adapters called on the same x share its down-projection (shared_input.py)
                 shared_input.record(layer, x)
-                y = shared_input.forward(layer, x, x2, w, b, down, gate, up, lead, mode == "merge")
+                y = shared_input.forward(layer, x, x2, w, b, down, up, lead, mode == "merge")
             if y is None:
                 y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode)
     else:

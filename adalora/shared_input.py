@@ -94,15 +94,15 @@ class Lead:
         self.down, self.followers, self.ranks = down, followers, ranks
 
 
-def forward(layer, x, x2, w, b, down, gate, up, lead, merge=False):
+def forward(layer, x, x2, w, b, down, up, lead, merge):
     """``layer``'s output through its group (``x`` the tensor it was called on, ``x2`` its
-    ``(N, d_in)`` rows in the product's dtype; ``merge``: the merge path), or None where it
-    computes its own ``hᵀ``."""
+    ``(N, d_in)`` rows in the product's dtype, ``down`` its factor as the fused forward holds it;
+    ``merge``: the merge path), or None where it computes its own ``hᵀ``."""
     handed = layer.__dict__.pop(HANDED, None)
     if handed is not None and handed[0] is x and handed[1] == x._version and handed[2].dtype == x2.dtype:
-        # merge: W'_k takes the follower's own g ⊙ D (its gradient still comes through hᵀ_k)
-        dg = None if not merge else down if gate is None else down * gate.unsqueeze(1)
-        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling, dg)
+        # merge: W'_k from the follower's own rows. A follower's down factor is always prepared,
+        # g ⊙ D in its group's dtype, which is the handed rows' (factor_batch.py), so no gate here.
+        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling, down if merge else None)
     if lead is None or lead.down.dtype != x2.dtype or x.is_inference():
         return None                   # an inference tensor keeps no version: a write could not be seen
     y, *hts = LeadLinear.apply(x2, w, b, lead.down, up, layer.scaling, lead.ranks, merge)

@@ -536,3 +536,27 @@ def test_merge_in_bf16_multiplies_by_w_prime_rounded_once_and_keeps_the_factors_
         ys.float().sum().backward()
         assert tiny.A.grad.abs().sum() > 0 and tiny.B.grad.abs().sum() > 0
         tiny.zero_grad()
+
+
+@pytest.mark.parametrize("cls", [SVDLinear, LoRALinear])
+def test_merge_under_autocast_rounds_w0_plus_the_update_to_bf16_once(cls):
+    """fp32 weights under bf16 autocast, an update about 1% of W0: the merge path's W' is
+    ``W0 + s · U (g ⊙ D)`` summed from the fp32 W0 and the factors as autocast casts them, and
+    rounded to bf16 once (all but a few ties equal the float64 sum rounded). Casting W0 to bf16
+    first, as autocast does for the other paths, or leaving autocast on for the sum, rounds
+    twice: a quarter of the entries then differ."""
+    layer = _layer(cls, torch.float32, d_in=64, d_out=48, rank=8)
+    with torch.no_grad():
+        for p in (layer.P, layer.Q) if cls is SVDLinear else (layer.A, layer.B):
+            p.mul_(0.02)
+    layer.fuse = "merge"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(5, 64))
+    node = y.grad_fn if type(y.grad_fn).__name__ == "EpilogueLinearBackward" else y.grad_fn.next_functions[0][0]
+    w_prime = node.saved_tensors[1]
+    down, up = (layer.lam[:, None] * layer.Q, layer.P) if cls is SVDLinear else (layer.A, layer.B)
+    update = layer.scaling * up.bfloat16().double() @ down.bfloat16().double()
+    once = (layer.base.weight.double() + update).bfloat16()
+    twice = (layer.base.weight.bfloat16().double() + update).bfloat16()
+    assert w_prime.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert (w_prime != once).float().mean() < 0.01 and (twice != once).float().mean() > 0.1

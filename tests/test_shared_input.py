@@ -3,6 +3,7 @@ groups are those a forward shows, outputs and gradients are the unfused path's i
 when the plan has gone stale), and each group of L adapters runs 3(L - 1) fewer GEMMs, counted
 by hand. CPU only, no timing."""
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adalora
-from adalora import factor_batch, shared_input
+from adalora import factor_batch, fused, shared_input
 from experiments.opcount import count_ops
 
 NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -307,7 +308,8 @@ def test_under_autocast_the_group_is_as_accurate_as_the_unfused_path():
 
 def test_checkpointing_and_the_other_paths_share_nothing():
     """A model flagged for gradient checkpointing (its recomputed forward runs after the hooks)
-    and the paths other than the epilogue keep no plan."""
+    and the paths other than the epilogue and merge keep no plan (the Triton path's kernel
+    computes each adapter's own hᵀ)."""
     x = torch.randn(4, 16, dtype=torch.float64)
     m, ad = _model()
     m.blocks.gradient_checkpointing = True
@@ -317,6 +319,10 @@ def test_checkpointing_and_the_other_paths_share_nothing():
         m, ad = _model(fuse)
         _step(m, ad, x)
         assert shared_input.plan(m) == ()
+    if importlib.util.find_spec("triton") is not None:     # the Triton path in its CPU interpreter (fp32)
+        m, ad = _model("triton", dtype=torch.float32)
+        _step(m, ad, x.float())
+        assert shared_input.plan(m) == () and fused.path(ad["blocks.0.q"], x.float()) == "triton"
 
 
 def test_the_group_is_what_the_adapters_alone_give_after_a_step():

@@ -74,6 +74,8 @@ def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, 
     merged = [on for name, s, on in trace.ops if name == "aten.addmm" and s[0] not in (4, 10)]   # W' (d_out, d_in)
     assert (bool(passes), len(merged)) == ((True, 0) if path == "epilogue" else (False, 2 * 2 * 7))
     assert not any(passes + merged)
+    if path == "merge":    # (G U)ᵀ feeds dD alone there, so every thin (r, N) product is on the branch
+        assert not [op for op in trace.ops if not op[2] and op[0] in ("aten.mm", "aten.addmm") and op[1][-1] == 10]
     # What each join gets, by hand (r = 4, N = 10; q, o: 16 -> 16, k, v: 16 -> 8, gate, up: 16 -> 24,
     # down: 24 -> 16; two blocks, two passes, groups from the second). Forward: each adapter's hᵀ
     # (r, N), a leader's group rows (3r or 2r, N). Backward: alone, (dD, dg, dU), dg None as the
