@@ -18,7 +18,7 @@ from .layers import AdapterLayer, LoRALinear, SVDLinear
 from .named import active_adapter, add_adapter, adapter_names, delete_adapter, set_adapter, use_adapter
 from .peft_io import load_peft, save_peft
 from .quant import NF4Linear, NF4Tensor, dequantize, quantize_model, quantize_nf4
-from .regularizer import orthogonality_grad_, orthogonality_penalty
+from .regularizer import add_orthogonality_grads_, orthogonality_grad_, orthogonality_grads, orthogonality_penalty
 from .sora import SoRAAllocator, SoRAConfig
 from .truncate import TruncateAllocator
 
@@ -27,7 +27,8 @@ __all__ = [
     "AdapterLayer", "SVDLinear", "LoRALinear",
     "inject", "find_adapters", "adapter_parameters", "adapter_shapes", "count_parameters",
     "mark_only_adapters_trainable", "merge", "unmerge", "set_fuse",
-    "orthogonality_penalty", "orthogonality_grad_", "ImportanceScorer", "triplet_scores",
+    "orthogonality_penalty", "orthogonality_grad_", "orthogonality_grads", "add_orthogonality_grads_",
+    "ImportanceScorer", "triplet_scores",
     "RankAllocator", "AllocationRecord", "schedule",
     "Allocator", "BudgetRecord", "accounting", "SoRAAllocator", "SoRAConfig", "ElaLoRAAllocator",
     "ElaLoRAConfig", "EVAAllocator", "TruncateAllocator",

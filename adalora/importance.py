@@ -28,7 +28,7 @@ def triplet_scores(s_P: torch.Tensor, s_lam: torch.Tensor, s_Q: torch.Tensor) ->
 class _Layout:
     """Where each adapter's ``P``, ``lam``, ``Q`` sit in the flat state buffers.
 
-    Adapters of one shape ``(d_out, r, d_in)`` form a group laid out as ``[P_1..P_n, lam_1..lam_n,
+    Adapters of one shape ``(d_out, r, d_in)`` form a group laid out as ``[P_1ᵀ..P_nᵀ, lam_1..lam_n,
     Q_1..Q_n]``, so a group's scores are three batched reductions over views: the work per step
     is a few kernels per distinct shape, not per adapter.
     """
@@ -60,17 +60,26 @@ class _Layout:
         # graphs the step waits on host time such as nn.Module.__getattr__'s lookup.
         return [fast_param(layers[k], a) for k, a in self.order]
 
-    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """``tensors`` (in ``order``) as one flat buffer: one ``cat`` per group and kind instead of
-        a reshape per tensor (same memory order: a cat of ``(d_out, r)`` blocks along dim 0 is
-        the blocks flattened one after the other)."""
-        pieces, i = [], 0
-        for ks, *_ in self.groups:
+    def flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """``tensors`` (in ``order``) as one flat buffer in ``dtype``: one ``cat`` per group and
+        kind, each written straight into its slice of the buffer, instead of a reshape per tensor
+        and a cat of the pieces; then one cast. ``P`` blocks go in as ``Pᵀ (r, d_out)``, the
+        layout they are stored in (column-major), so the cat copies whole rows and the scores'
+        mean over ``d_out`` runs along memory."""
+        flat = tensors[0].new_empty(self.numel)
+        i = 0
+        for ks, d_out, r, d_in, off in self.groups:
             n = len(ks)
-            for _ in range(3):                   # P blocks, lam vectors, Q blocks
-                pieces.append(torch.cat(tensors[i:i + n]).view(-1))
+            for kind, rows, cols in (("P", r, d_out), ("lam", r, 1), ("Q", r, d_in)):
+                blocks = tensors[i:i + n]
+                if kind == "P":
+                    blocks = [t.t() for t in blocks]
+                elif kind == "lam":
+                    blocks = [t.view(r, 1) for t in blocks]
+                torch.cat(blocks, out=flat[off:off + n * rows * cols].view(n * rows, cols))
+                off += n * rows * cols
                 i += n
-        return torch.cat(pieces)
+        return flat.to(dtype)
 
 
 class ImportanceScorer:
@@ -128,8 +137,8 @@ class ImportanceScorer:
         state_dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
         # Two gathers into flat buffers, then everything is a handful of kernels whatever the
         # number of adapters; |w · g| is formed in the state dtype (fp32 for bf16 adapters).
-        w = layout.flatten(params).to(state_dtype)             # under no_grad: no detach needed
-        ipt = layout.flatten(grads).to(state_dtype).mul_(w).abs_()   # I = |w · g|
+        w = layout.flatten(params, state_dtype)                # under no_grad: no detach needed
+        ipt = layout.flatten(grads, state_dtype).mul_(w).abs_()      # I = |w · g|
         if grads_finite is None:
             grads_finite = bool(torch.isfinite(ipt.sum()))        # the step's one host sync
         if not grads_finite:
@@ -167,7 +176,7 @@ class ImportanceScorer:
         per_group = []
         for ks, d_out, r, d_in, off in layout.groups:
             n = len(ks)
-            sP = s[off:off + n * d_out * r].view(n, d_out, r)
+            sP = s[off:off + n * d_out * r].view(n, r, d_out).transpose(1, 2)   # stored as Pᵀ
             off += n * d_out * r
             sl = s[off:off + n * r].view(n, r)
             off += n * r
@@ -192,8 +201,14 @@ class ImportanceScorer:
         layout = self._layout()
         params = layout.tensors(self.layers)
         pieces = dict(zip(layout.order, flat.split([p.numel() for p in params])))
-        return [pieces[(k, a)].view(getattr(self.layers[k], a).shape).clone()
-                for k in range(len(self.layers)) for a in ("P", "lam", "Q")]
+        out = []
+        for k in range(len(self.layers)):
+            for a in ("P", "lam", "Q"):
+                shape = getattr(self.layers[k], a).shape
+                # P is stored as Pᵀ: the clone of its transpose keeps P's own (column-major) layout
+                piece = pieces[(k, a)].view(shape[::-1]).t() if a == "P" else pieces[(k, a)].view(shape)
+                out.append(piece.clone())
+        return out
 
     def state_dict(self) -> dict:
         return {"ibar": self._per_parameter(self.ibar), "ubar": self._per_parameter(self.ubar),
@@ -207,7 +222,8 @@ class ImportanceScorer:
             if ts is None:
                 return None
             by_key = {(k, a): ts[3 * k + i] for k in range(len(self.layers)) for i, a in enumerate(("P", "lam", "Q"))}
-            return torch.cat([by_key[key].reshape(-1) for key in layout.order]).clone()
+            return torch.cat([(by_key[key].t() if key[1] == "P" else by_key[key]).reshape(-1)
+                              for key in layout.order]).clone()
 
         self.ibar, self.ubar = flat(sd["ibar"]), flat(sd["ubar"])
         self.updates, self.skipped = int(sd["updates"]), int(sd["skipped"])

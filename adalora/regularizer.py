@@ -133,13 +133,26 @@ def orthogonality_grad_(adapters: dict, weight: float, form: str = "reference") 
     the square root gives NaN there). Call it after ``backward()`` (after ``scaler.unscale_``
     under a gradient scaler) and before clipping and the importance update, once per optimizer
     step: ``R`` does not depend on the batch, so this equals adding ``γR / accum`` to every
-    micro-batch's loss.
+    micro-batch's loss. It is ``orthogonality_grads`` then ``add_orthogonality_grads_``.
     """
+    total, pending = orthogonality_grads(adapters, weight, form)
+    add_orthogonality_grads_(pending)
+    return total
+
+
+@torch.no_grad()
+def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") -> tuple[torch.Tensor, list]:
+    """``(R, pending)``: ``orthogonality_grad_``'s values, its gradients held in ``pending`` for
+    ``add_orthogonality_grads_`` instead of added to ``.grad``. They read ``P`` and ``Q`` alone,
+    not the batch, so a step may form them before or beside its forward and backward (on another
+    CUDA stream, say) and add them once backward has written ``.grad``; ``P`` and ``Q`` must not
+    change in between."""
     svd = _svd_adapters(adapters, form)
     if not svd:
-        return torch.zeros(())
+        return torch.zeros(()), []
     squared = form == "paper"
     total = svd[0].P.new_zeros(())
+    pending = []
     for members, x, mask, where in _groups(_factors(svd)):
         c = _residual(x, mask)                                      # (n, R, R), symmetric
         sq = c.pow(2).sum(dim=(1, 2))                               # (n,)
@@ -150,8 +163,15 @@ def orthogonality_grad_(adapters: dict, weight: float, form: str = "reference") 
             norm = sq.sqrt()
             total += norm.sum()
             c.mul_((weight / len(svd) / norm.clamp_min(torch.finfo(norm.dtype).tiny))[:, None, None])
-        _add_to_grads(members, c @ x, where)                        # (n, R, d)
-    return total if squared else total / (2 * len(svd))
+        pending.append((members, c @ x, where))                     # (n, R, d)
+    return (total if squared else total / (2 * len(svd))), pending
+
+
+@torch.no_grad()
+def add_orthogonality_grads_(pending: list) -> None:
+    """Add the gradients ``orthogonality_grads`` formed to their factors' ``.grad``."""
+    for members, g, where in pending:
+        _add_to_grads(members, g, where)
 
 
 def _add_to_grads(members: list[tuple[torch.Tensor, bool]], g: torch.Tensor, where) -> None:

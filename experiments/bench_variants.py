@@ -200,6 +200,26 @@ def no_mask_built_for_capture():
         masking_utils.is_tracing = original
 
 
+@contextlib.contextmanager
+def _beside(stream):
+    """Run the block on ``stream``, after the current stream's work so far, while a CUDA graph is
+    captured (elsewhere on the current stream). Yields ``join(tensors)``: the current stream waits
+    for the block, and the block's ``tensors`` are marked as read there."""
+    fork = stream is not None and torch.cuda.is_current_stream_capturing()
+    if not fork:
+        yield lambda made: None
+        return
+    main = torch.cuda.current_stream()
+    stream.wait_stream(main)
+
+    def join(made):
+        main.wait_stream(stream)
+        for t in made:
+            t.record_stream(main)
+    with torch.cuda.stream(stream):
+        yield join
+
+
 def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=True):
     """The step above captured whole as one CUDA graph on its first call (after ``GRAPH_WARMUP``
     eager steps), then replayed: the host launches one graph a step. The body is ``loop.update``'s
@@ -212,11 +232,20 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
     if alloc is not None and not alloc.final_done:
         device_step = torch.full((), counter[0], dtype=torch.long, device=opt.param_groups[0]["params"][0].device)
 
+    # γ∇R reads P and Q alone: captured, its kernels run on a stream of their own beside the
+    # forward and backward, and only its adds into .grad wait for backward (the loop's order).
+    beside = torch.cuda.Stream() if capture and orth_adapters is not None else None
+
     def body():
+        pending = None
+        if orth_adapters is not None:
+            with _beside(beside) as joined:
+                _, pending = adalora.orthogonality_grads(orth_adapters, orth_weight)
         loss = fn()
         loss.backward()
-        if orth_adapters is not None:
-            adalora.orthogonality_grad_(orth_adapters, orth_weight)
+        if pending is not None:
+            joined(t for _, t, _ in pending)
+            adalora.add_orthogonality_grads_(pending)
         opt.step()
         if device_step is not None:
             alloc.update_importance(counter[0], grads_finite=True)
