@@ -21,6 +21,7 @@ import torch
 import adalora
 
 from .loop import update
+from .step_graph import beside as beside_stream
 from .model import BLOCK_LINEARS
 
 TARGETS = BLOCK_LINEARS["bert"]
@@ -200,26 +201,6 @@ def no_mask_built_for_capture():
         masking_utils.is_tracing = original
 
 
-@contextlib.contextmanager
-def _beside(stream):
-    """Run the block on ``stream``, after the current stream's work so far, while a CUDA graph is
-    captured (elsewhere on the current stream). Yields ``join(tensors)``: the current stream waits
-    for the block, and the block's ``tensors`` are marked as read there."""
-    fork = stream is not None and torch.cuda.is_current_stream_capturing()
-    if not fork:
-        yield lambda made: None
-        return
-    main = torch.cuda.current_stream()
-    stream.wait_stream(main)
-
-    def join(made):
-        main.wait_stream(stream)
-        for t in made:
-            t.record_stream(main)
-    with torch.cuda.stream(stream):
-        yield join
-
-
 def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=True):
     """The step above captured whole as one CUDA graph on its first call (after ``GRAPH_WARMUP``
     eager steps), then replayed: the host launches one graph a step. The body is ``loop.update``'s
@@ -239,7 +220,7 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
     def body():
         pending = None
         if orth_adapters is not None:
-            with _beside(beside) as joined:
+            with beside_stream(beside) as joined:
                 _, pending = adalora.orthogonality_grads(orth_adapters, orth_weight)
         loss = fn()
         loss.backward()

@@ -6,6 +6,7 @@ Per optimizer step (``step`` counts optimizer steps, never micro-batches):
         (task_loss / grad_accum).backward()              # DDP all-reduces on the last one
     scaler.unscale_(opt)                               # the scorer sees unscaled gradients
     orthogonality_grad_(adapters, orth_weight)         # += γ∇R, as γR/accum in each loss would
+                                                       # (step_graph: formed beside forward and backward)
     clip_grad_norm_(...)
     update(...):                                       # below; the benchmark times the same
         [paper_order ablation: allocator.update_importance(step) here]
@@ -234,18 +235,36 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         scaler.scale(task_loss / t.grad_accum).backward()
         return task_loss.detach()
 
-    def finish_grads():
-        """Unscale, add γ·∇R, clip: (R, the total norm), on the device."""
+    def finish_grads(pending=None):
+        """Unscale, add γ·∇R, clip: (R, the total norm), on the device. ``pending``: R and γ∇R
+        formed before (``orthogonality_grads``), else formed here."""
         scaler.unscale_(opt)
         # R does not depend on the batch: adding γ∇R once equals adding γR/accum to every
         # micro-batch's loss, in a few batched kernels instead of a second autograd path.
-        orth = (adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form) if orth_weight > 0
-                else None)
+        orth = None
+        if orth_weight > 0:
+            orth, grads = pending or adalora.orthogonality_grads(adapters, orth_weight, cfg.method.orth_form)
+            adalora.add_orthogonality_grads_(grads)
         norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         return (torch.zeros_like(norm) if orth is None else orth), norm
 
+    # γ∇R reads P and Q alone: in a captured step it is formed on a stream of its own, beside
+    # the forward and backward, and only its adds into .grad wait for backward.
+    captured = t.step_graph and device.type == "cuda"
+    orth_stream = torch.cuda.Stream(device) if captured and orth_weight > 0 else None
+
+    def graphed_grads(b):
+        pending = None
+        if orth_weight > 0:
+            with SG.beside(orth_stream) as join:
+                pending = adalora.orthogonality_grads(adapters, orth_weight, cfg.method.orth_form)
+        loss = grads_of(b)
+        if pending is not None:
+            join(g for _, g, _ in pending[1])
+        return (loss, *finish_grads(pending))
+
     def step_graph():
-        return SG.StepGraph(lambda b: (grads_of(b), *finish_grads()),
+        return SG.StepGraph(graphed_grads,
                             lambda step, finite: update(opt, sched, scaler, allocator, step, finite),
                             opt, sched, allocator, device, capture=device.type == "cuda")
     graph = step_graph() if t.step_graph else None

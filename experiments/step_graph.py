@@ -4,6 +4,7 @@ eager step of a small model is bound by the host (analysis/README.md, eager rows
 one by the GPU.
 
     grads graph:    the batch into static buffers; forward; backward; += γ∇R; clip
+                    (γ∇R reads P and Q alone: formed on a stream of its own beside forward and backward)
                     -> (loss, R, total norm) into a device buffer; finite or not, on the device
     update graphs:  opt.step(); update_importance; mask_on_device(step)     mask steps before the final allocation
                     opt.step(); update_importance                           the other steps before it
@@ -39,6 +40,7 @@ every step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, Optional
 
@@ -78,6 +80,26 @@ def place_lrs(opt: torch.optim.Optimizer, device: torch.device) -> None:
     checkpoint load, which restores the saved value."""
     for g in opt.param_groups:
         g["lr"] = torch.tensor(float(g["lr"]), device=device)
+
+
+@contextlib.contextmanager
+def beside(stream):
+    """Run the block on ``stream``, after the current stream's work so far, while a CUDA graph is
+    captured (elsewhere on the current stream). Yields ``join(tensors)``: the current stream waits
+    for the block, and the block's ``tensors`` are marked as read there."""
+    fork = stream is not None and torch.cuda.is_current_stream_capturing()
+    if not fork:
+        yield lambda made: None
+        return
+    main = torch.cuda.current_stream()
+    stream.wait_stream(main)
+
+    def join(made):
+        main.wait_stream(stream)
+        for t in made:
+            t.record_stream(main)
+    with torch.cuda.stream(stream):
+        yield join
 
 
 class StepGraph:

@@ -120,6 +120,36 @@ def test_fused_gradient_equals_autograd_of_the_penalty(form):
     assert ad["m6"].Q.grad is None and ad["lora"].A.grad is None
 
 
+@pytest.mark.parametrize("form", ["reference", "paper"])
+def test_gradients_formed_before_backward_and_added_after_equal_autograd_of_the_penalty(form):
+    """orthogonality_grads reads P and Q alone and leaves .grad untouched, so a step can form it
+    before its backward (beside it, on another stream) and add it after: the sum then equals the
+    backward's gradient plus autograd's of γ·R, and R is the penalty's value."""
+    torch.manual_seed(5)
+    shapes = [(6, 5)] * 2 + [(4, 9), (6, 9)]
+    ad = {f"m{i}": SVDLinear(nn.Linear(d_in, d_out).double(), 3, 1.0) for i, (d_out, d_in) in enumerate(shapes)}
+    ad["m3"].resize(torch.arange(2))                                # a padded batch too
+    with torch.no_grad():
+        for a in ad.values():
+            a.lam.normal_()                                         # so the task reaches P and Q
+    params = [p for a in ad.values() for p in (a.P, a.Q)]
+    weight = 0.7
+    want = torch.autograd.grad(weight * adalora.orthogonality_penalty(ad, form), params)
+    value, pending = adalora.orthogonality_grads(ad, weight, form)
+    assert all(p.grad is None for p in params)
+    x = torch.randn(8, 5, dtype=torch.float64)
+    loss = sum(a(x).sum() for a in list(ad.values())[:2])            # a backward in between
+    task = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    loss.backward()
+    adalora.add_orthogonality_grads_(pending)
+    assert torch.allclose(value, adalora.orthogonality_penalty(ad, form).detach(), rtol=0, atol=1e-12)
+    for p, w, g in zip(params, want, task):
+        expected = w if g is None else g + w
+        assert torch.allclose(p.grad, expected, rtol=0, atol=1e-12)
+    value, pending = adalora.orthogonality_grads({}, 1.0)
+    assert value == 0 and pending == []
+
+
 def test_fused_gradient_is_zero_not_nan_at_orthonormal_factors():
     """At PᵀP = I the unsquared norm has a kink: its subgradient 0 is what we add (the square
     root's autograd gives NaN there)."""
