@@ -43,9 +43,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import shared_input
+from . import merge_batch, shared_input
 
-SLOT = "_batched_factors"   # an adapter's [down, up, Lead or None] in its __dict__ (no state_dict entry); None: its own
+SLOT = "_batched_factors"   # an adapter's [down, up, Lead, W'] (None: its own) in its __dict__, no state_dict entry
 _FILLED = "_factor_batch_filled"
 _CALLS = "_factor_batch_calls"   # the forward's shared_input.Calls, replanned from after it
 
@@ -112,7 +112,7 @@ def _form(model: nn.Module, args) -> None:
         for u, part in zip(units, d_all.to(cast).split([sum(m.rank for m in u) for u in units])):
             ranks = tuple(m.rank for m in u)
             for m, d in zip(u, part.split(ranks) if len(u) > 1 else (part,)):
-                m.__dict__[SLOT] = [d, None, None]
+                m.__dict__[SLOT] = [d, None, None, None]
             if len(u) > 1:
                 u[0].__dict__[SLOT][2] = shared_input.Lead(part, u[1:], ranks)
     for (_, _, _, cast), members in ups.items():
@@ -120,7 +120,31 @@ def _form(model: nn.Module, args) -> None:
             continue
         ut_all = torch.cat([m._parameters[m._UP].t() for m in members]).to(cast)  # (Σr, d_out) row-major
         for m, ut in zip(members, ut_all.split([m.rank for m in members])):
-            m.__dict__.setdefault(SLOT, [None, None, None])[1] = ut.t()          # (d_out, r) column-major
+            m.__dict__.setdefault(SLOT, [None, None, None, None])[1] = ut.t()          # (d_out, r) column-major
+    merging = [m for m in filled if m.fuse == "merge"]
+    if len(merging) > 1 and torch.is_grad_enabled():
+        _merge(merging)
+
+
+@torch.no_grad()
+def _merge(layers: list) -> None:
+    """The merge path's ``W'`` of ``layers``, formed now from the factors just prepared (or the
+    adapter's own where none were), in one launch per weight shape (adalora/merge_batch.py).
+    Only when gradients are on: a training forward keeps every ``W'`` for backward anyway, where
+    an inference forward would hold them all at once instead of one at a time."""
+    items, dtypes = [], []
+    for m in layers:
+        w = m._modules["base"]._parameters["weight"]
+        dt = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        pd, pu, *_ = m.__dict__.setdefault(SLOT, [None, None, None, None])
+        dg = pd if pd is not None and pd.dtype == dt else m._down_weight()
+        up = pu if pu is not None and pu.dtype == dt else m._up()
+        items.append((w, up, dg, m.scaling))
+        dtypes.append(dt)
+    for dt in set(dtypes):
+        ks = [k for k, d in enumerate(dtypes) if d == dt]
+        for k, w_new in zip(ks, merge_batch.merged_weights([items[k] for k in ks], dt)):
+            layers[k].__dict__[SLOT][3] = w_new
 
 
 def _units(members: list, groups: tuple) -> list:

@@ -156,21 +156,24 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
         # g ⊙ D, and under autocast both factors cast. Taken only in the dtype of this product
         # (an adapter in a region where autocast is off keeps its own).
         prepared = layer.__dict__.get(factor_batch.SLOT)
-        lead = y = None
+        lead = y = merged = None
         if prepared is not None:
-            pd, pu, lead = prepared
+            pd, pu, lead, pw = prepared
             if pd is not None and pd.dtype == x2.dtype:
                 down, gate = pd, None
             if pu is not None and pu.dtype == x2.dtype:
                 up = pu
+            if mode == "merge" and pw is not None and pw.dtype == x2.dtype:
+                merged = pw            # W', formed with the other adapters' from these factors
         side_stream.prepare(x2)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             if mode != "triton":
                 # adapters called on the same x share its down-projection (shared_input.py)
                 shared_input.record(layer, x)
-                y = shared_input.forward(layer, x, x2, w, b, down, up, lead, mode == "merge")
+                y = shared_input.forward(layer, x, x2, w, b, down, up, lead, mode == "merge", merged)
             if y is None:
-                y = EpilogueLinear.apply(x2, w, b, down, gate, up, layer.scaling, mode)
+                y = EpilogueLinear.apply(x2, w if merged is None else merged, b, down, gate, up, layer.scaling, mode,
+                                         merged is not None)
     else:
         stack, bstack = _stack(layer, w, b, down)
         y = StackedLinear.apply(x2, stack, bstack, w, down, gate, up, layer.scaling)
@@ -243,13 +246,13 @@ class EpilogueLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, down, gate, up, scaling, how):
+    def forward(ctx, x, w, b, down, gate, up, scaling, how, merged=False):
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
         dg, up = dg.to(x.dtype), up.to(x.dtype)                   # no-ops unless under autocast
         if how == "triton":
             y, ht = lowrank_gemm.lowrank_gemm(x, w.t(), dg.t(), up.t(), scaling, b)   # (N, d_out), hᵀ (r, N)
         else:
-            if how == "merge":
+            if how == "merge" and not merged:                # merged: w is W' already (merge_batch.py)
                 w = rank_update.merged_weight(w, up, dg, scaling, x.dtype)   # W' (d_out, d_in), saved
             side = side_stream.fork(x)                       # captured: hᵀ beside the frozen GEMM
             with side_stream.on(side):
@@ -266,7 +269,7 @@ class EpilogueLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, w, down, gate, up, dg, ht = ctx.saved_tensors    # w: W' on the merge path
         s, how = ctx.scaling, ctx.how
-        need_x, _, _, need_d, need_g, need_u, _, _ = ctx.needs_input_grad
+        need_x, _, _, need_d, need_g, need_u, *_ = ctx.needs_input_grad
         dx = dd = dgate = du = None
         tt = None
         if need_x and how == "triton":
@@ -287,7 +290,7 @@ class EpilogueLinear(torch.autograd.Function):
             if how == "epilogue":
                 rank_update.add_(dx, tt.t(), dg, s)          # + s · (G U)(g ⊙ D), in place
         side_stream.join(side, dd, dgate, du)
-        return dx, None, None, dd, dgate, du, None, None
+        return dx, None, None, dd, dgate, du, None, None, None
 
 
 def _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g):

@@ -94,18 +94,22 @@ class Lead:
         self.down, self.followers, self.ranks = down, followers, ranks
 
 
-def forward(layer, x, x2, w, b, down, up, lead, merge):
+def forward(layer, x, x2, w, b, down, up, lead, merge, merged=None):
     """``layer``'s output through its group (``x`` the tensor it was called on, ``x2`` its
     ``(N, d_in)`` rows in the product's dtype, ``down`` its factor as the fused forward holds it;
-    ``merge``: the merge path), or None where it computes its own ``hᵀ``."""
+    ``merge``: the merge path, ``merged`` its ``W'`` where adalora/merge_batch.py formed it), or
+    None where it computes its own ``hᵀ``."""
     handed = layer.__dict__.pop(HANDED, None)
     if handed is not None and handed[0] is x and handed[1] == x._version and handed[2].dtype == x2.dtype:
         # merge: W'_k from the follower's own rows. A follower's down factor is always prepared,
         # g ⊙ D in its group's dtype, which is the handed rows' (factor_batch.py), so no gate here.
-        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling, down if merge else None)
+        if merged is not None:
+            return FollowLinear.apply(x2, merged, b, handed[2], up, layer.scaling, None, True)
+        return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling, down if merge else None, merge)
     if lead is None or lead.down.dtype != x2.dtype or x.is_inference():
         return None                   # an inference tensor keeps no version: a write could not be seen
-    y, *hts = LeadLinear.apply(x2, w, b, lead.down, up, layer.scaling, lead.ranks, merge)
+    y, *hts = LeadLinear.apply(x2, w if merged is None else merged, b, lead.down, up, layer.scaling, lead.ranks,
+                               merge, merged is not None)
     for follower, ht in zip(lead.followers, hts):
         follower.__dict__[HANDED] = (x, x._version, ht)
     return y
@@ -116,9 +120,9 @@ class LeadLinear(torch.autograd.Function):
     ``dx`` and ``dD`` (module docstring). Returns ``(y_1, hᵀ_2, ..., hᵀ_L)``."""
 
     @staticmethod
-    def forward(ctx, x, w, b, down, up, scaling, ranks, merge):
+    def forward(ctx, x, w, b, down, up, scaling, ranks, merge, merged):
         r = ranks[0]
-        if merge:
+        if merge and not merged:                             # merged: w is W'_1 already
             w = merged_weight(w, up, down[:r], scaling, x.dtype)   # W'_1 (d_out, d_in), saved for dx_1
         side = side_stream.fork(x)                           # captured: Hᵀ beside the frozen GEMM
         with side_stream.on(side):
@@ -138,7 +142,7 @@ class LeadLinear(torch.autograd.Function):
     def backward(ctx, grad, *grad_hts):
         x, w, down, up, ht = ctx.saved_tensors             # w: W'_1 on the merge path
         s, r = ctx.scaling, ctx.r
-        need_x, _, _, need_d, need_u, _, _, _ = ctx.needs_input_grad
+        need_x, _, _, need_d, need_u, *_ = ctx.needs_input_grad
         dx = dd = du = None
         def group_t():
             # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
@@ -157,20 +161,21 @@ class LeadLinear(torch.autograd.Function):
             if not ctx.merge:
                 rank_update.add_(dx, t.t(), down, 1.0)       # + Tᵀ D: the group's share, in place
         side_stream.join(side, dd, du)
-        return dx, None, None, dd, du, None, None, None
+        return dx, None, None, dd, du, None, None, None, None
 
 
 class FollowLinear(torch.autograd.Function):
     """A follower's ``y_k = x W_kᵀ + b_k + s_k h_k U_kᵀ`` from its handed ``hᵀ_k``; backward
     ``G_k W_k`` into x and ``d hᵀ_k = s_k (G_k U_k)ᵀ`` to the leader. x is not saved. On the
-    merge path ``dg`` is its ``g_k ⊙ D_k``, for ``W'_k`` only (no gradient: that comes via hᵀ_k)."""
+    merge path (``merge``) ``dg`` is its ``g_k ⊙ D_k``, for ``W'_k`` only (no gradient: that comes
+    via hᵀ_k), or None where ``w`` is ``W'_k`` already."""
 
     @staticmethod
-    def forward(ctx, x, w, b, ht, up, scaling, dg):
+    def forward(ctx, x, w, b, ht, up, scaling, dg, merge):
         if dg is not None:
             w = merged_weight(w, up, dg, scaling, x.dtype)   # W'_k (d_out, d_in), saved for dx_k
         y = F.linear(x, w, b)                                # (N, d_out)
-        if dg is None:
+        if not merge:
             rank_update.add_(y, ht.t(), up.t(), scaling)    # y += s · h Uᵀ, in place
         ctx.save_for_backward(w, up, ht)
         ctx.scaling = scaling
@@ -180,11 +185,11 @@ class FollowLinear(torch.autograd.Function):
     def backward(ctx, grad):
         w, up, ht = ctx.saved_tensors
         s = ctx.scaling
-        need_x, _, _, need_h, need_u, _, _ = ctx.needs_input_grad
+        need_x, _, _, need_h, need_u, *_ = ctx.needs_input_grad
         side = side_stream.fork(grad)                                # captured: beside the frozen G W
         with side_stream.on(side):
             dht = scaled_mm(up.t(), grad.t(), s) if need_h else None   # s · (G U)ᵀ (r, N)
             du = scaled_mm(ht, grad, s).t() if need_u else None      # s · Gᵀ h, column-major as U
         dx = torch.mm(grad, w) if need_x else None                   # G W, or G W' merged (N, d_in)
         side_stream.join(side, dht, du)
-        return dx, None, None, dht, du, None, None
+        return dx, None, None, dht, du, None, None, None

@@ -253,7 +253,8 @@ def test_every_adapter_of_a_shared_width_gets_prepared_factors_and_a_lone_one_do
     n_in = collections.Counter(widths)
     n_out = collections.Counter(a.out_features for a in ad.values())
     for name, a in ad.items():
-        down, up, _ = seen[name] or (None, None, None)
+        down, up, _, merged = seen[name] or (None, None, None, None)
+        assert merged is None, name                      # the epilogue path: no W' formed
         assert (down is not None) == (n_in[a.in_features] > 1), name
         assert (up is not None) == (autocast and n_out[a.out_features] > 1), name
         if down is not None and not autocast:
