@@ -122,7 +122,7 @@ def _form(model: nn.Module, args) -> None:
         for m, ut in zip(members, ut_all.split([m.rank for m in members])):
             m.__dict__.setdefault(SLOT, [None, None, None, None])[1] = ut.t()          # (d_out, r) column-major
     merging = [m for m in filled if m.fuse == "merge"]
-    if len(merging) > 1 and torch.is_grad_enabled():
+    if merging and torch.is_grad_enabled():
         _merge(merging)
 
 

@@ -163,8 +163,8 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
                 down, gate = pd, None
             if pu is not None and pu.dtype == x2.dtype:
                 up = pu
-            if mode == "merge" and pw is not None and pw.dtype == x2.dtype:
-                merged = pw            # W', formed with the other adapters' from these factors
+            if pw is not None and pw.dtype == x2.dtype:
+                merged = pw            # a merge-path adapter's W', formed with the others' from these factors
         side_stream.prepare(x2)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             if mode != "triton":
@@ -246,7 +246,7 @@ class EpilogueLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, down, gate, up, scaling, how, merged=False):
+    def forward(ctx, x, w, b, down, gate, up, scaling, how, merged):
         dg = down if gate is None else down * gate.unsqueeze(1)   # (r, d_in): g ⊙ D, as _down_weight
         dg, up = dg.to(x.dtype), up.to(x.dtype)                   # no-ops unless under autocast
         if how == "triton":

@@ -9,6 +9,7 @@ the only state is ``Ī`` and ``Ū`` (``I`` and the gathered weights/gradients ar
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -70,15 +71,14 @@ class _Layout:
         i = 0
         for ks, d_out, r, d_in, off in self.groups:
             n = len(ks)
-            for kind, rows, cols in (("P", r, d_out), ("lam", r, 1), ("Q", r, d_in)):
-                blocks = tensors[i:i + n]
-                if kind == "P":
-                    blocks = [t.t() for t in blocks]
-                elif kind == "lam":
-                    blocks = [t.view(r, 1) for t in blocks]
-                torch.cat(blocks, out=flat[off:off + n * rows * cols].view(n * rows, cols))
-                off += n * rows * cols
-                i += n
+            parts = (([t.t() for t in tensors[i:i + n]], (n * r, d_out)),    # P as Pᵀ: its storage order
+                     (tensors[i + n:i + 2 * n], (n * r,)),                     # lam
+                     (tensors[i + 2 * n:i + 3 * n], (n * r, d_in)))            # Q
+            for blocks, shape in parts:
+                size = math.prod(shape)
+                torch.cat(blocks, out=flat[off:off + size].view(shape))
+                off += size
+            i += 3 * n
         return flat.to(dtype)
 
 

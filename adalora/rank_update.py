@@ -105,7 +105,9 @@ def merged_weight(w: torch.Tensor, up: torch.Tensor, dg: torch.Tensor, s: float,
     # W0's values (a change under half a unit in the last place of a W0 entry is rounded away),
     # while every gradient multiplies the factors themselves.
     dtype = dtype or w.dtype
-    return _update(None, w, up.to(dtype), dg.to(dtype), s, dtype)
+    # autocast off: it would run the addmm below in its dtype, rounding W0 before the sum
+    with torch.autocast(w.device.type, enabled=False):
+        return _update(None, w, up.to(dtype), dg.to(dtype), s, dtype)
 
 
 def _update(out, src, a, b, s, dtype=None):

@@ -116,3 +116,37 @@ def test_the_merge_path_through_the_grouped_kernel_equals_it_through_merged_weig
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-2, atol=1e-2)
     for k in runs[0][1]:
         torch.testing.assert_close(runs[0][1][k], runs[1][1][k], rtol=2e-2, atol=2e-2, msg=k)
+
+
+def test_without_gradients_each_merge_forward_forms_its_own_w_prime_and_equals_the_unfused_output():
+    """Under no_grad the hook forms none, so the groups' leaders and followers and the single
+    adapters form their own W' in their forwards: the output equals the unfused path's (float64)."""
+    from test_shared_input import _model
+
+    x = torch.randn(5, 16, dtype=torch.float64)
+    ref, _ = _model("none")
+    m, ad = _merge_model()
+    m(x)                                                  # the plan: groups from here on
+    with torch.no_grad():
+        got, want = m(x), ref(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_under_autocast_the_hook_forms_w_prime_in_the_autocast_dtype_rounded_once():
+    """fp32 weights under CPU bf16 autocast: every W' in the slot is bf16, W0 + s U (lam ⊙ Q) from the
+    bf16 factors rounded once (within half a bf16 place of the float64 sum), as merged_weight forms
+    it also where the caller runs under autocast."""
+    m, ad = _merge_model(torch.float32)
+    seen = {}
+    for name, a in ad.items():
+        a.register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: mod.__dict__.get(factor_batch.SLOT)}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(5, 16))
+    for name, a in ad.items():
+        merged = seen[name][3]
+        up, dg = a.P.bfloat16(), (a.lam[:, None] * a.Q).bfloat16()
+        exact = a.base.weight.double() + a.scaling * (up.double() @ dg.double())
+        assert merged.dtype == torch.bfloat16, name
+        # rounded once: within half a bf16 place (2⁻⁸ relative) of the float64 sum, a little more for
+        # the fp32 sum's own rounding; W0 rounded first would miss a cancelling sum by far more
+        assert ((merged.double() - exact).abs() <= 2.0 ** -8 * exact.abs() * 1.01 + 1e-30).all(), name
