@@ -341,6 +341,40 @@ def ab_pairs(files) -> str:
                   "results file"], rows, "lrrrrrl")
 
 
+EAGER_PATHS = (("", "none"), ("_epilogue", "epilogue"), ("_merge", "merge"))
+
+
+def eager_pairs(files) -> str:
+    """AdaLoRA over LoRA in the eager steps of one GPU, round by round. The benchmark times every
+    variant once per round, the rounds' order rotated, so a round's two medians were taken
+    minutes apart at most: for each file and path, the ratio of the medians the file reports, and
+    the mean of the per-round ratios with a two-sided t-interval. The intervals are simultaneous
+    over the table's rows (Bonferroni: each at 1 − 0.05/rows), so the rows can be read together."""
+    import statistics
+    from scipy import stats
+    found = []
+    for name, d in files.items():
+        c, v = d.get("config") or {}, d.get("variants")
+        if (d.get("kind") not in ("benchmark", "paths_benchmark", "phases_benchmark") or c.get("device") != "cuda"
+                or c.get("step_graph") or c.get("compile") or not isinstance(v, dict)):
+            continue
+        for suffix, path in EAGER_PATHS:
+            a, lo = v.get(f"adalora{suffix}"), v.get(f"lora{suffix}")
+            if a and lo and len(a.get("rounds_ms", ())) == len(lo.get("rounds_ms", ())) > 1:
+                found.append((name, c, path, a, lo))
+    rows = []
+    for name, c, path, a, lo in found:
+        per = [x / y for x, y in zip(a["rounds_ms"], lo["rounds_ms"])]
+        n = len(per)
+        mean = statistics.mean(per)
+        half = stats.t.ppf(1 - 0.025 / len(found), n - 1) * statistics.stdev(per) / n ** 0.5
+        shape = f"{c['preset']}" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
+        rows.append([shape, path, str(n), f"{a['median_ms'] / lo['median_ms']:.2f}",
+                     f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]", f"`{name}`"])
+    return table(["shape, eager", "path", "rounds", "median ÷ median", "per-round ratio, mean [simultaneous 95% t]",
+                  "results file"], rows, "llrrrl")
+
+
 def step_ms(run: dict) -> list[float]:
     """ms per optimizer step over each 10-step span of a run's train log that holds no evaluation,
     from step 20 on (the first steps compile, tune and, with ``step_graph``, capture)."""
@@ -404,7 +438,8 @@ def loop_compare(files) -> str:
                   "test accuracy, b − a"], rows, "lllrrrr")
 
 
-TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "host_phases": host_phases, "ab_pairs": ab_pairs, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
+TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "host_phases": host_phases, "ab_pairs": ab_pairs,
+          "eager_pairs": eager_pairs, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
           "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch,
           "loop_runs": loop_runs, "loop_compare": loop_compare}
 

@@ -185,6 +185,31 @@ def test_host_phase_and_pair_tables_read_their_cells_from_results_files(tmp_path
         "| `adalora_epilogue` | 8.00 / 7.80 | 0.975 | 1.60 / 1.95 | 7.50 / 7.25 | 1140 / 1113 | `q.json` |"]
 
 
+def test_eager_pairs_table_pairs_the_rounds_and_widens_its_intervals_by_the_number_of_rows(tmp_path):
+    """AdaLoRA over LoRA round by round, by hand: rounds 2, 3, 4 against 1, 2, 2 ms give ratios 2,
+    1.5, 2, mean 1.83, standard deviation 0.289; one row: t(0.975, 2) = 4.303, so ± 0.717. Two rows:
+    each interval at t(1 − 0.025/2, 2) = 6.205, ± 1.034. Captured and CPU files are left out."""
+    import json
+
+    from analysis import bench_tables as B
+
+    def run(rounds):
+        return {"rounds_ms": rounds, "median_ms": sorted(rounds)[len(rounds) // 2]}
+    eager = {"kind": "paths_benchmark", "config": {"preset": "base", "device": "cuda", "step_graph": False},
+             "variants": {"lora_epilogue": run([1.0, 2.0, 2.0]), "adalora_epilogue": run([2.0, 3.0, 4.0])}}
+    (tmp_path / "e.json").write_text(json.dumps(eager))
+    captured = dict(eager, config=dict(eager["config"], step_graph=True))
+    (tmp_path / "s.json").write_text(json.dumps(captured))
+    (tmp_path / "c.json").write_text(json.dumps(dict(eager, config=dict(eager["config"], device="cpu"))))
+    assert B.eager_pairs(B.load(tmp_path)).splitlines()[2:] == [
+        "| base | epilogue | 3 | 1.50 | 1.83 [1.12, 2.55] | `e.json` |"]
+    merged = dict(eager, variants=dict(eager["variants"], lora_merge=run([1.0, 2.0, 2.0]), adalora_merge=run([2.0, 3.0, 4.0])))
+    (tmp_path / "e.json").write_text(json.dumps(merged))
+    assert B.eager_pairs(B.load(tmp_path)).splitlines()[2:] == [
+        "| base | epilogue | 3 | 1.50 | 1.83 [0.80, 2.87] | `e.json` |",
+        "| base | merge | 3 | 1.50 | 1.83 [0.80, 2.87] | `e.json` |"]
+
+
 def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
     """ms per step from the train log's 10-step spans (before step 20 and after an evaluation left
     out), eager over captured per seed, and the paired accuracy difference with its t-interval:
