@@ -94,7 +94,7 @@ class Lead:
         self.down, self.followers, self.ranks = down, followers, ranks
 
 
-def forward(layer, x, x2, w, b, down, up, lead, merge, merged=None):
+def forward(layer, x, x2, w, b, down, up, lead, merge, merged):
     """``layer``'s output through its group (``x`` the tensor it was called on, ``x2`` its
     ``(N, d_in)`` rows in the product's dtype, ``down`` its factor as the fused forward holds it;
     ``merge``: the merge path, ``merged`` its ``W'`` where adalora/merge_batch.py formed it), or
@@ -104,7 +104,7 @@ def forward(layer, x, x2, w, b, down, up, lead, merge, merged=None):
         # merge: W'_k from the follower's own rows. A follower's down factor is always prepared,
         # g ⊙ D in its group's dtype, which is the handed rows' (factor_batch.py), so no gate here.
         if merged is not None:
-            return FollowLinear.apply(x2, merged, b, handed[2], up, layer.scaling, None, True)
+            w, down = merged, None    # W'_k formed already (merge_batch.py): nothing left to merge
         return FollowLinear.apply(x2, w, b, handed[2], up, layer.scaling, down if merge else None, merge)
     if lead is None or lead.down.dtype != x2.dtype or x.is_inference():
         return None                   # an inference tensor keeps no version: a write could not be seen
