@@ -150,3 +150,18 @@ def test_under_autocast_the_hook_forms_w_prime_in_the_autocast_dtype_rounded_onc
         # rounded once: within half a bf16 place (2⁻⁸ relative) of the float64 sum, a little more for
         # the fp32 sum's own rounding; W0 rounded first would miss a cancelling sum by far more
         assert ((merged.double() - exact).abs() <= 2.0 ** -8 * exact.abs() * 1.01 + 1e-30).all(), name
+
+
+def test_under_autocast_without_gradients_each_merge_forward_forms_its_w_prime_in_the_autocast_dtype():
+    """No gradients, CPU bf16 autocast, fp32 weights: the leaders, followers and single adapters
+    form their own W' in bf16 (a W' left in fp32 would not multiply the bf16 input), and the
+    output is the unfused path's to bf16 rounding."""
+    from test_shared_input import _model
+
+    x = torch.randn(5, 16)
+    ref, _ = _model("none", dtype=torch.float32)
+    m, ad = _merge_model(torch.float32)
+    m(x)                                                  # the plan: groups from here on
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = m(x), ref(x)
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
