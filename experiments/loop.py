@@ -242,9 +242,11 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         # R does not depend on the batch: adding γ∇R once equals adding γR/accum to every
         # micro-batch's loss, in a few batched kernels instead of a second autograd path.
         orth = None
-        if orth_weight > 0:
-            orth, grads = pending or adalora.orthogonality_grads(adapters, orth_weight, cfg.method.orth_form)
+        if pending is not None:                 # formed beside forward and backward (graphed_grads)
+            orth, grads = pending
             adalora.add_orthogonality_grads_(grads)
+        elif orth_weight > 0:
+            orth = adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form)
         norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         return (torch.zeros_like(norm) if orth is None else orth), norm
 
