@@ -21,8 +21,8 @@ import torch
 import adalora
 
 from .loop import update
-from .step_graph import beside as beside_stream
 from .model import BLOCK_LINEARS
+from .step_graph import orthogonality_beside
 
 TARGETS = BLOCK_LINEARS["bert"]
 FUSE_OF = {"fused": "stack", "epilogue": "epilogue", "merge": "merge", "triton": "triton"}   # variant-name suffix -> AdapterConfig.fuse
@@ -218,15 +218,11 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
     beside = torch.cuda.Stream() if capture and orth_adapters is not None else None
 
     def body():
-        pending = None
-        if orth_adapters is not None:
-            with beside_stream(beside) as joined:
-                _, pending = adalora.orthogonality_grads(orth_adapters, orth_weight)
+        add_orth = None if orth_adapters is None else orthogonality_beside(beside, orth_adapters, orth_weight)
         loss = fn()
         loss.backward()
-        if pending is not None:
-            joined(t for _, t, _ in pending)
-            adalora.add_orthogonality_grads_(pending)
+        if add_orth is not None:
+            add_orth()
         opt.step()
         if device_step is not None:
             alloc.update_importance(counter[0], grads_finite=True)

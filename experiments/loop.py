@@ -235,16 +235,15 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         scaler.scale(task_loss / t.grad_accum).backward()
         return task_loss.detach()
 
-    def finish_grads(pending=None):
-        """Unscale, add γ·∇R, clip: (R, the total norm), on the device. ``pending``: R and γ∇R
-        formed before (``orthogonality_grads``), else formed here."""
+    def finish_grads(add_orth=None):
+        """Unscale, add γ·∇R, clip: (R, the total norm), on the device. ``add_orth``: γ∇R formed
+        beside forward and backward (graphed_grads), else formed here."""
         scaler.unscale_(opt)
         # R does not depend on the batch: adding γ∇R once equals adding γR/accum to every
         # micro-batch's loss, in a few batched kernels instead of a second autograd path.
         orth = None
-        if pending is not None:                 # formed beside forward and backward (graphed_grads)
-            orth, grads = pending
-            adalora.add_orthogonality_grads_(grads)
+        if add_orth is not None:
+            orth = add_orth()
         elif orth_weight > 0:
             orth = adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form)
         norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
@@ -256,14 +255,9 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     orth_stream = torch.cuda.Stream(device) if captured and orth_weight > 0 else None
 
     def graphed_grads(b):
-        pending = None
-        if orth_weight > 0:
-            with SG.beside(orth_stream) as join:
-                pending = adalora.orthogonality_grads(adapters, orth_weight, cfg.method.orth_form)
-        loss = grads_of(b)
-        if pending is not None:
-            join(g for _, g, _ in pending[1])
-        return (loss, *finish_grads(pending))
+        add_orth = (SG.orthogonality_beside(orth_stream, adapters, orth_weight, cfg.method.orth_form)
+                    if orth_weight > 0 else None)
+        return (grads_of(b), *finish_grads(add_orth))
 
     def step_graph():
         return SG.StepGraph(graphed_grads,

@@ -45,6 +45,8 @@ import math
 from typing import Callable, Dict, Optional
 
 import torch
+
+import adalora
 from adalora import schedule
 
 from .config import ConfigError, RunConfig
@@ -100,6 +102,20 @@ def beside(stream):
             t.record_stream(main)
     with torch.cuda.stream(stream):
         yield join
+
+
+def orthogonality_beside(stream, adapters: dict, weight: float, form: str = "reference") -> Callable:
+    """γ∇R formed on ``stream`` beside what the current stream runs next (``beside``): it reads
+    ``P`` and ``Q`` alone, so a captured step can start it before its forward. Returns ``add()``,
+    which waits for it, adds the gradients into ``.grad`` (after backward) and returns R."""
+    with beside(stream) as join:
+        value, pending = adalora.orthogonality_grads(adapters, weight, form)
+
+    def add() -> torch.Tensor:
+        join(g for _, g, _ in pending)
+        adalora.add_orthogonality_grads_(pending)
+        return value
+    return add
 
 
 class StepGraph:
