@@ -22,7 +22,7 @@ import adalora
 
 from .loop import update
 from .model import BLOCK_LINEARS
-from .step_graph import orthogonality_beside
+from .step_graph import StepGraph, orthogonality_beside
 
 TARGETS = BLOCK_LINEARS["bert"]
 FUSE_OF = {"fused": "stack", "epilogue": "epilogue", "merge": "merge", "triton": "triton"}   # variant-name suffix -> AdapterConfig.fuse
@@ -141,6 +141,9 @@ def make_step(cfg, dev, model, batch, opt, adapters=None, alloc=None, counter=No
     if cfg.step_graph:
         return _graphed_step(fn, opt, adapters if orth and not cfg.compile else None, cfg.orth_weight, alloc, counter,
                              capture=dev.type == "cuda")
+    if cfg.tail_graph:
+        return _tail_graphed_step(fn, opt, adapters if orth and not cfg.compile else None, cfg.orth_weight, alloc,
+                                  counter, dev)
 
     def step(clock: list | None = None):
         """``clock``: a list that gets ``time.perf_counter()`` after each of ``PHASES``."""
@@ -259,14 +262,47 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
     return step
 
 
+def _tail_graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, dev):
+    """The loop's ``trainer.tail_graph`` step: forward and backward eager, then γ∇R and the update
+    as the loop's tail graphs (``StepGraph(tail=...)``, captured on CUDA after its warm-up steps,
+    uncaptured on the CPU). No clipping, as in the other modes; the values the graphs keep on the
+    device are read back whenever their buffer fills, as the loop reads them at its logging."""
+    loss = {}
+
+    def grads_of(_batch):
+        loss["v"] = fn()
+        loss["v"].backward()
+        return loss["v"].detach()
+
+    def finish():
+        orth = (adalora.orthogonality_grad_(orth_adapters, orth_weight) if orth_adapters is not None
+                else torch.zeros((), device=dev))
+        return orth, torch.zeros((), device=dev)
+
+    graph = StepGraph(None, lambda step, finite: update(opt, None, None, alloc, step, finite), opt,
+                      types.SimpleNamespace(step=lambda: None), alloc, dev, capture=dev.type == "cuda",
+                      tail=(grads_of, finish))
+
+    def step():
+        graph.grads(None)
+        graph.update(counter[0])
+        counter[0] += 1
+        if graph.full:
+            graph.read()
+        return loss["v"].detach()
+    return step
+
+
 def make_optimizer(cfg, model):
     # The fastest stock AdamW per device, the same for every variant: one fused kernel on CUDA,
     # multi-tensor (foreach) on the CPU, whose default is a Python loop over parameters.
     params = [p for p in model.parameters() if p.requires_grad]
     dev = params[0].device.type
-    # A captured step keeps AdamW's step count on the device (capturable).
-    return torch.optim.AdamW(params, lr=cfg.lr, fused=dev == "cuda", foreach=dev != "cuda",
-                             capturable=cfg.step_graph and dev == "cuda")
+    # A captured step keeps AdamW's step count on the device (capturable). The tail graphs skip a
+    # non-finite step through fused AdamW's found_inf, so they take the fused kernel on the CPU too.
+    fused = dev == "cuda" or cfg.tail_graph
+    return torch.optim.AdamW(params, lr=cfg.lr, fused=fused, foreach=not fused,
+                             capturable=(cfg.step_graph or cfg.tail_graph) and dev == "cuda")
 
 
 def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
@@ -307,7 +343,7 @@ def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
     v = Variant(name, model, None, lambda: scorer_bytes(alloc))
     if compact:
         # Train through the final allocation (step 3) eagerly, shrink, and only then build the timed step.
-        eager = replace(cfg, compile=False, step_graph=False)
+        eager = replace(cfg, compile=False, step_graph=False, tail_graph=False)
         step = make_step(eager, dev, model, batch, opt, adapters, alloc, counter=counter)
         while not alloc.final_done:
             step()

@@ -88,6 +88,9 @@ class BenchConfig:
     # CUDA graph and replayed: no host work per step at all. CUDA only; peft's AdaLoRA cannot be
     # captured (its mask step reads the threshold on the host), so it is left out.
     step_graph: bool = False
+    # The loop's trainer.tail_graph: forward and backward eager, the rest of the step (γ∇R, AdamW,
+    # importance and mask) replayed as CUDA graphs on copies of the gradients. CUDA only.
+    tail_graph: bool = False
     tf32: bool = False
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
     warmup: int = 3
@@ -134,13 +137,18 @@ class BenchConfig:
                                                  or self.compile_backend == "cudagraphs"):
             raise ValueError("step_graph=true captures the whole step itself: use compile_mode=default "
                              "(or compile=false), not a CUDA-graph compile mode inside it")
-        if self.step_graph and (self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())):
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        if self.step_graph and on_cpu:
             raise ValueError("step_graph=true needs a CUDA device: CUDA graphs do not exist on the CPU")
+        if self.tail_graph and (on_cpu or self.step_graph or (self.compile and self.compile_mode == "reduce-overhead")):
+            raise ValueError("tail_graph=true needs a CUDA device, step_graph=false and no CUDA-graph compile mode "
+                             "(use compile_mode=default)")
         for entry in self.suite:
             preset, dtype, *rest = entry.split(":")
-            if (preset not in PRESETS or dtype not in ("fp32", "bf16") or not set(rest) <= {"compile", "graphs", "step"}
-                    or {"graphs", "step"} <= set(rest)):
-                raise ValueError(f"suite entry {entry!r}: use preset:dtype[:compile|:graphs|:step|:compile:step], "
+            modes = set(rest) & {"graphs", "step", "tail"}
+            if (preset not in PRESETS or dtype not in ("fp32", "bf16") or not set(rest) <= {"compile", "graphs", "step", "tail"}
+                    or len(modes) > 1):
+                raise ValueError(f"suite entry {entry!r}: use preset:dtype[:compile|:graphs|:step|:tail|:compile:step], "
                                  f"e.g. base:bf16:graphs")
         self.variants, self.alloc_layers, self.suite = list(self.variants), list(self.alloc_layers), list(self.suite)
 
@@ -188,7 +196,7 @@ def _stats(xs: list[float]) -> dict:
 
 def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
     names = [n for n in cfg.variants if (not n.startswith("peft_") or have_peft())
-             and not (cfg.step_graph and n == "peft_adalora")]
+             and not ((cfg.step_graph or cfg.tail_graph) and n == "peft_adalora")]
     if "lora_final" in names and "adalora_compact" not in names:
         names.remove("lora_final")
     names.sort(key=lambda n: n == "lora_final")  # lora_final needs the ranks adalora_compact found
@@ -224,7 +232,7 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
               flush=True)
     for n in times:
         out[n].update(_stats(times[n]))
-    if not cfg.compile and not cfg.step_graph:
+    if not cfg.compile and not cfg.step_graph and not cfg.tail_graph:
         for v in variants:
             out[v.name]["host_phases_ms"] = host_phases(v.step, cfg.steps, dev)
     if dev.type == "cuda":
@@ -267,9 +275,11 @@ def _train(name: str, cfg: BenchConfig, dev, batch, graphed: bool, steps: int):
     """Losses per step and, for AdaLoRA, the rank masks after each step, of variant ``name``
     trained ``steps`` steps captured (``graphed``) or not. An uncaptured run first runs the
     ``GRAPH_WARMUP`` steps that a captured one runs uncaptured before its capture."""
-    v = build_variant(name, replace(cfg, step_graph=graphed, variants=[name]), dev, batch, {})
+    mode = cfg if graphed else replace(cfg, step_graph=False, tail_graph=False)
+    v = build_variant(name, replace(mode, variants=[name]), dev, batch, {})
     layers = [a for a in adalora.find_adapters(v.model).values() if isinstance(a, adalora.SVDLinear)]
-    for _ in range(0 if graphed else GRAPH_WARMUP):
+    # (the tail graphs' warm-up steps are steps of the run: nothing to skip)
+    for _ in range(GRAPH_WARMUP if cfg.step_graph and not graphed else 0):
         v.step()
     losses, masks = [], []
     for _ in range(steps):
@@ -318,8 +328,9 @@ def run_fused_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dic
         ref, _, suffix = name.rpartition("_")
         if suffix not in FUSE_OF:
             continue
-        out[name] = _agreement(_train(ref, cfg, dev, batch, cfg.step_graph, steps),
-                               _train(name, cfg, dev, batch, cfg.step_graph, steps), ("unfused_loss", "fused_loss"))
+        graphed = cfg.step_graph or cfg.tail_graph
+        out[name] = _agreement(_train(ref, cfg, dev, batch, graphed, steps),
+                               _train(name, cfg, dev, batch, graphed, steps), ("unfused_loss", "fused_loss"))
         _say(f"fused check {name} against {ref}", out[name])
     return out
 
@@ -401,7 +412,7 @@ def run(cfg: BenchConfig) -> dict:
             sub = replace(cfg, suite=[], preset=preset, dtype=dtype,
                           compile="compile" in rest or "graphs" in rest,
                           compile_mode="reduce-overhead" if "graphs" in rest else cfg.compile_mode,
-                          step_graph="step" in rest,
+                          step_graph="step" in rest, tail_graph="tail" in rest,
                           layers=None, hidden=None, heads=None, intermediate=None, seq=None, batch=None,
                           kv_heads=None, vocab=None,
                           alloc_layers=cfg.alloc_layers if i == 0 else [], out=os.path.join(out, entry.replace(":", "_")))
@@ -417,7 +428,7 @@ def run(cfg: BenchConfig) -> dict:
                       "command": "python -m experiments.benchmark " + " ".join(sys.argv[1:])},
               "config": asdict(cfg), "env": _env(dev)}
     result["variants"] = run_models(cfg, dev)
-    if cfg.step_graph:
+    if cfg.step_graph or cfg.tail_graph:
         result["graph_check"] = run_graph_check(cfg, dev)
     if any(n.rpartition("_")[2] in FUSE_OF for n in cfg.variants):
         result["fused_check"] = run_fused_check(cfg, dev)

@@ -313,6 +313,10 @@ class TrainerConfig:
     # GPU, the methods step_graph.METHODS names; batches keep their padded length, and a causal
     # LM's loss takes every position's logits (no boolean selection of the scored ones).
     step_graph: bool = False
+    # Only the step after backward as CUDA graphs (experiments/step_graph.py): forward and backward
+    # stay eager, so batches keep their own length and grad_accum may be above 1; γ∇R, clipping,
+    # AdamW and the allocator replay as graphs.
+    tail_graph: bool = False
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1 and self.grad_accum >= 1,
@@ -339,6 +343,13 @@ class TrainerConfig:
                    "(fp16's GradScaler decides its step on the host); or set trainer.step_graph=false")
             _check(self.compile != "reduce-overhead", "trainer.step_graph=true needs trainer.compile=none or "
                    "default (the step is already one graph); or set trainer.step_graph=false")
+        if self.tail_graph:
+            _check(not self.step_graph, "trainer.tail_graph=true and trainer.step_graph=true: pick one "
+                   "(step_graph captures the tail too)")
+            _check(self.precision != "fp16", "trainer.tail_graph=true needs trainer.precision=bf16 or fp32 "
+                   "(fp16's GradScaler decides its step on the host); or set trainer.tail_graph=false")
+            _check(self.compile != "reduce-overhead", "trainer.tail_graph=true needs trainer.compile=none or "
+                   "default (two kinds of CUDA graph in one step); or set trainer.tail_graph=false")
 
 
 @dataclass

@@ -19,6 +19,8 @@ Per optimizer step (``step`` counts optimizer steps, never micro-batches):
 ``trainer.step_graph=true`` runs the same calls as two CUDA graph replays a step: forward to
 clipping, then the update (experiments/step_graph.py). The graphs skip a non-finite step on the
 device, and the host reads the steps' values back only where it logs, evaluates or checkpoints.
+``trainer.tail_graph=true`` keeps forward and backward eager (any batch shape, grad_accum > 1) and
+replays the rest, from γ∇R to the allocator, as graphs on copies of the gradients.
 
 Data parallel (experiments/distributed.py): rank r trains on the r-th slice of each global
 micro-batch; gradients are the full global batch's on every rank, so the allocator's scores
@@ -209,15 +211,16 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
     # On CUDA one fused kernel (as the benchmark times); a captured step also needs AdamW's state
     # and learning rates on the device (step_graph.py). The CPU keeps the default, multi-tensor.
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(param_groups(cfg, model), fused=cuda or t.step_graph or None,
-                            capturable=cuda and t.step_graph)
-    if t.step_graph:
+    graphed = t.step_graph or t.tail_graph
+    opt = torch.optim.AdamW(param_groups(cfg, model), fused=cuda or graphed or None,
+                            capturable=cuda and graphed)
+    if graphed:
         SG.place_lrs(opt, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
-        if t.step_graph:
+        if graphed:
             SG.place_lrs(opt, device)
         scaler.load_state_dict(resume_state["scaler"])
         rngs = resume_state.get("rng_ranks") or [resume_state["rng"]]
@@ -260,10 +263,12 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
         return (grads_of(b), *finish_grads(add_orth))
 
     def step_graph():
+        # tail_graph: forward and backward stay eager (grads_of), the rest is captured (finish_grads)
         return SG.StepGraph(graphed_grads,
                             lambda step, finite: update(opt, sched, scaler, allocator, step, finite),
-                            opt, sched, allocator, device, capture=device.type == "cuda")
-    graph = step_graph() if t.step_graph else None
+                            opt, sched, allocator, device, capture=device.type == "cuda",
+                            tail=(grads_of, finish_grads) if t.tail_graph else None)
+    graph = step_graph() if graphed else None
 
     saved_step = resume_state["step"] if resume_state is not None else None
 
@@ -281,7 +286,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 "wall_time_s": time.time() - t0, **(ckpt_extra or {})})
 
     train_data, n_train = splits["train"], splits["train"]["labels"].shape[0]
-    if graph is not None:
+    if t.step_graph:
         # Gathered on the device: a copy of each batch from pageable host memory would wait for
         # the step before it, and the GPU for the host.
         train_data = {k: v.to(device) for k, v in train_data.items()}
@@ -335,11 +340,11 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             losses = []
             for i in range(t.grad_accum):
                 idx = D.shard(micro_batch_indices(n_train, per_step, position, cfg.seed), dist)
-                b = batch_at(train_data, idx, device, trim=graph is None)
+                b = batch_at(train_data, idx, device, trim=not t.step_graph)
                 position += 1
                 # DDP: all-reduce once per optimizer step, on the last micro-batch.
                 last = i == t.grad_accum - 1
-                if graph is not None:                  # one micro-batch: the whole section below
+                if graph is not None:   # step_graph: one micro-batch, the whole section below
                     graph.grads(b)
                 else:
                     with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):

@@ -59,21 +59,24 @@ METHODS = ("adalora", "lora", "svd_lora", "full", "head", "peft_lora")
 
 
 def refuse(cfg: RunConfig, device: torch.device, world_size: int) -> None:
-    """A one-line ConfigError naming the fix where ``trainer.step_graph=true`` cannot capture what
-    the rest of the config asks (TrainerConfig checks its own fields)."""
-    if not cfg.trainer.step_graph:
+    """A one-line ConfigError naming the fix where ``trainer.step_graph=true`` (or
+    ``trainer.tail_graph=true``) cannot capture what the rest of the config asks (TrainerConfig
+    checks its own fields)."""
+    flag = "step_graph" if cfg.trainer.step_graph else "tail_graph" if cfg.trainer.tail_graph else None
+    if flag is None:
         return
     reasons = [
         (cfg.method.name not in METHODS, f"method one of {', '.join(METHODS)} (method={cfg.method.name} "
                                          "allocates on the host)"),
         (cfg.schedule.score.startswith("random"), f"a gradient or magnitude schedule.score (schedule.score="
                                                   f"{cfg.schedule.score} draws on the host)"),
-        (world_size > 1, "one process (DDP's all-reduce is not captured here)"),
+        (world_size > 1, "one process (DDP's all-reduce is not captured here)" if flag == "step_graph"
+                         else "one process (the graphs are not run under DDP here)"),
         (device.type != "cuda", f"a CUDA device (this run is on {device.type})"),
     ]
     for bad, fix in reasons:
         if bad:
-            raise ConfigError(f"trainer.step_graph=true needs {fix}; or set trainer.step_graph=false")
+            raise ConfigError(f"trainer.{flag}=true needs {fix}; or set trainer.{flag}=false")
 
 
 def place_lrs(opt: torch.optim.Optimizer, device: torch.device) -> None:
@@ -123,11 +126,19 @@ class StepGraph:
 
     ``grads_body(batch) -> (loss, R, norm)``: the loop's forward, backward, γ∇R and clipping of one
     batch. ``eager_update(step, finite) -> record``: the loop's ``update``. ``capture=False`` runs
-    the bodies uncaptured (CPU). Sets ``opt.found_inf``, which fused AdamW reads at every step."""
+    the bodies uncaptured (CPU). Sets ``opt.found_inf``, which fused AdamW reads at every step.
+
+    ``tail=(grads_of, finish)`` (``trainer.tail_graph``): ``grads`` runs ``grads_of(batch) -> loss``,
+    forward and backward, eagerly, on batches of any shape, once per micro-batch; ``update`` first
+    copies the gradients into the buffers the graphs read (one multi-tensor copy) and replays
+    ``finish() -> (R, norm)`` (γ∇R and clipping) with the step's verdict as a graph of its own."""
 
     def __init__(self, grads_body: Callable, eager_update: Callable, opt: torch.optim.Optimizer, sched,
-                 allocator, device: torch.device, capture: bool):
-        self.grads_body, self.eager_update = grads_body, eager_update
+                 allocator, device: torch.device, capture: bool, tail: Optional[tuple] = None):
+        self.grads_body, self.eager_update, self.tail = grads_body, eager_update, tail
+        self.params = [p for g in opt.param_groups for p in g["params"]]
+        self.loss: Optional[torch.Tensor] = None       # tail: the step's micro-batch losses, summed
+        self.finish_graph: Optional[tuple] = None      # tail: (graph, static loss, static gradients)
         self.opt, self.sched, self.allocator, self.capture = opt, sched, allocator, capture
         # mask_on_device's step, filled from the host before each mask step's update
         self.device_step = torch.zeros((), dtype=torch.long, device=device)
@@ -146,7 +157,11 @@ class StepGraph:
     # -- the two calls the loop makes ----------------------------------------------------------
     def grads(self, batch: Dict[str, torch.Tensor]) -> None:
         """The gradients of ``batch`` in ``.grad``, its values and verdict on the device: a replay
-        once captured."""
+        once captured. Tail: the eager forward and backward, accumulating, and the loss summed."""
+        if self.tail is not None:
+            loss = self.tail[0](batch)
+            self.loss = loss if self.loss is None else self.loss + loss
+            return
         if self.grads_graph is None and self.capture and self.runs["grads"] >= WARMUP:
             static = {k: v.clone() for k, v in batch.items()}
             graph = torch.cuda.CUDAGraph()
@@ -169,9 +184,12 @@ class StepGraph:
         """The loop's ``update`` for ``step``, after ``grads``: a replay of this phase's graph where
         one can hold it, else the loop's own calls. Returns the allocation record of a mask step,
         else None."""
+        if self.tail is not None:
+            self._finish()
         phase = self._phase(step)
         self.unread.append((step, phase))
         if phase is None:
+            self._grads_at_static()
             record = self.eager_update(step, bool(self.finite))   # the final allocation: one sync
         else:
             if phase == "mask":
@@ -179,14 +197,16 @@ class StepGraph:
             graph = self.update_graphs.get(phase)
             # Captured once the gradients are the grads graph's (uncaptured ones are unset after
             # the step) and its body has run uncaptured.
-            if graph is None and self.grads_graph is not None and self.runs.get(phase, 0) >= 1:
+            if graph is None and self._static and self.runs.get(phase, 0) >= 1:
                 if phase == "final":
                     self.update_graphs.clear()      # the budgeting graphs are never replayed again
+                self._grads_at_static()
                 graph = self.update_graphs[phase] = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     self._update_body(step, phase)
             if graph is None:
                 self.runs[phase] = self.runs.get(phase, 0) + 1
+                self._grads_at_static()
                 self._uncaptured(lambda: self._update_body(step, phase))
             else:
                 graph.replay()
@@ -195,9 +215,15 @@ class StepGraph:
             self.sched.step()
             record = self.allocator.mask_record(step) if phase == "mask" else None
         if self.grads_graph is None:
-            # Uncaptured, backward accumulates into .grad: unset it, as the eager loop does.
+            # Uncaptured (and in tail mode always), backward accumulates into .grad: unset it, as
+            # the eager loop does, so the next backward hands over fresh gradients without a copy.
             self.opt.zero_grad(set_to_none=True)
         return record
+
+    @property
+    def _static(self) -> bool:
+        """Whether the gradients sit where a captured update graph can read them every step."""
+        return self.grads_graph is not None or self.finish_graph is not None
 
     @property
     def full(self) -> bool:
@@ -221,7 +247,46 @@ class StepGraph:
 
     # -- internals ----------------------------------------------------------------------------
     def _grads_body(self, batch: Dict[str, torch.Tensor]) -> None:
-        loss, orth, norm = self.grads_body(batch)
+        self._verdict(*self.grads_body(batch))
+
+    def _finish(self) -> None:
+        """Tail: γ∇R, clipping and the verdict on the gradients eager backward left in ``.grad``;
+        a replay on copies of them once captured (after ``WARMUP`` uncaptured runs)."""
+        loss, self.loss = self.loss, None
+        grads = [p.grad for p in self.params]
+        if self.finish_graph is None and self.capture and self.runs["grads"] >= WARMUP:
+            if any(g is None for g in grads):
+                raise RuntimeError("trainer.tail_graph: a trainable parameter got no gradient, and a "
+                                   "captured update would skip it for good; set trainer.tail_graph=false")
+            static_loss, static = loss.clone(), [g.clone() for g in grads]
+            for p, g in zip(self.params, static):
+                p.grad = g
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._verdict(static_loss, *self.tail[1]())
+            self.finish_graph = (graph, static_loss, static)
+        if self.finish_graph is None:
+            self.runs["grads"] += 1
+            self._uncaptured(lambda: self._verdict(loss, *self.tail[1]()))
+            return
+        graph, static_loss, static = self.finish_graph
+        if any(g is None for g in grads):
+            raise RuntimeError("trainer.tail_graph: a trainable parameter got no gradient this step, and the "
+                               "captured update reads one for each; set trainer.tail_graph=false")
+        torch._foreach_copy_(static, grads)
+        static_loss.copy_(loss)
+        graph.replay()
+
+    def _grads_at_static(self) -> None:
+        """Tail, once captured: point ``.grad`` at the gradients the finish graph wrote, for
+        whatever runs uncaptured or is captured after it (``update``'s eager paths)."""
+        if self.finish_graph is not None:
+            for p, g in zip(self.params, self.finish_graph[2]):
+                p.grad = g
+
+    def _verdict(self, loss: torch.Tensor, orth: torch.Tensor, norm: torch.Tensor) -> None:
+        """The step's values into the buffer, and whether it is finite into ``finite`` and AdamW's
+        ``found_inf``."""
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         self.finite.copy_(finite)
         self.opt.found_inf.copy_(~finite)

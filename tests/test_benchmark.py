@@ -279,6 +279,48 @@ def test_captured_step_body_trains_as_the_eager_step(name):
         assert total == 144 and kept[-1] < total and kept == sorted(kept, reverse=True)   # masking happened
 
 
+@pytest.mark.parametrize("name", ["lora", "adalora_epilogue", "adalora_every10"])
+def test_tail_graph_step_trains_as_the_eager_step(name, monkeypatch):
+    """``tail_graph``, uncaptured as on the CPU: the eager forward and backward, then the loop's
+    tail bodies (γ∇R, fused AdamW with its skip flag, the device-step mask) give the eager step's
+    losses and rank masks bit for bit, over a mask step of the every-10 schedule and past a read
+    of the graphs' value buffer (shrunk to 4 steps here)."""
+    import torch
+    from dataclasses import replace
+    from experiments import step_graph
+    from experiments.bench_variants import build_variant, make_batch
+    monkeypatch.setattr(step_graph, "WINDOW", 4)
+    reads, read = [], step_graph.StepGraph.read
+    monkeypatch.setattr(step_graph.StepGraph, "read", lambda self: reads.append(len(self.unread)) or read(self))
+    cpu = torch.device("cpu")
+    eager = benchmark.BenchConfig(preset="tiny", device="cpu")
+    tail = replace(eager, tail_graph=True, device="cuda")      # "cuda" only passes the config check
+    batch = make_batch(eager, cpu, torch.Generator().manual_seed(0))
+    assert "attention_mask" in make_batch(tail, cpu, torch.Generator().manual_seed(0))   # eager forward
+    runs = {}
+    for tag, cfg in (("eager", eager), ("tail", tail)):
+        v = build_variant(name, cfg, cpu, batch, {})
+        svd = [a for a in adalora.find_adapters(v.model).values() if isinstance(a, adalora.SVDLinear)]
+        runs[tag] = [(float(v.step()), torch.cat([a.rank_mask for a in svd]) if svd else None) for _ in range(11)]
+    assert reads == [4, 4]
+    for (le, me), (lt, mt) in zip(runs["eager"], runs["tail"]):
+        assert le == lt
+        assert me is None or torch.equal(me, mt)
+    if name != "lora":
+        kept = [int(m.sum()) for _, m in runs["eager"]]
+        assert kept[-1] < runs["eager"][0][1].numel() == 144 and kept == sorted(kept, reverse=True)   # masking happened
+
+
+def test_tail_graph_config_checks():
+    for bad in (dict(device="cpu"), dict(device="cuda", step_graph=True),
+                dict(device="cuda", compile=True, compile_mode="reduce-overhead")):
+        with pytest.raises(ValueError, match="tail_graph=true needs a CUDA device, step_graph=false"):
+            benchmark.BenchConfig(tail_graph=True, **bad)
+    with pytest.raises(ValueError, match="preset:dtype"):
+        benchmark.BenchConfig(device="cuda", suite=["base:bf16:step:tail"])
+    assert benchmark.BenchConfig(device="cuda", suite=["base:bf16:tail", "base:bf16:compile:tail"]).suite
+
+
 def test_capture_keeps_the_eager_steps_mask_free_attention(monkeypatch):
     """While a stream captures (simulated here), a step given no attention mask is not counted as
     tracing, so transformers skips the mask as in eager mode; a given mask is judged as before,

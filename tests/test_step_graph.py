@@ -123,6 +123,31 @@ def test_loop_with_step_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_pa
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["lr"] == pytest.approx(a["lr"], rel=1e-6)
 
 
+@pytest.mark.parametrize("extra", [[], ["trainer.grad_accum=2"], ["trainer.compact=true"]])
+def test_loop_with_tail_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_path, monkeypatch):
+    """``trainer.tail_graph``: forward and backward eager on the loop's trimmed batches (and over two
+    micro-batches), the tail (γ∇R, clipping, the update) through the graphs' bodies: the same
+    allocation records, losses and learning rates as the eager loop, and the tail body runs once
+    per step, not per micro-batch."""
+    finishes, finish = [], SG.StepGraph._finish
+    monkeypatch.setattr(SG.StepGraph, "_finish", lambda self: finishes.append(1) or finish(self))
+    runs = {}
+    for mode in ("false", "true"):
+        s = run_inproc(tmp_path / mode, LOOP + extra + [f"trainer.tail_graph={mode}"])
+        assert s["status"] == "completed" and s["steps"] == (12 if "trainer.grad_accum=2" in extra else 24)
+        runs[mode] = read_jsonl(tmp_path / mode / "ranks.jsonl"), read_jsonl(tmp_path / mode / "metrics.jsonl")
+    assert len(finishes) == s["steps"]
+    (ra, ma), (rb, mb) = runs["false"], runs["true"]
+    assert len(ra) >= 2 and [r["step"] for r in ra] == [r["step"] for r in rb]
+    for a, b in zip(ra, rb):
+        assert (a["step"], a["budget"], a["ranks"], a["params_kept"]) == (b["step"], b["budget"], b["ranks"], b["params_kept"])
+        assert a["threshold"] is None or b["threshold"] == pytest.approx(a["threshold"], rel=1e-5)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for a, b in zip(ma, mb):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["lr"] == pytest.approx(a["lr"], rel=1e-6)
+        assert a["split"] != "train" or b["orth"] == pytest.approx(a["orth"], rel=1e-5)
+
+
 def test_values_read_back_when_the_buffer_fills_between_logs(cpu_graphs, tmp_path, monkeypatch):
     """A buffer of 4 steps and a train line every 7: the loop reads back whenever the buffer is
     full, and logs the same losses and skip-free run as the eager loop."""
@@ -199,6 +224,29 @@ def test_bodies_never_wait_on_the_device(task, cpu_graphs, tmp_path, monkeypatch
 
 
 # -- refusals -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, fix", [
+    (["trainer.precision=fp16"], "trainer.precision=bf16 or fp32 (fp16's GradScaler decides its step on the host); "
+                                 "or set trainer.tail_graph=false"),
+    (["trainer.compile=reduce-overhead"], "trainer.compile=none or default (two kinds of CUDA graph in one step); "
+                                          "or set trainer.tail_graph=false"),
+    (["trainer.step_graph=true"], "and trainer.step_graph=true: pick one (step_graph captures the tail too)"),
+])
+def test_tail_graph_settings_it_cannot_hold_are_refused_at_compose(overrides, fix):
+    with pytest.raises(ConfigError, match=r"^trainer.tail_graph=true (needs )?" + _re(fix) + "$"):
+        compose(["trainer.tail_graph=true"] + overrides)
+    compose(["trainer.tail_graph=true", "trainer.grad_accum=2"])     # eager backward: any number of micro-batches
+
+
+@pytest.mark.parametrize("overrides, world, fix", [
+    (["method=sora"], 1, "method one of adalora, lora, svd_lora, full, head, peft_lora (method=sora allocates on the host)"),
+    ([], 2, "one process (the graphs are not run under DDP here)"),
+])
+def test_runs_the_tail_graphs_cannot_hold_are_refused_with_the_fix(overrides, world, fix):
+    cfg, _ = compose(TINY + ["trainer.tail_graph=true"] + overrides)
+    with pytest.raises(ConfigError, match=rf"^trainer.tail_graph=true needs {_re(fix)}; or set trainer.tail_graph=false$"):
+        SG.refuse(cfg, torch.device("cuda"), world)
+
+
 @pytest.mark.parametrize("overrides, fix", [
     (["trainer.grad_accum=2"], "trainer.grad_accum=1 (one micro-batch per graph)"),
     (["trainer.precision=fp16"], "trainer.precision=bf16 or fp32 (fp16's GradScaler decides its step on the host)"),
