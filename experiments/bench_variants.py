@@ -266,13 +266,18 @@ def _tail_graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, dev)
     """The loop's ``trainer.tail_graph`` step: forward and backward eager, then γ∇R and the update
     as the loop's tail graphs (``StepGraph(tail=...)``, captured on CUDA after its warm-up steps,
     uncaptured on the CPU). No clipping, as in the other modes; the values the graphs keep on the
-    device are read back whenever their buffer fills, as the loop reads them at its logging."""
-    loss = {}
+    device are read back whenever their buffer fills, as the loop reads them at its logging.
+    Of the clock's ``PHASES``, ``update`` holds all that follows backward (the copy into the
+    graphs' buffers, the replays, which run the penalty, and unsetting ``.grad``); ``penalty``
+    and ``zero_grad`` are empty."""
+    state = {"mark": lambda: None}
 
     def grads_of(_batch):
-        loss["v"] = fn()
-        loss["v"].backward()
-        return loss["v"].detach()
+        state["loss"] = fn()
+        state["mark"]()
+        state["loss"].backward()
+        state["mark"]()
+        return state["loss"].detach()
 
     def finish():
         orth = (adalora.orthogonality_grad_(orth_adapters, orth_weight) if orth_adapters is not None
@@ -283,13 +288,18 @@ def _tail_graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, dev)
                       types.SimpleNamespace(step=lambda: None), alloc, dev, capture=dev.type == "cuda",
                       tail=(grads_of, finish))
 
-    def step():
+    def step(clock: list | None = None):
+        mark = (lambda: clock.append(time.perf_counter())) if clock is not None else lambda: None
+        state["mark"] = mark
         graph.grads(None)
+        mark()                                  # penalty: inside the replays below
         graph.update(counter[0])
         counter[0] += 1
         if graph.full:
             graph.read()
-        return loss["v"].detach()
+        mark()
+        mark()                                  # zero_grad: done by update
+        return state["loss"].detach()
     return step
 
 

@@ -232,7 +232,7 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
               flush=True)
     for n in times:
         out[n].update(_stats(times[n]))
-    if not cfg.compile and not cfg.step_graph and not cfg.tail_graph:
+    if not cfg.compile and not cfg.step_graph:
         for v in variants:
             out[v.name]["host_phases_ms"] = host_phases(v.step, cfg.steps, dev)
     if dev.type == "cuda":

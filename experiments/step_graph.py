@@ -35,6 +35,17 @@ in place, and the gradients are the grads graph's own outputs. Captured with ``.
 each replay writes them afresh, so no ``zero_grad`` runs between replays. Compaction replaces the
 adapters' tensors: the loop then builds a new ``StepGraph``.
 
+``trainer.tail_graph=true`` captures only what follows backward. Forward and backward run eagerly,
+on batches of any length and over any number of micro-batches; then one multi-tensor copy puts
+the gradients where the graphs read them, and two replays run the rest:
+
+    finish graph:   += γ∇R; clip -> (loss, R, total norm) and the verdict, as above
+    update graphs:  as above
+
+Eagerly, that tail is a few hundred small kernels, each a host launch (AdaLoRA's penalty, importance
+and mask step among them); replayed, it is two launches. The loop unsets ``.grad`` after each step,
+so the next backward hands over fresh gradients instead of adding into the copies.
+
 Where no graph can be captured (``capture=False``: the CPU tests) the same bodies run uncaptured,
 every step.
 """

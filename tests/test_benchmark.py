@@ -287,7 +287,7 @@ def test_tail_graph_step_trains_as_the_eager_step(name, monkeypatch):
     of the graphs' value buffer (shrunk to 4 steps here)."""
     import torch
     from dataclasses import replace
-    from experiments import step_graph
+    from experiments import bench_variants, step_graph
     from experiments.bench_variants import build_variant, make_batch
     monkeypatch.setattr(step_graph, "WINDOW", 4)
     reads, read = [], step_graph.StepGraph.read
@@ -303,6 +303,9 @@ def test_tail_graph_step_trains_as_the_eager_step(name, monkeypatch):
         svd = [a for a in adalora.find_adapters(v.model).values() if isinstance(a, adalora.SVDLinear)]
         runs[tag] = [(float(v.step()), torch.cat([a.rank_mask for a in svd]) if svd else None) for _ in range(11)]
     assert reads == [4, 4]
+    clock = [0.0]                               # the host phases' marks, in order, one per phase
+    v.step(clock)
+    assert len(clock) == 1 + len(bench_variants.PHASES) and clock[1:] == sorted(clock[1:])
     for (le, me), (lt, mt) in zip(runs["eager"], runs["tail"]):
         assert le == lt
         assert me is None or torch.equal(me, mt)
