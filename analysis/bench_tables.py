@@ -50,7 +50,13 @@ def label(d: dict) -> str:
 
 
 def short_machine(d: dict) -> str:
-    return "1x H200" if "H200" in d["machine"] else ("2-core CPU" if "2-core" in d["machine"] else d["machine"])
+    m = d.get("machine", "")
+    return next((f"1x {gpu}" for gpu in ("H200", "H100") if gpu in m), "2-core CPU" if "2-core" in m else m)
+
+
+def step_mode(c: dict) -> str:
+    """How a file's uncompiled step ran: eager, or eager with the tail after backward as graphs."""
+    return "tail graphs" if c.get("tail_graph") else "eager"
 
 
 def table(header: list[str], rows: list[list[str]], align: str) -> str:
@@ -304,21 +310,21 @@ def host_phases(files) -> str:
         if d.get("kind") != "phases_benchmark":
             continue
         c, v = d["config"], d["variants"]
-        shape = f"{c['preset']}, eager" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
+        shape = f"{c['preset']}, {step_mode(c)}" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
         for variant, r in v.items():
             p = r["host_phases_ms"]
             if names is None:
                 names = list(p)
             if list(p) != names:
                 raise ValueError(f"{name}: {variant}'s phases {list(p)} are not the table's {names}")
-            rows.append([shape, variant] + [f"{p[k]:.2f}" for k in names] + [f"{sum(p.values()):.1f}",
-                        f"{r['median_ms']:.1f} ({r['iqr_ms']:.1f})", f"`{name}`"])
+            rows.append([shape, short_machine(d), variant] + [f"{p[k]:.2f}" for k in names]
+                        + [f"{sum(p.values()):.1f}", f"{r['median_ms']:.1f} ({r['iqr_ms']:.1f})", f"`{name}`"])
         ada, lora = v["adalora_epilogue"]["host_phases_ms"], v["lora_epilogue"]["host_phases_ms"]
-        rows.append([shape, "AdaLoRA − LoRA"] + [f"{ada[k] - lora[k]:+.2f}" for k in names]
+        rows.append([shape, short_machine(d), "AdaLoRA − LoRA"] + [f"{ada[k] - lora[k]:+.2f}" for k in names]
                     + [f"{sum(ada.values()) - sum(lora.values()):+.1f}", "", f"`{name}`"])
     names = names or []
-    return table(["shape, mode", "variant"] + [f"{k} ms" for k in names] + ["sum ms", "timed ms (IQR)", "results file"],
-                 rows, "ll" + "r" * (len(names) + 2) + "l")
+    return table(["shape, mode", "machine", "variant"] + [f"{k} ms" for k in names]
+                 + ["sum ms", "timed ms (IQR)", "results file"], rows, "lll" + "r" * (len(names) + 2) + "l")
 
 
 def ab_pairs(files) -> str:
@@ -345,7 +351,7 @@ EAGER_PATHS = (("", "none"), ("_epilogue", "epilogue"), ("_merge", "merge"))
 
 
 def eager_pairs(files) -> str:
-    """AdaLoRA over LoRA in the eager steps of one GPU, round by round. The benchmark times every
+    """AdaLoRA over LoRA in the eager steps of one GPU (and with ``tail_graph``), round by round. The benchmark times every
     variant once per round, the rounds' order rotated, so a round's two medians were taken
     minutes apart at most: for each file and path, the ratio of the medians the file reports, and
     the mean of the per-round ratios with a two-sided t-interval. The intervals are simultaneous
@@ -361,18 +367,18 @@ def eager_pairs(files) -> str:
         for suffix, path in EAGER_PATHS:
             a, lo = v.get(f"adalora{suffix}"), v.get(f"lora{suffix}")
             if a and lo and len(a.get("rounds_ms", ())) == len(lo.get("rounds_ms", ())) > 1:
-                found.append((name, c, path, a, lo))
+                found.append((name, d, c, path, a, lo))
     rows = []
-    for name, c, path, a, lo in found:
+    for name, d, c, path, a, lo in found:
         per = [x / y for x, y in zip(a["rounds_ms"], lo["rounds_ms"])]
         n = len(per)
         mean = statistics.mean(per)
         half = stats.t.ppf(1 - 0.025 / len(found), n - 1) * statistics.stdev(per) / n ** 0.5
-        shape = f"{c['preset']}" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
-        rows.append([shape, path, str(n), f"{a['median_ms'] / lo['median_ms']:.2f}",
+        shape = f"{c['preset']}, {step_mode(c)}" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
+        rows.append([shape, short_machine(d), path, str(n), f"{a['median_ms'] / lo['median_ms']:.2f}",
                      f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]", f"`{name}`"])
-    return table(["shape, eager", "path", "rounds", "median ÷ median", "per-round ratio, mean [simultaneous 95% t]",
-                  "results file"], rows, "llrrrl")
+    return table(["shape, mode", "machine", "path", "rounds", "median ÷ median", "per-round ratio, mean [simultaneous 95% t]",
+                  "results file"], rows, "lllrrrl")
 
 
 def step_ms(run: dict) -> list[float]:

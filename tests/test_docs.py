@@ -168,7 +168,7 @@ def test_host_phase_and_pair_tables_read_their_cells_from_results_files(tmp_path
     from analysis import bench_tables as B
 
     phases = lambda *ms: dict(zip(("forward", "backward", "penalty", "update", "zero_grad"), ms))  # noqa: E731
-    d = {"kind": "phases_benchmark", "config": {"preset": "base", "bf16_mode": "autocast"}, "variants": {
+    d = {"kind": "phases_benchmark", "machine": "1x NVIDIA H100 80GB HBM3", "config": {"preset": "base", "bf16_mode": "autocast"}, "variants": {
         "lora_epilogue": {"host_phases_ms": phases(10.0, 8.0, 0.0, 1.5, 0.25), "median_ms": 20.0, "iqr_ms": 2.0},
         "adalora_epilogue": {"host_phases_ms": phases(9.5, 8.5, 3.0, 4.0, 0.5), "median_ms": 26.0, "iqr_ms": 1.0}}}
     run = lambda ms, k, n: {"median_ms": ms, "kernel_ms": k, "kernels": n}  # noqa: E731
@@ -178,9 +178,9 @@ def test_host_phase_and_pair_tables_read_their_cells_from_results_files(tmp_path
     (tmp_path / "q.json").write_text(json.dumps(pair))
     files = B.load(tmp_path)
     assert B.host_phases(files).splitlines()[2:] == [
-        "| base, eager, autocast | lora_epilogue | 10.00 | 8.00 | 0.00 | 1.50 | 0.25 | 19.8 | 20.0 (2.0) | `p.json` |",
-        "| base, eager, autocast | adalora_epilogue | 9.50 | 8.50 | 3.00 | 4.00 | 0.50 | 25.5 | 26.0 (1.0) | `p.json` |",
-        "| base, eager, autocast | AdaLoRA − LoRA | -0.50 | +0.50 | +3.00 | +2.50 | +0.25 | +5.8 |  | `p.json` |"]
+        "| base, eager, autocast | 1x H100 | lora_epilogue | 10.00 | 8.00 | 0.00 | 1.50 | 0.25 | 19.8 | 20.0 (2.0) | `p.json` |",
+        "| base, eager, autocast | 1x H100 | adalora_epilogue | 9.50 | 8.50 | 3.00 | 4.00 | 0.50 | 25.5 | 26.0 (1.0) | `p.json` |",
+        "| base, eager, autocast | 1x H100 | AdaLoRA − LoRA | -0.50 | +0.50 | +3.00 | +2.50 | +0.25 | +5.8 |  | `p.json` |"]
     assert B.ab_pairs(files).splitlines()[3:] == [
         "| `adalora_epilogue` | 8.00 / 7.80 | 0.975 | 1.60 / 1.95 | 7.50 / 7.25 | 1140 / 1113 | `q.json` |"]
 
@@ -195,19 +195,26 @@ def test_eager_pairs_table_pairs_the_rounds_and_widens_its_intervals_by_the_numb
 
     def run(rounds):
         return {"rounds_ms": rounds, "median_ms": sorted(rounds)[len(rounds) // 2]}
-    eager = {"kind": "paths_benchmark", "config": {"preset": "base", "device": "cuda", "step_graph": False},
+    eager = {"kind": "paths_benchmark", "machine": "1x NVIDIA H200, 16 CPU cores",
+             "config": {"preset": "base", "device": "cuda", "step_graph": False},
              "variants": {"lora_epilogue": run([1.0, 2.0, 2.0]), "adalora_epilogue": run([2.0, 3.0, 4.0])}}
     (tmp_path / "e.json").write_text(json.dumps(eager))
     captured = dict(eager, config=dict(eager["config"], step_graph=True))
     (tmp_path / "s.json").write_text(json.dumps(captured))
     (tmp_path / "c.json").write_text(json.dumps(dict(eager, config=dict(eager["config"], device="cpu"))))
     assert B.eager_pairs(B.load(tmp_path)).splitlines()[2:] == [
-        "| base | epilogue | 3 | 1.50 | 1.83 [1.12, 2.55] | `e.json` |"]
+        "| base, eager | 1x H200 | epilogue | 3 | 1.50 | 1.83 [1.12, 2.55] | `e.json` |"]
     merged = dict(eager, variants=dict(eager["variants"], lora_merge=run([1.0, 2.0, 2.0]), adalora_merge=run([2.0, 3.0, 4.0])))
     (tmp_path / "e.json").write_text(json.dumps(merged))
     assert B.eager_pairs(B.load(tmp_path)).splitlines()[2:] == [
-        "| base | epilogue | 3 | 1.50 | 1.83 [0.80, 2.87] | `e.json` |",
-        "| base | merge | 3 | 1.50 | 1.83 [0.80, 2.87] | `e.json` |"]
+        "| base, eager | 1x H200 | epilogue | 3 | 1.50 | 1.83 [0.80, 2.87] | `e.json` |",
+        "| base, eager | 1x H200 | merge | 3 | 1.50 | 1.83 [0.80, 2.87] | `e.json` |"]
+    # a tail_graph file is its own row, labelled so, and counts towards the correction (3 rows:
+    # t(1 − 0.025/3, 2) = 7.649, ± 1.275)
+    tail = dict(eager, config=dict(eager["config"], tail_graph=True, bf16_mode="autocast"))
+    (tmp_path / "t.json").write_text(json.dumps(tail))
+    assert B.eager_pairs(B.load(tmp_path)).splitlines()[4] == (
+        "| base, tail graphs, autocast | 1x H200 | epilogue | 3 | 1.50 | 1.83 [0.56, 3.11] | `t.json` |")
 
 
 def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
