@@ -187,11 +187,12 @@ def test_a_decoder_loop_with_step_graph_trains_as_the_eager_loop(cpu_graphs, tmp
         assert (a["step"], a["split"]) == (b["step"], b["split"]) and b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
 
-def test_step_graph_resumes_to_the_uninterrupted_run(cpu_graphs, tmp_path):
+@pytest.mark.parametrize("flag", ["step_graph", "tail_graph"])
+def test_step_graph_resumes_to_the_uninterrupted_run(flag, cpu_graphs, tmp_path):
     """Interrupted mid-budgeting and resumed (the learning rates come back as device tensors):
     the same ranks, metrics and adapter weights as the run that never stopped."""
     from safetensors.torch import load_file
-    mode = LOOP + ["trainer.step_graph=true", "trainer.checkpoint_every=8"]
+    mode = LOOP + [f"trainer.{flag}=true", "trainer.checkpoint_every=8"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     run_inproc(whole, mode)
     assert run_inproc(part, mode + ["trainer.stop_at_step=7"])["status"] == "interrupted"
