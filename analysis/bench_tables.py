@@ -391,7 +391,8 @@ def step_ms(run: dict) -> list[float]:
 
 def loop_runs(files) -> str:
     """``loop_step_graph`` files: each run's median ms per step (IQR over its 10-step spans), the
-    eager run's median over the captured run's of the same method, seed and settings, and accuracy."""
+    eager run's median over that of the captured run (``step_graph``, or only its tail:
+    ``tail_graph``) of the same method, seed and settings, and accuracy."""
     import statistics
     rows = []
     for name, d in files.items():
@@ -400,14 +401,16 @@ def loop_runs(files) -> str:
         key = lambda r: (r["method"], r["seed"], r["precision"], r["dropout"])  # noqa: E731
         spans = {r["run"]: step_ms(r) for r in d["runs"]}
         med = {run: statistics.median(ms) for run, ms in spans.items()}
-        eager = {key(r): r["run"] for r in d["runs"] if not r["step_graph"]}
+        loop = lambda r: "step_graph" if r["step_graph"] else "tail_graph" if r.get("tail_graph") else "eager"  # noqa: E731
+        eager = {key(r): r["run"] for r in d["runs"] if loop(r) == "eager"}
         for r in d["runs"]:
             q = statistics.quantiles(spans[r["run"]], n=4, method="inclusive")
-            speed = f"{med[eager[key(r)]] / med[r['run']]:.1f}×" if r["step_graph"] and key(r) in eager else "–"
-            rows.append([f"`{r['run']}`", r["method"], "step_graph" if r["step_graph"] else "eager", r["precision"],
+            speed = (f"{med[eager[key(r)]] / med[r['run']]:.2f}×" if loop(r) != "eager" and key(r) in eager
+                     else "–")
+            rows.append([f"`{r['run']}`", r["method"], loop(r), r["precision"],
                          "yes" if r["dropout"] else "no", str(r["seed"]), f"{med[r['run']]:.2f} ({q[2] - q[0]:.2f})",
                          speed, f"{r['test_accuracy']:.4f}", f"{r['peak_gpu_bytes'] / 2**20:.0f}", f"`{name}`"])
-    return table(["run", "method", "loop", "precision", "dropout", "seed", "ms per step (IQR)", "eager ÷ step_graph",
+    return table(["run", "method", "loop", "precision", "dropout", "seed", "ms per step (IQR)", "eager ÷ this",
                   "test accuracy", "peak GPU MiB", "results file"], rows, "llllllrrrrl")
 
 

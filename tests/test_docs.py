@@ -239,6 +239,7 @@ def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
     cmp = lambda a, b: {"a": a, "b": b, "steps_and_budgets_identical": True, "records_ranks_identical": False,  # noqa: E731
                         "first_differing_record_step": 35, "final_ranks_l1": 4, "max_abs_train_loss_diff": 0.05}
     runs.append({**run("g3", 0, True, (4.0, 4.0), 0.5), "method": "lora"})     # no eager LoRA run to pair
+    runs.append({**run("t0", 0, False, (20.0, 30.0), 0.79), "tail_graph": True})  # pairs with e0, not as eager
     lora = {**cmp("g0", "g3"), "steps_and_budgets_identical": None, "records_ranks_identical": None,
             "first_differing_record_step": None, "final_ranks_l1": None}
     d = {"kind": "loop_step_graph", "runs": runs,
@@ -248,9 +249,10 @@ def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
     files = B.load(tmp_path)
     rows = B.loop_runs(files).splitlines()[2:]
     assert rows[0] == "| `e0` | adalora | eager | bf16 autocast | yes | 0 | 50.00 (10.00) | – | 0.8000 | 3 | `x.json` |"
-    assert rows[1] == "| `g0` | adalora | step_graph | bf16 autocast | yes | 0 | 5.00 (1.00) | 10.0× | 0.8100 | 3 | `x.json` |"
-    assert rows[5].split(" | ")[6:8] == ["5.00 (0.00)", "2.0×"]
+    assert rows[1] == "| `g0` | adalora | step_graph | bf16 autocast | yes | 0 | 5.00 (1.00) | 10.00× | 0.8100 | 3 | `x.json` |"
+    assert rows[5].split(" | ")[6:8] == ["5.00 (0.00)", "2.00×"]
     assert rows[6].split(" | ")[6:8] == ["4.00 (0.00)", "–"]
+    assert rows[7].split(" | ")[2:8] == ["tail_graph", "bf16 autocast", "yes", "0", "25.00 (5.00)", "2.00×"]
     rows = B.loop_compare(files).splitlines()[2:]
     assert rows[0] == "| `e0` / `g0` | yes | no | 35 | 4 | 0.05 | +0.0100 |"
     assert rows[3] == "| `g0` / `g3` | – | – | – | – | 0.05 | -0.3100 |"
