@@ -89,6 +89,25 @@ def test_bodies_and_fallbacks_train_as_the_loops_update_step_for_step():
     assert float(opt.param_groups[0]["lr"]) == float(ref[3].param_groups[0]["lr"]) == 1e-2 * (1 - 30 / 40)
 
 
+def test_tail_refuses_to_capture_when_a_parameter_got_no_gradient():
+    """A captured update reads one gradient buffer per parameter for good: a parameter without a
+    gradient when the tail would be captured stops the step with the fix, before any capture."""
+    m, ad, alloc, opt, sched = _model()
+    first = adalora.adapter_parameters(ad)[0]
+
+    def grads_of(b):
+        loss = m(b["x"]).pow(2).mean()
+        loss.backward()
+        first.grad = None                 # as if this parameter took no part in the loss
+        return loss.detach()
+    graph = SG.StepGraph(None, lambda step, finite: None, opt, sched, alloc, torch.device("cpu"), capture=False,
+                         tail=(grads_of, lambda: (torch.zeros(()), torch.zeros(()))))
+    graph.capture, graph.runs["grads"] = True, SG.WARMUP      # the next update would capture the tail
+    graph.grads({"x": torch.randn(8, 10, dtype=torch.float64)})
+    with pytest.raises(RuntimeError, match="no gradient.*set trainer.tail_graph=false$"):
+        graph.update(1)
+
+
 # -- the loop, end to end -----------------------------------------------------------------------
 LOOP = TINY + ["model.dropout=0.0", "trainer.epochs=3", "schedule.init_warmup=2", "schedule.final_warmup=8",
                "schedule.mask_interval=2", "trainer.eval_every=0", "logger.tensorboard=false"]
