@@ -6,7 +6,7 @@ import math
 
 def _mode(c: dict) -> str:
     step = (", whole step as one CUDA graph" if c.get("step_graph") else
-            ", forward and backward eager, the rest as CUDA graphs" if c.get("tail_graph") else "")
+            ", the step after backward as CUDA graphs" if c.get("tail_graph") else "")
     if not c["compile"]:
         return (", eager kernels" + step) if step else ", eager"
     backend = c.get("compile_backend", "inductor")

@@ -264,11 +264,16 @@ class StepGraph:
         """Tail: γ∇R, clipping and the verdict on the gradients eager backward left in ``.grad``;
         a replay on copies of them once captured (after ``WARMUP`` uncaptured runs)."""
         loss, self.loss = self.loss, None
+        capturing = self.finish_graph is None and self.capture and self.runs["grads"] >= WARMUP
+        if self.finish_graph is None and not capturing:
+            self.runs["grads"] += 1
+            self._uncaptured(lambda: self._verdict(loss, *self.tail[1]()))
+            return
         grads = [p.grad for p in self.params]
-        if self.finish_graph is None and self.capture and self.runs["grads"] >= WARMUP:
-            if any(g is None for g in grads):
-                raise RuntimeError("trainer.tail_graph: a trainable parameter got no gradient, and a "
-                                   "captured update would skip it for good; set trainer.tail_graph=false")
+        if any(g is None for g in grads):
+            raise RuntimeError("trainer.tail_graph: a trainable parameter got no gradient, and the captured "
+                               "update reads one for each; set trainer.tail_graph=false")
+        if capturing:
             static_loss, static = loss.clone(), [g.clone() for g in grads]
             for p, g in zip(self.params, static):
                 p.grad = g
@@ -276,14 +281,7 @@ class StepGraph:
             with torch.cuda.graph(graph):
                 self._verdict(static_loss, *self.tail[1]())
             self.finish_graph = (graph, static_loss, static)
-        if self.finish_graph is None:
-            self.runs["grads"] += 1
-            self._uncaptured(lambda: self._verdict(loss, *self.tail[1]()))
-            return
         graph, static_loss, static = self.finish_graph
-        if any(g is None for g in grads):
-            raise RuntimeError("trainer.tail_graph: a trainable parameter got no gradient this step, and the "
-                               "captured update reads one for each; set trainer.tail_graph=false")
         torch._foreach_copy_(static, grads)
         static_loss.copy_(loss)
         graph.replay()
