@@ -344,12 +344,14 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
                 position += 1
                 # DDP: all-reduce once per optimizer step, on the last micro-batch.
                 last = i == t.grad_accum - 1
-                if graph is not None:   # step_graph: one micro-batch, the whole section below
-                    graph.grads(b)
-                else:
-                    with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
+                with (net.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
+                    if graph is not None:   # step_graph: one micro-batch and the section below
+                        graph.grads(b)
+                    else:
                         losses.append(grads_of(b))
             stopping = stop.signum is not None
+            if graph is not None and dist.enabled:    # tail_graph under DDP: stop on the same step
+                stopping, = D.any_rank([stopping], dist)
             was_final = allocator is not None and allocator.final_done
             if graph is None:
                 # ---- unscale, add γ·∇R, clip; a non-finite norm skips the update and the scoring ----

@@ -44,7 +44,8 @@ the gradients where the graphs read them, and two replays run the rest:
 
 Eagerly, that tail is a few hundred small kernels, each a host launch (AdaLoRA's penalty, importance
 and mask step among them); replayed, it is two launches. The loop unsets ``.grad`` after each step,
-so the next backward hands over fresh gradients instead of adding into the copies.
+so the next backward hands over fresh gradients instead of adding into the copies. Under DDP the
+all-reduce is part of that eager backward, so the graphs read the averaged gradients.
 
 Where no graph can be captured (``capture=False``: the CPU tests) the same bodies run uncaptured,
 every step.
@@ -81,8 +82,8 @@ def refuse(cfg: RunConfig, device: torch.device, world_size: int) -> None:
                                          "allocates on the host)"),
         (cfg.schedule.score.startswith("random"), f"a gradient or magnitude schedule.score (schedule.score="
                                                   f"{cfg.schedule.score} draws on the host)"),
-        (world_size > 1, "one process (DDP's all-reduce is not captured here)" if flag == "step_graph"
-                         else "one process (the graphs are not run under DDP here)"),
+        # tail_graph: DDP's all-reduce runs in the eager backward, before anything is captured.
+        (world_size > 1 and flag == "step_graph", "one process (DDP's all-reduce is not captured here)"),
         (device.type != "cuda", f"a CUDA device (this run is on {device.type})"),
     ]
     for bad, fix in reasons:

@@ -257,14 +257,20 @@ def test_tail_graph_settings_it_cannot_hold_are_refused_at_compose(overrides, fi
     compose(["trainer.tail_graph=true", "trainer.grad_accum=2"])     # eager backward: any number of micro-batches
 
 
-@pytest.mark.parametrize("overrides, world, fix", [
-    (["method=sora"], 1, "method one of adalora, lora, svd_lora, full, head, peft_lora (method=sora allocates on the host)"),
-    ([], 2, "one process (the graphs are not run under DDP here)"),
+@pytest.mark.parametrize("overrides, device, fix", [
+    (["method=sora"], "cuda", "method one of adalora, lora, svd_lora, full, head, peft_lora (method=sora allocates on the host)"),
+    ([], "cpu", "a CUDA device (this run is on cpu)"),
 ])
-def test_runs_the_tail_graphs_cannot_hold_are_refused_with_the_fix(overrides, world, fix):
+def test_runs_the_tail_graphs_cannot_hold_are_refused_with_the_fix(overrides, device, fix):
     cfg, _ = compose(TINY + ["trainer.tail_graph=true"] + overrides)
     with pytest.raises(ConfigError, match=rf"^trainer.tail_graph=true needs {_re(fix)}; or set trainer.tail_graph=false$"):
-        SG.refuse(cfg, torch.device("cuda"), world)
+        SG.refuse(cfg, torch.device(device), 1)
+
+
+def test_tail_graphs_run_under_ddp():
+    # The all-reduce is in the eager backward; the graphs start after it (tests/test_distributed.py).
+    cfg, _ = compose(TINY + ["trainer.tail_graph=true"])
+    SG.refuse(cfg, torch.device("cuda"), 2)
 
 
 @pytest.mark.parametrize("overrides, fix", [
