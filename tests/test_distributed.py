@@ -2,11 +2,13 @@
 (a) masks at every mask step, final ranks and final adapters identical on both ranks, one run
 folder that only rank 0 writes; (b) 2 processes x batch B == 1 process x batch 2B; (c) gradient
 accumulation 2 x B == one step of 2B; (d) the same with ``trainer.tail_graph`` (its graphs' bodies
-run uncaptured); the mask checksum catches diverging ranks."""
+run uncaptured); (e) a signal to one rank stops both at the same step; the mask checksum catches
+diverging ranks."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ import experiments.runner as R
 from experiments import checkpoint as ckpt
 
 rank, dump, masks = int(os.environ["RANK"]), os.environ["DDP_DUMP"], []
+open(f"{dump}/pid{rank}", "w").write(str(os.getpid()))   # for the test to end a hung rank
 orig_mask = adalora.RankAllocator.mask_to_budget
 def mask_to_budget(self, step):
     rec = orig_mask(self, step)
@@ -45,6 +48,16 @@ def train(cfg, built, *a, **k):
                 "ranks": built.allocator.ranks()}, f"{dump}/rank{rank}.pt")
     return res
 R.train = train
+if os.environ.get("DDP_TERM_RANK1_AT") and rank == 1:   # pre-emption that reaches one rank alone
+    import signal
+    term_at, seen = int(os.environ["DDP_TERM_RANK1_AT"]), []
+    orig_update = adalora.RankAllocator.update_importance
+    def update_importance(self, *a, **k):
+        seen.append(1)
+        if len(seen) == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig_update(self, *a, **k)
+    adalora.RankAllocator.update_importance = update_importance
 if os.environ.get("DDP_CPU_GRAPHS"):   # the runner's checks as on a GPU: the graphs' bodies run uncaptured
     from experiments import step_graph as SG
     refuse = SG.refuse
@@ -63,10 +76,21 @@ def torchrun(tmp_path: Path, args, cwd=None, timeout=120, **extra_env):
     dump.mkdir(exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), DDP_DUMP=str(dump), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **extra_env)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", "2", str(driver), *args], cwd=cwd or REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    return p, dump
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", str(driver), *args], cwd=cwd or REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:      # a hung run: end the launcher and the ranks it started
+        proc.kill()
+        for f in dump.glob("pid*"):
+            try:
+                os.kill(int(f.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), dump
 
 
 # Exact comparisons between layouts need the same dropout masks, i.e. none.
@@ -164,6 +188,23 @@ def test_two_ranks_with_tail_graph_equal_one_eager_process_of_batch_2b(tmp_path)
     l1 = [m["loss"] for m in read_jsonl(tmp_path / "single" / "metrics.jsonl") if m["split"] == "train"]
     l2 = [m["loss"] for m in read_jsonl(ddp_dir / "metrics.jsonl") if m["split"] == "train"]
     assert l2 == pytest.approx(l1, rel=1e-6)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("tail", [False, True])
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tail, tmp_path):
+    # SIGTERM reaches rank 1 alone, during step 4's update: both ranks stop at the end of the
+    # next step and write the checkpoint together (a collective). A rank that stopped alone would
+    # leave the other waiting in the next all-reduce until the test's timeout.
+    ddp_dir = tmp_path / "ddp"
+    extra = ["trainer.tail_graph=true"] if tail else []
+    p, _ = torchrun(tmp_path, BASE + NO_DROPOUT + ["trainer.batch_size=4", "trainer.epochs=2",
+                                                   f"hydra.run.dir={ddp_dir}"] + extra,
+                    timeout=90, DDP_CPU_GRAPHS="1", DDP_TERM_RANK1_AT="4")
+    s = json.loads((ddp_dir / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["steps"] == 5, (s["status"], s["steps"], p.stderr[-2000:])
+    assert (ddp_dir / "checkpoint.pt").is_file()
+    assert torch.load(ddp_dir / "checkpoint.pt", weights_only=True)["step"] == 5
 
 
 def test_grad_accumulation_2xb_equals_one_step_of_2b(tmp_path):
