@@ -270,27 +270,41 @@ class EpilogueLinear(torch.autograd.Function):
         x, w, down, gate, up, dg, ht = ctx.saved_tensors    # w: W' on the merge path
         s, how = ctx.scaling, ctx.how
         need_x, _, _, need_d, need_g, need_u, *_ = ctx.needs_input_grad
-        dx = dd = dgate = du = None
-        tt = None
-        if need_x and how == "triton":
-            dx, tt = lowrank_gemm.lowrank_gemm(grad, w, up, dg, s)   # G W0 + s (G U)(g ⊙ D), (G U)ᵀ (r, N)
-        elif need_x and how == "epilogue":
-            tt = torch.mm(up.t(), grad.t())                  # (G U)ᵀ (r, N), unscaled: dx's share needs it
-        side = None if how == "triton" else side_stream.fork(grad)   # captured: beside the frozen G W0
-        with side_stream.on(side):
-            if (need_d or need_g) and tt is None:
-                tt = torch.mm(up.t(), grad.t())              # for dD and dg only (merge): off the main stream
+        dx = dd = dgate = du = tt = None
+        if how == "triton":                                  # one stream
+            if need_x:
+                dx, tt = lowrank_gemm.lowrank_gemm(grad, w, up, dg, s)   # G W0 + s (G U)(g ⊙ D), (G U)ᵀ (r, N)
+            elif need_d or need_g:
+                tt = torch.mm(up.t(), grad.t())
             if need_d or need_g:
                 dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
-            if need_u:
-                # s · Gᵀ h (d_out, r), column-major as U; autograd casts a gradient to its input's dtype
-                du = lowrank_gemm.scaled_mm(ht, grad, s).t()
-        if need_x and how != "triton":
+            du = _up_grad(ht, grad, s) if need_u else None
+            return dx, None, None, dd, dgate, du, None, None, None
+        # Captured: (G U)ᵀ, then dD and dg from it, on one side stream and dU on another, beside
+        # the frozen G W0; the pass over dx waits for (G U)ᵀ alone (adalora/side_stream.py).
+        side, other = side_stream.fork(grad), side_stream.fork(grad, 1)
+        with side_stream.on(side):
+            if need_d or need_g or need_x and how == "epilogue":
+                tt = torch.mm(up.t(), grad.t())              # (G U)ᵀ (r, N), unscaled
+        with side_stream.on(other):
+            du = _up_grad(ht, grad, s) if need_u else None
+        if need_x:
             dx = torch.mm(grad, w)                           # G W0, or G W' whole on the merge path (N, d_in)
             if how == "epilogue":
+                side_stream.join(side, tt)
                 rank_update.add_(dx, tt.t(), dg, s)          # + s · (G U)(g ⊙ D), in place
-        side_stream.join(side, dd, dgate, du)
+        with side_stream.on(side):
+            if need_d or need_g:
+                dd, dgate = _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g)
+        side_stream.join(side, dd, dgate)
+        side_stream.join(other, du)
         return dx, None, None, dd, dgate, du, None, None, None
+
+
+def _up_grad(ht, grad, s):
+    """``dU = s · Gᵀ h`` ``(d_out, r)``, column-major as U; autograd casts a gradient to its
+    input's dtype."""
+    return lowrank_gemm.scaled_mm(ht, grad, s).t()
 
 
 def _down_and_gate_grads(tt, x, down, gate, s, need_d, need_g):

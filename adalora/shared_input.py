@@ -144,23 +144,23 @@ class LeadLinear(torch.autograd.Function):
         s, r = ctx.scaling, ctx.r
         need_x, _, _, need_d, need_u, *_ = ctx.needs_input_grad
         dx = dd = du = None
-        def group_t():
-            # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
-            return torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
-        t = group_t() if need_x and not ctx.merge else None  # the group's share of dx needs it
-        side = side_stream.fork(grad)                        # captured: beside the frozen G_1 W_1
+        # Captured: T, then dD from it, on one side stream and dU_1 on another, beside the frozen
+        # G_1 W_1; the pass over dx waits for T alone (adalora/side_stream.py).
+        side, other = side_stream.fork(grad), side_stream.fork(grad, 1)
         with side_stream.on(side):
-            if need_d and t is None:
-                t = group_t()                                # for dD alone (merge): off the main stream
-            if need_d:
-                dd = torch.mm(t, x)                          # T x (Σr, d_in)
-            if need_u:
-                du = scaled_mm(ht[:r], grad, s).t()         # s · G_1ᵀ h_1, column-major as U
+            # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
+            t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts]) if need_d or need_x and not ctx.merge else None
+        with side_stream.on(other):
+            du = scaled_mm(ht[:r], grad, s).t() if need_u else None   # s · G_1ᵀ h_1, column-major as U
         if need_x:
             dx = torch.mm(grad, w)                           # G_1 W_1, or G_1 W'_1 merged (N, d_in)
             if not ctx.merge:
+                side_stream.join(side, t)
                 rank_update.add_(dx, t.t(), down, 1.0)       # + Tᵀ D: the group's share, in place
-        side_stream.join(side, dd, du)
+        with side_stream.on(side):
+            dd = torch.mm(t, x) if need_d else None          # T x (Σr, d_in)
+        side_stream.join(side, dd)
+        side_stream.join(other, du)
         return dx, None, None, dd, du, None, None, None, None
 
 
@@ -186,10 +186,13 @@ class FollowLinear(torch.autograd.Function):
         w, up, ht = ctx.saved_tensors
         s = ctx.scaling
         need_x, _, _, need_h, need_u, *_ = ctx.needs_input_grad
-        side = side_stream.fork(grad)                                # captured: beside the frozen G W
+        # captured: the two thin products on two side streams, beside the frozen G W
+        side, other = side_stream.fork(grad), side_stream.fork(grad, 1)
         with side_stream.on(side):
             dht = scaled_mm(up.t(), grad.t(), s) if need_h else None   # s · (G U)ᵀ (r, N)
+        with side_stream.on(other):
             du = scaled_mm(ht, grad, s).t() if need_u else None      # s · Gᵀ h, column-major as U
         dx = torch.mm(grad, w) if need_x else None                   # G W, or G W' merged (N, d_in)
-        side_stream.join(side, dht, du)
+        side_stream.join(side, dht)
+        side_stream.join(other, du)
         return dx, None, None, dht, du, None, None, None

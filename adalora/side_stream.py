@@ -1,4 +1,4 @@
-"""The adapters' thin products on a second CUDA stream, beside the frozen GEMM, in captured graphs.
+"""The adapters' thin products on side CUDA streams, beside the frozen GEMM, in captured graphs.
 
 On the epilogue path (adalora/fused.py, adalora/shared_input.py) an adapter's thin products read
 only what the frozen GEMM beside them reads: forward ``hᵀ = (g ⊙ D) xᵀ`` beside ``y = x W0ᵀ``;
@@ -7,10 +7,16 @@ kernel with a rank-r output, which fills a fraction of the GPU for a few microse
 onto a side stream from the capturing stream, and joined back before its result is read, it is
 a parallel branch of the CUDA graph: the GPU can run it beside the frozen GEMM, not after it.
 
+A backward has two independent branches: ``(G U)ᵀ``, which the in-place pass over ``dx`` reads,
+then ``d(g ⊙ D)`` from it; and ``dU``. One stream would run them one after the other, and at
+small widths those small kernels in a row can outlast the frozen GEMM beside them. So they take
+two side streams (``lane`` 0 and 1), and the main stream waits for ``(G U)ᵀ`` alone before its
+pass over ``dx``, not for the factor gradients.
+
 Only while a CUDA graph is captured, and not under ``torch.compile`` (whose graphs schedule their
 own kernels). Eager, a fork and a join cost the host two stream calls each, and an eager step is
-bound by the host. Each stream runs the same kernels as the single stream did, in the same
-order, so the results are the same bit for bit.
+bound by the host. Every kernel is the one a single stream runs, on the same inputs, so the
+results are the same bit for bit.
 
 Memory: tensors made on the side stream and read on the main one are marked with
 ``record_stream``, so that the caching allocator does not give their memory to the side stream's
@@ -30,22 +36,24 @@ import contextlib
 
 import torch
 
-_STREAMS: dict = {}   # device -> its side stream, made outside any capture
+LANES = 2             # side streams per device
+_STREAMS: dict = {}   # device -> its side streams (one per lane), made outside any capture
 
 
 def prepare(t: torch.Tensor) -> None:
-    """Make the side stream of ``t``'s device if ``t`` is a CUDA tensor and none exists. Called at
-    every fused forward; the warm-up steps before a capture make it, outside the capture."""
+    """Make the side streams of ``t``'s device if ``t`` is a CUDA tensor and none exist. Called at
+    every fused forward; the warm-up steps before a capture make them, outside the capture."""
     if (t.is_cuda and t.device not in _STREAMS and not torch.compiler.is_compiling()
             and not torch.cuda.is_current_stream_capturing()):
-        _STREAMS[t.device] = torch.cuda.Stream(t.device)
+        _STREAMS[t.device] = tuple(torch.cuda.Stream(t.device) for _ in range(LANES))
 
 
-def fork(t: torch.Tensor):
-    """The side stream of ``t``'s device, made to wait for the current stream's work so far, while
-    a CUDA graph is captured on ``t``'s device outside ``torch.compile``; None otherwise
+def fork(t: torch.Tensor, lane: int = 0):
+    """Side stream ``lane`` of ``t``'s device, made to wait for the current stream's work so far,
+    while a CUDA graph is captured on ``t``'s device outside ``torch.compile``; None otherwise
     (everything stays on one stream)."""
-    side = _STREAMS.get(t.device) if t.is_cuda and not torch.compiler.is_compiling() else None
+    sides = _STREAMS.get(t.device) if t.is_cuda and not torch.compiler.is_compiling() else None
+    side = None if sides is None else sides[lane]
     if side is None or not torch.cuda.is_current_stream_capturing():
         return None
     side.wait_stream(torch.cuda.current_stream(t.device))
@@ -58,8 +66,9 @@ def on(side):
 
 
 def join(side, *made) -> None:
-    """Make the current stream wait for ``side`` and mark the tensors ``made`` there (None
-    allowed) as read by the current stream. Nothing for ``side`` None."""
+    """Make the current stream wait for ``side``'s work so far and mark the tensors ``made`` there
+    (None allowed) as read by the current stream. Nothing for ``side`` None. Work put on ``side``
+    afterwards runs on after it, unwaited for until the next join."""
     if side is None:
         return
     main = torch.cuda.current_stream(side.device)

@@ -12,16 +12,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from adalora import factor_batch, side_stream
 from tests.test_shared_input import _model
 
-SIDE = object()          # the stand-in side stream
+SIDES = (object(), object())   # the stand-in side streams, lanes 0 and 1
 
 
 class Trace(TorchDispatchMode):
-    """Every op that writes or makes a tensor, with its output's shape and whether it ran on the
-    side branch; and each join with the shapes it was handed."""
+    """Every op that writes or makes a tensor, with its output's shape and the lane of the side
+    stream it ran on (None: the main stream); and each join with its lane and the shapes it was
+    handed."""
 
     def __init__(self):
         super().__init__()
-        self.on_side, self.ops, self.joins = False, [], []
+        self.on_side, self.ops, self.joins = None, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -36,15 +37,15 @@ def trace(monkeypatch):
 
     @contextlib.contextmanager
     def on(side):
-        assert side is SIDE
-        t.on_side = True
+        assert side in SIDES and t.on_side is None
+        t.on_side = SIDES.index(side)
         yield
-        t.on_side = False
+        t.on_side = None
 
     def join(side, *made):
-        assert side is SIDE and not t.on_side
-        t.joins.append(tuple(None if m is None else tuple(m.shape) for m in made))
-    monkeypatch.setattr(side_stream, "fork", lambda x: SIDE)
+        assert side in SIDES and t.on_side is None
+        t.joins.append((SIDES.index(side), tuple(None if m is None else tuple(m.shape) for m in made)))
+    monkeypatch.setattr(side_stream, "fork", lambda x, lane=0: SIDES[lane])
     monkeypatch.setattr(side_stream, "on", on)
     monkeypatch.setattr(side_stream, "join", join)
     return t
@@ -52,12 +53,12 @@ def trace(monkeypatch):
 
 @pytest.mark.parametrize("path", ["epilogue", "merge"])
 @pytest.mark.parametrize("method", ["adalora", "lora"])
-def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, method, path):
+def test_the_side_branches_run_only_thin_products_and_join_their_outputs(trace, method, path):
     """Two forwards and backwards (the second with q, k, v and gate, up in groups): every op on
-    the side branch has a rank-sized dimension (N rows never with a full width), the frozen
+    a side branch has a rank-sized dimension (N rows never with a full width), the frozen
     products, the in-place passes (epilogue) and the merged weights (merge) stay on the main
-    stream, and each join gets the branch's outputs, the gradients of the down factor, the gate
-    and the up factor among them."""
+    stream, and each join gets its branch's outputs: backward, ``(G U)ᵀ`` (which the pass over
+    dx reads) and the down factor's and gate's gradients on lane 0, the up factor's on lane 1."""
     model, ad = _model(fuse=path, method=method)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     reference, _ = _model(fuse="none", method=method)
@@ -67,24 +68,26 @@ def test_the_side_branch_runs_only_thin_products_and_joins_their_outputs(trace, 
     want = reference(x).square().sum()
     want.backward()
     full = {16, 24, 8}                                       # the layers' widths (d_in and d_out)
-    side = [op for op in trace.ops if op[2]]
+    side = [op for op in trace.ops if op[2] is not None]
     assert side and not [op for op in side if op[1][:1] == (10,) and op[1][-1] in full], side
-    assert any(name == "aten.addmm" and s[0] == 10 and not on for name, s, on in trace.ops)   # frozen GEMM
+    assert any(name == "aten.addmm" and s[0] == 10 and on is None for name, s, on in trace.ops)   # frozen GEMM
     passes = [on for name, _, on in trace.ops if name == "aten.addmm_"]    # the in-place shares of y and dx
     merged = [on for name, s, on in trace.ops if name == "aten.addmm" and s[0] not in (4, 10)]   # W' (d_out, d_in)
     assert (bool(passes), len(merged)) == ((True, 0) if path == "epilogue" else (False, 2 * 2 * 7))
-    assert not any(passes + merged)
-    if path == "merge":    # (G U)ᵀ feeds dD alone there, so every thin (r, N) product is on the branch
-        assert not [op for op in trace.ops if not op[2] and op[0] in ("aten.mm", "aten.addmm") and op[1][-1] == 10]
+    assert set(passes + merged) <= {None}
+    # every thin (r, N) product is on a branch: (G U)ᵀ too, where the pass over dx reads it
+    assert not [op for op in trace.ops if op[2] is None and op[0] in ("aten.mm", "aten.addmm") and op[1][-1] == 10]
     # What each join gets, by hand (r = 4, N = 10; q, o: 16 -> 16, k, v: 16 -> 8, gate, up: 16 -> 24,
-    # down: 24 -> 16; two blocks, two passes, groups from the second). Forward: each adapter's hᵀ
-    # (r, N), a leader's group rows (3r or 2r, N). Backward: alone, (dD, dg, dU), dg None as the
-    # factors are prepared per width (g ⊙ D); a leader (dD of the group, its dU); a follower
-    # (d hᵀ, dU).
-    want = Counter({((4, 10),): 18, ((12, 10),): 2, ((8, 10),): 2,
-                    ((4, 16), None, (16, 4)): 6, ((4, 16), None, (8, 4)): 4, ((4, 16), None, (24, 4)): 4,
-                    ((4, 24), None, (16, 4)): 4, ((12, 16), (16, 4)): 2, ((8, 16), (24, 4)): 2,
-                    ((4, 10), (8, 4)): 4, ((4, 10), (24, 4)): 2})
+    # down: 24 -> 16; two blocks, two passes, groups from the second). Forward, lane 0: each
+    # adapter's hᵀ (r, N), a leader's group rows (3r or 2r, N). Backward, alone: (G U)ᵀ (r, N) on
+    # the epilogue path, then (dD, dg) on lane 0, dg None as the factors are prepared per width
+    # (g ⊙ D), and dU on lane 1; a leader: the group's T (3r or 2r, N) on the epilogue path, then
+    # the group's dD on lane 0 and its own dU on lane 1; a follower: d hᵀ on lane 0, dU on lane 1.
+    epilogue = path == "epilogue"
+    want = Counter({(0, ((4, 10),)): 18 + 6 + 18 * epilogue, (0, ((12, 10),)): 2 + 2 * epilogue,
+                    (0, ((8, 10),)): 2 + 2 * epilogue,
+                    (0, ((4, 16), None)): 6 + 4 + 4, (0, ((4, 24), None)): 4, (0, ((12, 16),)): 2, (0, ((8, 16),)): 2,
+                    (1, ((16, 4),)): 6 + 4 + 2, (1, ((8, 4),)): 4 + 4, (1, ((24, 4),)): 4 + 2 + 2})
     assert Counter(trace.joins) == want
     # the same training as the unfused path: the order of independent products changed nothing
     for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
@@ -105,7 +108,7 @@ def test_off_capture_and_off_cuda_there_is_no_side_stream():
 
 def test_an_adapter_that_prepares_its_own_gate_joins_its_gradient_too(trace):
     """Without the factors prepared per width, each AdaLoRA adapter forms ``g ⊙ D`` itself and its
-    backward join gets ``dg`` beside ``dD`` and ``dU``; the gradients are the unfused path's."""
+    backward's lane-0 join gets ``dg`` beside ``dD``; the gradients are the unfused path's."""
     model, _ = _model()
     factor_batch.remove(model)
     reference, _ = _model(fuse="none")
@@ -113,17 +116,20 @@ def test_an_adapter_that_prepares_its_own_gate_joins_its_gradient_too(trace):
     with trace:
         model(x).square().sum().backward()
     reference(x).square().sum().backward()
-    assert Counter(trace.joins) == Counter({((4, 10),): 14, ((4, 16), (4,), (16, 4)): 4, ((4, 16), (4,), (8, 4)): 4,
-                                            ((4, 16), (4,), (24, 4)): 4, ((4, 24), (4,), (16, 4)): 2})
+    # forward hᵀ, 14; backward (G U)ᵀ for the pass over dx, 11: not for q, k and v of the first
+    # block, whose input needs no gradient; (dD, dg) on lane 0, dU on lane 1
+    assert Counter(trace.joins) == Counter({(0, ((4, 10),)): 14 + 11, (0, ((4, 16), (4,))): 12, (0, ((4, 24), (4,))): 2,
+                                            (1, ((16, 4),)): 6, (1, ((8, 4),)): 4, (1, ((24, 4),)): 4})
     for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         if p.requires_grad:
             assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12), n
 
 
 def test_fork_waits_for_the_current_stream_only_while_capturing_outside_compile(monkeypatch):
-    """``fork`` on a stand-in CUDA tensor and stream: the side stream, after it waits for the
-    current stream, while a capture runs; None when none runs, under ``torch.compile``, or for a
-    device without a side stream. ``join`` makes the current stream wait and marks each tensor."""
+    """``fork`` on a stand-in CUDA tensor and streams: the side stream of the lane asked for, after
+    it waits for the current stream, while a capture runs; None when none runs, under
+    ``torch.compile``, or for a device without side streams. ``join`` makes the current stream
+    wait and marks each tensor."""
     class Stream:
         def __init__(self, device):
             self.device, self.waited, self.marked = device, [], []
@@ -139,8 +145,8 @@ def test_fork_waits_for_the_current_stream_only_while_capturing_outside_compile(
 
         def record_stream(self, stream):
             self.recorded.append(stream)
-    side, main = Stream("cuda:7"), Stream("cuda:7")
-    monkeypatch.setitem(side_stream._STREAMS, "cuda:7", side)
+    side, lane1, main = Stream("cuda:7"), Stream("cuda:7"), Stream("cuda:7")
+    monkeypatch.setitem(side_stream._STREAMS, "cuda:7", (side, lane1))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
     capturing, compiling = [False], [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
@@ -149,6 +155,7 @@ def test_fork_waits_for_the_current_stream_only_while_capturing_outside_compile(
     assert side_stream.fork(t) is None and side.waited == []
     capturing[0] = True
     assert side_stream.fork(t) is side and side.waited == [main]
+    assert side_stream.fork(t, 1) is lane1 and lane1.waited == [main] and side.waited == [main]
     other = Tensor()
     other.device = "cuda:6"
     assert side_stream.fork(other) is None
@@ -159,7 +166,7 @@ def test_fork_waits_for_the_current_stream_only_while_capturing_outside_compile(
     assert main.waited == [side] and made.recorded == [main]
 
 
-def test_prepare_makes_a_side_stream_only_outside_captures_and_compiles(monkeypatch):
+def test_prepare_makes_the_side_streams_only_outside_captures_and_compiles(monkeypatch):
     class Tensor:
         is_cuda, device = True, "cuda:5"
     made = []
@@ -174,4 +181,5 @@ def test_prepare_makes_a_side_stream_only_outside_captures_and_compiles(monkeypa
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     side_stream.prepare(Tensor())
     side_stream.prepare(Tensor())                       # once per device
-    assert made == ["cuda:5"] and side_stream._STREAMS.pop("cuda:5") == ("stream", "cuda:5")
+    assert made == ["cuda:5"] * side_stream.LANES == ["cuda:5"] * 2
+    assert side_stream._STREAMS.pop("cuda:5") == (("stream", "cuda:5"),) * 2
