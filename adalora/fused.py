@@ -15,7 +15,7 @@ kernel for fp16 and bf16 CUDA tensors in a captured CUDA graph, ``addmm_`` elsew
 Autograd's version of the same maps (``"none"``) writes ``y + s·h Uᵀ`` to new memory (a copy of
 y) and the two shares of ``dx`` apart, then adds them: three passes over ``(N, d)`` tensors
 per adapter that this path does not make. In a captured CUDA graph its thin products (``hᵀ``;
-``d(g ⊙ D)``, ``dU``) run on a side stream beside the frozen GEMM (adalora/side_stream.py).
+``(G U)ᵀ``, ``d(g ⊙ D)``, ``dU``) run on side streams beside the frozen GEMM (adalora/side_stream.py).
 
 ``"stack"`` also shares the read of x: one GEMM against ``[W0; D]``,
 
