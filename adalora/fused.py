@@ -282,7 +282,7 @@ class EpilogueLinear(torch.autograd.Function):
             return dx, None, None, dd, dgate, du, None, None, None
         # Captured: (G U)ᵀ, then dD and dg from it, on one side stream and dU on another, beside
         # the frozen G W0; the pass over dx waits for (G U)ᵀ alone (adalora/side_stream.py).
-        side, other = side_stream.fork(grad), side_stream.fork(grad, 1)
+        side, other = side_stream.forks(grad)
         with side_stream.on(side):
             if need_d or need_g or need_x and how == "epilogue":
                 tt = torch.mm(up.t(), grad.t())              # (G U)ᵀ (r, N), unscaled

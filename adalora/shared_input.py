@@ -146,10 +146,12 @@ class LeadLinear(torch.autograd.Function):
         dx = dd = du = None
         # Captured: T, then dD from it, on one side stream and dU_1 on another, beside the frozen
         # G_1 W_1; the pass over dx waits for T alone (adalora/side_stream.py).
-        side, other = side_stream.fork(grad), side_stream.fork(grad, 1)
+        side, other = side_stream.forks(grad)
         with side_stream.on(side):
             # T (Σr, N): the leader's rows s · (G_1 U_1)ᵀ, then each follower's d hᵀ_k
-            t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts]) if need_d or need_x and not ctx.merge else None
+            t = None
+            if need_d or need_x and not ctx.merge:
+                t = torch.cat([scaled_mm(up.t(), grad.t(), s), *grad_hts])
         with side_stream.on(other):
             du = scaled_mm(ht[:r], grad, s).t() if need_u else None   # s · G_1ᵀ h_1, column-major as U
         if need_x:
@@ -187,7 +189,7 @@ class FollowLinear(torch.autograd.Function):
         s = ctx.scaling
         need_x, _, _, need_h, need_u, *_ = ctx.needs_input_grad
         # captured: the two thin products on two side streams, beside the frozen G W
-        side, other = side_stream.fork(grad), side_stream.fork(grad, 1)
+        side, other = side_stream.forks(grad)
         with side_stream.on(side):
             dht = scaled_mm(up.t(), grad.t(), s) if need_h else None   # s · (G U)ᵀ (r, N)
         with side_stream.on(other):

@@ -60,6 +60,15 @@ def fork(t: torch.Tensor, lane: int = 0):
     return side
 
 
+def forks(t: torch.Tensor) -> tuple:
+    """``fork`` of every lane, in lane order, with one check: ``(None, None)`` where ``fork``
+    gives None. A backward's two branches take them."""
+    first = fork(t)
+    if first is None:
+        return (None,) * LANES
+    return (first,) + tuple(fork(t, lane) for lane in range(1, LANES))
+
+
 def on(side):
     """The context that runs on ``side`` (no change for None)."""
     return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()

@@ -46,6 +46,7 @@ def trace(monkeypatch):
         assert side in SIDES and t.on_side is None
         t.joins.append((SIDES.index(side), tuple(None if m is None else tuple(m.shape) for m in made)))
     monkeypatch.setattr(side_stream, "fork", lambda x, lane=0: SIDES[lane])
+    monkeypatch.setattr(side_stream, "forks", lambda x: SIDES)
     monkeypatch.setattr(side_stream, "on", on)
     monkeypatch.setattr(side_stream, "join", join)
     return t
@@ -128,8 +129,8 @@ def test_an_adapter_that_prepares_its_own_gate_joins_its_gradient_too(trace):
 def test_fork_waits_for_the_current_stream_only_while_capturing_outside_compile(monkeypatch):
     """``fork`` on a stand-in CUDA tensor and streams: the side stream of the lane asked for, after
     it waits for the current stream, while a capture runs; None when none runs, under
-    ``torch.compile``, or for a device without side streams. ``join`` makes the current stream
-    wait and marks each tensor."""
+    ``torch.compile``, or for a device without side streams. ``forks``: every lane's, or all
+    None. ``join`` makes the current stream wait and marks each tensor."""
     class Stream:
         def __init__(self, device):
             self.device, self.waited, self.marked = device, [], []
@@ -152,15 +153,16 @@ def test_fork_waits_for_the_current_stream_only_while_capturing_outside_compile(
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling[0])
     t = Tensor()
-    assert side_stream.fork(t) is None and side.waited == []
+    assert side_stream.fork(t) is None and side_stream.forks(t) == (None, None) and side.waited == []
     capturing[0] = True
     assert side_stream.fork(t) is side and side.waited == [main]
     assert side_stream.fork(t, 1) is lane1 and lane1.waited == [main] and side.waited == [main]
+    assert side_stream.forks(t) == (side, lane1) and side.waited == lane1.waited == [main, main]
     other = Tensor()
     other.device = "cuda:6"
-    assert side_stream.fork(other) is None
+    assert side_stream.fork(other) is None and side_stream.forks(other) == (None, None)
     compiling[0] = True
-    assert side_stream.fork(t) is None and side.waited == [main]
+    assert side_stream.fork(t) is None and side_stream.forks(t) == (None, None) and side.waited == [main, main]
     made = Tensor()
     side_stream.join(side, made, None)
     assert main.waited == [side] and made.recorded == [main]
