@@ -117,6 +117,24 @@ def test_triton_path_equals_the_unfused_path(interpreted, monkeypatch, cls, bias
             assert p.grad.stride() == p.stride()         # P, B column-major as their parameters
 
 
+@pytest.mark.parametrize("frozen", ["up", "down"])
+def test_triton_path_forms_factor_gradients_only_where_needed(interpreted, frozen):
+    """With the up factor frozen no ``dU (r, d_out)`` product runs; with the down factor (and
+    the gate) frozen no ``d(g ⊙ D) (r, d_in)``. x needs a gradient either way, which the kernel
+    gives with ``(G U)ᵀ`` beside it."""
+    layer = _layer(SVDLinear)
+    layer.fuse = "triton"
+    for name in (("P",) if frozen == "up" else ("Q", "lam")):
+        getattr(layer, name).requires_grad_(False)
+    x = torch.randn(3, 7, 20, requires_grad=True)
+    y = layer(x)
+    with count_products() as products:
+        y.backward(torch.randn(3, 7, 30))
+    made = {"up": (5, 30), "down": (5, 20)}
+    assert made[frozen] not in products and made["down" if frozen == "up" else "up"] in products
+    assert x.grad is not None
+
+
 def test_triton_allocator_run_gives_the_unfused_masks_and_losses(interpreted):
     """In fp32: the kernel multiplies in IEEE fp32 there, fp64 would take the epilogue path."""
     ref = allocator_run("none", torch.float32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import adalora
 from adalora import factor_batch, side_stream
 from tests.test_shared_input import _model
 
@@ -185,3 +186,20 @@ def test_prepare_makes_the_side_streams_only_outside_captures_and_compiles(monke
     side_stream.prepare(Tensor())                       # once per device
     assert made == ["cuda:5"] * side_stream.LANES == ["cuda:5"] * 2
     assert side_stream._STREAMS.pop("cuda:5") == (("stream", "cuda:5"),) * 2
+
+
+@pytest.mark.parametrize("path", ["epilogue", "merge"])
+def test_with_the_factors_frozen_backward_forms_only_what_dx_needs(trace, path):
+    """Only x needs a gradient (one forward, so no groups): the epilogue path's backward forms
+    ``(G U)ᵀ (r, N)`` for its pass over dx, on a branch, and nothing else thin; the merge path's
+    dx is ``G W'`` alone, so it forms no rank-sized product at all."""
+    model, ad = _model(fuse=path)
+    for p in adalora.adapter_parameters(ad):
+        p.requires_grad_(False)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    with trace:
+        y.square().sum().backward()
+    thin = [op for op in trace.ops if op[0] in ("aten.mm", "aten.addmm", "aten.bmm") and 4 in op[1]]
+    assert thin == ([("aten.mm", (4, 10), 0)] * 14 if path == "epilogue" else [])
+    assert x.grad is not None and not [p for p in adalora.adapter_parameters(ad) if p.grad is not None]
