@@ -67,7 +67,8 @@ def make_batch(cfg, dev: torch.device, g: torch.Generator) -> dict:
 
 def _build_llama(cfg, dev: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
-    # SmolLM2-135M's settings besides the preset's shape: tied embeddings, RoPE θ = 1e5.
+    # SmolLM2-135M's settings besides the preset's shape: tied embeddings (Llama-3.2-1B ties its
+    # too), RoPE θ = 1e5 (Llama 3.2's 5e5 and its frequency scaling change no kernel's cost).
     lc = LlamaConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                      num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
                      max_position_embeddings=max(2048, cfg.seq), rope_theta=100000.0, rms_norm_eps=1e-5,

@@ -48,13 +48,15 @@ PRESETS = {  # layers, hidden, heads, intermediate, seq, batch
     "small": (4, 384, 6, 1536, 64, 16),
     "base": (12, 768, 12, 3072, 128, 32),
     "large": (24, 1024, 16, 4096, 256, 32),
-    # Llama-style decoders (random init, causal-LM loss): SmolLM2-135M's shape, and a CPU one.
+    # Llama-style decoders (random init, causal-LM loss): SmolLM2-135M's and Llama-3.2-1B's
+    # shapes, the two ends of the hidden sizes LoRA and QLoRA are mostly used at, and a CPU one.
     "smollm2": (30, 576, 9, 1536, 256, 16),
+    "llama1b": (16, 2048, 32, 8192, 256, 16),
     "tiny_llama": (2, 64, 2, 128, 16, 4),
 }
 # Decoder presets: (architecture, KV heads, vocabulary); the others are BERT with every head
 # its own KV head and BERT's vocabulary.
-DECODERS = {"smollm2": ("llama", 3, 49152), "tiny_llama": ("llama", 1, 256)}
+DECODERS = {"smollm2": ("llama", 3, 49152), "llama1b": ("llama", 8, 128256), "tiny_llama": ("llama", 1, 256)}
 ENCODER = ("bert", None, 30522)
 # lora and adalora run the unfused adapter path (the reference rows), *_epilogue, *_merge,
 # *_triton and *_fused the fused ones (fuse="epilogue", "merge", "triton", "stack").
@@ -75,7 +77,7 @@ class BenchConfig:
     seq: Optional[int] = None
     batch: Optional[int] = None
     kv_heads: Optional[int] = None        # decoders: the preset's (grouped-query attention)
-    vocab: Optional[int] = None           # None: the preset's (BERT 30522, SmolLM2 49152)
+    vocab: Optional[int] = None           # None: the preset's (BERT 30522, SmolLM2 49152, Llama 3.2 128256)
     dtype: str = "fp32"                   # fp32 | bf16
     bf16_mode: str = "weights"            # weights: model, adapters, AdamW in bf16 | autocast: fp32 + autocast
     device: str = "auto"                  # auto | cpu | cuda

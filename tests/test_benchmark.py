@@ -365,3 +365,15 @@ def test_graph_check_compares_two_separate_trainings(monkeypatch):
         assert out[name]["max_abs_loss_diff"] == out[name]["max_rel_loss_diff"] == 0
     assert out["adalora"]["mask_equal_steps"] == 4 and out["adalora"]["mask_disagreeing_values"] == 0
     assert "mask_equal_steps" not in out["lora"]
+
+
+def test_llama1b_preset_has_llama_3_2_1b_parameter_count():
+    """The decoder preset at hidden 2048 is Llama-3.2-1B's shape: its model card's 1,235,814,400
+    parameters (tied embeddings), built on the meta device (no memory, no weights drawn)."""
+    import torch
+    from experiments.bench_variants import _build_llama
+    cfg = benchmark.BenchConfig(preset="llama1b", device="cpu")
+    assert (cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.intermediate, cfg.vocab) == (
+        16, 2048, 32, 8, 8192, 128256)
+    model = _build_llama(cfg, torch.device("meta"))
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400
