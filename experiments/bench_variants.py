@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 import adalora
+from adalora import schedule
 
 from .loop import update
 from .model import BLOCK_LINEARS
@@ -206,13 +207,16 @@ def no_mask_built_for_capture():
 
 
 def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=True):
-    """The step above captured whole as one CUDA graph on its first call (after ``GRAPH_WARMUP``
+    """The step above captured whole as a CUDA graph on its first call (after ``GRAPH_WARMUP``
     eager steps), then replayed: the host launches one graph a step. The body is ``loop.update``'s
-    order with the allocator's device form: ``update_importance``, then ``mask_on_device`` with the
-    step counter on the device (one graph serves every budget); after the final allocation,
-    ``mask_to_budget``'s frozen-mask step, which is capturable as it is. Returns the loss of the
-    latest replay (a static tensor: read or clone it before the next). ``capture=False`` runs the
-    same body uncaptured, step by step: the CPU tests' view of what the GPU captures."""
+    order with the allocator's device form: ``update_importance``, then on mask steps
+    ``mask_on_device`` with the step counter on the device (one graph serves every budget); after
+    the final allocation, ``mask_to_budget``'s frozen-mask step, which is capturable as it is. As
+    in the loop's captured step, a schedule that masks every k steps gets a second graph without
+    the mask step's kernels for the steps between (both graphs in one memory pool: they never run
+    at once). Returns the loss of the latest replay (a static tensor: read or clone it before the
+    next). ``capture=False`` runs the same bodies uncaptured, step by step: the CPU tests' view of
+    what the GPU captures."""
     device_step = None
     if alloc is not None and not alloc.final_done:
         device_step = torch.full((), counter[0], dtype=torch.long, device=opt.param_groups[0]["params"][0].device)
@@ -221,7 +225,10 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
     # forward and backward, and only its adds into .grad wait for backward (the loop's order).
     beside = torch.cuda.Stream() if capture and orth_adapters is not None else None
 
-    def body():
+    def masks(step: int) -> bool:
+        return device_step is not None and schedule.is_mask_step(step, alloc.schedule)
+
+    def body(masking: bool):
         add_orth = None if orth_adapters is None else orthogonality_beside(beside, orth_adapters, orth_weight)
         loss = fn()
         loss.backward()
@@ -230,36 +237,45 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
         opt.step()
         if device_step is not None:
             alloc.update_importance(counter[0], grads_finite=True)
-            alloc.mask_on_device(device_step)
+            if masking:
+                alloc.mask_on_device(device_step)
             device_step.add_(1)
         elif alloc is not None:
             alloc.mask_to_budget(counter[0])
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    graph = {}
+    graphs = {}    # masking -> (graph, static loss)
 
     def step():
         if not capture:
-            loss = body()
+            loss = body(masks(counter[0]))
             counter[0] += 1
             return loss
-        if not graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            # warm-up inside the block too: a compiled forward then sees one is_tracing throughout
+        if masks(counter[0]) not in graphs:
             with no_mask_built_for_capture():
-                with torch.cuda.stream(side):
-                    for _ in range(GRAPH_WARMUP):
-                        body()
-                        counter[0] += 1
-                torch.cuda.current_stream().wait_stream(side)
-                graph["g"] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph["g"]):
-                    graph["loss"] = body()
-        graph["g"].replay()
+                if not graphs:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    # warm-up inside the block too: a compiled forward then sees one is_tracing
+                    # throughout. It runs the mask step's kernels every step, so that either
+                    # graph captures calls that have run before (mask_on_device builds its tables
+                    # on the first); off a mask step they leave the masks and lam as they are.
+                    with torch.cuda.stream(side):
+                        for _ in range(GRAPH_WARMUP):
+                            body(device_step is not None)
+                            counter[0] += 1
+                    torch.cuda.current_stream().wait_stream(side)
+                masking = masks(counter[0])
+                if masking not in graphs:
+                    graph = torch.cuda.CUDAGraph()
+                    pool = next(iter(graphs.values()))[0].pool() if graphs else None
+                    with torch.cuda.graph(graph, pool=pool):
+                        graphs[masking] = (graph, body(masking))
+        graph, loss = graphs[masks(counter[0])]
+        graph.replay()
         counter[0] += 1
-        return graph["loss"]
+        return loss
     return step
 
 
