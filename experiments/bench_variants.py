@@ -266,8 +266,10 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
                             body(device_step is not None)
                             counter[0] += 1
                     torch.cuda.current_stream().wait_stream(side)
-                masking = masks(counter[0])
-                if masking not in graphs:
+                # every graph the schedule will replay, now: a capture inside the timed steps
+                # would count its own time (a capture runs nothing; the device step sets b(t))
+                every_k = device_step is not None and alloc.schedule.mask_interval > 1
+                for masking in ({masks(counter[0]), True, False} if every_k else {masks(counter[0])}) - graphs.keys():
                     graph = torch.cuda.CUDAGraph()
                     pool = next(iter(graphs.values()))[0].pool() if graphs else None
                     with torch.cuda.graph(graph, pool=pool):
