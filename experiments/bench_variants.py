@@ -252,24 +252,23 @@ def _graphed_step(fn, opt, orth_adapters, orth_weight, alloc, counter, capture=T
             loss = body(masks(counter[0]))
             counter[0] += 1
             return loss
-        if masks(counter[0]) not in graphs:
+        if not graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            # warm-up inside the block too: a compiled forward then sees one is_tracing throughout.
+            # It runs the mask step's kernels every step, so that either graph captures calls
+            # that have run before (mask_on_device builds its tables on the first); off a mask
+            # step they leave the masks and lam as they are.
             with no_mask_built_for_capture():
-                if not graphs:
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    # warm-up inside the block too: a compiled forward then sees one is_tracing
-                    # throughout. It runs the mask step's kernels every step, so that either
-                    # graph captures calls that have run before (mask_on_device builds its tables
-                    # on the first); off a mask step they leave the masks and lam as they are.
-                    with torch.cuda.stream(side):
-                        for _ in range(GRAPH_WARMUP):
-                            body(device_step is not None)
-                            counter[0] += 1
-                    torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.stream(side):
+                    for _ in range(GRAPH_WARMUP):
+                        body(device_step is not None)
+                        counter[0] += 1
+                torch.cuda.current_stream().wait_stream(side)
                 # every graph the schedule will replay, now: a capture inside the timed steps
                 # would count its own time (a capture runs nothing; the device step sets b(t))
                 every_k = device_step is not None and alloc.schedule.mask_interval > 1
-                for masking in ({masks(counter[0]), True, False} if every_k else {masks(counter[0])}) - graphs.keys():
+                for masking in {True, False} if every_k else {masks(counter[0])}:
                     graph = torch.cuda.CUDAGraph()
                     pool = next(iter(graphs.values()))[0].pool() if graphs else None
                     with torch.cuda.graph(graph, pool=pool):
