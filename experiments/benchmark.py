@@ -235,8 +235,8 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
     for n in times:
         out[n].update(_stats(times[n]))
     if not cfg.compile and not cfg.step_graph:
-        for v in variants:
-            out[v.name]["host_phases_ms"] = host_phases(v.step, cfg.steps, dev)
+        for name, phases in host_phases({v.name: v.step for v in variants}, max(cfg.rounds, cfg.steps), dev).items():
+            out[name]["host_phases_ms"] = phases
     if dev.type == "cuda":
         # after the timed rounds, so the profiler's own host cost never enters the times above
         for v in variants:
@@ -244,18 +244,23 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
     return out
 
 
-def host_phases(step, steps: int, dev: torch.device) -> dict:
-    """Median host milliseconds of each phase of an eager step (``bench_variants.PHASES``), over
-    ``steps`` steps that each start on an idle device. In an eager step the device waits for the
-    host, so these add up to about the step's time; a phase that waits for the device (a host
-    sync) counts the wait too."""
-    spans = []
-    for _ in range(steps):
-        _sync(dev)
-        clock = [time.perf_counter()]
-        step(clock)
-        spans.append([(b - a) * 1e3 for a, b in zip(clock, clock[1:])])
-    return {name: statistics.median(s) for name, s in zip(PHASES, zip(*spans))}
+def host_phases(steps: dict, rounds: int, dev: torch.device) -> dict:
+    """Per variant (``steps``: name -> its step), the median host milliseconds of each phase of an
+    eager step (``bench_variants.PHASES``), over ``rounds`` steps that each start on an idle device.
+    In an eager step the device waits for the host, so these add up to about the step's time; a
+    phase that waits for the device (a host sync) counts the wait too. One step per variant a
+    round, in the timed rounds' rotated order: a shared host's speed drifts over minutes, and
+    variants timed one after the other would take that drift for a difference between them."""
+    names = list(steps)
+    spans = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            _sync(dev)
+            clock = [time.perf_counter()]
+            steps[n](clock)
+            spans[n].append([(b - a) * 1e3 for a, b in zip(clock, clock[1:])])
+    return {n: {name: statistics.median(s) for name, s in zip(PHASES, zip(*spans[n]))} for n in names}
 
 
 def ratios(res: dict) -> dict:

@@ -204,17 +204,26 @@ def test_device_summary_sums_per_step_by_hand():
     assert device_summary([], steps=3) == {}
 
 
-def test_host_phases_are_medians_of_the_clock_differences_by_hand():
+def test_host_phases_are_medians_of_the_clock_differences_by_hand_interleaved_by_round():
+    """Each variant's phases are medians over its own steps, and the variants take turns, one
+    step each a round in the timed rounds' rotated order, so a drifting host moves them alike."""
     import torch
     from experiments.bench_variants import PHASES
-    durations = iter([[1, 2, 3, 4, 5], [3, 2, 1, 0, 9], [2, 2, 2, 2, 2]])    # ms per phase, 3 steps
+    durations = {"a": iter([[1, 2, 3, 4, 5], [3, 2, 1, 0, 9], [2, 2, 2, 2, 2]]),    # ms per phase, 3 steps
+                 "b": iter([[7, 7, 7, 7, 7], [5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])}
+    order = []
 
-    def step(clock):
-        for ms in next(durations):
-            clock.append(clock[-1] + ms / 1e3)
-    got = benchmark.host_phases(step, 3, torch.device("cpu"))
-    assert list(got) == list(PHASES)
-    assert got == pytest.approx({"forward": 2, "backward": 2, "penalty": 2, "update": 2, "zero_grad": 5})
+    def step_of(name):
+        def step(clock):
+            order.append(name)
+            for ms in next(durations[name]):
+                clock.append(clock[-1] + ms / 1e3)
+        return step
+    got = benchmark.host_phases({"a": step_of("a"), "b": step_of("b")}, 3, torch.device("cpu"))
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert list(got) == ["a", "b"] and all(list(g) == list(PHASES) for g in got.values())
+    assert got["a"] == pytest.approx({"forward": 2, "backward": 2, "penalty": 2, "update": 2, "zero_grad": 5})
+    assert got["b"] == pytest.approx({"forward": 7, "backward": 7, "penalty": 7, "update": 7, "zero_grad": 7})
 
 
 def test_the_eager_steps_clock_marks_each_phase_where_it_ends(monkeypatch):
