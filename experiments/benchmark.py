@@ -222,8 +222,7 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
         print(f"[bench] built {n}: {out[n]['peak_mem_mb']:.0f} MiB, {trainable} trainable", flush=True)
     times = {v.name: [] for v in variants}
     for r in range(cfg.rounds):
-        k = r % len(variants)
-        for v in variants[k:] + variants[:k]:       # rotate the order so no variant always goes first
+        for v in rotated(variants, r):
             _sync(dev)
             t0 = time.perf_counter()
             for _ in range(cfg.steps):
@@ -244,6 +243,12 @@ def run_models(cfg: BenchConfig, dev: torch.device) -> dict:
     return out
 
 
+def rotated(items: list, r: int) -> list:
+    """``items`` in round ``r``'s order: rotated by ``r``, so no variant always goes first."""
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
 def host_phases(steps: dict, rounds: int, dev: torch.device) -> dict:
     """Per variant (``steps``: name -> its step), the median host milliseconds of each phase of an
     eager step (``bench_variants.PHASES``), over ``rounds`` steps that each start on an idle device.
@@ -254,8 +259,7 @@ def host_phases(steps: dict, rounds: int, dev: torch.device) -> dict:
     names = list(steps)
     spans = {n: [] for n in names}
     for r in range(rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
+        for n in rotated(names, r):
             _sync(dev)
             clock = [time.perf_counter()]
             steps[n](clock)
