@@ -249,20 +249,20 @@ def rotated(items: list, r: int) -> list:
     return items[k:] + items[:k]
 
 
-def host_phases(steps: dict, rounds: int, dev: torch.device) -> dict:
-    """Per variant (``steps``: name -> its step), the median host milliseconds of each phase of an
+def host_phases(step_of: dict, rounds: int, dev: torch.device) -> dict:
+    """Per variant (``step_of``: name -> its step function), the median host milliseconds of each phase of an
     eager step (``bench_variants.PHASES``), over ``rounds`` steps that each start on an idle device.
     In an eager step the device waits for the host, so these add up to about the step's time; a
     phase that waits for the device (a host sync) counts the wait too. One step per variant a
     round, in the timed rounds' rotated order: a shared host's speed drifts over minutes, and
     variants timed one after the other would take that drift for a difference between them."""
-    names = list(steps)
+    names = list(step_of)
     spans = {n: [] for n in names}
     for r in range(rounds):
         for n in rotated(names, r):
             _sync(dev)
             clock = [time.perf_counter()]
-            steps[n](clock)
+            step_of[n](clock)
             spans[n].append([(b - a) * 1e3 for a, b in zip(clock, clock[1:])])
     return {n: {name: statistics.median(s) for name, s in zip(PHASES, zip(*spans[n]))} for n in names}
 
