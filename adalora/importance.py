@@ -65,21 +65,34 @@ class _Layout:
         """``tensors`` (in ``order``) as one flat buffer in ``dtype``: one ``cat`` per group and
         kind, each written straight into its slice of the buffer, instead of a reshape per tensor
         and a cat of the pieces; then one cast. ``P`` blocks go in as ``Pᵀ (r, d_out)``, the
-        layout they are stored in (column-major), so the cat copies whole rows and the scores'
-        mean over ``d_out`` runs along memory."""
+        layout they are stored in (column-major), so the scores' mean over ``d_out`` runs along
+        memory."""
         flat = tensors[0].new_empty(self.numel)
+        eager = _eager(flat)
         i = 0
         for ks, d_out, r, d_in, off in self.groups:
             n = len(ks)
-            parts = (([t.t() for t in tensors[i:i + n]], (n * r, d_out)),    # P as Pᵀ: its storage order
-                     (tensors[i + n:i + 2 * n], (n * r,)),                     # lam
-                     (tensors[i + 2 * n:i + 3 * n], (n * r, d_in)))            # Q
-            for blocks, shape in parts:
+            Ps = tensors[i:i + n]
+            # Eager, the P blocks are cat along their columns into the transposed view of their
+            # slice: one dispatch, where a transpose per block is a dispatch each and the eager
+            # step waits on the host. Captured or compiled, where the host pays nothing and each
+            # kernel counts, the transposes hand cat contiguous rows to copy in one kernel.
+            parts = (((Ps, 1) if eager else ([t.t() for t in Ps], 0), (n * r, d_out)),
+                     ((tensors[i + n:i + 2 * n], 0), (n * r,)),                 # lam
+                     ((tensors[i + 2 * n:i + 3 * n], 0), (n * r, d_in)))        # Q
+            for (blocks, dim), shape in parts:
                 size = math.prod(shape)
-                torch.cat(blocks, out=flat[off:off + size].view(shape))
+                out = flat[off:off + size].view(shape)
+                torch.cat(blocks, dim=dim, out=out.t() if dim else out)
                 off += size
             i += 3 * n
         return flat.to(dtype)
+
+
+def _eager(t: torch.Tensor) -> bool:
+    """Whether ops on ``t`` run as they are dispatched: not traced by ``torch.compile``, not
+    captured into a CUDA graph."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class ImportanceScorer:
@@ -109,6 +122,9 @@ class ImportanceScorer:
         return self._layout_cache
 
     def _grads(self, layout: _Layout, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
+            return grads
         grads = []
         for (k, attr), p in zip(layout.order, params):
             if p.grad is None and p.numel() == 0:

@@ -128,6 +128,20 @@ def lr_lambda(cfg: RunConfig, total: int):
     return f
 
 
+def clip_grad_norm_(params: list, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)``: the same total 2-norm, returned, and
+    the same scaling of every gradient, with torch's own ops in torch's order. Where the gradients
+    share one device and dtype (the usual case) the norms are stacked as they come; torch's
+    version moves each norm to the first device in a Python loop, a dispatch per tensor that an
+    eager step, bound by the host, pays at every step (adapters bring hundreds of tensors)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or len({(g.device, g.dtype) for g in grads}) > 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
 def update(opt, sched, scaler, allocator, step: int, finite: bool):
     """The update of one optimizer step, after backward, unscaling, γ∇R and clipping:
     ``opt.step(); sched.step(); allocator.update_importance(step); allocator.mask_to_budget(step)``.
@@ -249,7 +263,7 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             orth = add_orth()
         elif orth_weight > 0:
             orth = adalora.orthogonality_grad_(adapters, orth_weight, cfg.method.orth_form)
-        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        norm = clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         return (torch.zeros_like(norm) if orth is None else orth), norm
 
     # γ∇R reads P and Q alone: in a captured step it is formed on a stream of its own, beside

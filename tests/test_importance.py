@@ -5,6 +5,7 @@ import adalora
 import torch.nn as nn
 
 from adalora import ScoreConfig
+from adalora import importance
 from adalora.importance import ImportanceScorer, triplet_scores
 from adalora.layers import SVDLinear
 
@@ -191,10 +192,14 @@ def test_random_draws_are_pinned_for_reproducible_runs():
         assert torch.equal(fixed.flat_scores(step), torch.rand(5, generator=torch.Generator().manual_seed(3_000_009)))
 
 
-def test_state_per_parameter_matches_dense_emas_in_each_parameters_layout_and_round_trips():
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "captured"])
+def test_state_per_parameter_matches_dense_emas_in_each_parameters_layout_and_round_trips(eager, monkeypatch):
     """The flat state holds P as Pᵀ (its storage order); state_dict still gives each EMA in its
     parameter's shape and strides (P column-major), equal to the EMAs computed per parameter by
-    hand, and load_state_dict into a fresh scorer restores the same scores."""
+    hand, and load_state_dict into a fresh scorer restores the same scores. Both ways of
+    gathering P (one cat along its columns eagerly; transposes and a cat of rows when captured
+    or compiled) fill the buffer alike."""
+    monkeypatch.setattr(importance, "_eager", lambda t: eager)
     torch.manual_seed(1)
     layers = [SVDLinear(nn.Linear(d_in, d_out).double(), 3, 1.0) for d_out, d_in in ((5, 4), (5, 4), (6, 2))]
     scorer = ImportanceScorer(layers, ScoreConfig(beta1=0.8, beta2=0.7))

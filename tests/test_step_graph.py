@@ -309,3 +309,31 @@ def test_a_cpu_run_with_step_graph_stops_before_writing_anything(tmp_path):
 def _re(s: str) -> str:
     import re
     return re.escape(s)
+
+
+@pytest.mark.parametrize("case", ["one_dtype", "mixed_dtypes", "no_limit", "non_finite", "none_clipped"])
+def test_clip_grad_norm_equals_torchs_to_the_bit(case):
+    """The loop's clip against torch.nn.utils.clip_grad_norm_: the same returned norm and the
+    same gradients afterwards, bit for bit, with some .grad None (skipped by both), mixed dtypes
+    (torch's own path), no limit (inf), a non-finite gradient, and a limit above the norm."""
+    from experiments.loop import clip_grad_norm_
+    dtypes = [torch.float32, torch.bfloat16, torch.float32] if case == "mixed_dtypes" else [torch.float32] * 3
+    shapes = [(5, 3), (4,), (2, 6)]
+
+    def params():
+        ps = [nn.Parameter(torch.zeros(s, dtype=d)) for s, d in zip(shapes, dtypes)] + [nn.Parameter(torch.zeros(3))]
+        for p in ps[:3]:
+            p.grad = (torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 3).to(p.dtype)
+        if case == "non_finite":
+            ps[1].grad[0] = float("inf")
+        return ps                                   # the last keeps .grad None
+    max_norm = {"no_limit": float("inf"), "none_clipped": 1e6}.get(case, 0.5)
+    ours, ref = params(), params()
+    n_ours, n_ref = clip_grad_norm_(ours, max_norm), torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert torch.equal(n_ours, n_ref) or (case == "non_finite" and n_ours.isinf() and n_ref.isinf())
+    for a, b in zip(ours[:3], ref[:3]):
+        assert a.grad.dtype == b.grad.dtype
+        assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num()) and torch.equal(a.grad.isnan(), b.grad.isnan())
+    assert ours[3].grad is None
+    if case == "one_dtype":                         # a real cut: the clipped norm is the limit
+        assert abs(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours[:3]])).item() - 0.5) < 1e-5
