@@ -232,3 +232,20 @@ def test_state_per_parameter_matches_dense_emas_in_each_parameters_layout_and_ro
     fresh = ImportanceScorer(layers, ScoreConfig(beta1=0.8, beta2=0.7))
     fresh.load_state_dict(sd)
     assert torch.equal(fresh.flat_scores(), scorer.flat_scores())
+
+
+def test_eager_update_dispatches_as_many_ops_for_16_adapters_as_for_4():
+    """Views included: no op per adapter (a transpose of each P, say) on the host, which sets the
+    pace of an eager step."""
+    from experiments.opcount import count_ops
+    counts = []
+    for n in (4, 16):
+        torch.manual_seed(0)
+        layers = [SVDLinear(nn.Linear(5, 6), 3, 1.0) for _ in range(n)]
+        for layer in layers:
+            for p in (layer.P, layer.lam, layer.Q):
+                p.grad = torch.randn_like(p)
+        scorer = ImportanceScorer(layers, ScoreConfig())
+        scorer.update(grads_finite=True)                      # the state exists from here on
+        counts.append(count_ops(lambda: scorer.update(grads_finite=True), views=True)["ops"])
+    assert counts[0] == counts[1]
