@@ -235,7 +235,7 @@ class RankAllocator(Allocator):
         threshold = _threshold(flat, order, budget)
         lams = self._lams()
         sizes = [lam.shape[0] for lam in lams]
-        torch._foreach_copy_([layer.rank_mask for layer in self.layers], list(keep.split(sizes)))
+        torch._foreach_copy_(self._masks(), list(keep.split(sizes)))
         # Cached: the final phase re-applies these every step with one kernel.
         self._lam_masks = _like_lams(keep, lams, sizes)
         self._apply_masks(lams)
@@ -280,7 +280,7 @@ class RankAllocator(Allocator):
         # mask_record's threshold: the score at position b(t), before the mask zeroes any lam
         # (magnitude scores read lam). Clamped: with nothing pruned it reads a kept score, unused.
         self._device_threshold = flat.index_select(0, order.index_select(0, budget.clamp(max=flat.numel() - 1)))
-        masks = [layer.rank_mask for layer in self.layers]
+        masks = self._masks()
         keep = torch.where(now, position < budget, torch.cat(masks))
         sizes = [m.shape[0] for m in masks]
         torch._foreach_copy_(masks, list(keep.split(sizes)))
@@ -304,6 +304,10 @@ class RankAllocator(Allocator):
     def _lams(self) -> list[torch.Tensor]:
         return [fast_param(layer, "lam") for layer in self.layers]
 
+    def _masks(self) -> list[torch.Tensor]:
+        # _buffers, not getattr: per adapter and mask step, nn.Module.__getattr__ is host time
+        return [layer._buffers["rank_mask"] for layer in self.layers]
+
     @torch.no_grad()      # in place on the lam leaves; _allocate is also called directly (tests)
     def _apply_masks(self, lams: list[torch.Tensor] | None = None) -> None:
         if self.compacted:
@@ -322,7 +326,7 @@ class RankAllocator(Allocator):
         if sizes is None:
             sizes = tuple(layer.rank for layer in self.layers)
         if masks is None:
-            masks = torch.cat([layer.rank_mask for layer in self.layers])
+            masks = torch.cat(self._masks())
         if self._segment is None or self._segment[0] != sizes or self._segment[1].device != masks.device:
             ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
             self._segment = (sizes, ids.to(masks.device))
