@@ -75,8 +75,8 @@ class _Layout:
             Ps = tensors[i:i + n]
             # Eager, the P blocks are cat along their columns into the transposed view of their
             # slice: one dispatch, where a transpose per block is a dispatch each and the eager
-            # step waits on the host. Captured or compiled, where the host pays nothing and each
-            # kernel counts, the transposes hand cat contiguous rows to copy in one kernel.
+            # step waits on the host. Captured or compiled, where the host pays nothing and only
+            # the kernels count, the transposes hand cat contiguous rows, its faster kernel.
             parts = (((Ps, 1) if eager else ([t.t() for t in Ps], 0), (n * r, d_out)),
                      ((tensors[i + n:i + 2 * n], 0), (n * r,)),                 # lam
                      ((tensors[i + 2 * n:i + 3 * n], 0), (n * r, d_in)))        # Q
