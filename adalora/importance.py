@@ -72,18 +72,21 @@ class _Layout:
         i = 0
         for ks, d_out, r, d_in, off in self.groups:
             n = len(ks)
-            Ps = tensors[i:i + n]
+            Ps, size = tensors[i:i + n], n * r * d_out
+            P_rows = flat[off:off + size].view(n * r, d_out)      # [P_1ᵀ; ...; P_nᵀ]
             # Eager, the P blocks are cat along their columns into the transposed view of their
             # slice: one dispatch, where a transpose per block is a dispatch each and the eager
             # step waits on the host. Captured or compiled, where the host pays nothing and only
             # the kernels count, the transposes hand cat contiguous rows, its faster kernel.
-            parts = (((Ps, 1) if eager else ([t.t() for t in Ps], 0), (n * r, d_out)),
-                     ((tensors[i + n:i + 2 * n], 0), (n * r,)),                 # lam
-                     ((tensors[i + 2 * n:i + 3 * n], 0), (n * r, d_in)))        # Q
-            for (blocks, dim), shape in parts:
+            if eager:
+                torch.cat(Ps, dim=1, out=P_rows.t())
+            else:
+                torch.cat([t.t() for t in Ps], out=P_rows)
+            off += size
+            for blocks, shape in ((tensors[i + n:i + 2 * n], (n * r,)),            # lam
+                                  (tensors[i + 2 * n:i + 3 * n], (n * r, d_in))):  # Q
                 size = math.prod(shape)
-                out = flat[off:off + size].view(shape)
-                torch.cat(blocks, dim=dim, out=out.t() if dim else out)
+                torch.cat(blocks, out=flat[off:off + size].view(shape))
                 off += size
             i += 3 * n
         return flat.to(dtype)
