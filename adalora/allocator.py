@@ -230,8 +230,9 @@ class RankAllocator(Allocator):
         # top-b(t); a stable descending sort breaks ties by adapter order then index. The reference
         # "score <= kth value" rule prunes every tie and so keeps fewer than b(t).
         order = torch.sort(flat, descending=True, stable=True).indices
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[order[:budget]] = True
+        # index_fill_, not keep[...] = True: on CUDA that assignment copies True from the host,
+        # a copy that waits for the device (the eager step would sync at every mask step)
+        keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, order[:budget], True)
         threshold = _threshold(flat, order, budget)
         lams = self._lams()
         sizes = [lam.shape[0] for lam in lams]

@@ -10,23 +10,28 @@ import torch
 
 
 def count_ops(fn, views: bool = False, only: str | tuple[str, ...] | None = None) -> dict:
-    """Non-view aten ops dispatched by ``fn()`` (≈ kernels) and how many force a device->host sync.
-    ``views=True`` counts views in ``ops`` too: each is a dispatch the host pays for. ``only``
-    (an op name such as ``"aten._to_copy"``, or a tuple of them) counts those ops alone in ``ops``."""
+    """Non-view aten ops dispatched by ``fn()`` (≈ kernels), how many force a device->host sync,
+    and ``host_values``: how many tensors it makes from Python values (``lift_fresh``: ``x[i] =
+    True``, ``torch.tensor(...)``). On a GPU such a value is made on the host, and its copy to
+    the device waits for the device as a sync does. ``views=True`` counts views in ``ops`` too:
+    each is a dispatch the host pays for. ``only`` (an op name such as ``"aten._to_copy"``, or a
+    tuple of them) counts those ops alone in ``ops``."""
     only = (only,) if isinstance(only, str) else only
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.ops, self.syncs = 0, 0
+            self.ops, self.syncs, self.values = 0, 0, 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if only is None:
                 self.ops += views or not func.is_view     # views move no data: count ops that do
             else:
                 self.ops += str(func.overloadpacket) in only
-            self.syncs += func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "item")
+            name = func.__name__.split(".")[0]
+            self.syncs += name in ("_local_scalar_dense", "nonzero", "item")
+            self.values += name == "lift_fresh"
             return func(*args, **(kwargs or {}))
     # tolist() and numpy() read memory without dispatching an op: count those reads separately.
     readers = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
@@ -44,7 +49,7 @@ def count_ops(fn, views: bool = False, only: str | tuple[str, ...] | None = None
     finally:
         for name, method in readers.items():
             setattr(torch.Tensor, name, method)
-    return {"ops": c.ops, "host_syncs": c.syncs}
+    return {"ops": c.ops, "host_syncs": c.syncs, "host_values": c.values}
 
 
 def kernel_time(fn, steps: int, top: int = 8) -> dict:
