@@ -6,6 +6,7 @@ hidden in ``forward`` (peft's is, and is silently skipped when the model compute
 from __future__ import annotations
 
 import functools
+import weakref
 from collections import defaultdict
 
 import torch
@@ -14,47 +15,92 @@ from .config import ORTH_FORMS
 from .layers import SVDLinear, fast_param, like_param
 
 
-def _factors(svd: list[SVDLinear]) -> list[tuple[torch.Tensor, bool]]:
-    """Every factor with whether it holds its singular vectors as columns: each ``P`` (``(d, r)``,
-    stored column-major), then each ``Q`` (``(r, d)``). Either way the matrix ``M (r, d)`` whose
-    rows are the singular vectors gives ``PᵀP − I`` and ``QQᵀ − I`` as ``MMᵀ − I``."""
-    return [(fast_param(a, "P"), True) for a in svd] + [(fast_param(a, "Q"), False) for a in svd]
+def _factors(svd: list[SVDLinear]) -> list[torch.Tensor]:
+    """Every factor: each ``P`` (``(d, r)``, stored column-major, its singular vectors as
+    columns), then each ``Q`` (``(r, d)``). Either way the matrix ``M (r, d)`` whose rows are the
+    singular vectors gives ``PᵀP − I`` and ``QQᵀ − I`` as ``MMᵀ − I``."""
+    return [fast_param(a, "P") for a in svd] + [fast_param(a, "Q") for a in svd]
 
 
-def _groups(leaves: list[tuple[torch.Tensor, bool]]):
-    """Batch the matrices ``M (r, d)`` of ``leaves`` (``(leaf, transposed)``: each ``M``, or ``Mᵀ``)
+class _Plan:
+    """How ``_groups`` batches one list of factors (the first ``n_p`` held transposed): per group,
+    its members' indices (``P`` before ``Q``), how many are ``P``, the full dimension ``d``, the
+    largest rank and, for unequal ranks, the ranks (None when equal). Built once per list and found again by the
+    factors' identity: the library gives a factor a new parameter whenever its shape changes
+    (compaction, growth, loading, a named-adapter switch), so a step pays no per-matrix Python
+    for the grouping."""
+
+    def __init__(self, leaves: list[torch.Tensor], n_p: int):
+        # Keyed by dtype and device too: a model can mix fp32 adapters (on an NF4 base) with bf16
+        # ones of the same width, and one batch must hold one dtype.
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, m in enumerate(leaves):
+            d, r = m.shape if i < n_p else m.shape[::-1]
+            if r > 0:                                               # rank 0: nothing to penalise
+                groups[(d, m.dtype, m.device)].append(i)
+        self.groups = []
+        for (d, _, _), idx in groups.items():
+            ranks = tuple(leaves[i].shape[1 if i < n_p else 0] for i in idx)
+            self.groups.append((idx, sum(i < n_p for i in idx), d, max(ranks),
+                                None if min(ranks) == max(ranks) else ranks))
+        self.refs: tuple = ()
+
+    def holds(self, leaves: list[torch.Tensor]) -> bool:
+        # the ids matched; an id is unique only among live objects, so every one must be alive
+        return len(self.refs) == len(leaves) and all(r() is not None for r in self.refs)
+
+
+_PLANS: dict[tuple, _Plan] = {}     # by the factors' ids; a few models (benchmark variants) at once
+
+
+def _plan(leaves: list[torch.Tensor], n_p: int) -> _Plan:
+    if torch.compiler.is_compiling():
+        return _Plan(leaves, n_p)   # traced once into the graph, whose guards check the shapes
+    key = (n_p, *map(id, leaves))
+    plan = _PLANS.get(key)
+    if plan is None or not plan.holds(leaves):
+        plan = _PLANS[key] = _Plan(leaves, n_p)
+        plan.refs = tuple(weakref.ref(m) for m in leaves)          # held weakly: no factor kept alive
+        while len(_PLANS) > 8:
+            del _PLANS[next(iter(_PLANS))]
+    return plan
+
+
+def _groups(leaves: list[torch.Tensor], n_p: int):
+    """Batch the matrices ``M (r, d)`` of ``leaves`` (each ``M``, or ``Mᵀ`` for the first ``n_p``)
     by their full dimension ``d``, whatever their rank and whether they are ``P`` or ``Q``, so the
     cost is a few kernels per distinct ``d`` rather than per adapter, per rank (compacted adapters
     have many ranks) or per kind (a BERT layer's P and Q share its two widths). Yields
-    ``(members, x, mask, where)``: the group's leaves, ``P`` before ``Q``, their batch
+    ``(members, k, x, mask, where)``: the group's leaves, its first ``k`` the ``P``, their batch
     ``x (n, R, d)``, and for a batch of unequal ranks, zero-padded to the largest ``R``: the
     ``(n, R, R)`` mask of each matrix's own block and where each element sits in the flat batch
     (``None, None`` when ranks are equal).
     """
-    # Keyed by dtype and device too: a model can mix fp32 adapters (on an NF4 base) with bf16
-    # ones of the same width, and one batch must hold one dtype.
-    groups: dict[tuple, list[tuple[torch.Tensor, bool]]] = defaultdict(list)
-    for m, transposed in leaves:
-        d, r = m.shape if transposed else m.shape[::-1]
-        if r > 0:                                                   # rank 0: nothing to penalise
-            groups[(d, m.dtype, m.device)].append((m, transposed))
-    for (d, _, _), members in groups.items():
-        ranks = [m.shape[1] if t else m.shape[0] for m, t in members]
-        r = max(ranks)
-        if min(ranks) == r:
-            # One stack per kind as stored; the batch of P is its transposed view, so no
-            # per-matrix transpose is dispatched (bmm takes the strides as they are).
-            ps = [m for m, t in members if t]
-            qs = [m for m, t in members if not t]
-            parts = ([torch.stack(ps).transpose(1, 2)] if ps else []) + ([torch.stack(qs)] if qs else [])
-            yield members, (torch.cat(parts) if len(parts) > 1 else parts[0]), None, None
+    for idx, k, d, r, ranks in _plan(leaves, n_p).groups:
+        members = [leaves[i] for i in idx]
+        if ranks is None:
+            # One stack per kind, each written straight into its rows of the batch: the P into
+            # their transposed view (a column-major P is its Pᵀ rows in memory, so this copies
+            # in order), with no per-matrix transpose dispatched and no second copy to join them.
+            # Autograd (orthogonality_penalty) cannot go through out=: there the stacks are joined.
+            ps, qs = members[:k], members[k:]
+            if torch.is_grad_enabled():
+                parts = ([torch.stack(ps).transpose(1, 2)] if ps else []) + ([torch.stack(qs)] if qs else [])
+                x = torch.cat(parts) if len(parts) > 1 else parts[0]
+            else:
+                x = members[0].new_empty(len(members), r, d)
+                if ps:
+                    torch.stack(ps, out=x[:k].transpose(1, 2))
+                if qs:
+                    torch.stack(qs, out=x[k:])
+            yield members, k, x, None, None
             continue
         # One cat and one scatter into the zero padding, however many matrices and ranks.
-        ms = [m for m, _ in members]
-        where, mask = _padding(tuple(ranks), d, ms[0].device, ms[0].dtype)
-        flat = torch.cat([(m.t() if t else m).reshape(-1) for m, t in members])   # (r, d) rows each
-        x = ms[0].new_zeros(len(ms) * r * d).index_copy(0, where, flat)
-        yield members, x.view(len(ms), r, d), mask, where
+        m0 = members[0]
+        where, mask = _padding(ranks, d, m0.device, m0.dtype)
+        flat = torch.cat([(m.t() if j < k else m).reshape(-1) for j, m in enumerate(members)])  # (r, d) rows each
+        x = m0.new_zeros(len(members) * r * d).index_copy(0, where, flat)
+        yield members, k, x.view(len(members), r, d), mask, where
 
 
 def _residual(x: torch.Tensor, mask) -> torch.Tensor:
@@ -67,10 +113,11 @@ def _residual(x: torch.Tensor, mask) -> torch.Tensor:
     return resid if mask is None else resid * mask
 
 
-def _gram_residual_norms(leaves: list[tuple[torch.Tensor, bool]], squared: bool) -> torch.Tensor:
-    """Sum over the matrices of ``leaves`` of ``‖MMᵀ − I‖_F``, squared if asked."""
-    total = leaves[0][0].new_zeros(())
-    for _, x, mask, _ in _groups(leaves):
+def _gram_residual_norms(leaves: list[torch.Tensor], n_p: int, squared: bool) -> torch.Tensor:
+    """Sum over the matrices of ``leaves`` (the first ``n_p`` held transposed) of ``‖MMᵀ − I‖_F``,
+    squared if asked."""
+    total = leaves[0].new_zeros(())
+    for _, _, x, mask, _ in _groups(leaves, n_p):
         sq = _residual(x, mask).pow(2).sum(dim=(1, 2))              # (n,) squared Frobenius norms
         total = total + (sq.sum() if squared else sq.sqrt().sum())
     return total
@@ -117,7 +164,7 @@ def orthogonality_penalty(adapters: dict, form: str = "reference") -> torch.Tens
     if not svd:
         return torch.zeros(())
     squared = form == "paper"
-    total = _gram_residual_norms(_factors(svd), squared)
+    total = _gram_residual_norms(_factors(svd), len(svd), squared)
     # DEVIATION (reference form): unsquared norms averaged over the 2|S| matrices, as both public
     # implementations compute it and as their published numbers were obtained.
     return total if squared else total / (2 * len(svd))
@@ -155,7 +202,7 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
     squared = form == "paper"
     total = svd[0].P.new_zeros(())
     pending = []
-    for members, x, mask, where in _groups(_factors(svd)):
+    for members, k, x, mask, where in _groups(_factors(svd), len(svd)):
         c = _residual(x, mask)                                      # (n, R, R), symmetric
         sq = c.pow(2).sum(dim=(1, 2))                               # (n,)
         if squared:
@@ -165,36 +212,38 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
             norm = sq.sqrt()
             total += norm.sum()
             c.mul_((weight / len(svd) / norm.clamp_min(torch.finfo(norm.dtype).tiny)).view(-1, 1, 1))
-        pending.append((members, torch.bmm(c, x), where))           # (n, R, d)
+        pending.append((members, k, torch.bmm(c, x), where))           # (n, R, d)
     return (total if squared else total / (2 * len(svd))), pending
 
 
 @torch.no_grad()
 def add_orthogonality_grads_(pending: list) -> None:
     """Add the gradients ``orthogonality_grads`` formed to their factors' ``.grad``."""
-    for members, g, where in pending:
-        _add_to_grads(members, g, where)
+    for members, k, g, where in pending:
+        _add_to_grads(members, k, g, where)
 
 
-def _add_to_grads(members: list[tuple[torch.Tensor, bool]], g: torch.Tensor, where) -> None:
+def _add_to_grads(members: list[torch.Tensor], k: int, g: torch.Tensor, where) -> None:
     """``leaf.grad += g_m`` for each matrix of a batch (one multi-tensor kernel), ``g (n, R, d)``
-    padded as ``_groups`` built it, its ``P`` rows (the leaves held transposed) first."""
+    padded as ``_groups`` built it, its first ``k`` rows the ``P`` (the leaves held transposed)."""
     if where is None:
-        n_p = sum(t for _, t in members)
         # in the leaves' shapes: two unbinds, not a transpose per P
-        parts = g[:n_p].transpose(1, 2).unbind(0) + g[n_p:].unbind(0)
+        parts = g[:k].transpose(1, 2).unbind(0) + g[k:].unbind(0)
     else:
-        sizes = [m.numel() for m, _ in members]
+        sizes = [m.numel() for m in members]
         parts = [p.view(-1, g.shape[-1]) for p in g.reshape(-1).index_select(0, where).split(sizes)]
-        parts = [p.t() if t else p for p, (_, t) in zip(parts, members)]
-    grads, adds = [], []
-    for (m, _), p in zip(members, parts):
+        parts = [p.t() if j < k else p for j, p in enumerate(parts)]
+    grads = [m.grad for m in members]
+    if all(g is not None for g in grads) and all(m.requires_grad for m in members):
+        torch._foreach_add_(grads, parts)                          # every step but the first
+        return
+    adds = []
+    for m, p in zip(members, parts):
         if not m.requires_grad:
             continue
         if m.grad is None:
             m.grad = like_param(p, m)
         else:
-            grads.append(m.grad)
-            adds.append(p)
-    if grads:
-        torch._foreach_add_(grads, adds)
+            adds.append((m.grad, p))
+    if adds:
+        torch._foreach_add_(*map(list, zip(*adds)))

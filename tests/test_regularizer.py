@@ -120,6 +120,41 @@ def test_fused_gradient_equals_autograd_of_the_penalty(form):
     assert ad["m6"].Q.grad is None and ad["lora"].A.grad is None
 
 
+def test_the_batching_follows_compaction_and_growth_and_keeps_no_factor_alive():
+    """The grouping of factors is kept between steps; a compaction, a growth or a second model
+    changes the factors, and the penalty and its gradient still equal the dense formula of each
+    matrix. Old factors are not kept alive by it."""
+    import gc
+    import weakref
+
+    def dense(ad):
+        eye = lambda r: torch.eye(r, dtype=torch.float64)
+        return sum(torch.linalg.matrix_norm(a.P.T @ a.P - eye(a.rank)) + torch.linalg.matrix_norm(a.Q @ a.Q.T - eye(a.rank))
+                   for a in ad.values()) / (2 * len(ad))
+
+    def check(ad):
+        params = [p for a in ad.values() for p in (a.P, a.Q)]
+        want = torch.autograd.grad(dense(ad), params)
+        for p in params:
+            p.grad = None
+        value = adalora.orthogonality_grad_(ad, 1.0)
+        assert torch.allclose(value, dense(ad).detach(), rtol=0, atol=1e-12)
+        assert all(torch.allclose(p.grad, w, rtol=0, atol=1e-12) for p, w in zip(params, want))
+
+    ad = _adapters([(6, 5)] * 3 + [(4, 9)], r=3, seed=2)
+    other = _adapters([(6, 5), (5, 6)], r=2, seed=4)
+    check(ad)
+    check(other)
+    old = weakref.ref(ad["m0"].P)
+    ad["m0"].resize(torch.tensor([0, 2]))                       # new parameters of rank 2
+    check(ad)
+    ad["m1"].expand(2, generator=torch.Generator().manual_seed(0))   # rank 5
+    check(ad)
+    check(other)
+    gc.collect()
+    assert old() is None
+
+
 @pytest.mark.parametrize("form", ["reference", "paper"])
 def test_gradients_formed_before_backward_and_added_after_equal_autograd_of_the_penalty(form):
     """orthogonality_grads reads P and Q alone and leaves .grad untouched, so a step can form it
