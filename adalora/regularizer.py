@@ -113,14 +113,25 @@ def _residual(x: torch.Tensor, mask) -> torch.Tensor:
     return resid if mask is None else resid * mask
 
 
+def _norms(c: torch.Tensor, squared: bool) -> torch.Tensor:
+    """``‖C‖_F`` of each matrix of the batch ``c (n, R, R)``, squared if asked: ``(n,)``."""
+    # vector_norm: one kernel, where pow, sum and sqrt are three (an eager step launches every one)
+    return c.pow(2).sum(dim=(1, 2)) if squared else torch.linalg.vector_norm(c, dim=(1, 2))
+
+
+def _total(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of every group's norms: one cat and one sum, not a sum and an add per group."""
+    if len(parts) == 1:
+        return parts[0].sum()
+    if len({p.dtype for p in parts}) == 1:
+        return torch.cat(parts).sum()
+    return sum(p.sum() for p in parts)                              # mixed dtypes: promoted
+
+
 def _gram_residual_norms(leaves: list[torch.Tensor], n_p: int, squared: bool) -> torch.Tensor:
     """Sum over the matrices of ``leaves`` (the first ``n_p`` held transposed) of ``‖MMᵀ − I‖_F``,
     squared if asked."""
-    total = leaves[0].new_zeros(())
-    for _, _, x, mask, _ in _groups(leaves, n_p):
-        sq = _residual(x, mask).pow(2).sum(dim=(1, 2))              # (n,) squared Frobenius norms
-        total = total + (sq.sum() if squared else sq.sqrt().sum())
-    return total
+    return _total([_norms(_residual(x, mask), squared) for _, _, x, mask, _ in _groups(leaves, n_p)])
 
 
 @torch.compiler.assume_constant_result
@@ -178,8 +189,8 @@ def orthogonality_grad_(adapters: dict, weight: float, form: str = "reference") 
     every ``P`` and ``Q`` (whose two gradients autograd then sums with one kernel per matrix).
 
     With ``C = PᵀP − I``: ``∂‖C‖_F/∂P = 2PC / ‖C‖_F`` and ``∂‖C‖²_F/∂P = 4PC``; for ``Q``,
-    ``C = QQᵀ − I`` and ``CQ`` in place of ``PC``. At ``‖C‖_F = 0`` the gradient is 0 (autograd of
-    the square root gives NaN there). Call it after ``backward()`` (after ``scaler.unscale_``
+    ``C = QQᵀ − I`` and ``CQ`` in place of ``PC``. At ``‖C‖_F = 0`` the gradient is 0, as
+    autograd's of the norm. Call it after ``backward()`` (after ``scaler.unscale_``
     under a gradient scaler) and before clipping and the importance update, once per optimizer
     step: ``R`` does not depend on the batch, so this equals adding ``γR / accum`` to every
     micro-batch's loss. It is ``orthogonality_grads`` then ``add_orthogonality_grads_``.
@@ -200,19 +211,17 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
     if not svd:
         return torch.zeros(()), []
     squared = form == "paper"
-    total = svd[0].P.new_zeros(())
-    pending = []
+    norms, pending = [], []
     for members, k, x, mask, where in _groups(_factors(svd), len(svd)):
         c = _residual(x, mask)                                      # (n, R, R), symmetric
-        sq = c.pow(2).sum(dim=(1, 2))                               # (n,)
-        if squared:
-            total += sq.sum()
-            c.mul_(4 * weight)
-        else:
-            norm = sq.sqrt()
-            total += norm.sum()
-            c.mul_((weight / len(svd) / norm.clamp_min(torch.finfo(norm.dtype).tiny)).view(-1, 1, 1))
-        pending.append((members, k, torch.bmm(c, x), where))           # (n, R, d)
+        norm = _norms(c, squared)                                   # (n,)
+        norms.append(norm)
+        if not squared:
+            c.div_(norm.clamp_min(torch.finfo(norm.dtype).tiny).view(-1, 1, 1))
+        # The constant rides in the product's alpha (beta=0: x is not read as its addend).
+        scale = 4 * weight if squared else weight / len(svd)
+        pending.append((members, k, torch.baddbmm(x, c, x, beta=0, alpha=scale), where))   # (n, R, d)
+    total = _total(norms)
     return (total if squared else total / (2 * len(svd))), pending
 
 

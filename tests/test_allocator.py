@@ -397,14 +397,20 @@ def test_compact_with_an_optimizer_that_has_no_state_yet():
 def test_final_phase_reapplies_the_mask_in_one_kernel_and_counts_are_cached():
     """After the final allocation each step re-applies the frozen mask with one multi-tensor
     multiply (the cast masks are cached by the allocation); the adapter id of every singular
-    value, used to count ranks, is built once per set of ranks."""
+    value, used to count unequal ranks, is built once per set of ranks; equal ranks are counted
+    by one row sum of the joined masks."""
     m, ad, al = _setup()
     _train(m, ad, al, 31)
     assert al.final_done
     assert _count_ops(lambda: al.mask_to_budget(31)) == 1
     fresh = _setup()[2]
+    assert _count_ops(fresh.ranks) == 2
+    with torch.no_grad():
+        fresh.layers[0].rank_mask[1:] = False
+    fresh.layers[0].resize(torch.arange(3))                  # ranks 3 and r0, as after compaction
     first, second = _count_ops(fresh.ranks), _count_ops(fresh.ranks)
     assert second < first
+    assert list(fresh.ranks().values()) == [int(l.rank_mask.sum()) for l in fresh.layers]
 
 
 def test_mask_step_kernels_do_not_grow_with_the_number_of_adapters():
