@@ -328,3 +328,17 @@ def test_p_and_q_of_one_width_share_one_batch_and_match_the_dense_formula(ranks,
     for a in ad.values():
         a.P.grad, a.Q.grad = None, None
     assert count_ops(lambda: adalora.orthogonality_grad_(ad, 0.5, form), only=("aten.bmm", "aten.baddbmm"))["ops"] == 4
+
+
+def test_fused_gradient_launches_about_ten_operations_per_width():
+    """Non-view operations (kernels on a GPU, each a launch the eager host pays for): two stacks,
+    the Gram product, the diagonal, one norm, the scale, the gradient product and the multi-tensor
+    add per width, and a few to total the norms; not the pow, sum, sqrt and separate scaling
+    kernels (17 a width) the penalty launched before."""
+    from experiments.opcount import count_ops
+    for shapes, widths in (([(8, 8)] * 4, 1), ([(8, 6), (6, 9)] * 2, 3)):
+        ad = _adapters(shapes, 3)
+        for a in ad.values():
+            a.P.grad, a.Q.grad = torch.zeros_like(a.P), torch.zeros_like(a.Q)
+        ops = count_ops(lambda: adalora.orthogonality_grad_(ad, 0.1))["ops"]
+        assert ops <= 10 * widths + 2, (shapes, ops)
