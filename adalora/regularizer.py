@@ -211,6 +211,8 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
     if not svd:
         return torch.zeros(()), []
     squared = form == "paper"
+    # The constant rides in the gradient product's alpha (beta=0: x is not read as its addend).
+    scale = 4 * weight if squared else weight / len(svd)
     norms, pending = [], []
     for members, k, x, mask, where in _groups(_factors(svd), len(svd)):
         c = _residual(x, mask)                                      # (n, R, R), symmetric
@@ -218,8 +220,6 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
         norms.append(norm)
         if not squared:
             c.div_(norm.clamp_min(torch.finfo(norm.dtype).tiny).view(-1, 1, 1))
-        # The constant rides in the product's alpha (beta=0: x is not read as its addend).
-        scale = 4 * weight if squared else weight / len(svd)
         pending.append((members, k, torch.baddbmm(x, c, x, beta=0, alpha=scale), where))   # (n, R, d)
     total = _total(norms)
     return (total if squared else total / (2 * len(svd))), pending
@@ -242,17 +242,14 @@ def _add_to_grads(members: list[torch.Tensor], k: int, g: torch.Tensor, where) -
         sizes = [m.numel() for m in members]
         parts = [p.view(-1, g.shape[-1]) for p in g.reshape(-1).index_select(0, where).split(sizes)]
         parts = [p.t() if j < k else p for j, p in enumerate(parts)]
-    grads = [m.grad for m in members]
-    if all(g is not None for g in grads) and all(m.requires_grad for m in members):
-        torch._foreach_add_(grads, parts)                          # every step but the first
-        return
-    adds = []
+    grads, adds = [], []
     for m, p in zip(members, parts):
         if not m.requires_grad:
             continue
         if m.grad is None:
             m.grad = like_param(p, m)
         else:
-            adds.append((m.grad, p))
-    if adds:
-        torch._foreach_add_(*map(list, zip(*adds)))
+            grads.append(m.grad)
+            adds.append(p)
+    if grads:
+        torch._foreach_add_(grads, adds)
