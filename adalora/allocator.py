@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import schedule
+from . import gate_bank, schedule
 from .config import ScheduleConfig, ScoreConfig
 from .importance import ImportanceScorer
 from .layers import SVDLinear, fast_param, like_param
@@ -197,6 +197,7 @@ class RankAllocator(Allocator):
         self._segment: tuple | None = None                    # (ranks, adapter id per singular value)
         self._tables: tuple | None = None                     # mask_on_device's (budgets, is mask step, arange)
         self._device_threshold: torch.Tensor | None = None    # mask_on_device's score at position b(t), (1,)
+        self._bank_aligned: bool | None = None                # flat gates in this layer order (_lams)
 
     # -- the two per-step calls ------------------------------------------------------------------
     def update_importance(self, step: int, grads_finite: bool | None = None) -> bool:
@@ -234,11 +235,12 @@ class RankAllocator(Allocator):
         # a copy that waits for the device (the eager step would sync at every mask step)
         keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, order[:budget], True)
         threshold = _threshold(flat, order, budget)
+        masks = self._masks()
+        sizes = [m.shape[0] for m in masks]
+        torch._foreach_copy_(masks, list(keep.split(sizes)))
         lams = self._lams()
-        sizes = [lam.shape[0] for lam in lams]
-        torch._foreach_copy_(self._masks(), list(keep.split(sizes)))
         # Cached: the final phase re-applies these every step with one kernel.
-        self._lam_masks = _like_lams(keep, lams, sizes)
+        self._lam_masks = _like_lams(keep, lams)
         self._apply_masks(lams)
         return _PendingRecord(step, budget, pending=(self._counts(keep, tuple(sizes)), threshold, self.adapters))
 
@@ -287,7 +289,7 @@ class RankAllocator(Allocator):
         torch._foreach_copy_(masks, list(keep.split(sizes)))
         lams = self._lams()
         # all ones off mask steps: lam untouched
-        torch._foreach_mul_(lams, _like_lams(keep | ~now, lams, sizes))
+        torch._foreach_mul_(lams, _like_lams(keep | ~now, lams))
         self._lam_masks = None                             # the final phase recasts rank_mask
 
     @torch.no_grad()
@@ -303,6 +305,15 @@ class RankAllocator(Allocator):
         return _PendingRecord(step, budget, pending=(self._counts(), threshold, self.adapters))
 
     def _lams(self) -> list[torch.Tensor]:
+        """The gates in layer order: one tensor per adapter, or with flat gates whose bank holds
+        these adapters in this order, the bank's one ``(Σ r_k,)`` parameter."""
+        bank = gate_bank.bank_of(self.layers[0])
+        if bank is not None:
+            if self._bank_aligned is None:
+                self._bank_aligned = len(bank.layers) == len(self.layers) and all(
+                    a is b for a, b in zip(bank.layers, self.layers))
+            if self._bank_aligned:
+                return [bank.lam]
         return [fast_param(layer, "lam") for layer in self.layers]
 
     def _masks(self) -> list[torch.Tensor]:
@@ -313,9 +324,10 @@ class RankAllocator(Allocator):
     def _apply_masks(self, lams: list[torch.Tensor] | None = None) -> None:
         if self.compacted:
             return
+        lams = lams or self._lams()
         if self._lam_masks is None:
-            self._lam_masks = [layer.rank_mask.to(layer.lam.dtype) for layer in self.layers]
-        torch._foreach_mul_(lams or self._lams(), self._lam_masks)
+            self._lam_masks = _like_lams(torch.cat(self._masks()), lams)
+        torch._foreach_mul_(lams, self._lam_masks)
 
     # -- read-outs ---------------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
@@ -376,12 +388,7 @@ class RankAllocator(Allocator):
         if self.compacted:
             return
         for layer in self.layers:
-            keep = layer.rank_mask.nonzero().flatten()
-            old = {"P": layer.P, "lam": layer.lam, "Q": layer.Q}
-            layer.resize(keep)
-            if optimizer is not None:
-                for attr, dim in (("P", 1), ("lam", 0), ("Q", 0)):
-                    _swap_in_optimizer(optimizer, old[attr], getattr(layer, attr), keep, dim)
+            resize_in_optimizer(layer, layer.rank_mask.nonzero().flatten(), optimizer)
         self.compacted = True
 
     # -- checkpointing ----------------------------------------------------------------------------------
@@ -412,13 +419,30 @@ def _threshold(flat: torch.Tensor, order: torch.Tensor, budget: int) -> torch.Te
     return flat[order[budget:budget + 1]] if budget < flat.numel() else None
 
 
-def _like_lams(flat: torch.Tensor, lams: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
-    """A flat bool vector as per-adapter factors in each ``lam``'s dtype: one cast for all
-    adapters when they share a dtype (the usual case), else one per adapter."""
+def _like_lams(flat: torch.Tensor, lams: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A flat bool vector as factors for ``lams`` (per adapter, or the one flat bank) in each
+    one's dtype: one cast for all when they share a dtype (the usual case), else one each."""
+    sizes = [lam.shape[0] for lam in lams]
     dtypes = {lam.dtype for lam in lams}
     if len(dtypes) == 1:
         return list(flat.to(dtypes.pop()).split(sizes))
     return [f.to(lam.dtype) for f, lam in zip(flat.split(sizes), lams)]
+
+
+def resize_in_optimizer(layer: SVDLinear, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """``layer.resize(keep)``, with ``optimizer`` (if any) told: the new ``P``, ``lam``, ``Q`` (or
+    the new bank of flat gates) take the old ones' places, their state sliced to match."""
+    old = {a: layer._parameters[a] for a in ("P", "lam", "Q") if a in layer._parameters}
+    gate = gate_bank.gate_param(layer)
+    layer.resize(keep)
+    if optimizer is None:
+        return
+    for attr, dim in (("P", 1), ("lam", 0), ("Q", 0)):
+        if attr in old:
+            _swap_in_optimizer(optimizer, old[attr], getattr(layer, attr), keep, dim)
+    if "lam" not in old:
+        bank = gate_bank.bank_of(layer)
+        gate_bank.swap_in_optimizer(optimizer, gate, bank.lam, bank.src)
 
 
 def _swap_in_optimizer(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter,

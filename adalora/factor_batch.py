@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import merge_batch, shared_input
+from . import gate_bank, merge_batch, shared_input
 
 SLOT = "_batched_factors"   # an adapter's [down, up, Lead, W'] (None: its own) in its __dict__, no state_dict entry
 _FILLED = "_factor_batch_filled"
@@ -106,7 +106,10 @@ def _form(model: nn.Module, args) -> None:
             continue                  # one adapter: its own preparation is as cheap
         d_all = torch.cat([m._parameters[m._DOWN] for m in rows])               # (Σr, d_in)
         if gate:
-            d_all = d_all * torch.cat([m._parameters[gate] for m in rows]).unsqueeze(1)
+            banked = gate_bank.bank_of(rows[0])
+            g_all = (banked.gather(rows) if banked is not None and gate not in rows[0]._parameters
+                     else torch.cat([m._parameters[gate] for m in rows]))
+            d_all = d_all * g_all.unsqueeze(1)
         # one view per unit: a group's rows are adjacent, and its leader multiplies them as one
         # (its members' own views, for a call outside the group, are views of that view)
         for u, part in zip(units, d_all.to(cast).split([sum(m.rank for m in u) for u in units])):
@@ -124,6 +127,12 @@ def _form(model: nn.Module, args) -> None:
     merging = [m for m in filled if m.fuse == "merge"]
     if merging and torch.is_grad_enabled():
         _merge(merging)
+    bank = model._modules.get(gate_bank.ATTR)
+    if bank is not None and torch.is_grad_enabled():
+        # flat gates: the other adapters' gates as views from one split of the bank
+        unfused = {id(m) for m in bank.layers} - {id(m) for m in filled}
+        if unfused:
+            filled += gate_bank.views_for_forward(bank, unfused)
 
 
 @torch.no_grad()
@@ -163,7 +172,7 @@ def _units(members: list, groups: tuple) -> list:
 
 def _drop(model: nn.Module, args, output) -> None:
     for layer in model.__dict__.pop(_FILLED, ()):
-        for key in (SLOT, shared_input.CALLS, shared_input.HANDED):
+        for key in (SLOT, shared_input.CALLS, shared_input.HANDED, gate_bank.VIEW):
             layer.__dict__.pop(key, None)
     calls = model.__dict__.pop(_CALLS, None)
     if calls is not None:

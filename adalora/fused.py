@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import factor_batch, lowrank_gemm, rank_update, shared_input, side_stream
+from . import factor_batch, gate_bank, lowrank_gemm, rank_update, shared_input, side_stream
 
 FUSE_MODES = ("none", "epilogue", "merge", "triton", "stack", "auto")   # auto: epilogue on CUDA tensors, none elsewhere
 PREPARED = ("epilogue", "merge", "triton")   # the paths through EpilogueLinear, with factors from factor_batch.py
@@ -138,7 +138,9 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     base = layer._modules["base"]
     w, b = base._parameters["weight"], base._parameters["bias"]
     down = layer._parameters[layer._DOWN]
-    gate = layer._parameters[layer._GATE] if layer._GATE else None
+    # a gate of flat gates (adalora/gate_bank.py) is a view, made below only where needed
+    gate = layer._parameters.get(layer._GATE) if layer._GATE else None
+    gated = bool(layer._GATE)
     up = layer._up()
     x2 = x.reshape(-1, x.shape[-1])                                            # (N, d_in)
     if mode in PREPARED:
@@ -160,11 +162,13 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
         if prepared is not None:
             pd, pu, lead, pw = prepared
             if pd is not None and pd.dtype == x2.dtype:
-                down, gate = pd, None
+                down, gate, gated = pd, None, False
             if pu is not None and pu.dtype == x2.dtype:
                 up = pu
             if pw is not None and pw.dtype == x2.dtype:
                 merged = pw            # a merge-path adapter's W', formed with the others' from these factors
+        if gated and gate is None:
+            gate = gate_bank.gate_view(layer)
         side_stream.prepare(x2)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             if mode != "triton":
@@ -175,6 +179,8 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
                 y = EpilogueLinear.apply(x2, w if merged is None else merged, b, down, gate, up, layer.scaling, mode,
                                          merged is not None)
     else:
+        if gated and gate is None:
+            gate = gate_bank.gate_view(layer)
         stack, bstack = _stack(layer, w, b, down)
         y = StackedLinear.apply(x2, stack, bstack, w, down, gate, up, layer.scaling)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 
 from .config import ScoreConfig
+from . import gate_bank
 from .layers import SVDLinear, fast_param
 
 
@@ -55,13 +56,26 @@ class _Layout:
                 pos[k] = range(i, i + r)
                 i += r
         self.perm = torch.tensor([j for k in range(len(layers)) for j in pos[k]], dtype=torch.long)
+        # Flat gates (adalora/gate_bank.py), all in one bank: each group's lam block is one
+        # index_select of the bank, not a cat of a view per adapter.
+        banks = {id(gate_bank.bank_of(layer)) for layer in layers}
+        self.bank = gate_bank.bank_of(layers[0]) if len(banks) == 1 else None
+        self.gate_index = []
+        if self.bank is not None:
+            where = {id(layer): k for k, layer in enumerate(self.bank.layers)}
+            for ks, _, r, _, _ in self.groups:
+                starts = [self.bank.offsets[where[id(layers[k])]] for k in ks]
+                self.gate_index.append(torch.tensor([o + j for o in starts for j in range(r)], dtype=torch.long))
 
-    def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor]:
+    def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor | None]:
+        """The parameters in buffer order; None for a gate that lives in the bank."""
         # _parameters, not getattr: this runs every step for every parameter, and under CUDA
         # graphs the step waits on host time such as nn.Module.__getattr__'s lookup.
-        return [fast_param(layers[k], a) for k, a in self.order]
+        if self.bank is None:
+            return [fast_param(layers[k], a) for k, a in self.order]
+        return [None if a == "lam" else layers[k]._parameters[a] for k, a in self.order]
 
-    def flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype, gates: torch.Tensor | None = None) -> torch.Tensor:
         """``tensors`` (in ``order``) as one flat buffer in ``dtype``: one ``cat`` per group and
         kind, each written straight into its slice of the buffer, instead of a reshape per tensor
         and a cat of the pieces; then one cast. ``P`` blocks go in as ``Pᵀ (r, d_out)``, the
@@ -70,7 +84,7 @@ class _Layout:
         flat = tensors[0].new_empty(self.numel)
         eager = _eager(flat)
         i = 0
-        for ks, d_out, r, d_in, off in self.groups:
+        for g, (ks, d_out, r, d_in, off) in enumerate(self.groups):
             n = len(ks)
             Ps, size = tensors[i:i + n], n * r * d_out
             P_rows = flat[off:off + size].view(n * r, d_out)      # [P_1ᵀ; ...; P_nᵀ]
@@ -83,11 +97,16 @@ class _Layout:
             else:
                 torch.cat([t.t() for t in Ps], out=P_rows)
             off += size
-            for blocks, shape in ((tensors[i + n:i + 2 * n], (n * r,)),            # lam
-                                  (tensors[i + 2 * n:i + 3 * n], (n * r, d_in))):  # Q
-                size = math.prod(shape)
-                torch.cat(blocks, out=flat[off:off + size].view(shape))
-                off += size
+            if gates is not None:                                                 # lam, from the bank
+                index = self.gate_index[g]
+                if index.device != gates.device:
+                    index = self.gate_index[g] = index.to(gates.device)
+                torch.index_select(gates, 0, index, out=flat[off:off + n * r])
+            else:
+                torch.cat(tensors[i + n:i + 2 * n], out=flat[off:off + n * r])    # lam
+            off += n * r
+            torch.cat(tensors[i + 2 * n:i + 3 * n], out=flat[off:off + n * r * d_in].view(n * r, d_in))   # Q
+            off += n * r * d_in
             i += 3 * n
         return flat.to(dtype)
 
@@ -124,12 +143,19 @@ class ImportanceScorer:
             self._layout_cache = _Layout(self.layers)
         return self._layout_cache
 
-    def _grads(self, layout: _Layout, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        grads = [p.grad for p in params]
-        if all(g is not None for g in grads):
+    def _grads(self, layout: _Layout, params: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        # a gate in the bank (None here) takes its gradient from the bank's, in flatten
+        grads = [p.grad if p is not None else None for p in params]
+        if layout.bank is not None and layout.bank.lam.grad is None:
+            raise RuntimeError("no gradient for the flat gates (adalora_gates.lam): call update_importance after "
+                               "loss.backward() and before optimizer.zero_grad()")
+        if all(g is not None or p is None for g, p in zip(grads, params)):
             return grads
         grads = []
         for (k, attr), p in zip(layout.order, params):
+            if p is None:
+                grads.append(None)
+                continue
             if p.grad is None and p.numel() == 0:
                 grads.append(p)                     # a rank-0 adapter: forward skips it, nothing to score
                 continue
@@ -156,8 +182,9 @@ class ImportanceScorer:
         state_dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
         # Two gathers into flat buffers, then everything is a handful of kernels whatever the
         # number of adapters; |w · g| is formed in the state dtype (fp32 for bf16 adapters).
-        w = layout.flatten(params, state_dtype)                # under no_grad: no detach needed
-        ipt = layout.flatten(grads, state_dtype).mul_(w).abs_()      # I = |w · g|
+        bank = layout.bank
+        w = layout.flatten(params, state_dtype, bank and bank.lam)      # under no_grad: no detach needed
+        ipt = layout.flatten(grads, state_dtype, bank and bank.lam.grad).mul_(w).abs_()   # I = |w · g|
         if grads_finite is None:
             grads_finite = bool(torch.isfinite(ipt.sum()))        # the step's one host sync
         if not grads_finite:
@@ -218,8 +245,8 @@ class ImportanceScorer:
         if flat is None:
             return None
         layout = self._layout()
-        params = layout.tensors(self.layers)
-        pieces = dict(zip(layout.order, flat.split([p.numel() for p in params])))
+        sizes = [fast_param(self.layers[k], a).numel() for k, a in layout.order]
+        pieces = dict(zip(layout.order, flat.split(sizes)))
         out = []
         for k in range(len(self.layers)):
             for a in ("P", "lam", "Q"):

@@ -6,7 +6,7 @@ import re
 
 import torch.nn as nn
 
-from . import factor_batch
+from . import factor_batch, gate_bank
 from .config import AdapterConfig
 from .fused import check_fuse
 from .layers import AdapterLayer, LoRALinear, SVDLinear, is_adaptable
@@ -58,6 +58,9 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
         layer.scaling = scaling(cfg, r)
         _set_submodule(model, name, layer)
         adapters[name] = layer
+    svd = [a for a in adapters.values() if isinstance(a, SVDLinear)]
+    if cfg.flat_gates and svd:
+        gate_bank.attach(model, svd)  # every lam a view of one parameter
     factor_batch.attach(model)       # the fused paths' lam ⊙ Q and casts, once per factor width
     return adapters
 
@@ -76,9 +79,17 @@ def find_adapters(model: nn.Module) -> dict[str, AdapterLayer]:
 
 
 def adapter_parameters(adapters: dict[str, AdapterLayer]) -> list[nn.Parameter]:
-    out = []
+    """The trainable leaves of ``adapters``, each once: ``P, lam, Q`` or ``A, B`` per adapter,
+    with flat gates the bank's ``lam`` in place of the first adapter's gate and none for the rest."""
+    out, banks = [], set()
     for layer in adapters.values():
-        out += [layer.P, layer.lam, layer.Q] if isinstance(layer, SVDLinear) else [layer.A, layer.B]
+        if not isinstance(layer, SVDLinear):
+            out += [layer.A, layer.B]
+            continue
+        gate = gate_bank.gate_param(layer)
+        out += [layer.P, gate, layer.Q] if id(gate) not in banks else [layer.P, layer.Q]
+        if gate_bank.bank_of(layer) is not None:
+            banks.add(id(gate))
     return out
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import fused
+from . import fused, gate_bank
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -140,6 +140,9 @@ class AdapterLayer(nn.Module):
         ``requires_grad``, the up factor (``_UP``) stored column-major. An optimizer holding the old
         parameters must be told (``RankAllocator.compact`` does that)."""
         for name, value in factors.items():
+            if name == self._GATE and name not in self._parameters:
+                self._set_gate(value)          # flat gates: a new bank
+                continue
             old = self._parameters[name]
             value = value.to(device=old.device, dtype=old.dtype)
             value = column_major(value) if name == self._UP else value.clone()   # never the caller's memory
@@ -224,11 +227,25 @@ class SVDLinear(AdapterLayer):
         self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
 
     @property
+    def lam(self) -> torch.Tensor:
+        """The gate ``(r,)``: this adapter's parameter or, with flat gates, a view of the model's
+        one gate parameter (adalora/gate_bank.py)."""
+        p = self._parameters.get("lam")
+        return p if p is not None else gate_bank.gate_view(self)
+
+    @property
     def rank(self) -> int:
-        return fast_param(self, "lam").shape[0]     # read every step by the allocator
+        p = self._parameters.get("lam")             # read every step by the allocator: no view
+        return p.shape[0] if p is not None else gate_bank.gate_size(self)
 
     def _adapter_dtype(self) -> torch.dtype:
-        return fast_param(self, "lam").dtype
+        return gate_bank.gate_param(self).dtype
+
+    def _set_gate(self, value: torch.Tensor, src: torch.Tensor | None = None) -> None:
+        """A banked gate replaced by ``value`` (``src``: the old index each element continues,
+        -1 for none; see ``GateBank.set``)."""
+        bank, k = gate_bank.bank_entry(self)
+        bank.set(k, value, src)
 
     def _down_weight(self):
         # lam scales the rows of Q (r, d_in), not the activations (r, N): the same product, with
@@ -246,8 +263,12 @@ class SVDLinear(AdapterLayer):
         Creates new ``nn.Parameter`` objects: an optimizer must be told (``RankAllocator.compact``
         does that); ``scaling`` stays ``α / r0``.
         """
-        keep = keep.to(self.lam.device)
-        self.set_factors(P=self.P[:, keep], lam=self.lam[keep], Q=self.Q[keep, :])
+        keep = keep.to(self.P.device)
+        self.set_factors(P=self.P[:, keep], Q=self.Q[keep, :])
+        if "lam" in self._parameters:
+            self.set_factors(lam=self.lam[keep])
+        else:
+            self._set_gate(self.lam[keep], keep)
         self.rank_mask = self.rank_mask[keep].clone()
 
     @torch.no_grad()
@@ -263,16 +284,25 @@ class SVDLinear(AdapterLayer):
         """
         if n <= 0:
             return
-        dev, dt = self.lam.device, self.lam.dtype
+        dev, dt = self.P.device, self.P.dtype
         p_new = torch.randn(self.out_features, n, generator=generator, dtype=dt).to(dev) * init_std
         q_new = torch.randn(n, self.in_features, generator=generator, dtype=dt).to(dev) * init_std
-        old = {"P": self.P, "lam": self.lam, "Q": self.Q}
-        self.set_factors(P=torch.cat([self.P, p_new], 1), lam=torch.cat([self.lam, self.lam.new_zeros(n)]),
-                         Q=torch.cat([self.Q, q_new], 0))
+        old = {"P": self.P, "lam": gate_bank.gate_param(self), "Q": self.Q}
+        lam = torch.cat([self.lam, self.lam.new_zeros(n)])
+        self.set_factors(P=torch.cat([self.P, p_new], 1), Q=torch.cat([self.Q, q_new], 0))
+        banked = "lam" not in self._parameters
+        if banked:
+            r = self.rank
+            self._set_gate(lam, torch.cat([torch.arange(r), torch.full((n,), -1)]))
+        else:
+            self.set_factors(lam=lam)
         self.rank_mask = torch.cat([self.rank_mask, self.rank_mask.new_ones(n)])
         if optimizer is None:
             return
-        for attr, dim in (("P", 1), ("lam", 0), ("Q", 0)):
+        if banked:
+            bank = gate_bank.bank_entry(self)[0]
+            gate_bank.swap_in_optimizer(optimizer, old["lam"], bank.lam, bank.src)
+        for attr, dim in (("P", 1), ("Q", 0)) if banked else (("P", 1), ("lam", 0), ("Q", 0)):
             new = getattr(self, attr)
             for group in optimizer.param_groups:
                 group["params"] = [new if p is old[attr] else p for p in group["params"]]

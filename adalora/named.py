@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 
+from . import gate_bank
 from .inject import find_adapters
 from .layers import AdapterLayer, LoRALinear, SVDLinear, column_major
 
@@ -27,6 +28,9 @@ DEFAULT = "default"
 
 
 def _factors(layer: AdapterLayer) -> tuple[str, ...]:
+    if gate_bank.bank_of(layer) is not None:
+        # a set swaps each adapter's own parameters; a flat gate is a view of the model's bank
+        raise ValueError("named adapter sets need a lam per adapter: inject with AdapterConfig(flat_gates=False)")
     return ("P", "lam", "Q") if isinstance(layer, SVDLinear) else ("A", "B")
 
 

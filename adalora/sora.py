@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import accounting as A
-from . import schedule
+from . import gate_bank, schedule
 from .allocator import AllocationRecord, Allocator
 from .config import ScheduleConfig, _check, _is_number
 
@@ -69,7 +69,7 @@ class SoRAAllocator(Allocator):
         if self.optimizer is None:
             raise RuntimeError("SoRAAllocator.bind_optimizer(optimizer) first: the threshold is lr · xi")
         lr = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
-        return [lr[id(layer.lam)] for layer in self.layers]
+        return [lr[id(gate_bank.gate_param(layer))] for layer in self.layers]
 
     def _nonzero(self) -> list[int]:
         return [int(torch.count_nonzero(layer.lam.detach() * layer.rank_mask)) for layer in self.layers]
@@ -113,18 +113,13 @@ class SoRAAllocator(Allocator):
 
     @torch.no_grad()
     def compact(self, optimizer=None) -> None:
-        from .allocator import _swap_in_optimizer
+        from .allocator import resize_in_optimizer
         if not self.final_done:
             raise RuntimeError("compact() before SoRA's final step")
         for layer in self.layers:
             keep = layer.rank_mask.nonzero().flatten()
-            if keep.numel() == layer.rank:
-                continue
-            old = {"P": layer.P, "lam": layer.lam, "Q": layer.Q}
-            layer.resize(keep)
-            if optimizer is not None:
-                for attr, dim in (("P", 1), ("lam", 0), ("Q", 0)):
-                    _swap_in_optimizer(optimizer, old[attr], getattr(layer, attr), keep, dim)
+            if keep.numel() < layer.rank:
+                resize_in_optimizer(layer, keep, optimizer)
 
     def state_dict(self) -> dict:
         return {"names": list(self.names), "level": self.level, "final_done": self.final_done,

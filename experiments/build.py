@@ -175,8 +175,7 @@ def count_params(model: PooledClassifier, adapters: Dict[str, nn.Module], alloca
                   ([a.P, a.lam, a.Q] if isinstance(a, adalora.SVDLinear) else [a.A, a.B]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kept = allocator.params_kept() if allocator is not None else adapter
-    adapter_ids = {id(p) for a in adapters.values() for p in a.parameters()
-                   if p.requires_grad}
+    adapter_ids = {id(p) for p in adalora.adapter_parameters(adapters)}
     base = sum(p.numel() for p in model.backbone.parameters() if id(p) not in adapter_ids)
     # NF4 weights are packed buffers, not parameters: count their logical elements.
     base += sum(m.in_features * m.out_features for m in model.backbone.modules()

@@ -81,6 +81,8 @@ class MethodConfig:
     scale: Optional[str] = None            # null: alpha_over_r0 (SVD) or per_module (LoRA)
     # auto | none | epilogue | triton | stack: the adapters' path (adalora/README.md, "Fused paths").
     fuse: str = _lib(adalora.AdapterConfig, "fuse")
+    # SVD adapters: every lam a view of one parameter (adalora/gate_bank.py); the same training.
+    flat_gates: bool = _lib(adalora.AdapterConfig, "flat_gates")
     orth_weight: float = 0.1               # γ; the paper's GLUE runs use 0.1 to 0.5
     orth_form: str = _lib(adalora.orthogonality_penalty, "form")
     # lora only: per-module ranks {name_or_suffix: r}; or read from a finished AdaLoRA run.
@@ -146,7 +148,7 @@ class MethodConfig:
         return adalora.AdapterConfig(
             method="adalora" if self.uses_svd else "lora", targets=list(targets),
             target_regex=self.target_regex, init_rank=init_rank, alpha=self.alpha,
-            dropout=self.dropout, rslora=self.scale_rule == "rslora", fuse=self.fuse,
+            dropout=self.dropout, rslora=self.scale_rule == "rslora", fuse=self.fuse, flat_gates=self.flat_gates,
             rank_pattern=dict(self.rank_pattern if rank_pattern is None else rank_pattern))
 
 
