@@ -319,9 +319,12 @@ def host_phases(files) -> str:
                 raise ValueError(f"{name}: {variant}'s phases {list(p)} are not the table's {names}")
             rows.append([shape, short_machine(d), variant] + [f"{p[k]:.2f}" for k in names]
                         + [f"{sum(p.values()):.1f}", f"{r['median_ms']:.1f} ({r['iqr_ms']:.1f})", f"`{name}`"])
-        ada, lora = v["adalora_epilogue"]["host_phases_ms"], v["lora_epilogue"]["host_phases_ms"]
-        rows.append([shape, short_machine(d), "AdaLoRA − LoRA"] + [f"{ada[k] - lora[k]:+.2f}" for k in names]
-                    + [f"{sum(ada.values()) - sum(lora.values()):+.1f}", "", f"`{name}`"])
+        lora = v["lora_epilogue"]["host_phases_ms"]
+        for variant, what in (("adalora_epilogue", "AdaLoRA − LoRA"), ("adalora_epilogue_flat", "flat gates − LoRA")):
+            if variant in v:
+                ada = v[variant]["host_phases_ms"]
+                rows.append([shape, short_machine(d), what] + [f"{ada[k] - lora[k]:+.2f}" for k in names]
+                            + [f"{sum(ada.values()) - sum(lora.values()):+.1f}", "", f"`{name}`"])
     names = names or []
     return table(["shape, mode", "machine", "variant"] + [f"{k} ms" for k in names]
                  + ["sum ms", "timed ms (IQR)", "results file"], rows, "lll" + "r" * (len(names) + 2) + "l")
@@ -347,7 +350,24 @@ def ab_pairs(files) -> str:
                   "results file"], rows, "lrrrrrl")
 
 
-EAGER_PATHS = (("", "none"), ("_epilogue", "epilogue"), ("_merge", "merge"))
+# (AdaLoRA variant suffix, LoRA variant suffix, the path's name in the table)
+EAGER_PATHS = (("", "", "none"), ("_epilogue", "_epilogue", "epilogue"), ("_merge", "_merge", "merge"),
+               ("_epilogue_flat", "_epilogue", "epilogue, flat gates"))
+
+
+def _t_rows(pairs: list[tuple[list[float], list[float]]]) -> list[str]:
+    """For each ``(a, b)`` pair of per-round times, the mean of the per-round ratios a/b with a
+    two-sided t-interval, simultaneous over the pairs (Bonferroni: each at 1 − 0.05/pairs)."""
+    import statistics
+    from scipy import stats
+    out = []
+    for a, b in pairs:
+        per = [x / y for x, y in zip(a, b)]
+        n = len(per)
+        mean = statistics.mean(per)
+        half = stats.t.ppf(1 - 0.025 / len(pairs), n - 1) * statistics.stdev(per) / n ** 0.5
+        out.append(f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]")
+    return out
 
 
 def eager_pairs(files) -> str:
@@ -356,29 +376,44 @@ def eager_pairs(files) -> str:
     minutes apart at most: for each file and path, the ratio of the medians the file reports, and
     the mean of the per-round ratios with a two-sided t-interval. The intervals are simultaneous
     over the table's rows (Bonferroni: each at 1 − 0.05/rows), so the rows can be read together."""
-    import statistics
-    from scipy import stats
     found = []
     for name, d in files.items():
         c, v = d.get("config") or {}, d.get("variants")
         if (d.get("kind") not in ("benchmark", "paths_benchmark", "phases_benchmark") or c.get("device") != "cuda"
                 or c.get("step_graph") or c.get("compile") or not isinstance(v, dict)):
             continue
-        for suffix, path in EAGER_PATHS:
-            a, lo = v.get(f"adalora{suffix}"), v.get(f"lora{suffix}")
+        for suffix, lora_suffix, path in EAGER_PATHS:
+            a, lo = v.get(f"adalora{suffix}"), v.get(f"lora{lora_suffix}")
             if a and lo and len(a.get("rounds_ms", ())) == len(lo.get("rounds_ms", ())) > 1:
                 found.append((name, d, c, path, a, lo))
     rows = []
-    for name, d, c, path, a, lo in found:
-        per = [x / y for x, y in zip(a["rounds_ms"], lo["rounds_ms"])]
-        n = len(per)
-        mean = statistics.mean(per)
-        half = stats.t.ppf(1 - 0.025 / len(found), n - 1) * statistics.stdev(per) / n ** 0.5
+    for (name, d, c, path, a, lo), ci in zip(found, _t_rows([(a["rounds_ms"], lo["rounds_ms"]) for *_, a, lo in found])):
         shape = f"{c['preset']}, {step_mode(c)}" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
-        rows.append([shape, short_machine(d), path, str(n), f"{a['median_ms'] / lo['median_ms']:.2f}",
-                     f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]", f"`{name}`"])
+        rows.append([shape, short_machine(d), path, str(len(a["rounds_ms"])), f"{a['median_ms'] / lo['median_ms']:.2f}",
+                     ci, f"`{name}`"])
     return table(["shape, mode", "machine", "path", "rounds", "median ÷ median", "per-round ratio, mean [simultaneous 95% t]",
                   "results file"], rows, "lllrrrl")
+
+
+def flat_gates(files) -> str:
+    """Flat gates against a gate per adapter (``adalora_epilogue_flat`` over ``adalora_epilogue``)
+    in the eager steps of one GPU, round by round as in ``eager_pairs``, the intervals
+    simultaneous over this table's rows; and the host milliseconds of the update phase (AdamW, the
+    scorer, the mask step) and of backward, each variant's median over steps."""
+    found = [(name, d) for name, d in files.items() if d.get("kind") == "phases_benchmark"
+             and {"adalora_epilogue", "adalora_epilogue_flat"} <= set(d["variants"])]
+    cis = _t_rows([(d["variants"]["adalora_epilogue_flat"]["rounds_ms"], d["variants"]["adalora_epilogue"]["rounds_ms"])
+                   for _, d in found])
+    rows = []
+    for (name, d), ci in zip(found, cis):
+        c, v = d["config"], d["variants"]
+        sep, flat = v["adalora_epilogue"], v["adalora_epilogue_flat"]
+        phase = lambda k: f"{sep['host_phases_ms'][k]:.2f} / {flat['host_phases_ms'][k]:.2f}"  # noqa: E731
+        rows.append([f"{c['preset']}, {step_mode(c)}", short_machine(d), str(len(flat["rounds_ms"])),
+                     f"{sep['median_ms']:.1f} / {flat['median_ms']:.1f}", ci, phase("update"), phase("backward"),
+                     f"`{name}`"])
+    return table(["shape, mode", "machine", "rounds", "median ms, per adapter / flat", "flat ÷ per adapter, per round "
+                  "[simultaneous 95% t]", "update host ms", "backward host ms", "results file"], rows, "llrrrrrl")
 
 
 def step_ms(run: dict) -> list[float]:
@@ -448,7 +483,7 @@ def loop_compare(files) -> str:
 
 
 TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "host_phases": host_phases, "ab_pairs": ab_pairs,
-          "eager_pairs": eager_pairs, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
+          "eager_pairs": eager_pairs, "flat_gates": flat_gates, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
           "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch,
           "loop_runs": loop_runs, "loop_compare": loop_compare}
 

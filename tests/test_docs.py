@@ -217,6 +217,34 @@ def test_eager_pairs_table_pairs_the_rounds_and_widens_its_intervals_by_the_numb
         "| base, tail graphs, autocast | 1x H200 | epilogue | 3 | 1.50 | 1.83 [0.56, 3.11] | `t.json` |")
 
 
+def test_flat_gates_table_pairs_flat_with_separate_gates_round_by_round(tmp_path):
+    """Flat over separate gates by hand: rounds 4, 6, 6 against 4, 5, 6 ms give ratios 1, 1.2, 1,
+    mean 1.0667, standard deviation 0.1155; one row: t(0.975, 2) = 4.303, so ± 0.287. The host
+    phases gain a "flat gates − LoRA" row and eager_pairs a flat-gates path against LoRA."""
+    import json
+
+    from analysis import bench_tables as B
+
+    phases = lambda *ms: dict(zip(("forward", "backward", "penalty", "update", "zero_grad"), ms))  # noqa: E731
+
+    def run(rounds, p):
+        return {"rounds_ms": rounds, "median_ms": sorted(rounds)[len(rounds) // 2], "iqr_ms": 1.0, "host_phases_ms": p}
+    d = {"kind": "phases_benchmark", "machine": "1x NVIDIA H200, 16 CPU cores",
+         "config": {"preset": "large", "device": "cuda", "step_graph": False}, "variants": {
+             "lora_epilogue": run([2.0, 3.0, 3.0], phases(1.0, 1.0, 0.0, 1.0, 0.5)),
+             "adalora_epilogue": run([4.0, 5.0, 6.0], phases(1.0, 1.5, 1.0, 3.0, 0.5)),
+             "adalora_epilogue_flat": run([4.0, 6.0, 6.0], phases(1.0, 1.25, 1.0, 2.0, 0.25))}}
+    (tmp_path / "f.json").write_text(json.dumps(d))
+    files = B.load(tmp_path)
+    assert B.flat_gates(files).splitlines()[2:] == [
+        "| large, eager | 1x H200 | 3 | 5.0 / 6.0 | 1.07 [0.78, 1.35] | 3.00 / 2.00 | 1.50 / 1.25 | `f.json` |"]
+    assert B.host_phases(files).splitlines()[-1] == (
+        "| large, eager | 1x H200 | flat gates − LoRA | +0.00 | +0.25 | +1.00 | +1.00 | -0.25 | +2.0 |  | `f.json` |")
+    # ratios 2, 2, 2 against LoRA: no spread, so the interval is the mean itself
+    assert B.eager_pairs(files).splitlines()[3] == (
+        "| large, eager | 1x H200 | epilogue, flat gates | 3 | 2.00 | 2.00 [2.00, 2.00] | `f.json` |")
+
+
 def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
     """ms per step from the train log's 10-step spans (before step 20 and after an evaluation left
     out), eager over captured per seed, and the paired accuracy difference with its t-interval:

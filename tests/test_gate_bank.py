@@ -129,7 +129,7 @@ def test_rank_changes_carry_the_optimizer_state_by_index():
     assert [a.rank for a in layers][:2] == [r + 2, 3] and bank.lam[r:r + 2].eq(0).all()
 
 
-def test_adapter_files_round_trip_between_flat_and_separate_gates(tmp_path):
+def test_adapter_files_and_peft_folders_round_trip_between_flat_and_separate_gates(tmp_path):
     ref, ref_adapters, _, _, _ = _setup("adalora", False)
     flat, flat_adapters, _, _, _ = _setup("adalora", True)
     with torch.no_grad():
@@ -150,3 +150,13 @@ def test_adapter_files_round_trip_between_flat_and_separate_gates(tmp_path):
         adalora.load_adapters(tmp_path / "ref", fresh2)
         torch.testing.assert_close(fresh(x), fresh2(x), rtol=0, atol=0)
         torch.testing.assert_close(fresh(x), ref(x), rtol=1e-12, atol=1e-12)
+    # a peft folder written from flat gates holds what one written from separate gates holds
+    outs = []
+    for model, name in ((flat, "pf"), (ref, "pr")):
+        adalora.save_peft(tmp_path / name, model)
+        torch.manual_seed(0)
+        base = Maps(len(T.planted), T.d_out, T.d_in).to(DT)
+        adalora.load_peft(tmp_path / name, base)
+        outs.append(base(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], ref(x), rtol=1e-12, atol=1e-12)
