@@ -127,7 +127,7 @@ def _form(model: nn.Module, args) -> None:
     merging = [m for m in filled if m.fuse == "merge"]
     if merging and torch.is_grad_enabled():
         _merge(merging)
-    bank = model._modules.get(gate_bank.ATTR)
+    bank = gate_bank.bank_of_model(model)
     if bank is not None and torch.is_grad_enabled():
         # flat gates: the other adapters' gates as views from one split of the bank
         unfused = {id(m) for m in bank.layers} - {id(m) for m in filled}

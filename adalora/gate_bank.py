@@ -6,12 +6,14 @@ and its state, the importance scorer gathers it, the mask step multiplies it, ``
 drops its gradient. At BERT-base's 72 adapters those are 72 tensors more than LoRA has. Here
 they are one:
 
-    lam_all = [lam_1; ...; lam_L]              (Σ r_k,)   GateBank.lam, one nn.Parameter
+    lam_all = [lam_1; ...; lam_L]              (Σ r_k,)   one nn.Parameter
     layer_k.lam = lam_all[o_k : o_k + r_k]      a view (SVDLinear.lam, a property)
 
-The bank is a child of the module ``inject`` adapted (``adalora_gates``), so it is in that
-model's ``parameters()``, ``state_dict()`` and DDP's buckets; an adapter's own ``state_dict``
-has no ``lam``. The optimizer takes ``lam_all`` (``adapter_parameters`` lists it once).
+``lam_all`` is a parameter of the module ``inject`` adapted, named ``adalora_gates``, so it is in
+that model's ``parameters()``, ``state_dict()`` and DDP's buckets; an adapter's own
+``state_dict`` has no ``lam``. A parameter, not a child module: containers such as
+``nn.Sequential`` call every child. ``GateBank``, the bookkeeping (which adapter sits where),
+is a plain attribute of that model. The optimizer takes ``lam_all`` (``adapter_parameters`` lists it once).
 adalora/factor_batch.py hands the fused paths a width's gates with one ``index_select`` and
 the reference path its views from one ``split`` per model forward, so autograd joins the
 gradients once instead of per adapter. The values and the training are those of separate
@@ -27,24 +29,31 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-ATTR = "adalora_gates"      # the bank's name on the adapted model
+PARAM = "adalora_gates"     # lam_all's name on the adapted model
+ATTR = "_adalora_gate_bank"  # the adapted model's __dict__: its GateBank
 _BANK = "_gate_bank"        # an adapter's __dict__: (bank, index), no state_dict entry
 VIEW = "_gate_view"         # an adapter's __dict__: this forward's view, set by factor_batch
 
 
-class GateBank(nn.Module):
-    """``lam (Σ r_k,)``: the gates of ``layers`` (SVD adapters), in that order."""
+class GateBank:
+    """Where the gates of ``layers`` (SVD adapters, in that order) sit in ``owner``'s
+    ``adalora_gates``, ``lam (Σ r_k,)``."""
 
-    def __init__(self, layers: list):
-        super().__init__()
+    def __init__(self, owner: nn.Module, layers: list):
         lams = [layer._parameters["lam"] for layer in layers]
-        self.lam = nn.Parameter(torch.cat([t.detach() for t in lams]), requires_grad=lams[0].requires_grad)
-        self.__dict__["layers"] = list(layers)      # not submodules: the bank owns lam only
+        self.owner = owner
+        owner.register_parameter(PARAM, nn.Parameter(torch.cat([t.detach() for t in lams]),
+                                                     requires_grad=lams[0].requires_grad))
+        self.layers = list(layers)
         for k, layer in enumerate(layers):
             del layer._parameters["lam"]
             layer.__dict__[_BANK] = (self, k)
         self.src: torch.Tensor | None = None        # after a rebuild: old index per element, -1 new
         self._index([t.shape[0] for t in lams])
+
+    @property
+    def lam(self) -> nn.Parameter:
+        return self.owner._parameters[PARAM]
 
     def _index(self, sizes: list[int]) -> None:
         self.sizes = list(sizes)                                   # r_k
@@ -79,7 +88,7 @@ class GateBank(nn.Module):
             else:
                 pieces.append(old[o:o + r])
                 srcs.append(torch.arange(o, o + r))
-        self.lam = nn.Parameter(torch.cat(pieces), requires_grad=old.requires_grad)
+        self.owner._parameters[PARAM] = nn.Parameter(torch.cat(pieces), requires_grad=old.requires_grad)
         self.src = torch.cat(srcs)
         self._index(self.sizes[:k] + [value.shape[0]] + self.sizes[k + 1:])
 
@@ -121,15 +130,18 @@ def gate_param(layer) -> nn.Parameter:
 def attach(model: nn.Module, layers: list) -> GateBank:
     """Move the gates of ``layers`` (SVD adapters of ``model``, each with its own ``lam``) into
     one bank on ``model``."""
-    if ATTR in model._modules:
+    if ATTR in model.__dict__:
         raise ValueError("model already has flat gates: attach once per model")
     dtypes = {(layer._parameters["lam"].dtype, layer._parameters["lam"].device) for layer in layers}
     if len(dtypes) > 1:
         raise ValueError(f"flat gates need one dtype and device for every lam, got {sorted(map(str, dtypes))}: "
                          "set AdapterConfig.flat_gates=False")
-    bank = GateBank(layers)
-    model.add_module(ATTR, bank)
+    bank = model.__dict__[ATTR] = GateBank(model, layers)
     return bank
+
+
+def bank_of_model(model: nn.Module) -> GateBank | None:
+    return model.__dict__.get(ATTR)
 
 
 def views_for_forward(bank: GateBank, wanted: set[int]) -> list:

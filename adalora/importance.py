@@ -147,7 +147,7 @@ class ImportanceScorer:
         # a gate in the bank (None here) takes its gradient from the bank's, in flatten
         grads = [p.grad if p is not None else None for p in params]
         if layout.bank is not None and layout.bank.lam.grad is None:
-            raise RuntimeError("no gradient for the flat gates (adalora_gates.lam): call update_importance after "
+            raise RuntimeError("no gradient for the flat gates (adalora_gates): call update_importance after "
                                "loss.backward() and before optimizer.zero_grad()")
         if all(g is not None or p is None for g, p in zip(grads, params)):
             return grads

@@ -85,10 +85,11 @@ def test_flat_gates_train_as_a_gate_per_adapter(family, fused_adam, fuse, compac
 
 def test_each_lam_is_a_view_of_the_one_parameter():
     model, adapters, _, _, _ = _setup("adalora", True)
-    bank = model.adalora_gates
+    bank = gate_bank.bank_of_model(model)
     layers = list(adapters.values())
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert "adalora_gates.lam" in names and not any(n.endswith(".lam") and n != "adalora_gates.lam" for n in names)
+    assert "adalora_gates" in names and not any(n.endswith(".lam") for n in names)
+    assert bank.lam is model.adalora_gates
     params = adalora.adapter_parameters(adapters)
     assert sum(p is bank.lam for p in params) == 1 and len(params) == 2 * len(layers) + 1
     with torch.no_grad():
@@ -100,10 +101,10 @@ def test_each_lam_is_a_view_of_the_one_parameter():
     assert bank.lam[2 * r + 3] == -1.0
     assert [a.rank for a in layers] == [r] * len(layers)
     sd = model.state_dict()
-    assert "adalora_gates.lam" in sd and "maps.0.lam" not in sd
+    assert "adalora_gates" in sd and "maps.0.lam" not in sd
     twin, _, _, _, _ = _setup("adalora", True)
     twin.load_state_dict(sd)
-    assert torch.equal(twin.adalora_gates.lam, bank.lam)
+    assert torch.equal(twin.adalora_gates, bank.lam)
     with pytest.raises(ValueError, match="flat_gates=False"):
         adalora.add_adapter(model, "second")
 
@@ -111,7 +112,7 @@ def test_each_lam_is_a_view_of_the_one_parameter():
 def test_rank_changes_carry_the_optimizer_state_by_index():
     model, adapters, _, _, _ = _setup("adalora", True)
     layers = list(adapters.values())
-    bank = model.adalora_gates
+    bank = gate_bank.bank_of_model(model)
     opt = torch.optim.AdamW(adalora.adapter_parameters(adapters), lr=0.1)
     model(torch.randn(4, len(layers), T.d_in, dtype=DT)).sum().backward()
     opt.step()
@@ -160,3 +161,59 @@ def test_adapter_files_and_peft_folders_round_trip_between_flat_and_separate_gat
         outs.append(base(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     torch.testing.assert_close(outs[0], ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_the_app_trains_and_resumes_with_flat_gates(tmp_path):
+    """``method.flat_gates=true`` through the Hydra app: the same adapters at the end as a gate
+    per adapter (fp32 rounding of dlam's sum), and an interrupted run resumes bitwise."""
+    from safetensors.torch import load_file
+
+    from exp_utils import TINY, run_inproc
+    base = TINY + ["trainer.epochs=2", "logger.tensorboard=false", "schedule.target_rank=2", "method.init_rank=3"]
+    ref = run_inproc(tmp_path / "ref", base)
+    flat = run_inproc(tmp_path / "flat", base + ["method.flat_gates=true"])
+    assert ref["status"] == flat["status"] == "completed" and ref["final_ranks"] == flat["final_ranks"]
+    a, b = (load_file(str(tmp_path / d / "adapters.safetensors")) for d in ("ref", "flat"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    d = tmp_path / "resumed"
+    flat_args = base + ["method.flat_gates=true", "trainer.checkpoint_every=4"]
+    assert run_inproc(d, flat_args + ["trainer.stop_at_step=6"])["status"] == "interrupted"
+    assert run_inproc(d, flat_args + [f"trainer.resume={d}"])["status"] == "completed"
+    c = load_file(str(d / "adapters.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_a_compiled_sequential_with_flat_gates_matches_eager_without_recompiling(no_recompiles):
+    """The gates are a parameter of the model, not a child module, so ``nn.Sequential`` (which
+    calls every child) still runs; compiled, the forward equals eager and the separate gates'
+    forward, and masking (an in-place write to the bank) does not recompile."""
+    import torch.nn as nn
+
+    def build(flat):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        adapters = adalora.inject(model, adalora.AdapterConfig(targets=["0", "2"], init_rank=4, flat_gates=flat))
+        adalora.mark_only_adapters_trainable(model, extra=("4",))
+        with torch.no_grad():
+            for a in adapters.values():
+                a.lam.copy_(torch.linspace(-1, 1, a.rank))
+        return model, adapters
+    model, adapters = build(True)
+    ref, _ = build(False)
+    alloc = adalora.RankAllocator(adapters, adalora.ScheduleConfig(
+        target_rank=2, total_steps=8, init_warmup=1, final_warmup=2, mask_interval=1))
+    compiled = torch.compile(model, backend="aot_eager")
+    for step in range(8):
+        x = torch.randn(8, 16)
+        out = compiled(x)
+        torch.testing.assert_close(out, model(x), rtol=0, atol=1e-6)
+        if step == 0:
+            torch.testing.assert_close(out, ref(x), rtol=0, atol=1e-6)
+        out.pow(2).mean().backward()
+        alloc.update_importance(step)
+        alloc.mask_to_budget(step)
+        model.zero_grad(set_to_none=True)
+    assert sum(alloc.finalize().ranks.values()) == 4
+    assert int((model.adalora_gates != 0).sum()) <= 4
