@@ -13,8 +13,8 @@ they are one:
 that model's ``parameters()``, ``state_dict()`` and DDP's buckets; an adapter's own
 ``state_dict`` has no ``lam``. A parameter, not a child module: containers such as
 ``nn.Sequential`` call every child. ``GateBank``, the bookkeeping (which adapter sits where),
-is a plain attribute of that model. The optimizer takes ``lam_all`` (``adapter_parameters`` lists it once).
-adalora/factor_batch.py hands the fused paths a width's gates with one ``index_select`` and
+is a plain attribute of that model. The optimizer takes ``lam_all`` (``adapter_parameters``
+lists it once). adalora/factor_batch.py hands the fused paths a width's gates with one ``index_select`` and
 the reference path its views from one ``split`` per model forward, so autograd joins the
 gradients once instead of per adapter. The values and the training are those of separate
 gates; only the order in which autograd sums ``dlam`` may differ (fp32 rounding).

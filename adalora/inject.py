@@ -79,8 +79,9 @@ def find_adapters(model: nn.Module) -> dict[str, AdapterLayer]:
 
 
 def adapter_parameters(adapters: dict[str, AdapterLayer]) -> list[nn.Parameter]:
-    """The trainable leaves of ``adapters``, each once: ``P, lam, Q`` or ``A, B`` per adapter,
-    with flat gates the bank's ``lam`` in place of the first adapter's gate and none for the rest."""
+    """The trainable leaves of ``adapters``, each once: ``P, lam, Q`` or ``A, B`` per adapter;
+    with flat gates the model's one gate parameter (``adalora_gates``) where the first adapter's
+    ``lam`` would be, and no gate for the others."""
     out, banks = [], set()
     for layer in adapters.values():
         if not isinstance(layer, SVDLinear):

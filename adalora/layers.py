@@ -137,8 +137,9 @@ class AdapterLayer(nn.Module):
     def set_factors(self, **factors: torch.Tensor) -> None:
         """Replace factors by name (``P=..., lam=..., Q=...`` or ``A=..., B=...``), possibly of
         another rank: new ``nn.Parameter`` objects in the old ones' device, dtype and
-        ``requires_grad``, the up factor (``_UP``) stored column-major. An optimizer holding the old
-        parameters must be told (``RankAllocator.compact`` does that)."""
+        ``requires_grad``, the up factor (``_UP``) stored column-major; with flat gates a new ``lam``
+        makes a new gate parameter for the model. An optimizer holding the old parameters must be
+        told (``RankAllocator.compact`` does that)."""
         for name, value in factors.items():
             if name == self._GATE and name not in self._parameters:
                 self._set_gate(value)          # flat gates: a new bank
