@@ -14,8 +14,8 @@ from collections import defaultdict
 
 import torch
 
-from .config import ScoreConfig
 from . import gate_bank
+from .config import ScoreConfig
 from .layers import SVDLinear, fast_param
 
 

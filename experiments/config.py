@@ -103,6 +103,8 @@ class MethodConfig:
         _check(self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")
         _check(self.orth_weight >= 0, "method.orth_weight must be >= 0")
         _check(self.fuse in FUSE_MODES, f"method.fuse='{self.fuse}'; choose one of {', '.join(FUSE_MODES)}")
+        _check(not self.flat_gates or self.uses_svd,
+               f"method.flat_gates=true is for SVD adapters (lam); method={self.name} has none: drop it")
         _check(self.orth_form in ORTH_FORMS,
                f"method.orth_form='{self.orth_form}'; choose one of {', '.join(ORTH_FORMS)}")
         _check(self.targets is None or bool(self.targets) or bool(self.target_regex)

@@ -217,3 +217,12 @@ def test_a_compiled_sequential_with_flat_gates_matches_eager_without_recompiling
         model.zero_grad(set_to_none=True)
     assert sum(alloc.finalize().ranks.values()) == 4
     assert int((model.adalora_gates != 0).sum()) <= 4
+
+
+def test_settings_flat_gates_cannot_hold_are_refused_with_the_fix():
+    from experiments import config as C
+    with pytest.raises(C.ConfigError, match="method=lora has none: drop it"):
+        C.MethodConfig(name="lora", flat_gates=True)
+    with pytest.raises(ValueError, match="flat_gates='yes': use true or false"):
+        adalora.AdapterConfig(flat_gates="yes")
+    assert C.MethodConfig(name="sora", flat_gates=True).adapter_config(["q"], 3).flat_gates is True
