@@ -226,3 +226,19 @@ def test_settings_flat_gates_cannot_hold_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="flat_gates='yes': use true or false"):
         adalora.AdapterConfig(flat_gates="yes")
     assert C.MethodConfig(name="sora", flat_gates=True).adapter_config(["q"], 3).flat_gates is True
+
+
+@pytest.mark.parametrize("fuse", ["none", "epilogue"])
+def test_flat_gates_dispatch_no_more_operations_than_separate_gates(fuse):
+    """Forward and backward: the gates' gradients are joined once (one split or gather per
+    forward), not sliced and accumulated per adapter, so flat gates dispatch no more non-view
+    operations than a gate per adapter (counted, not timed)."""
+    from experiments.opcount import count_ops
+    counts = []
+    for flat in (False, True):
+        model, _, _, _, _ = _setup("adalora", flat, fuse)
+        x = torch.randn(4, len(T.planted), T.d_in, dtype=DT)
+        step = lambda: model(x).sum().backward()  # noqa: E731
+        step()
+        counts.append(count_ops(step)["ops"])
+    assert counts[1] <= counts[0], counts
