@@ -24,7 +24,7 @@ import torch
 from . import gate_bank, schedule
 from .config import ScheduleConfig, ScoreConfig
 from .importance import ImportanceScorer
-from .layers import SVDLinear, fast_param, like_param
+from .layers import SVDLinear, fast_param, swap_in_optimizer
 
 
 @dataclass(frozen=True)
@@ -432,27 +432,12 @@ def _like_lams(flat: torch.Tensor, lams: list[torch.Tensor]) -> list[torch.Tenso
 def resize_in_optimizer(layer: SVDLinear, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
     """``layer.resize(keep)``, with ``optimizer`` (if any) told: the new ``P``, ``lam``, ``Q`` (or
     the new bank of flat gates) take the old ones' places, their state sliced to match."""
-    old = {a: layer._parameters[a] for a in ("P", "lam", "Q") if a in layer._parameters}
-    gate = gate_bank.gate_param(layer)
+    old = {"P": layer.P, "lam": gate_bank.gate_param(layer), "Q": layer.Q}
     layer.resize(keep)
     if optimizer is None:
         return
+    bank = gate_bank.bank_of(layer)
     for attr, dim in (("P", 1), ("lam", 0), ("Q", 0)):
-        if attr in old:
-            _swap_in_optimizer(optimizer, old[attr], getattr(layer, attr), keep, dim)
-    if "lam" not in old:
-        bank = gate_bank.bank_of(layer)
-        gate_bank.swap_in_optimizer(optimizer, gate, bank.lam, bank.src)
-
-
-def _swap_in_optimizer(opt: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter,
-                       keep: torch.Tensor, dim: int) -> None:
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][i] = new
-    state = opt.state.pop(old, None)
-    if state is not None:
-        # In the new parameter's layout (P is column-major): fused AdamW needs state and parameter alike.
-        opt.state[new] = {k: (like_param(v.index_select(dim, keep.to(v.device)), new)
-                              if torch.is_tensor(v) and v.shape == old.shape else v) for k, v in state.items()}
+        flat = attr == "lam" and bank is not None         # the bank's element map, not keep
+        new = gate_bank.gate_param(layer) if attr == "lam" else layer._parameters[attr]
+        swap_in_optimizer(optimizer, old[attr], new, bank.src if flat else keep, dim)

@@ -106,9 +106,8 @@ def _form(model: nn.Module, args) -> None:
             continue                  # one adapter: its own preparation is as cheap
         d_all = torch.cat([m._parameters[m._DOWN] for m in rows])               # (Σr, d_in)
         if gate:
-            banked = gate_bank.bank_of(rows[0])
-            g_all = (banked.gather(rows) if banked is not None and gate not in rows[0]._parameters
-                     else torch.cat([m._parameters[gate] for m in rows]))
+            bank = gate_bank.bank_of(rows[0])        # flat gates: one gather, not a cat of views
+            g_all = bank.gather(rows) if bank is not None else torch.cat([m._parameters[gate] for m in rows])
             d_all = d_all * g_all.unsqueeze(1)
         # one view per unit: a group's rows are adjacent, and its leader multiplies them as one
         # (its members' own views, for a call outside the group, are views of that view)

@@ -21,8 +21,8 @@ gates; only the order in which autograd sums ``dlam`` may differ (fp32 rounding)
 
 A rank change (``resize``, ``expand``, ``set_factors``) builds a new ``lam_all`` with the other
 adapters' values, and ``GateBank.src`` records where each new element came from, so that an
-optimizer can be told as for ``P`` and ``Q`` (``swap_in_optimizer``). Named adapter sets
-(adalora/named.py) swap per-adapter parameters and so refuse flat gates.
+optimizer can be told as for ``P`` and ``Q`` (``adalora.layers.swap_in_optimizer``). Named
+adapter sets (adalora/named.py) swap per-adapter parameters and so refuse flat gates.
 """
 from __future__ import annotations
 
@@ -153,23 +153,3 @@ def views_for_forward(bank: GateBank, wanted: set[int]) -> list:
             layer.__dict__[VIEW] = v
             given.append(layer)
     return given
-
-
-def swap_in_optimizer(opt: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
-                      src: torch.Tensor) -> None:
-    """``new`` takes ``old``'s place in ``opt``; each state tensor of ``old``'s shape (Adam's
-    moments) continues at the elements ``src`` (``(new.numel(),)``, old index or -1) names,
-    and starts at zero elsewhere."""
-    for group in opt.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-    state = opt.state.pop(old, None)
-    if state is None:
-        return
-    src = src.to(new.device)
-    fresh = src < 0
-
-    def moved(v):
-        if not (torch.is_tensor(v) and v.shape == old.shape):
-            return v
-        return v.index_select(0, src.clamp(min=0)).masked_fill_(fresh, 0)
-    opt.state[new] = {k: moved(v) for k, v in state.items()}

@@ -62,6 +62,26 @@ def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(param, memory_format=torch.preserve_format).copy_(value)
 
 
+def swap_in_optimizer(opt: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, src: torch.Tensor,
+                      dim: int = 0) -> None:
+    """``new`` takes ``old``'s place in ``opt``'s groups. Each state tensor of ``old``'s shape
+    (Adam's moments) continues along ``dim`` at the indices ``src`` (``(new.shape[dim],)``) names,
+    starts at zero where ``src`` is -1 (a grown triplet), and takes ``new``'s layout."""
+    for group in opt.param_groups:
+        group["params"][:] = [new if p is old else p for p in group["params"]]
+    state = opt.state.pop(old, None)
+    if state is None:
+        return
+    src = src.to(new.device)
+    fresh = (src < 0).view([-1 if d == dim else 1 for d in range(new.dim())])
+
+    def moved(v):
+        if not (torch.is_tensor(v) and v.shape == old.shape):
+            return v
+        return like_param(v.index_select(dim, src.clamp(min=0)).masked_fill_(fresh, 0), new)
+    opt.state[new] = {k: moved(v) for k, v in state.items()}
+
+
 def _base_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     if is_quantized(base):
         # fp32 adapters on a 4-bit base (as peft does): small updates of lam, and the zeros the
@@ -289,29 +309,21 @@ class SVDLinear(AdapterLayer):
         p_new = torch.randn(self.out_features, n, generator=generator, dtype=dt).to(dev) * init_std
         q_new = torch.randn(n, self.in_features, generator=generator, dtype=dt).to(dev) * init_std
         old = {"P": self.P, "lam": gate_bank.gate_param(self), "Q": self.Q}
+        grown = torch.cat([torch.arange(self.rank), torch.full((n,), -1)])   # old index per element, -1 new
         lam = torch.cat([self.lam, self.lam.new_zeros(n)])
         self.set_factors(P=torch.cat([self.P, p_new], 1), Q=torch.cat([self.Q, q_new], 0))
         banked = "lam" not in self._parameters
         if banked:
-            r = self.rank
-            self._set_gate(lam, torch.cat([torch.arange(r), torch.full((n,), -1)]))
+            self._set_gate(lam, grown)
         else:
             self.set_factors(lam=lam)
         self.rank_mask = torch.cat([self.rank_mask, self.rank_mask.new_ones(n)])
         if optimizer is None:
             return
-        if banked:
-            bank = gate_bank.bank_entry(self)[0]
-            gate_bank.swap_in_optimizer(optimizer, old["lam"], bank.lam, bank.src)
-        for attr, dim in (("P", 1), ("Q", 0)) if banked else (("P", 1), ("lam", 0), ("Q", 0)):
-            new = getattr(self, attr)
-            for group in optimizer.param_groups:
-                group["params"] = [new if p is old[attr] else p for p in group["params"]]
-            state = optimizer.state.pop(old[attr], None)
-            if state is not None:
-                optimizer.state[new] = {k: (like_param(torch.cat([v, v.new_zeros(
-                    *(n if d == dim else s for d, s in enumerate(v.shape)))], dim), new)
-                    if torch.is_tensor(v) and v.shape == old[attr].shape else v) for k, v in state.items()}
+        gate_src = gate_bank.bank_entry(self)[0].src if banked else grown
+        for attr, dim, src in (("P", 1, grown), ("lam", 0, gate_src), ("Q", 0, grown)):
+            new = gate_bank.gate_param(self) if attr == "lam" else self._parameters[attr]
+            swap_in_optimizer(optimizer, old[attr], new, src, dim)
 
 
 class LoRALinear(AdapterLayer):
