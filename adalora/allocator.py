@@ -24,7 +24,7 @@ import torch
 from . import gate_bank, schedule
 from .config import ScheduleConfig, ScoreConfig
 from .importance import ImportanceScorer
-from .layers import SVDLinear, fast_param, swap_in_optimizer
+from .layers import SVDLinear, fast_param
 
 
 @dataclass(frozen=True)
@@ -431,13 +431,5 @@ def _like_lams(flat: torch.Tensor, lams: list[torch.Tensor]) -> list[torch.Tenso
 
 def resize_in_optimizer(layer: SVDLinear, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
     """``layer.resize(keep)``, with ``optimizer`` (if any) told: the new ``P``, ``lam``, ``Q`` (or
-    the new bank of flat gates) take the old ones' places, their state sliced to match."""
-    old = {"P": layer.P, "lam": gate_bank.gate_param(layer), "Q": layer.Q}
-    layer.resize(keep)
-    if optimizer is None:
-        return
-    bank = gate_bank.bank_of(layer)
-    for attr, dim in (("P", 1), ("lam", 0), ("Q", 0)):
-        flat = attr == "lam" and bank is not None         # the bank's element map, not keep
-        new = gate_bank.gate_param(layer) if attr == "lam" else layer._parameters[attr]
-        swap_in_optimizer(optimizer, old[attr], new, bank.src if flat else keep, dim)
+    the new banks of flat parameters) take the old ones' places, their state sliced to match."""
+    layer._resize(keep, optimizer)

@@ -49,7 +49,8 @@ class AdapterConfig:
 
     ``flat_gates`` keeps every SVD adapter's ``lam`` in one parameter, each adapter's ``lam`` a
     view of it (adalora/gate_bank.py): the same training, with fewer tensors for autograd, the
-    optimizer and the allocator to walk in an eager step. Not with named adapter sets.
+    optimizer and the allocator to walk in an eager step. ``flat_factors`` does the same for
+    ``P`` and ``Q``: one parameter per kind and width. Not with named adapter sets.
     """
 
     method: str = "adalora"
@@ -64,11 +65,14 @@ class AdapterConfig:
     scale_rank: float | None = None
     fuse: str = "auto"
     flat_gates: bool = False
+    flat_factors: bool = False
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"AdapterConfig.method={self.method!r}: use one of {METHODS}")
         _check(self.fuse in FUSE_MODES, f"AdapterConfig.fuse={self.fuse!r}: use one of {FUSE_MODES}")
         _check(isinstance(self.flat_gates, bool), f"AdapterConfig.flat_gates={self.flat_gates!r}: use true or false")
+        _check(isinstance(self.flat_factors, bool),
+               f"AdapterConfig.flat_factors={self.flat_factors!r}: use true or false")
         _check(bool(self.targets) or self.target_regex is not None,
                "AdapterConfig.targets is empty: name module suffixes (e.g. ['query','value']) or set target_regex")
         self.targets = list(self.targets)

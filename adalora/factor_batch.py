@@ -68,7 +68,7 @@ def _fused(layer) -> bool:
     """Whether ``layer``'s forward takes ``"epilogue"``, ``"merge"`` or ``"triton"`` (``"auto"``
     on a CUDA parameter), on weights the fused paths take."""
     from . import fused
-    auto_on_cuda = layer.fuse == "auto" and layer._parameters[layer._DOWN].is_cuda
+    auto_on_cuda = layer.fuse == "auto" and gate_bank.leaf(layer, layer._DOWN).is_cuda
     return (auto_on_cuda or layer.fuse in fused.PREPARED) and fused.weights_apply(layer)
 
 
@@ -89,13 +89,13 @@ def _form(model: nn.Module, args) -> None:
             continue
         layer.__dict__[shared_input.CALLS] = calls    # the forward's calls, for the next plan
         filled.append(layer)
-        d = layer._parameters[layer._DOWN]
+        d = gate_bank.leaf(layer, layer._DOWN)       # (r, d_in), or its bank (Σr, d_in)
         device = d.device.type
         cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else d.dtype
         downs.setdefault((d.shape[1], d.dtype, d.device, cast, layer._GATE), []).append(layer)
         if cast != d.dtype:
-            u = layer._parameters[layer._UP]
-            ups.setdefault((u.shape[0], u.dtype, u.device, cast), []).append(layer)
+            u = gate_bank.leaf(layer, layer._UP)
+            ups.setdefault((layer.out_features, u.dtype, u.device, cast), []).append(layer)
     groups = shared_input.plan(model)
     for (_, dtype, _, cast, gate), members in downs.items():
         units = _units(members, groups)
@@ -104,10 +104,9 @@ def _form(model: nn.Module, args) -> None:
         rows = [m for u in units for m in u]
         if len(rows) < 2:
             continue                  # one adapter: its own preparation is as cheap
-        d_all = torch.cat([m._parameters[m._DOWN] for m in rows])               # (Σr, d_in)
+        d_all = _joined(rows, rows[0]._DOWN)                 # (Σr, d_in)
         if gate:
-            bank = gate_bank.bank_of(rows[0])        # flat gates: one gather, not a cat of views
-            g_all = bank.gather(rows) if bank is not None else torch.cat([m._parameters[gate] for m in rows])
+            g_all = _joined(rows, gate)
             d_all = d_all * g_all.unsqueeze(1)
         # one view per unit: a group's rows are adjacent, and its leader multiplies them as one
         # (its members' own views, for a call outside the group, are views of that view)
@@ -120,18 +119,29 @@ def _form(model: nn.Module, args) -> None:
     for (_, _, _, cast), members in ups.items():
         if len(members) < 2:
             continue
-        ut_all = torch.cat([m._parameters[m._UP].t() for m in members]).to(cast)  # (Σr, d_out) row-major
+        ut_all = _joined(members, members[0]._UP).to(cast)                      # (Σr, d_out) row-major
         for m, ut in zip(members, ut_all.split([m.rank for m in members])):
             m.__dict__.setdefault(SLOT, [None, None, None, None])[1] = ut.t()          # (d_out, r) column-major
     merging = [m for m in filled if m.fuse == "merge"]
     if merging and torch.is_grad_enabled():
         _merge(merging)
-    bank = gate_bank.bank_of_model(model)
-    if bank is not None and torch.is_grad_enabled():
-        # flat gates: the other adapters' gates as views from one split of the bank
-        unfused = {id(m) for m in bank.layers} - {id(m) for m in filled}
-        if unfused:
-            filled += gate_bank.views_for_forward(bank, unfused)
+    if torch.is_grad_enabled():
+        # flat parameters: the other adapters' views from one split of each bank
+        done = {id(m) for m in filled}
+        for bank in gate_bank.banks_of_model(model):
+            unfused = {id(m) for m in bank.layers} - done
+            if unfused:
+                filled += gate_bank.views_for_forward(bank, unfused)
+
+
+def _joined(layers: list, attr: str) -> torch.Tensor:
+    """The ``attr`` of ``layers`` as rows (``Pᵀ`` for an up factor), in that order: one
+    ``index_select`` (or none) where they share a bank (adalora/gate_bank.py), else one cat."""
+    bank = gate_bank.bank_of(layers[0], attr)
+    if bank is not None and all(gate_bank.bank_of(m, attr) is bank for m in layers):
+        return bank.gather(layers)
+    up = attr == layers[0]._UP
+    return torch.cat([gate_bank.leaf(m, attr).t() if up else gate_bank.leaf(m, attr) for m in layers])
 
 
 @torch.no_grad()
@@ -171,7 +181,7 @@ def _units(members: list, groups: tuple) -> list:
 
 def _drop(model: nn.Module, args, output) -> None:
     for layer in model.__dict__.pop(_FILLED, ()):
-        for key in (SLOT, shared_input.CALLS, shared_input.HANDED, gate_bank.VIEW):
+        for key in (SLOT, shared_input.CALLS, shared_input.HANDED, *gate_bank.VIEWS):
             layer.__dict__.pop(key, None)
     calls = model.__dict__.pop(_CALLS, None)
     if calls is not None:

@@ -137,8 +137,8 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     """``layer(x)`` through ``EpilogueLinear`` or ``StackedLinear`` (``mode`` from ``path``)."""
     base = layer._modules["base"]
     w, b = base._parameters["weight"], base._parameters["bias"]
-    down = layer._parameters[layer._DOWN]
-    # a gate of flat gates (adalora/gate_bank.py) is a view, made below only where needed
+    # a flat factor or gate (adalora/gate_bank.py) is a view, made below only where needed
+    down = layer._parameters.get(layer._DOWN)
     gate = layer._parameters.get(layer._GATE) if layer._GATE else None
     gated = bool(layer._GATE)
     up = layer._up()
@@ -169,6 +169,8 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
                 merged = pw            # a merge-path adapter's W', formed with the others' from these factors
         if gated and gate is None:
             gate = gate_bank.gate_view(layer)
+        if down is None:
+            down = gate_bank.factor_view(layer, layer._DOWN)
         side_stream.prepare(x2)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             if mode != "triton":
@@ -181,6 +183,8 @@ def forward(layer, x: torch.Tensor, mode: str) -> torch.Tensor:
     else:
         if gated and gate is None:
             gate = gate_bank.gate_view(layer)
+        if down is None:
+            down = gate_bank.factor_view(layer, layer._DOWN)
         stack, bstack = _stack(layer, w, b, down)
         y = StackedLinear.apply(x2, stack, bstack, w, down, gate, up, layer.scaling)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -56,57 +56,69 @@ class _Layout:
                 pos[k] = range(i, i + r)
                 i += r
         self.perm = torch.tensor([j for k in range(len(layers)) for j in pos[k]], dtype=torch.long)
-        # Flat gates (adalora/gate_bank.py), all in one bank: each group's lam block is one
-        # index_select of the bank, not a cat of a view per adapter.
-        banks = {id(gate_bank.bank_of(layer)) for layer in layers}
-        self.bank = gate_bank.bank_of(layers[0]) if len(banks) == 1 else None
-        self.gate_index = []
-        if self.bank is not None:
-            where = {id(layer): k for k, layer in enumerate(self.bank.layers)}
-            for ks, _, r, _, _ in self.groups:
-                starts = [self.bank.offsets[where[id(layers[k])]] for k in ks]
-                self.gate_index.append(torch.tensor([o + j for o in starts for j in range(r)], dtype=torch.long))
+        # Flat parameters (adalora/gate_bank.py): a group's block of a banked kind is one
+        # index_select of its bank (or a copy of all of it), not a cat of a view per adapter.
+        self.banked: list[dict] = []             # per group: kind -> (bank, row index or None)
+        for ks, _, r, _, _ in self.groups:
+            per_kind = {}
+            for a in ("P", "lam", "Q"):
+                banks = {id(gate_bank.bank_of(layers[k], a)) for k in ks}
+                bank = gate_bank.bank_of(layers[ks[0]], a)
+                if bank is not None and len(banks) == 1:
+                    per_kind[a] = (bank, bank.rows_of([layers[k] for k in ks]))
+            self.banked.append(per_kind)
+        self.banks = list({id(b): b for g in self.banked for b, _ in g.values()}.values())
+        in_bank = {(k, a) for (ks, *_), g in zip(self.groups, self.banked) for a in g for k in ks}
+        self._own = [key not in in_bank for key in self.order]
 
     def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor | None]:
-        """The parameters in buffer order; None for a gate that lives in the bank."""
+        """The parameters in buffer order; None for one that lives in a bank."""
         # _parameters, not getattr: this runs every step for every parameter, and under CUDA
         # graphs the step waits on host time such as nn.Module.__getattr__'s lookup.
-        if self.bank is None:
-            return [fast_param(layers[k], a) for k, a in self.order]
-        return [None if a == "lam" else layers[k]._parameters[a] for k, a in self.order]
+        return [layers[k]._parameters[a] if own else None for (k, a), own in zip(self.order, self._own)]
 
-    def flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype, gates: torch.Tensor | None = None) -> torch.Tensor:
-        """``tensors`` (in ``order``) as one flat buffer in ``dtype``: one ``cat`` per group and
-        kind, each written straight into its slice of the buffer, instead of a reshape per tensor
-        and a cat of the pieces; then one cast. ``P`` blocks go in as ``Pᵀ (r, d_out)``, the
-        layout they are stored in (column-major), so the scores' mean over ``d_out`` runs along
-        memory."""
-        flat = tensors[0].new_empty(self.numel)
+    def flatten(self, tensors: list[torch.Tensor | None], dtype: torch.dtype, ref: torch.Tensor,
+                grad: bool = False) -> torch.Tensor:
+        """``tensors`` (in ``order``; a banked one None, read from its bank, or from its bank's
+        gradient with ``grad``) as one flat buffer in ``dtype``: one ``cat`` (or ``index_select``)
+        per group and kind, each written straight into its slice of the buffer, instead of a
+        reshape per tensor and a cat of the pieces; then one cast. ``ref``: any of the adapters'
+        leaves (device and dtype). ``P`` blocks go in as ``Pᵀ (r, d_out)``, the layout they are
+        stored in (column-major), so the scores' mean over ``d_out`` runs along memory."""
+        flat = ref.new_empty(self.numel)
         eager = _eager(flat)
         i = 0
-        for g, (ks, d_out, r, d_in, off) in enumerate(self.groups):
+        for (ks, d_out, r, d_in, off), banked in zip(self.groups, self.banked):
             n = len(ks)
-            Ps, size = tensors[i:i + n], n * r * d_out
-            P_rows = flat[off:off + size].view(n * r, d_out)      # [P_1ᵀ; ...; P_nᵀ]
-            # Eager, the P blocks are cat along their columns into the transposed view of their
-            # slice: one dispatch, where a transpose per block is a dispatch each and the eager
-            # step waits on the host. Captured or compiled, where the host pays nothing and only
-            # the kernels count, the transposes hand cat contiguous rows, its faster kernel.
-            if eager:
-                torch.cat(Ps, dim=1, out=P_rows.t())
-            else:
-                torch.cat([t.t() for t in Ps], out=P_rows)
-            off += size
-            if gates is not None:                                                 # lam, from the bank
-                index = self.gate_index[g]
-                if index.device != gates.device:
-                    index = self.gate_index[g] = index.to(gates.device)
-                torch.index_select(gates, 0, index, out=flat[off:off + n * r])
-            else:
-                torch.cat(tensors[i + n:i + 2 * n], out=flat[off:off + n * r])    # lam
+            blocks = {"P": flat[off:off + n * r * d_out].view(n * r, d_out)}      # [P_1ᵀ; ...; P_nᵀ]
+            off += n * r * d_out
+            blocks["lam"] = flat[off:off + n * r]
             off += n * r
-            torch.cat(tensors[i + 2 * n:i + 3 * n], out=flat[off:off + n * r * d_in].view(n * r, d_in))   # Q
+            blocks["Q"] = flat[off:off + n * r * d_in].view(n * r, d_in)
             off += n * r * d_in
+            for j, a in enumerate(("P", "lam", "Q")):
+                out, parts = blocks[a], tensors[i + j * n:i + (j + 1) * n]
+                if a in banked:
+                    bank, index = banked[a]
+                    src = bank.param.grad if grad else bank.param
+                    if index is None:
+                        out.copy_(src)
+                    else:
+                        if index.device != src.device:
+                            index = index.to(src.device)
+                            banked[a] = (bank, index)
+                        torch.index_select(src, 0, index, out=out)
+                elif a != "P":
+                    torch.cat(parts, out=out)
+                # Eager, the P blocks are cat along their columns into the transposed view of
+                # their slice: one dispatch, where a transpose per block is a dispatch each and
+                # the eager step waits on the host. Captured or compiled, where the host pays
+                # nothing and only the kernels count, the transposes hand cat contiguous rows,
+                # its faster kernel.
+                elif eager:
+                    torch.cat(parts, dim=1, out=out.t())
+                else:
+                    torch.cat([t.t() for t in parts], out=out)
             i += 3 * n
         return flat.to(dtype)
 
@@ -144,11 +156,12 @@ class ImportanceScorer:
         return self._layout_cache
 
     def _grads(self, layout: _Layout, params: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        # a gate in the bank (None here) takes its gradient from the bank's, in flatten
+        # a banked tensor (None here) takes its gradient from the bank's, in flatten
         grads = [p.grad if p is not None else None for p in params]
-        if layout.bank is not None and layout.bank.lam.grad is None:
-            raise RuntimeError("no gradient for the flat gates (adalora_gates): call update_importance after "
-                               "loss.backward() and before optimizer.zero_grad()")
+        for bank in layout.banks:
+            if bank.param.grad is None:
+                raise RuntimeError(f"no gradient for the flat parameter {bank.name}: call update_importance "
+                                   "after loss.backward() and before optimizer.zero_grad()")
         if all(g is not None or p is None for g, p in zip(grads, params)):
             return grads
         grads = []
@@ -179,12 +192,12 @@ class ImportanceScorer:
         layout = self._layout()
         params = layout.tensors(self.layers)
         grads = self._grads(layout, params)
-        state_dtype = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
+        ref = gate_bank.leaf(self.layers[0], "P")
+        state_dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         # Two gathers into flat buffers, then everything is a handful of kernels whatever the
         # number of adapters; |w · g| is formed in the state dtype (fp32 for bf16 adapters).
-        bank = layout.bank
-        w = layout.flatten(params, state_dtype, bank and bank.lam)      # under no_grad: no detach needed
-        ipt = layout.flatten(grads, state_dtype, bank and bank.lam.grad).mul_(w).abs_()   # I = |w · g|
+        w = layout.flatten(params, state_dtype, ref)                    # under no_grad: no detach needed
+        ipt = layout.flatten(grads, state_dtype, ref, grad=True).mul_(w).abs_()   # I = |w · g|
         if grads_finite is None:
             grads_finite = bool(torch.isfinite(ipt.sum()))        # the step's one host sync
         if not grads_finite:

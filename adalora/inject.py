@@ -59,8 +59,9 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
         _set_submodule(model, name, layer)
         adapters[name] = layer
     svd = [a for a in adapters.values() if isinstance(a, SVDLinear)]
-    if cfg.flat_gates and svd:
-        gate_bank.attach(model, svd)  # every lam a view of one parameter
+    flat = ("P", "Q") * cfg.flat_factors + ("lam",) * cfg.flat_gates
+    if flat and svd:
+        gate_bank.attach(model, svd, flat)  # every lam (P, Q) a view of one parameter (per width)
     factor_batch.attach(model)       # the fused paths' lam ⊙ Q and casts, once per factor width
     return adapters
 
@@ -80,17 +81,19 @@ def find_adapters(model: nn.Module) -> dict[str, AdapterLayer]:
 
 def adapter_parameters(adapters: dict[str, AdapterLayer]) -> list[nn.Parameter]:
     """The trainable leaves of ``adapters``, each once: ``P, lam, Q`` or ``A, B`` per adapter;
-    with flat gates the model's one gate parameter (``adalora_gates``) where the first adapter's
-    ``lam`` would be, and no gate for the others."""
-    out, banks = [], set()
+    with flat gates or flat factors a bank parameter (``adalora_gates``, ``adalora_P_<d>``, ...)
+    where the first adapter it holds would list its tensor, and nothing for the others."""
+    out, seen = [], set()
     for layer in adapters.values():
         if not isinstance(layer, SVDLinear):
             out += [layer.A, layer.B]
             continue
-        gate = gate_bank.gate_param(layer)
-        out += [layer.P, gate, layer.Q] if id(gate) not in banks else [layer.P, layer.Q]
-        if gate_bank.bank_of(layer) is not None:
-            banks.add(id(gate))
+        for attr in ("P", "lam", "Q"):
+            p = gate_bank.leaf(layer, attr)
+            if id(p) not in seen:
+                out.append(p)
+                if gate_bank.bank_of(layer, attr) is not None:
+                    seen.add(id(p))
     return out
 
 

@@ -158,11 +158,11 @@ class AdapterLayer(nn.Module):
         """Replace factors by name (``P=..., lam=..., Q=...`` or ``A=..., B=...``), possibly of
         another rank: new ``nn.Parameter`` objects in the old ones' device, dtype and
         ``requires_grad``, the up factor (``_UP``) stored column-major; with flat gates a new ``lam``
-        makes a new gate parameter for the model. An optimizer holding the old parameters must be
+        (or, with flat factors, a new ``P`` or ``Q``) makes a new bank parameter for the model. An optimizer holding the old parameters must be
         told (``RankAllocator.compact`` does that)."""
         for name, value in factors.items():
-            if name == self._GATE and name not in self._parameters:
-                self._set_gate(value)          # flat gates: a new bank
+            if name not in self._parameters and gate_bank.bank_of(self, name) is not None:
+                self._set_banked(name, value)          # flat parameters: a new bank
                 continue
             old = self._parameters[name]
             value = value.to(device=old.device, dtype=old.dtype)
@@ -247,12 +247,25 @@ class SVDLinear(AdapterLayer):
         self.Q = nn.Parameter(torch.randn(rank, self.in_features, device=device, dtype=dtype) * init_std)
         self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
 
+    # Each factor is this adapter's parameter or, with flat gates or flat factors, a view of its
+    # rows of one of the model's bank parameters (adalora/gate_bank.py).
+    @property
+    def P(self) -> torch.Tensor:
+        """The up factor ``(d_out, r)``, column-major."""
+        p = self._parameters.get("P")
+        return p if p is not None else gate_bank.factor_view(self, "P")
+
     @property
     def lam(self) -> torch.Tensor:
-        """The gate ``(r,)``: this adapter's parameter or, with flat gates, a view of the model's
-        one gate parameter (adalora/gate_bank.py)."""
+        """The gate ``(r,)``."""
         p = self._parameters.get("lam")
-        return p if p is not None else gate_bank.gate_view(self)
+        return p if p is not None else gate_bank.factor_view(self, "lam")
+
+    @property
+    def Q(self) -> torch.Tensor:
+        """The down factor ``(r, d_in)``."""
+        p = self._parameters.get("Q")
+        return p if p is not None else gate_bank.factor_view(self, "Q")
 
     @property
     def rank(self) -> int:
@@ -262,11 +275,30 @@ class SVDLinear(AdapterLayer):
     def _adapter_dtype(self) -> torch.dtype:
         return gate_bank.gate_param(self).dtype
 
-    def _set_gate(self, value: torch.Tensor, src: torch.Tensor | None = None) -> None:
-        """A banked gate replaced by ``value`` (``src``: the old index each element continues,
-        -1 for none; see ``GateBank.set``)."""
-        bank, k = gate_bank.bank_entry(self)
+    def _set_banked(self, attr: str, value: torch.Tensor, src: torch.Tensor | None = None) -> None:
+        """A banked ``attr`` replaced by ``value`` (``src``: the old triplet each new one
+        continues, -1 for none; see ``Bank.set``)."""
+        bank, k = gate_bank.bank_entry(self, attr)
         bank.set(k, value, src)
+
+    def _change_rank(self, values: dict, src: torch.Tensor, optimizer=None) -> None:
+        """``P``, ``lam``, ``Q`` replaced by ``values`` whose triplets continue the old ones at
+        ``src`` (-1: a new triplet); with ``optimizer``, each new leaf (own or bank) takes its old
+        one's place and its state moves along the triplets (``swap_in_optimizer``)."""
+        old = {attr: gate_bank.leaf(self, attr) for attr in values}
+        for attr, value in values.items():
+            if attr in self._parameters:
+                self.set_factors(**{attr: value})
+            else:
+                self._set_banked(attr, value, src)
+        if optimizer is None:
+            return
+        for attr in values:
+            bank = gate_bank.bank_of(self, attr)
+            if bank is not None:        # the bank's row map, not the triplets'
+                swap_in_optimizer(optimizer, old[attr], bank.param, bank.src, 0)
+            else:
+                swap_in_optimizer(optimizer, old[attr], self._parameters[attr], src, 1 if attr == "P" else 0)
 
     def _down_weight(self):
         # lam scales the rows of Q (r, d_in), not the activations (r, N): the same product, with
@@ -284,12 +316,11 @@ class SVDLinear(AdapterLayer):
         Creates new ``nn.Parameter`` objects: an optimizer must be told (``RankAllocator.compact``
         does that); ``scaling`` stays ``α / r0``.
         """
-        keep = keep.to(self.P.device)
-        self.set_factors(P=self.P[:, keep], Q=self.Q[keep, :])
-        if "lam" in self._parameters:
-            self.set_factors(lam=self.lam[keep])
-        else:
-            self._set_gate(self.lam[keep], keep)
+        self._resize(keep)
+
+    def _resize(self, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        keep = keep.to(self.rank_mask.device)
+        self._change_rank({"P": self.P[:, keep], "lam": self.lam[keep], "Q": self.Q[keep, :]}, keep.cpu(), optimizer)
         self.rank_mask = self.rank_mask[keep].clone()
 
     @torch.no_grad()
@@ -308,22 +339,10 @@ class SVDLinear(AdapterLayer):
         dev, dt = self.P.device, self.P.dtype
         p_new = torch.randn(self.out_features, n, generator=generator, dtype=dt).to(dev) * init_std
         q_new = torch.randn(n, self.in_features, generator=generator, dtype=dt).to(dev) * init_std
-        old = {"P": self.P, "lam": gate_bank.gate_param(self), "Q": self.Q}
         grown = torch.cat([torch.arange(self.rank), torch.full((n,), -1)])   # old index per element, -1 new
-        lam = torch.cat([self.lam, self.lam.new_zeros(n)])
-        self.set_factors(P=torch.cat([self.P, p_new], 1), Q=torch.cat([self.Q, q_new], 0))
-        banked = "lam" not in self._parameters
-        if banked:
-            self._set_gate(lam, grown)
-        else:
-            self.set_factors(lam=lam)
+        self._change_rank({"P": torch.cat([self.P, p_new], 1), "lam": torch.cat([self.lam, self.lam.new_zeros(n)]),
+                           "Q": torch.cat([self.Q, q_new], 0)}, grown, optimizer)
         self.rank_mask = torch.cat([self.rank_mask, self.rank_mask.new_ones(n)])
-        if optimizer is None:
-            return
-        gate_src = gate_bank.bank_entry(self)[0].src if banked else grown
-        for attr, dim, src in (("P", 1, grown), ("lam", 0, gate_src), ("Q", 0, grown)):
-            new = gate_bank.gate_param(self) if attr == "lam" else self._parameters[attr]
-            swap_in_optimizer(optimizer, old[attr], new, src, dim)
 
 
 class LoRALinear(AdapterLayer):

@@ -28,9 +28,10 @@ DEFAULT = "default"
 
 
 def _factors(layer: AdapterLayer) -> tuple[str, ...]:
-    if gate_bank.bank_of(layer) is not None:
-        # a set swaps each adapter's own parameters; a flat gate is a view of the model's bank
-        raise ValueError("named adapter sets need a lam per adapter: inject with AdapterConfig(flat_gates=False)")
+    if any(gate_bank.bank_of(layer, a) is not None for a in gate_bank.KINDS):
+        # a set swaps each adapter's own parameters; a flat one is a view of the model's bank
+        raise ValueError("named adapter sets need parameters per adapter: inject with "
+                         "AdapterConfig(flat_gates=False, flat_factors=False)")
     return ("P", "lam", "Q") if isinstance(layer, SVDLinear) else ("A", "B")
 
 

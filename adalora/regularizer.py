@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import torch
 
+from . import gate_bank
 from .config import ORTH_FORMS
 from .layers import SVDLinear, fast_param, like_param
 
@@ -20,6 +21,40 @@ def _factors(svd: list[SVDLinear]) -> list[torch.Tensor]:
     columns), then each ``Q`` (``(r, d)``). Either way the matrix ``M (r, d)`` whose rows are the
     singular vectors gives ``PᵀP − I`` and ``QQᵀ − I`` as ``MMᵀ − I``."""
     return [fast_param(a, "P") for a in svd] + [fast_param(a, "Q") for a in svd]
+
+
+def _split_banked(svd: list[SVDLinear]) -> tuple[list, list[SVDLinear]]:
+    """The banks (adalora/gate_bank.py) that hold the ``P`` and ``Q`` of ``svd``, each with the
+    members it holds (bank order, rank > 0), and the adapters whose ``P`` and ``Q`` are their own."""
+    own = [a for a in svd if gate_bank.bank_of(a, "P") is None or gate_bank.bank_of(a, "Q") is None]
+    if len(own) == len(svd):
+        return [], svd
+    wanted = {id(a) for a in svd} - {id(a) for a in own}
+    banks = {}
+    for a in svd:
+        if id(a) in wanted:
+            for attr in ("P", "Q"):
+                b = gate_bank.bank_of(a, attr)
+                banks.setdefault(id(b), b)
+    out = []
+    for b in banks.values():
+        members = [m for m, r in zip(b.layers, b.sizes) if id(m) in wanted and r > 0]
+        if members:
+            out.append((b, members))
+    return out, own
+
+
+def _bank_batch(bank, members: list):
+    """``(x, mask, where)`` as ``_groups`` yields them, for the rows of ``members`` in ``bank``:
+    equal ranks are a view of the bank's rows (no copy where ``members`` are all of them)."""
+    ranks = tuple(bank.sizes[gate_bank.bank_entry(m, bank.attr)[1]] for m in members)
+    rows = bank.gather(members)                                    # (Σr, d)
+    d = rows.shape[1]
+    if min(ranks) == max(ranks):
+        return rows.view(len(members), ranks[0], d), None, None
+    where, mask = _padding(ranks, d, rows.device, rows.dtype)
+    x = rows.new_zeros(len(members) * max(ranks) * d).index_copy(0, where, rows.reshape(-1))
+    return x.view(len(members), max(ranks), d), mask, where
 
 
 class _Plan:
@@ -128,10 +163,13 @@ def _total(parts: list[torch.Tensor]) -> torch.Tensor:
     return sum(p.sum() for p in parts)                              # mixed dtypes: promoted
 
 
-def _gram_residual_norms(leaves: list[torch.Tensor], n_p: int, squared: bool) -> torch.Tensor:
-    """Sum over the matrices of ``leaves`` (the first ``n_p`` held transposed) of ``‖MMᵀ − I‖_F``,
-    squared if asked."""
-    return _total([_norms(_residual(x, mask), squared) for _, _, x, mask, _ in _groups(leaves, n_p)])
+def _gram_residual_norms(svd: list[SVDLinear], squared: bool) -> torch.Tensor:
+    """Sum over the ``P`` and ``Q`` of ``svd`` of ``‖MMᵀ − I‖_F``, squared if asked."""
+    banked, own = _split_banked(svd)
+    parts = [_norms(_residual(x, mask), squared) for x, mask, _ in (_bank_batch(b, ms) for b, ms in banked)]
+    if own:
+        parts += [_norms(_residual(x, mask), squared) for _, _, x, mask, _ in _groups(_factors(own), len(own))]
+    return _total(parts)
 
 
 @torch.compiler.assume_constant_result
@@ -175,7 +213,7 @@ def orthogonality_penalty(adapters: dict, form: str = "reference") -> torch.Tens
     if not svd:
         return torch.zeros(())
     squared = form == "paper"
-    total = _gram_residual_norms(_factors(svd), len(svd), squared)
+    total = _gram_residual_norms(svd, squared)
     # DEVIATION (reference form): unsquared norms averaged over the 2|S| matrices, as both public
     # implementations compute it and as their published numbers were obtained.
     return total if squared else total / (2 * len(svd))
@@ -214,7 +252,11 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
     # The constant rides in the gradient product's alpha (beta=0: x is not read as its addend).
     scale = 4 * weight if squared else weight / len(svd)
     norms, pending = [], []
-    for members, k, x, mask, where in _groups(_factors(svd), len(svd)):
+    banked, own = _split_banked(svd)
+    batches = [((b, ms), None, *_bank_batch(b, ms)) for b, ms in banked]
+    if own:
+        batches += [(members, k, x, mask, where) for members, k, x, mask, where in _groups(_factors(own), len(own))]
+    for members, k, x, mask, where in batches:
         c = _residual(x, mask)                                      # (n, R, R), symmetric
         norm = _norms(c, squared)                                   # (n,)
         norms.append(norm)
@@ -229,7 +271,29 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
 def add_orthogonality_grads_(pending: list) -> None:
     """Add the gradients ``orthogonality_grads`` formed to their factors' ``.grad``."""
     for members, k, g, where in pending:
-        _add_to_grads(members, k, g, where)
+        if k is None:
+            _add_to_bank_grad(*members, g, where)
+        else:
+            _add_to_grads(members, k, g, where)
+
+
+def _add_to_bank_grad(bank, members: list, g: torch.Tensor, where) -> None:
+    """``bank``'s gradient += ``g (n, R, d)`` at the rows of ``members`` (one kernel where they
+    are all its rows in order; ``where``: the padding ``_bank_batch`` used, None for none)."""
+    param = bank.param
+    if not param.requires_grad:
+        return
+    rows = g.reshape(-1, g.shape[-1]) if where is None else g.reshape(-1).index_select(0, where).view(-1, g.shape[-1])
+    idx = bank.rows_of(members)
+    if idx is None:
+        if param.grad is None:
+            param.grad = like_param(rows, param)
+        else:
+            param.grad.add_(rows)
+        return
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    param.grad.index_add_(0, idx, rows)
 
 
 def _add_to_grads(members: list[torch.Tensor], k: int, g: torch.Tensor, where) -> None:

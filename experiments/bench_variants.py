@@ -28,6 +28,7 @@ from .step_graph import StepGraph, orthogonality_beside
 TARGETS = BLOCK_LINEARS["bert"]
 FUSE_OF = {"fused": "stack", "epilogue": "epilogue", "merge": "merge", "triton": "triton"}   # variant-name suffix -> AdapterConfig.fuse
 FLAT = "_flat"   # variant-name suffix: AdaLoRA with AdapterConfig.flat_gates
+BANKED = "_banked"   # variant-name suffix: AdaLoRA with flat_gates and flat_factors
 BIG_T = 100_000  # schedule length that keeps the timed AdaLoRA steps inside the budgeting phase
 
 
@@ -354,12 +355,14 @@ def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
     if name.startswith("peft_"):
         return _build_peft(name, cfg, dev, model, batch)
     svd = name.startswith("adalora")
-    flat = name.endswith(FLAT)       # the same variant with flat gates (adalora/gate_bank.py)
-    name = name.removesuffix(FLAT)
+    # the same variant with flat gates, or flat gates and factors (adalora/gate_bank.py)
+    suffix = next((x for x in (FLAT, BANKED) if name.endswith(x)), "")
+    name = name.removesuffix(suffix) if suffix else name
     acfg = adalora.AdapterConfig(method="adalora" if svd else "lora", targets=targets(cfg),
                                  init_rank=cfg.init_rank if svd else cfg.lora_rank, alpha=cfg.alpha,
                                  rank_pattern=final_ranks if name == "lora_final" else {},
-                                 fuse=FUSE_OF.get(name.rsplit("_", 1)[-1], "none"), flat_gates=flat)
+                                 fuse=FUSE_OF.get(name.rsplit("_", 1)[-1], "none"), flat_gates=bool(suffix),
+                                 flat_factors=suffix == BANKED)
     adapters = adalora.inject(model, acfg)
     adalora.mark_only_adapters_trainable(model, extra=() if decoder else ("classifier",))
     opt = make_optimizer(cfg, model)
@@ -371,7 +374,7 @@ def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
                                    mask_interval=10 if name == "adalora_every10" else 1)
     alloc = adalora.RankAllocator(adapters, sched)
     counter = [1]
-    v = Variant(name + (FLAT if flat else ""), model, None, lambda: scorer_bytes(alloc))
+    v = Variant(name + suffix, model, None, lambda: scorer_bytes(alloc))
     if compact:
         # Train through the final allocation (step 3) eagerly, shrink, and only then build the timed step.
         eager = replace(cfg, compile=False, step_graph=False, tail_graph=False)

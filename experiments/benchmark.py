@@ -35,7 +35,7 @@ import torch
 
 import adalora
 
-from .bench_variants import (TARGETS, BIG_T, FLAT, FUSE_OF, GRAPH_WARMUP, PHASES, build_model, build_variant, have_peft,
+from .bench_variants import (TARGETS, BANKED, BIG_T, FLAT, FUSE_OF, GRAPH_WARMUP, PHASES, build_model, build_variant, have_peft,
                              make_batch, nbytes, scorer_bytes)
 from .config import MethodConfig, library_default
 from .bench_report import markdown
@@ -62,7 +62,8 @@ ENCODER = ("bert", None, 30522)
 # *_triton and *_fused the fused ones (fuse="epilogue", "merge", "triton", "stack").
 VARIANTS = ["floor", "full", "lora", "lora_epilogue", "lora_merge", "lora_triton", "lora_fused", "adalora",
             "adalora_epilogue", "adalora_merge", "adalora_triton", "adalora_fused", "adalora_every10", "adalora_compact",
-            "adalora_flat", "adalora_epilogue_flat", "lora_final", "peft_lora", "peft_adalora"]
+            "adalora_flat", "adalora_epilogue_flat", "adalora_banked", "adalora_epilogue_banked", "lora_final",
+            "peft_lora", "peft_adalora"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _TARGET_RANK = library_default(adalora.ScheduleConfig, "target_rank")
 
@@ -272,6 +273,9 @@ def ratios(res: dict) -> dict:
              "lora/peft_lora", "adalora_compact/lora_final", "lora/floor", "full/floor"]
     pairs += ["adalora_flat/adalora", "adalora_flat/lora", "adalora_epilogue_flat/adalora_epilogue",
               "adalora_epilogue_flat/lora_epilogue", "adalora_epilogue_flat/floor"]
+    pairs += ["adalora_banked/adalora", "adalora_banked/lora", "adalora_epilogue_banked/adalora_epilogue",
+              "adalora_epilogue_banked/adalora_epilogue_flat", "adalora_epilogue_banked/lora_epilogue",
+              "adalora_epilogue_banked/floor"]
     for suffix in FUSE_OF:   # each fused path against its reference, the floor, and LoRA on the same path
         pairs += [f"lora_{suffix}/lora", f"adalora_{suffix}/adalora", f"lora_{suffix}/floor",
                   f"adalora_{suffix}/floor", f"adalora_{suffix}/lora_{suffix}", f"lora_{suffix}/peft_lora"]
@@ -333,14 +337,15 @@ def run_graph_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dic
 
 def run_fused_check(cfg: BenchConfig, dev: torch.device, steps: int = 20) -> dict:
     """Each fused variant of ``cfg.variants`` (``*_epilogue``, ``*_triton``, ``*_fused``) against its unfused
-    reference (``lora`` or ``adalora``), and each ``*_flat`` against the variant with a gate per adapter,
+    reference (``lora`` or ``adalora``), and each ``*_flat`` and ``*_banked`` against the variant with
+    parameters per adapter,
     trained ``steps`` steps from the same weights and batch, both captured under ``step_graph``
     and both eager otherwise: losses and rank masks."""
     batch = make_batch(cfg, dev, torch.Generator().manual_seed(cfg.seed))
     out = {}
     for name in cfg.variants:
         ref, _, suffix = name.rpartition("_")
-        if suffix not in FUSE_OF and "_" + suffix != FLAT:
+        if suffix not in FUSE_OF and "_" + suffix not in (FLAT, BANKED):
             continue
         graphed = cfg.step_graph or cfg.tail_graph
         out[name] = _agreement(_train(ref, cfg, dev, batch, graphed, steps),
@@ -444,7 +449,7 @@ def run(cfg: BenchConfig) -> dict:
     result["variants"] = run_models(cfg, dev)
     if cfg.step_graph or cfg.tail_graph:
         result["graph_check"] = run_graph_check(cfg, dev)
-    if any(n.rpartition("_")[2] in FUSE_OF or n.endswith(FLAT) for n in cfg.variants):
+    if any(n.rpartition("_")[2] in FUSE_OF or n.endswith((FLAT, BANKED)) for n in cfg.variants):
         result["fused_check"] = run_fused_check(cfg, dev)
     result["ratios"] = ratios(result["variants"])
     gc.collect()

@@ -83,6 +83,8 @@ class MethodConfig:
     fuse: str = _lib(adalora.AdapterConfig, "fuse")
     # SVD adapters: every lam a view of one parameter (adalora/gate_bank.py); the same training.
     flat_gates: bool = _lib(adalora.AdapterConfig, "flat_gates")
+    # SVD adapters: every P and Q a view of one parameter per kind and width; the same training.
+    flat_factors: bool = _lib(adalora.AdapterConfig, "flat_factors")
     orth_weight: float = 0.1               # γ; the paper's GLUE runs use 0.1 to 0.5
     orth_form: str = _lib(adalora.orthogonality_penalty, "form")
     # lora only: per-module ranks {name_or_suffix: r}; or read from a finished AdaLoRA run.
@@ -105,6 +107,8 @@ class MethodConfig:
         _check(self.fuse in FUSE_MODES, f"method.fuse='{self.fuse}'; choose one of {', '.join(FUSE_MODES)}")
         _check(not self.flat_gates or self.uses_svd,
                f"method.flat_gates=true is for SVD adapters (lam); method={self.name} has none: drop it")
+        _check(not self.flat_factors or self.uses_svd,
+               f"method.flat_factors=true is for SVD adapters (P, Q); method={self.name} has none: drop it")
         _check(self.orth_form in ORTH_FORMS,
                f"method.orth_form='{self.orth_form}'; choose one of {', '.join(ORTH_FORMS)}")
         _check(self.targets is None or bool(self.targets) or bool(self.target_regex)
@@ -151,6 +155,7 @@ class MethodConfig:
             method="adalora" if self.uses_svd else "lora", targets=list(targets),
             target_regex=self.target_regex, init_rank=init_rank, alpha=self.alpha,
             dropout=self.dropout, rslora=self.scale_rule == "rslora", fuse=self.fuse, flat_gates=self.flat_gates,
+            flat_factors=self.flat_factors,
             rank_pattern=dict(self.rank_pattern if rank_pattern is None else rank_pattern))
 
 

@@ -16,7 +16,9 @@ from experiments.teacher import DT, Maps, Teacher, make_allocator, planted_updat
 T = Teacher(steps=60, init_warmup=10, final_warmup=20)
 
 
-def _setup(family: str, flat: bool, fuse: str = "none", dtype=DT):
+def _setup(family: str, flat, fuse: str = "none", dtype=DT):
+    """``flat``: False (a parameter per adapter), True (flat gates) or ``"all"`` (flat gates and
+    factors)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     n = len(T.planted)
@@ -25,13 +27,13 @@ def _setup(family: str, flat: bool, fuse: str = "none", dtype=DT):
                for m, r in zip(model.maps, T.planted)]
     adapters = adalora.inject(model, adalora.AdapterConfig(
         targets=[f"maps.{i}" for i in range(n)], init_rank=1 if family == "elalora" else T.init_rank,
-        alpha=8.0, scale_rank=8.0, fuse=fuse, flat_gates=flat))
+        alpha=8.0, scale_rank=8.0, fuse=fuse, flat_gates=bool(flat), flat_factors=flat == "all"))
     adalora.mark_only_adapters_trainable(model)
     alloc = make_allocator(family, adapters, T, 0)
     return model, adapters, alloc, teacher, g
 
 
-def _train(family: str, flat: bool, fused_adam: bool = False, fuse: str = "none", compact_at: int | None = None):
+def _train(family: str, flat, fused_adam: bool = False, fuse: str = "none", compact_at: int | None = None):
     model, adapters, alloc, teacher, g = _setup(family, flat, fuse)
     opt = torch.optim.AdamW(adalora.adapter_parameters(adapters), lr=0.02, weight_decay=0.01, fused=fused_adam)
     alloc.bind_optimizer(opt)
@@ -56,23 +58,26 @@ def _train(family: str, flat: bool, fused_adam: bool = False, fuse: str = "none"
 
 
 def _moment(opt, layer, attr):
-    """Adam's second moment of ``layer``'s factor ``attr``; a flat gate's is its slice of the bank's."""
-    bank = gate_bank.bank_of(layer)
-    if attr == "lam" and bank is not None:
+    """Adam's second moment of ``layer``'s factor ``attr``; a banked one's is its rows of the
+    bank's, in the adapter's layout (``P`` is stored as ``Pᵀ`` rows there)."""
+    bank = gate_bank.bank_of(layer, attr)
+    if bank is not None:
         k = bank.layers.index(layer)
-        return opt.state[bank.lam]["exp_avg_sq"][bank.offsets[k]:bank.offsets[k] + bank.sizes[k]]
+        rows = opt.state[bank.param]["exp_avg_sq"][bank.offsets[k]:bank.offsets[k] + bank.sizes[k]]
+        return (rows.t() if attr == "P" else rows).flatten()
     return opt.state[getattr(layer, attr)]["exp_avg_sq"].flatten()
 
 
+@pytest.mark.parametrize("flat", [True, "all"])
 @pytest.mark.parametrize("family,fused_adam,fuse,compact_at", [
     ("adalora", False, "none", T.steps - 10),     # compaction in the final phase, then training on
     ("adalora", True, "epilogue", T.steps - 10),  # the fused path's gather, fused AdamW
     ("sora", False, "none", None),
     ("elalora", False, "none", None),             # growth: expand with optimizer state
 ])
-def test_flat_gates_train_as_a_gate_per_adapter(family, fused_adam, fuse, compact_at):
+def test_flat_parameters_train_as_parameters_per_adapter(family, fused_adam, fuse, compact_at, flat):
     ref = _train(family, False, fused_adam, fuse, compact_at)
-    flat = _train(family, True, fused_adam, fuse, compact_at)
+    flat = _train(family, flat, fused_adam, fuse, compact_at)
     # dlam is summed by autograd in another order: equal to fp64 rounding
     torch.testing.assert_close(flat[0], ref[0], rtol=1e-12, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(flat[1], ref[1]))
@@ -130,9 +135,10 @@ def test_rank_changes_carry_the_optimizer_state_by_index():
     assert [a.rank for a in layers][:2] == [r + 2, 3] and bank.lam[r:r + 2].eq(0).all()
 
 
-def test_adapter_files_and_peft_folders_round_trip_between_flat_and_separate_gates(tmp_path):
+@pytest.mark.parametrize("mode", [True, "all"])
+def test_adapter_files_and_peft_folders_round_trip_between_flat_and_separate_gates(tmp_path, mode):
     ref, ref_adapters, _, _, _ = _setup("adalora", False)
-    flat, flat_adapters, _, _, _ = _setup("adalora", True)
+    flat, flat_adapters, _, _, _ = _setup("adalora", mode)
     with torch.no_grad():
         for a, b in zip(ref_adapters.values(), flat_adapters.values()):
             a.lam.normal_()
@@ -144,7 +150,7 @@ def test_adapter_files_and_peft_folders_round_trip_between_flat_and_separate_gat
     adalora.save_adapters(tmp_path / "flat", flat)
     adalora.save_adapters(tmp_path / "ref", ref)
     x = torch.randn(4, len(T.planted), T.d_in, dtype=DT)
-    for target_flat in (False, True):
+    for target_flat in (False, mode):
         fresh, _, _, _, _ = _setup("adalora", target_flat)
         adalora.load_adapters(tmp_path / "flat", fresh)       # pruned ranks: the bank is rebuilt
         fresh2, _, _, _, _ = _setup("adalora", target_flat)
@@ -163,29 +169,32 @@ def test_adapter_files_and_peft_folders_round_trip_between_flat_and_separate_gat
     torch.testing.assert_close(outs[0], ref(x), rtol=1e-12, atol=1e-12)
 
 
-def test_the_app_trains_and_resumes_with_flat_gates(tmp_path):
-    """``method.flat_gates=true`` through the Hydra app: the same adapters at the end as a gate
-    per adapter (fp32 rounding of dlam's sum), and an interrupted run resumes bitwise."""
+@pytest.mark.parametrize("flat", [["method.flat_gates=true"], ["method.flat_gates=true", "method.flat_factors=true"]])
+def test_the_app_trains_and_resumes_with_flat_gates(tmp_path, flat):
+    """``method.flat_gates=true`` (and ``flat_factors``) through the Hydra app: the same adapters
+    at the end as parameters per adapter (fp32 rounding of the joined gradients' sums), and an
+    interrupted run resumes bitwise."""
     from safetensors.torch import load_file
 
     from exp_utils import TINY, run_inproc
     base = TINY + ["trainer.epochs=2", "logger.tensorboard=false", "schedule.target_rank=2", "method.init_rank=3"]
     ref = run_inproc(tmp_path / "ref", base)
-    flat = run_inproc(tmp_path / "flat", base + ["method.flat_gates=true"])
-    assert ref["status"] == flat["status"] == "completed" and ref["final_ranks"] == flat["final_ranks"]
+    got = run_inproc(tmp_path / "flat", base + flat)
+    assert ref["status"] == got["status"] == "completed" and ref["final_ranks"] == got["final_ranks"]
     a, b = (load_file(str(tmp_path / d / "adapters.safetensors")) for d in ("ref", "flat"))
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
     d = tmp_path / "resumed"
-    flat_args = base + ["method.flat_gates=true", "trainer.checkpoint_every=4"]
+    flat_args = base + flat + ["trainer.checkpoint_every=4"]
     assert run_inproc(d, flat_args + ["trainer.stop_at_step=6"])["status"] == "interrupted"
     assert run_inproc(d, flat_args + [f"trainer.resume={d}"])["status"] == "completed"
     c = load_file(str(d / "adapters.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
-def test_a_compiled_sequential_with_flat_gates_matches_eager_without_recompiling(no_recompiles):
+@pytest.mark.parametrize("mode", [True, "all"])
+def test_a_compiled_sequential_with_flat_gates_matches_eager_without_recompiling(no_recompiles, mode):
     """The gates are a parameter of the model, not a child module, so ``nn.Sequential`` (which
     calls every child) still runs; compiled, the forward equals eager and the separate gates'
     forward, and masking (an in-place write to the bank) does not recompile."""
@@ -194,13 +203,14 @@ def test_a_compiled_sequential_with_flat_gates_matches_eager_without_recompiling
     def build(flat):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-        adapters = adalora.inject(model, adalora.AdapterConfig(targets=["0", "2"], init_rank=4, flat_gates=flat))
+        adapters = adalora.inject(model, adalora.AdapterConfig(targets=["0", "2"], init_rank=4, flat_gates=bool(flat),
+                                                               flat_factors=flat == "all"))
         adalora.mark_only_adapters_trainable(model, extra=("4",))
         with torch.no_grad():
             for a in adapters.values():
                 a.lam.copy_(torch.linspace(-1, 1, a.rank))
         return model, adapters
-    model, adapters = build(True)
+    model, adapters = build(mode)
     ref, _ = build(False)
     alloc = adalora.RankAllocator(adapters, adalora.ScheduleConfig(
         target_rank=2, total_steps=8, init_warmup=1, final_warmup=2, mask_interval=1))
@@ -226,6 +236,14 @@ def test_settings_flat_gates_cannot_hold_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="flat_gates='yes': use true or false"):
         adalora.AdapterConfig(flat_gates="yes")
     assert C.MethodConfig(name="sora", flat_gates=True).adapter_config(["q"], 3).flat_gates is True
+    with pytest.raises(C.ConfigError, match="method.flat_factors=true is for SVD adapters"):
+        C.MethodConfig(name="lora", flat_factors=True)
+    with pytest.raises(ValueError, match="flat_factors=1: use true or false"):
+        adalora.AdapterConfig(flat_factors=1)
+    assert C.MethodConfig(name="adalora", flat_factors=True).adapter_config(["q"], 3).flat_factors is True
+    model, _, _, _, _ = _setup("adalora", "all")
+    with pytest.raises(ValueError, match="flat_factors=False"):
+        adalora.add_adapter(model, "second")
 
 
 @pytest.mark.parametrize("fuse", ["none", "epilogue"])
@@ -235,10 +253,122 @@ def test_flat_gates_dispatch_no_more_operations_than_separate_gates(fuse):
     operations than a gate per adapter (counted, not timed)."""
     from experiments.opcount import count_ops
     counts = []
-    for flat in (False, True):
+    for flat in (False, True, "all"):
         model, _, _, _, _ = _setup("adalora", flat, fuse)
         x = torch.randn(4, len(T.planted), T.d_in, dtype=DT)
         step = lambda: model(x).sum().backward()  # noqa: E731
         step()
         counts.append(count_ops(step)["ops"])
-    assert counts[1] <= counts[0], counts
+    assert counts[2] <= counts[1] <= counts[0], counts
+
+
+def test_each_factor_is_a_view_of_its_width_bank():
+    """Flat factors: a ``P`` bank per ``d_out`` holding ``Pᵀ`` rows and a ``Q`` bank per ``d_in``;
+    each adapter's ``P`` is a column-major view of its rows, writes land in the bank, and the
+    model's state dict holds the banks instead of per-adapter factors."""
+    model, adapters, _, _, _ = _setup("adalora", "all")
+    layers, r = list(adapters.values()), T.init_rank
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names) == sorted(["adalora_gates", f"adalora_P_{T.d_out}", f"adalora_Q_{T.d_in}"])
+    P_all, Q_all = getattr(model, f"adalora_P_{T.d_out}"), getattr(model, f"adalora_Q_{T.d_in}")
+    assert P_all.shape == (r * len(layers), T.d_out) and Q_all.shape == (r * len(layers), T.d_in)
+    params = adalora.adapter_parameters(adapters)
+    assert len(params) == 3 and {id(p) for p in params} == {id(P_all), id(Q_all), id(model.adalora_gates)}
+    a = layers[2]
+    assert a.P.shape == (T.d_out, r) and a.P.stride() == (1, T.d_out)          # column-major, as stored alone
+    assert a.P.data_ptr() == P_all[2 * r].data_ptr() and a.Q.data_ptr() == Q_all[2 * r].data_ptr()
+    with torch.no_grad():
+        a.P[5, 1] = 7.0
+        a.Q[2, 3] = -7.0
+    assert P_all[2 * r + 1, 5] == 7.0 and Q_all[2 * r + 2, 3] == -7.0
+    sd = model.state_dict()
+    assert not any(k.endswith((".P", ".Q", ".lam")) for k in sd)
+    twin, twin_adapters, _, _, _ = _setup("adalora", "all")
+    twin.load_state_dict(sd)
+    assert all(torch.equal(x.P, y.P) and torch.equal(x.Q, y.Q) for x, y in zip(layers, twin_adapters.values()))
+
+
+def test_factor_rank_changes_carry_the_optimizer_state_by_row():
+    """A resize and an ``expand`` rebuild the ``P`` and ``Q`` banks; Adam's moments follow each
+    row to hand-computed places, and new rows start at zero."""
+    model, adapters, _, _, _ = _setup("adalora", "all")
+    layers, r = list(adapters.values()), T.init_rank
+    opt = torch.optim.AdamW(adalora.adapter_parameters(adapters), lr=0.1)
+    model(torch.randn(4, len(layers), T.d_in, dtype=DT)).sum().backward()
+    opt.step()
+    P_bank, Q_bank = gate_bank.bank_of(layers[0], "P"), gate_bank.bank_of(layers[0], "Q")
+    oldP, oldQ = opt.state[P_bank.param]["exp_avg"].clone(), opt.state[Q_bank.param]["exp_avg"].clone()
+    keep = torch.tensor([0, 5])
+    from adalora.allocator import resize_in_optimizer
+    resize_in_optimizer(layers[1], keep, opt)
+    for bank, old in ((P_bank, oldP), (Q_bank, oldQ)):
+        expect = torch.cat([old[:r], old[r + keep], old[2 * r:]])
+        assert torch.equal(opt.state[bank.param]["exp_avg"], expect)
+    layers[3].expand(1, opt)                       # rows of adapter 3 start at 2r + 2 after the resize
+    at = 2 + 2 * r + r
+    grownP = opt.state[P_bank.param]["exp_avg"]
+    assert grownP.shape[0] == oldP.shape[0] - (r - 2) + 1 and grownP[at].eq(0).all()
+    assert torch.equal(grownP[at - r:at], oldP[3 * r:4 * r])
+    assert torch.equal(layers[3].P[:, :r], P_bank.param[at - r:at].t())
+    assert sum(p is P_bank.param for p in opt.param_groups[0]["params"]) == 1
+    assert layers[1].P.shape == (T.d_out, 2) and layers[3].Q.shape == (r + 1, T.d_in)
+
+
+def _dense_penalty(layers, squared: bool):
+    """The penalty from each adapter's dense Gram matrices, one at a time."""
+    terms = []
+    for a in layers:
+        P, Q = a.P, a.Q
+        for c in (P.T @ P - torch.eye(P.shape[1], dtype=P.dtype), Q @ Q.T - torch.eye(Q.shape[0], dtype=Q.dtype)):
+            terms.append(c.pow(2).sum() if squared else torch.linalg.matrix_norm(c))
+    total = sum(terms)
+    return total if squared else total / (2 * len(layers))
+
+
+@pytest.mark.parametrize("form", ["reference", "paper"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_the_penalty_over_banks_matches_dense_gram_matrices(form, subset):
+    """The penalty and its hand-written gradient on banked factors, with equal ranks (a view of
+    each bank), mixed ranks (padded) and a subset of the adapters (gathered rows, gradients added
+    at those rows only), against dense Gram matrices per adapter and autograd."""
+    model, adapters, _, _, _ = _setup("adalora", "all")
+    layers = list(adapters.values())
+    layers[1].resize(torch.tensor([0, 2, 3]))             # mixed ranks within each bank
+    chosen = {k: a for i, (k, a) in enumerate(adapters.items()) if not subset or i % 2 == 0}
+    squared = form == "paper"
+    banks = [gate_bank.bank_of(layers[0], a) for a in ("P", "Q")]
+    value = adalora.orthogonality_penalty(chosen, form)
+    torch.testing.assert_close(value, _dense_penalty(list(chosen.values()), squared), rtol=1e-12, atol=0)
+    value.backward()
+    auto = [b.param.grad.clone() for b in banks]
+    for b in banks:
+        b.param.grad = None
+    got = adalora.orthogonality_grad_(chosen, 1.0, form)
+    torch.testing.assert_close(got, value.detach(), rtol=1e-12, atol=0)
+    for b, g in zip(banks, auto):
+        torch.testing.assert_close(b.param.grad, g, rtol=1e-10, atol=1e-14)
+    if subset:                                                # rows of adapters left out get nothing
+        Pb = banks[0]
+        k = 1
+        rows = Pb.param.grad[Pb.offsets[k]:Pb.offsets[k] + Pb.sizes[k]]
+        assert rows.eq(0).all()
+
+
+def test_importance_scores_from_banks_match_scores_per_adapter():
+    """One backward, then the scorer on banked factors and on separate ones: the same EMAs and
+    triplet scores, including after a resize leaves ranks mixed."""
+    outs = []
+    for flat in (False, "all"):
+        model, adapters, _, _, _ = _setup("adalora", flat)
+        list(adapters.values())[2].resize(torch.tensor([1, 2, 4, 7]))
+        scorer = adalora.ImportanceScorer(list(adapters.values()), adalora.ScoreConfig())
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(4, len(T.planted), T.d_in, generator=g, dtype=DT)
+            model(x).pow(2).sum().backward()
+            assert scorer.update()
+            model.zero_grad(set_to_none=True)
+        outs.append((scorer.flat_scores(), scorer.state_dict()))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-12, atol=0)
+    for a, b in zip(outs[1][1]["ibar"], outs[0][1]["ibar"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
