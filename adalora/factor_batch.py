@@ -126,12 +126,22 @@ def _form(model: nn.Module, args) -> None:
     if merging and torch.is_grad_enabled():
         _merge(merging)
     if torch.is_grad_enabled():
-        # flat parameters: the other adapters' views from one split of each bank
-        done = {id(m) for m in filled}
+        # Flat parameters: every factor not prepared above is a view from one split of its bank,
+        # so autograd joins its gradients once; a slice per adapter would hand the bank one
+        # bank-sized gradient per adapter to sum.
         for bank in gate_bank.banks_of_model(model):
-            unfused = {id(m) for m in bank.layers} - done
-            if unfused:
-                filled += gate_bank.views_for_forward(bank, unfused)
+            wanted = {id(m) for m in bank.layers if not _prepared(m, bank.attr)}
+            if wanted:
+                filled += gate_bank.views_for_forward(bank, wanted)
+
+
+def _prepared(layer, attr: str) -> bool:
+    """Whether this forward's ``attr`` of ``layer`` comes prepared (a joined down factor carries
+    the gate too)."""
+    slot = layer.__dict__.get(SLOT)
+    if slot is None:
+        return False
+    return (slot[1] if attr == layer._UP else slot[0]) is not None
 
 
 def _joined(layers: list, attr: str) -> torch.Tensor:

@@ -42,7 +42,8 @@ import torch.nn as nn
 
 PARAM = "adalora_gates"     # lam_all's name on the adapted model
 ATTR = "_adalora_banks"     # the adapted model's __dict__: {attr: [Bank, ...]}
-KINDS = ("P", "lam", "Q")
+KINDS = ("P", "lam", "Q", "A", "B")
+UPS = ("P", "B")            # up factors: stored column-major, banked as rows of their transposes
 
 
 def _key(attr: str) -> str:
@@ -58,8 +59,8 @@ VIEW = _view_key("lam")
 
 
 def _rows(t: torch.Tensor, attr: str) -> torch.Tensor:
-    """A factor in its bank's layout, one row per singular triplet: ``Pᵀ`` for ``P``."""
-    return t.t() if attr == "P" else t
+    """A factor in its bank's layout, one row per rank-one term: ``Pᵀ`` for ``P`` (``Bᵀ``)."""
+    return t.t() if attr in UPS else t
 
 
 class Bank:
@@ -91,7 +92,7 @@ class Bank:
         self._gathers: dict = {}                                   # layer indices -> index tensor
 
     def _shaped(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.t() if self.attr == "P" else rows
+        return rows.t() if self.attr in UPS else rows
 
     def view(self, k: int) -> torch.Tensor:
         o = self.offsets[k]
@@ -168,10 +169,10 @@ def bank_entry(layer, attr: str = "lam") -> tuple[Bank, int]:
     return layer.__dict__[_key(attr)]
 
 
-def gate_size(layer) -> int:
-    """``layer``'s rank, read from its bank without making a view."""
-    entry = layer.__dict__.get(_key("lam"))
-    return entry[0].sizes[entry[1]] if entry is not None else layer.lam.shape[0]
+def gate_size(layer, attr: str = "lam") -> int:
+    """``layer``'s rank, read from its ``attr`` bank without making a view."""
+    entry = layer.__dict__.get(_key(attr))
+    return entry[0].sizes[entry[1]] if entry is not None else getattr(layer, attr).shape[0]
 
 
 def leaf(layer, attr: str) -> nn.Parameter:
@@ -190,8 +191,8 @@ def gate_param(layer) -> nn.Parameter:
 
 def attach(model: nn.Module, layers: list, attrs: tuple[str, ...] = ("lam",)) -> list[Bank]:
     """Move the ``attrs`` of ``layers`` (SVD adapters of ``model``, each with its own parameters)
-    into banks on ``model``: one for ``lam``, one per width for ``P`` (``d_out``) and ``Q``
-    (``d_in``)."""
+    into banks on ``model``: one for ``lam``, one per width for ``P`` and ``B`` (``d_out``) and
+    ``Q`` and ``A`` (``d_in``)."""
     banks = model.__dict__.setdefault(ATTR, {})
     for attr in attrs:
         if attr in banks:
@@ -206,7 +207,7 @@ def attach(model: nn.Module, layers: list, attrs: tuple[str, ...] = ("lam",)) ->
             continue
         by_width: dict[int, list] = defaultdict(list)
         for layer in layers:
-            by_width[layer.out_features if attr == "P" else layer.in_features].append(layer)
+            by_width[layer.out_features if attr in UPS else layer.in_features].append(layer)
         banks[attr] = [Bank(model, ls, attr, f"adalora_{attr}_{d}") for d, ls in by_width.items()]
     return [b for attr in attrs for b in banks[attr]]
 

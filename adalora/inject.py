@@ -62,6 +62,9 @@ def inject(model: nn.Module, cfg: AdapterConfig) -> dict[str, AdapterLayer]:
     flat = ("P", "Q") * cfg.flat_factors + ("lam",) * cfg.flat_gates
     if flat and svd:
         gate_bank.attach(model, svd, flat)  # every lam (P, Q) a view of one parameter (per width)
+    lora = [a for a in adapters.values() if isinstance(a, LoRALinear)]
+    if cfg.flat_factors and lora:
+        gate_bank.attach(model, lora, ("A", "B"))
     factor_batch.attach(model)       # the fused paths' lam ⊙ Q and casts, once per factor width
     return adapters
 
@@ -85,10 +88,7 @@ def adapter_parameters(adapters: dict[str, AdapterLayer]) -> list[nn.Parameter]:
     where the first adapter it holds would list its tensor, and nothing for the others."""
     out, seen = [], set()
     for layer in adapters.values():
-        if not isinstance(layer, SVDLinear):
-            out += [layer.A, layer.B]
-            continue
-        for attr in ("P", "lam", "Q"):
+        for attr in ("P", "lam", "Q") if isinstance(layer, SVDLinear) else ("A", "B"):
             p = gate_bank.leaf(layer, attr)
             if id(p) not in seen:
                 out.append(p)

@@ -364,12 +364,27 @@ class LoRALinear(AdapterLayer):
         if rank > 0:
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
+    # Each factor is this adapter's parameter or, with flat factors, a view of its rows of one of
+    # the model's bank parameters (adalora/gate_bank.py).
+    @property
+    def A(self) -> torch.Tensor:
+        """The down factor ``(r, d_in)``."""
+        p = self._parameters.get("A")
+        return p if p is not None else gate_bank.factor_view(self, "A")
+
+    @property
+    def B(self) -> torch.Tensor:
+        """The up factor ``(d_out, r)``, column-major."""
+        p = self._parameters.get("B")
+        return p if p is not None else gate_bank.factor_view(self, "B")
+
     @property
     def rank(self) -> int:
-        return fast_param(self, "A").shape[0]
+        p = self._parameters.get("A")
+        return p.shape[0] if p is not None else gate_bank.gate_size(self, "A")
 
     def _adapter_dtype(self) -> torch.dtype:
-        return fast_param(self, "A").dtype
+        return gate_bank.leaf(self, "A").dtype
 
     def _down_weight(self):
         return self.A

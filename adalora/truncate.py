@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import accounting as A
+from . import gate_bank
 from .allocator import AllocationRecord, Allocator
 from .config import ScheduleConfig
 from .layers import LoRALinear
@@ -41,6 +42,11 @@ class TruncateAllocator(Allocator):
         self.schedule, self.unit = schedule_cfg, unit
         self.initial_budget = A.spent([layer.rank for layer in self.layers], self.layers, unit)
         self.target_budget = A.target_in_unit(self.layers, unit, schedule_cfg.target_rank, schedule_cfg.target_total)
+        if any(gate_bank.bank_of(layer, a) is not None for layer in self.layers for a in ("A", "B")):
+            # its truncation starts each adapter's Adam state afresh, step count included, which a
+            # bank shared with the other adapters cannot do for one of them
+            raise ValueError("svd_truncate replaces each adapter's basis and restarts its optimizer state: "
+                             "inject with AdapterConfig(flat_factors=False)")
         self.optimizer = None
         self.final_done = False
         self.sigmas: dict[str, torch.Tensor] = {}

@@ -28,7 +28,7 @@ from .step_graph import StepGraph, orthogonality_beside
 TARGETS = BLOCK_LINEARS["bert"]
 FUSE_OF = {"fused": "stack", "epilogue": "epilogue", "merge": "merge", "triton": "triton"}   # variant-name suffix -> AdapterConfig.fuse
 FLAT = "_flat"   # variant-name suffix: AdaLoRA with AdapterConfig.flat_gates
-BANKED = "_banked"   # variant-name suffix: AdaLoRA with flat_gates and flat_factors
+BANKED = "_banked"   # variant-name suffix: flat_factors (and, for AdaLoRA, flat_gates)
 BIG_T = 100_000  # schedule length that keeps the timed AdaLoRA steps inside the budgeting phase
 
 
@@ -361,13 +361,13 @@ def build_variant(name: str, cfg, dev, batch, final_ranks: dict) -> Variant:
     acfg = adalora.AdapterConfig(method="adalora" if svd else "lora", targets=targets(cfg),
                                  init_rank=cfg.init_rank if svd else cfg.lora_rank, alpha=cfg.alpha,
                                  rank_pattern=final_ranks if name == "lora_final" else {},
-                                 fuse=FUSE_OF.get(name.rsplit("_", 1)[-1], "none"), flat_gates=bool(suffix),
+                                 fuse=FUSE_OF.get(name.rsplit("_", 1)[-1], "none"), flat_gates=svd and bool(suffix),
                                  flat_factors=suffix == BANKED)
     adapters = adalora.inject(model, acfg)
     adalora.mark_only_adapters_trainable(model, extra=() if decoder else ("classifier",))
     opt = make_optimizer(cfg, model)
     if not svd:
-        return Variant(name, model, make_step(cfg, dev, model, batch, opt))
+        return Variant(name + suffix, model, make_step(cfg, dev, model, batch, opt))
     compact = name == "adalora_compact"
     sched = adalora.ScheduleConfig(target_rank=cfg.target_rank, total_steps=BIG_T, init_warmup=0,
                                    final_warmup=BIG_T - 3 if compact else 1000,

@@ -62,7 +62,8 @@ ENCODER = ("bert", None, 30522)
 # *_triton and *_fused the fused ones (fuse="epilogue", "merge", "triton", "stack").
 VARIANTS = ["floor", "full", "lora", "lora_epilogue", "lora_merge", "lora_triton", "lora_fused", "adalora",
             "adalora_epilogue", "adalora_merge", "adalora_triton", "adalora_fused", "adalora_every10", "adalora_compact",
-            "adalora_flat", "adalora_epilogue_flat", "adalora_banked", "adalora_epilogue_banked", "lora_final",
+            "adalora_flat", "adalora_epilogue_flat", "lora_banked", "lora_epilogue_banked", "adalora_banked",
+            "adalora_epilogue_banked", "lora_final",
             "peft_lora", "peft_adalora"]
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _TARGET_RANK = library_default(adalora.ScheduleConfig, "target_rank")
@@ -275,7 +276,8 @@ def ratios(res: dict) -> dict:
               "adalora_epilogue_flat/lora_epilogue", "adalora_epilogue_flat/floor"]
     pairs += ["adalora_banked/adalora", "adalora_banked/lora", "adalora_epilogue_banked/adalora_epilogue",
               "adalora_epilogue_banked/adalora_epilogue_flat", "adalora_epilogue_banked/lora_epilogue",
-              "adalora_epilogue_banked/floor"]
+              "adalora_epilogue_banked/floor", "lora_banked/lora", "lora_epilogue_banked/lora_epilogue",
+              "adalora_banked/lora_banked", "adalora_epilogue_banked/lora_epilogue_banked"]
     for suffix in FUSE_OF:   # each fused path against its reference, the floor, and LoRA on the same path
         pairs += [f"lora_{suffix}/lora", f"adalora_{suffix}/adalora", f"lora_{suffix}/floor",
                   f"adalora_{suffix}/floor", f"adalora_{suffix}/lora_{suffix}", f"lora_{suffix}/peft_lora"]

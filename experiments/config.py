@@ -83,7 +83,7 @@ class MethodConfig:
     fuse: str = _lib(adalora.AdapterConfig, "fuse")
     # SVD adapters: every lam a view of one parameter (adalora/gate_bank.py); the same training.
     flat_gates: bool = _lib(adalora.AdapterConfig, "flat_gates")
-    # SVD adapters: every P and Q a view of one parameter per kind and width; the same training.
+    # Every P and Q (LoRA: A and B) a view of one parameter per kind and width; the same training.
     flat_factors: bool = _lib(adalora.AdapterConfig, "flat_factors")
     orth_weight: float = 0.1               # γ; the paper's GLUE runs use 0.1 to 0.5
     orth_form: str = _lib(adalora.orthogonality_penalty, "form")
@@ -107,8 +107,9 @@ class MethodConfig:
         _check(self.fuse in FUSE_MODES, f"method.fuse='{self.fuse}'; choose one of {', '.join(FUSE_MODES)}")
         _check(not self.flat_gates or self.uses_svd,
                f"method.flat_gates=true is for SVD adapters (lam); method={self.name} has none: drop it")
-        _check(not self.flat_factors or self.uses_svd,
-               f"method.flat_factors=true is for SVD adapters (P, Q); method={self.name} has none: drop it")
+        _check(not self.flat_factors or self.name != "svd_truncate",
+               "method.flat_factors=true: svd_truncate restarts each adapter's optimizer state, which a "
+               "shared parameter cannot; drop it")
         _check(self.orth_form in ORTH_FORMS,
                f"method.orth_form='{self.orth_form}'; choose one of {', '.join(ORTH_FORMS)}")
         _check(self.targets is None or bool(self.targets) or bool(self.target_regex)

@@ -49,7 +49,10 @@ def test_benchmark_tiny_cpu_writes_every_variant(tmp_path):
             assert v[name + fused]["alloc_state_bytes"] == v[name]["alloc_state_bytes"]
     check = result["fused_check"]
     assert set(check) == {f"{m}_{f}" for m in ("lora", "adalora") for f in ("fused", "epilogue", "merge")} | {
-        "adalora_flat", "adalora_epilogue_flat", "adalora_banked", "adalora_epilogue_banked"}   # flat against per adapter
+        "adalora_flat", "adalora_epilogue_flat", "adalora_banked", "adalora_epilogue_banked", "lora_banked",
+        "lora_epilogue_banked"}                         # flat against per adapter
+    for name in ("lora_banked", "lora_epilogue_banked"):
+        assert v[name]["trainable_params"] == v["lora"]["trainable_params"]
     for name in ("adalora_flat", "adalora_epilogue_flat", "adalora_banked", "adalora_epilogue_banked"):
         assert v[name]["trainable_params"] == v["adalora"]["trainable_params"]
     for name, r in check.items():                     # fp32 on the CPU: the paths agree to round-off

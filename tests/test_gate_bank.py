@@ -59,12 +59,12 @@ def _train(family: str, flat, fused_adam: bool = False, fuse: str = "none", comp
 
 def _moment(opt, layer, attr):
     """Adam's second moment of ``layer``'s factor ``attr``; a banked one's is its rows of the
-    bank's, in the adapter's layout (``P`` is stored as ``Pᵀ`` rows there)."""
+    bank's, in the adapter's layout (``P`` and ``B`` are stored as rows of their transposes there)."""
     bank = gate_bank.bank_of(layer, attr)
     if bank is not None:
         k = bank.layers.index(layer)
         rows = opt.state[bank.param]["exp_avg_sq"][bank.offsets[k]:bank.offsets[k] + bank.sizes[k]]
-        return (rows.t() if attr == "P" else rows).flatten()
+        return (rows.t() if attr in ("P", "B") else rows).flatten()
     return opt.state[getattr(layer, attr)]["exp_avg_sq"].flatten()
 
 
@@ -236,8 +236,9 @@ def test_settings_flat_gates_cannot_hold_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="flat_gates='yes': use true or false"):
         adalora.AdapterConfig(flat_gates="yes")
     assert C.MethodConfig(name="sora", flat_gates=True).adapter_config(["q"], 3).flat_gates is True
-    with pytest.raises(C.ConfigError, match="method.flat_factors=true is for SVD adapters"):
-        C.MethodConfig(name="lora", flat_factors=True)
+    with pytest.raises(C.ConfigError, match="svd_truncate restarts each adapter's optimizer state"):
+        C.MethodConfig(name="svd_truncate", flat_factors=True)
+    assert C.MethodConfig(name="lora", flat_factors=True).adapter_config(["q"], 3).flat_factors is True
     with pytest.raises(ValueError, match="flat_factors=1: use true or false"):
         adalora.AdapterConfig(flat_factors=1)
     assert C.MethodConfig(name="adalora", flat_factors=True).adapter_config(["q"], 3).flat_factors is True
@@ -259,7 +260,9 @@ def test_flat_gates_dispatch_no_more_operations_than_separate_gates(fuse):
         step = lambda: model(x).sum().backward()  # noqa: E731
         step()
         counts.append(count_ops(step)["ops"])
-    assert counts[2] <= counts[1] <= counts[0], counts
+    # flat factors: fewer still, as each factor not joined for the fused products is a view from
+    # one split per bank (a slice per adapter would give the bank one gradient per adapter to sum)
+    assert counts[2] < counts[1] <= counts[0], counts
 
 
 def test_each_factor_is_a_view_of_its_width_bank():
@@ -372,3 +375,50 @@ def test_importance_scores_from_banks_match_scores_per_adapter():
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-12, atol=0)
     for a, b in zip(outs[1][1]["ibar"], outs[0][1]["ibar"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fuse,fused_adam", [("none", False), ("epilogue", True)])
+def test_lora_with_flat_factors_trains_as_factors_per_adapter(fuse, fused_adam):
+    """LoRA's ``A`` and ``B`` in banks (``adalora_A_<d_in>``, ``adalora_B_<d_out>`` holding
+    ``Bᵀ``): the same losses, factors and Adam moments as a parameter per adapter."""
+    out = []
+    for flat in (False, True):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        n = len(T.planted)
+        model = Maps(n, T.d_out, T.d_in).to(DT)
+        teacher = [m.weight.detach().clone() + planted_update(T.d_out, T.d_in, r, g).to(DT)
+                   for m, r in zip(model.maps, T.planted)]
+        adapters = adalora.inject(model, adalora.AdapterConfig(
+            method="lora", targets=[f"maps.{i}" for i in range(n)], init_rank=4, alpha=8.0, fuse=fuse,
+            flat_factors=flat))
+        adalora.mark_only_adapters_trainable(model)
+        params = adalora.adapter_parameters(adapters)
+        assert len(params) == (2 if flat else 2 * n)
+        opt = torch.optim.AdamW(params, lr=0.02, weight_decay=0.01, fused=fused_adam)
+        losses = []
+        for _ in range(25):
+            x = torch.randn(16, n, T.d_in, generator=g, dtype=DT)
+            y = torch.stack([x[:, i] @ w.T for i, w in enumerate(teacher)], dim=1)
+            loss = ((model(x) - y) ** 2).sum(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        layers = list(adapters.values())
+        assert layers[1].B.stride() == (1, T.d_out)                # column-major, banked or not
+        factors = [torch.cat([a.A.detach().flatten(), a.B.detach().flatten()]) for a in layers]
+        moments = [torch.cat([_moment(opt, a, "A"), _moment(opt, a, "B")]) for a in layers]
+        out.append((losses, factors, moments))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=0)
+    assert out[0][0][-1] < 0.5 * out[0][0][0]                      # it learned
+    for a, b in zip(out[1][1] + out[1][2], out[0][1] + out[0][2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_svd_truncate_refuses_flat_factors_with_the_fix():
+    model = Maps(3, T.d_out, T.d_in).to(DT)
+    adapters = adalora.inject(model, adalora.AdapterConfig(method="lora", targets=["maps.0", "maps.1"], init_rank=4,
+                                                           flat_factors=True))
+    with pytest.raises(ValueError, match=r"AdapterConfig\(flat_factors=False\)"):
+        adalora.TruncateAllocator(adapters, adalora.ScheduleConfig(target_rank=2, total_steps=10, init_warmup=2, final_warmup=3))
