@@ -267,6 +267,13 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
     return (total if squared else total / (2 * len(svd))), pending
 
 
+def pending_tensors(pending: list) -> list[torch.Tensor]:
+    """The gradient batches ``orthogonality_grads`` formed (one ``(n, R, d)`` tensor per width
+    or bank): what a caller that formed them on another CUDA stream must mark as used on its own
+    (``Tensor.record_stream``) before ``add_orthogonality_grads_`` reads them."""
+    return [item[2] for item in pending]
+
+
 @torch.no_grad()
 def add_orthogonality_grads_(pending: list) -> None:
     """Add the gradients ``orthogonality_grads`` formed to their factors' ``.grad``."""

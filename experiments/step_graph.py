@@ -60,6 +60,7 @@ import torch
 
 import adalora
 from adalora import schedule
+from adalora.regularizer import pending_tensors
 
 from .config import ConfigError, RunConfig
 
@@ -127,7 +128,7 @@ def orthogonality_beside(stream, adapters: dict, weight: float, form: str = "ref
         value, pending = adalora.orthogonality_grads(adapters, weight, form)
 
     def add() -> torch.Tensor:
-        join(g for _, g, _ in pending)
+        join(pending_tensors(pending))
         adalora.add_orthogonality_grads_(pending)
         return value
     return add

@@ -422,3 +422,34 @@ def test_svd_truncate_refuses_flat_factors_with_the_fix():
                                                            flat_factors=True))
     with pytest.raises(ValueError, match=r"AdapterConfig\(flat_factors=False\)"):
         adalora.TruncateAllocator(adapters, adalora.ScheduleConfig(target_rank=2, total_steps=10, init_warmup=2, final_warmup=3))
+
+
+@pytest.mark.parametrize("flat", [False, "all"])
+def test_the_captured_penalty_marks_every_gradient_batch_for_the_main_stream(monkeypatch, flat):
+    """A captured step forms γ∇R on a side stream (``step_graph.orthogonality_beside``) and must
+    mark each gradient batch as read on the main stream before adding it. The fork needs CUDA, so
+    here it is stood in for by a ``beside`` that records what it is told to mark: every batch
+    ``orthogonality_grads`` formed, per width or per bank, and the gradients it adds are those of
+    ``orthogonality_grad_``."""
+    import contextlib
+
+    from experiments import step_graph
+    marked = []
+
+    @contextlib.contextmanager
+    def beside(stream):
+        yield lambda made: marked.extend(made)
+    monkeypatch.setattr(step_graph, "beside", beside)
+    model, adapters, _, _, _ = _setup("adalora", flat)
+    twin = copy.deepcopy(model)
+    twin_adapters = adalora.find_adapters(twin)
+    add = step_graph.orthogonality_beside(None, adapters, 0.3)
+    _, pending = adalora.orthogonality_grads(adapters, 0.3)
+    value = add()
+    assert len(marked) == len(pending) > 0
+    assert all(torch.is_tensor(t) and t.dim() == 3 for t in marked)
+    torch.testing.assert_close(value, adalora.orthogonality_grad_(twin_adapters, 0.3), rtol=0, atol=0)
+    for p, q in zip(adalora.adapter_parameters(adapters), adalora.adapter_parameters(twin_adapters)):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
