@@ -77,6 +77,7 @@ class Bank:
             del layer._parameters[attr]
             layer.__dict__[_key(attr)] = (self, k)
         self.src: torch.Tensor | None = None        # after a rebuild: old row per row, -1 new
+        self.version = 0                            # rebuilds so far: plans built on it check it
         self._index([_rows(t, attr).shape[0] for t in leaves])
 
     @property
@@ -137,6 +138,7 @@ class Bank:
                 srcs.append(torch.arange(o, o + r))
         self.owner._parameters[self.name] = nn.Parameter(torch.cat(pieces), requires_grad=old.requires_grad)
         self.src = torch.cat(srcs)
+        self.version += 1
         self._index(self.sizes[:k] + [value.shape[0]] + self.sizes[k + 1:])
 
 
@@ -210,6 +212,11 @@ def attach(model: nn.Module, layers: list, attrs: tuple[str, ...] = ("lam",)) ->
             by_width[layer.out_features if attr in UPS else layer.in_features].append(layer)
         banks[attr] = [Bank(model, ls, attr, f"adalora_{attr}_{d}") for d, ls in by_width.items()]
     return [b for attr in attrs for b in banks[attr]]
+
+
+def any_banked(layers: list) -> bool:
+    """Whether any of ``layers`` keeps a factor in a bank."""
+    return any(_key("P") in layer.__dict__ or _key("Q") in layer.__dict__ for layer in layers)
 
 
 def banks_of_model(model: nn.Module) -> list[Bank]:

@@ -23,38 +23,77 @@ def _factors(svd: list[SVDLinear]) -> list[torch.Tensor]:
     return [fast_param(a, "P") for a in svd] + [fast_param(a, "Q") for a in svd]
 
 
-def _split_banked(svd: list[SVDLinear]) -> tuple[list, list[SVDLinear]]:
-    """The banks (adalora/gate_bank.py) that hold the ``P`` and ``Q`` of ``svd``, each with the
-    members it holds (bank order, rank > 0), and the adapters whose ``P`` and ``Q`` are their own."""
-    own = [a for a in svd if gate_bank.bank_of(a, "P") is None or gate_bank.bank_of(a, "Q") is None]
-    if len(own) == len(svd):
-        return [], svd
-    wanted = {id(a) for a in svd} - {id(a) for a in own}
-    banks = {}
-    for a in svd:
-        if id(a) in wanted:
-            for attr in ("P", "Q"):
-                b = gate_bank.bank_of(a, attr)
-                banks.setdefault(id(b), b)
-    out = []
-    for b in banks.values():
-        members = [m for m, r in zip(b.layers, b.sizes) if id(m) in wanted and r > 0]
-        if members:
-            out.append((b, members))
-    return out, own
+class _BankPlan:
+    """How the penalty batches the banked factors (adalora/gate_bank.py) of one list of adapters:
+    per width (and dtype and device), the parts ``(bank, rows, n)``: the bank, its rows of those
+    adapters (None: all, in order) and how many adapters. A width whose members all share one
+    rank is one batch, the ``P`` and ``Q`` banks of that width joined (``ranks`` None); otherwise
+    each bank is a batch of its own, padded (``ranks`` its members' ranks). ``own``: the
+    adapters whose ``P`` and ``Q`` are their own parameters. Built once and found again while no
+    bank was rebuilt (``Bank.version``), so a step pays no per-adapter Python for it."""
+
+    def __init__(self, svd: list[SVDLinear]):
+        self.own = [a for a in svd if gate_bank.bank_of(a, "P") is None or gate_bank.bank_of(a, "Q") is None]
+        wanted = {id(a) for a in svd} - {id(a) for a in self.own}
+        banks = {}
+        for a in svd:
+            if id(a) in wanted:
+                for attr in ("P", "Q"):
+                    b = gate_bank.bank_of(a, attr)
+                    banks.setdefault(id(b), b)
+        widths: dict[tuple, list] = defaultdict(list)
+        for b in banks.values():
+            members = [m for m, r in zip(b.layers, b.sizes) if id(m) in wanted and r > 0]
+            if members:
+                ranks = tuple(b.sizes[gate_bank.bank_entry(m, b.attr)[1]] for m in members)
+                p = b.param
+                widths[(p.shape[1], p.dtype, p.device)].append(((b, b.rows_of(members), len(members)), ranks))
+        self.batches = []                       # (parts, d, ranks or None)
+        for (d, _, _), found in widths.items():
+            ranks = {r for _, rs in found for r in rs}
+            if len(ranks) == 1:
+                self.batches.append(([part for part, _ in found], d, None))
+            else:
+                self.batches += [([part], d, rs) for part, rs in found]
+        self.versions = {id(b): b.version for b in banks.values()}
+        self.banks = list(banks.values())
+        self.refs: tuple = ()
+
+    def holds(self, svd: list[SVDLinear]) -> bool:
+        return (len(self.refs) == len(svd) and all(r() is not None for r in self.refs)
+                and all(b.version == self.versions[id(b)] for b in self.banks))
 
 
-def _bank_batch(bank, members: list):
-    """``(x, mask, where)`` as ``_groups`` yields them, for the rows of ``members`` in ``bank``:
-    equal ranks are a view of the bank's rows (no copy where ``members`` are all of them)."""
-    ranks = tuple(bank.sizes[gate_bank.bank_entry(m, bank.attr)[1]] for m in members)
-    rows = bank.gather(members)                                    # (Σr, d)
-    d = rows.shape[1]
-    if min(ranks) == max(ranks):
-        return rows.view(len(members), ranks[0], d), None, None
-    where, mask = _padding(ranks, d, rows.device, rows.dtype)
-    x = rows.new_zeros(len(members) * max(ranks) * d).index_copy(0, where, rows.reshape(-1))
-    return x.view(len(members), max(ranks), d), mask, where
+_BANK_PLANS: dict[tuple, _BankPlan] = {}    # by the adapters' ids, as _PLANS
+
+
+def _bank_plan(svd: list[SVDLinear]) -> _BankPlan:
+    if torch.compiler.is_compiling():
+        return _BankPlan(svd)
+    key = tuple(map(id, svd))
+    plan = _BANK_PLANS.get(key)
+    if plan is None or not plan.holds(svd):
+        plan = _BANK_PLANS[key] = _BankPlan(svd)
+        plan.refs = tuple(weakref.ref(a) for a in svd)
+        while len(_BANK_PLANS) > 8:
+            del _BANK_PLANS[next(iter(_BANK_PLANS))]
+    return plan
+
+
+def _bank_batches(plan: _BankPlan):
+    """Yields ``(parts, x, mask, where)`` per batch of ``plan``, ``x``, ``mask`` and ``where`` as
+    ``_groups`` yields them: with equal ranks, a view of a bank's rows (no copy where its rows
+    are all the adapters', in order) or one cat of a width's two banks."""
+    for parts, d, ranks in plan.batches:
+        rows = [b.param if idx is None else b.param.index_select(0, idx) for b, idx, _ in parts]
+        if ranks is None:
+            n = sum(k for _, _, k in parts)
+            x = rows[0] if len(rows) == 1 else torch.cat(rows)
+            yield parts, x.view(n, -1, d), None, None
+            continue
+        where, mask = _padding(ranks, d, rows[0].device, rows[0].dtype)
+        x = rows[0].new_zeros(len(ranks) * max(ranks) * d).index_copy(0, where, rows[0].reshape(-1))
+        yield parts, x.view(len(ranks), max(ranks), d), mask, where
 
 
 class _Plan:
@@ -165,8 +204,9 @@ def _total(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _gram_residual_norms(svd: list[SVDLinear], squared: bool) -> torch.Tensor:
     """Sum over the ``P`` and ``Q`` of ``svd`` of ``‖MMᵀ − I‖_F``, squared if asked."""
-    banked, own = _split_banked(svd)
-    parts = [_norms(_residual(x, mask), squared) for x, mask, _ in (_bank_batch(b, ms) for b, ms in banked)]
+    plan = _bank_plan(svd) if gate_bank.any_banked(svd) else None
+    own = svd if plan is None else plan.own
+    parts = [] if plan is None else [_norms(_residual(x, mask), squared) for _, x, mask, _ in _bank_batches(plan)]
     if own:
         parts += [_norms(_residual(x, mask), squared) for _, _, x, mask, _ in _groups(_factors(own), len(own))]
     return _total(parts)
@@ -252,8 +292,9 @@ def orthogonality_grads(adapters: dict, weight: float, form: str = "reference") 
     # The constant rides in the gradient product's alpha (beta=0: x is not read as its addend).
     scale = 4 * weight if squared else weight / len(svd)
     norms, pending = [], []
-    banked, own = _split_banked(svd)
-    batches = [((b, ms), None, *_bank_batch(b, ms)) for b, ms in banked]
+    plan = _bank_plan(svd) if gate_bank.any_banked(svd) else None
+    own = svd if plan is None else plan.own
+    batches = [] if plan is None else [(parts, None, x, mask, where) for parts, x, mask, where in _bank_batches(plan)]
     if own:
         batches += [(members, k, x, mask, where) for members, k, x, mask, where in _groups(_factors(own), len(own))]
     for members, k, x, mask, where in batches:
@@ -279,28 +320,30 @@ def add_orthogonality_grads_(pending: list) -> None:
     """Add the gradients ``orthogonality_grads`` formed to their factors' ``.grad``."""
     for members, k, g, where in pending:
         if k is None:
-            _add_to_bank_grad(*members, g, where)
+            _add_to_bank_grads(members, g, where)
         else:
             _add_to_grads(members, k, g, where)
 
 
-def _add_to_bank_grad(bank, members: list, g: torch.Tensor, where) -> None:
-    """``bank``'s gradient += ``g (n, R, d)`` at the rows of ``members`` (one kernel where they
-    are all its rows in order; ``where``: the padding ``_bank_batch`` used, None for none)."""
-    param = bank.param
-    if not param.requires_grad:
-        return
-    rows = g.reshape(-1, g.shape[-1]) if where is None else g.reshape(-1).index_select(0, where).view(-1, g.shape[-1])
-    idx = bank.rows_of(members)
-    if idx is None:
+def _add_to_bank_grads(parts: list, g: torch.Tensor, where) -> None:
+    """Each bank's gradient += its rows of ``g (n, R, d)``, a batch of ``_bank_batches``: one add
+    per bank where the rows are all of it, in order (``where``: the batch's padding, or None)."""
+    d = g.shape[-1]
+    rows = g.reshape(-1, d) if where is None else g.reshape(-1).index_select(0, where).view(-1, d)
+    sizes = [b.param.shape[0] if idx is None else idx.numel() for b, idx, _ in parts]
+    for (bank, idx, _), r in zip(parts, rows.split(sizes) if len(parts) > 1 else (rows,)):
+        param = bank.param
+        if not param.requires_grad:
+            continue
+        if idx is None:
+            if param.grad is None:
+                param.grad = like_param(r, param)
+            else:
+                param.grad.add_(r)
+            continue
         if param.grad is None:
-            param.grad = like_param(rows, param)
-        else:
-            param.grad.add_(rows)
-        return
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    param.grad.index_add_(0, idx, rows)
+            param.grad = torch.zeros_like(param)
+        param.grad.index_add_(0, idx, r)
 
 
 def _add_to_grads(members: list[torch.Tensor], k: int, g: torch.Tensor, where) -> None:
