@@ -255,7 +255,8 @@ def paths(files) -> str:
         if c["lora_rank"] != int(c["target_rank"]):
             mode += f", LoRA r={c['lora_rank']}"      # not the default pairing (LoRA at AdaLoRA's target)
         floor, peft = v["floor"]["median_ms"], v.get("peft_lora", {}).get("median_ms")
-        for path, suffix in (("none", ""), ("epilogue", "_epilogue"), ("merge", "_merge"), ("triton", "_triton")):
+        for path, suffix in (("none", ""), ("epilogue", "_epilogue"), ("merge", "_merge"), ("triton", "_triton"),
+                             ("epilogue, banked", "_epilogue_banked")):
             lora, ada = v.get("lora" + suffix), v.get("adalora" + suffix)
             if lora is None or ada is None:
                 continue
@@ -320,7 +321,8 @@ def host_phases(files) -> str:
             rows.append([shape, short_machine(d), variant] + [f"{p[k]:.2f}" for k in names]
                         + [f"{sum(p.values()):.1f}", f"{r['median_ms']:.1f} ({r['iqr_ms']:.1f})", f"`{name}`"])
         lora = v["lora_epilogue"]["host_phases_ms"]
-        for variant, what in (("adalora_epilogue", "AdaLoRA − LoRA"), ("adalora_epilogue_flat", "flat gates − LoRA")):
+        for variant, what in (("adalora_epilogue", "AdaLoRA − LoRA"), ("adalora_epilogue_flat", "flat gates − LoRA"),
+                              ("adalora_epilogue_banked", "banked − LoRA")):
             if variant in v:
                 ada = v[variant]["host_phases_ms"]
                 rows.append([shape, short_machine(d), what] + [f"{ada[k] - lora[k]:+.2f}" for k in names]
@@ -352,7 +354,9 @@ def ab_pairs(files) -> str:
 
 # (AdaLoRA variant suffix, LoRA variant suffix, the path's name in the table)
 EAGER_PATHS = (("", "", "none"), ("_epilogue", "_epilogue", "epilogue"), ("_merge", "_merge", "merge"),
-               ("_epilogue_flat", "_epilogue", "epilogue, flat gates"))
+               ("_epilogue_flat", "_epilogue", "epilogue, flat gates"),
+               ("_epilogue_banked", "_epilogue", "epilogue, AdaLoRA banked"),
+               ("_epilogue_banked", "_epilogue_banked", "epilogue, both banked"))
 
 
 def _t_rows(pairs: list[tuple[list[float], list[float]]]) -> list[str]:
@@ -396,24 +400,28 @@ def eager_pairs(files) -> str:
 
 
 def flat_gates(files) -> str:
-    """Flat gates against a gate per adapter (``adalora_epilogue_flat`` over ``adalora_epilogue``)
-    in the eager steps of one GPU, round by round as in ``eager_pairs``, the intervals
-    simultaneous over this table's rows; and the host milliseconds of the update phase (AdamW, the
-    scorer, the mask step) and of backward, each variant's median over steps."""
-    found = [(name, d) for name, d in files.items() if d.get("kind") == "phases_benchmark"
-             and {"adalora_epilogue", "adalora_epilogue_flat"} <= set(d["variants"])]
-    cis = _t_rows([(d["variants"]["adalora_epilogue_flat"]["rounds_ms"], d["variants"]["adalora_epilogue"]["rounds_ms"])
-                   for _, d in found])
+    """Flat parameters against parameters per adapter in the eager steps of one GPU, round by
+    round as in ``eager_pairs``: AdaLoRA with flat gates (``adalora_epilogue_flat``) and banked,
+    flat gates and factors (``adalora_epilogue_banked``), each over ``adalora_epilogue``, the
+    intervals simultaneous over this table's rows; and the host milliseconds of the update phase
+    (AdamW, the scorer, the mask step), of the penalty and of backward, each variant's median
+    over steps."""
+    found = [(name, d, flat, what) for name, d in files.items() if d.get("kind") == "phases_benchmark"
+             for flat, what in (("adalora_epilogue_flat", "gates"), ("adalora_epilogue_banked", "gates and factors"))
+             if {"adalora_epilogue", flat} <= set(d["variants"])]
+    cis = _t_rows([(d["variants"][flat]["rounds_ms"], d["variants"]["adalora_epilogue"]["rounds_ms"])
+                   for _, d, flat, _ in found])
     rows = []
-    for (name, d), ci in zip(found, cis):
+    for (name, d, flat, what), ci in zip(found, cis):
         c, v = d["config"], d["variants"]
-        sep, flat = v["adalora_epilogue"], v["adalora_epilogue_flat"]
-        phase = lambda k: f"{sep['host_phases_ms'][k]:.2f} / {flat['host_phases_ms'][k]:.2f}"  # noqa: E731
-        rows.append([f"{c['preset']}, {step_mode(c)}", short_machine(d), str(len(flat["rounds_ms"])),
-                     f"{sep['median_ms']:.1f} / {flat['median_ms']:.1f}", ci, phase("update"), phase("backward"),
-                     f"`{name}`"])
-    return table(["shape, mode", "machine", "rounds", "median ms, per adapter / flat", "flat ÷ per adapter, per round "
-                  "[simultaneous 95% t]", "update host ms", "backward host ms", "results file"], rows, "llrrrrrl")
+        sep, got = v["adalora_epilogue"], v[flat]
+        phase = lambda k: f"{sep['host_phases_ms'][k]:.2f} / {got['host_phases_ms'][k]:.2f}"  # noqa: E731
+        rows.append([f"{c['preset']}, {step_mode(c)}", short_machine(d), what, str(len(got["rounds_ms"])),
+                     f"{sep['median_ms']:.1f} / {got['median_ms']:.1f}", ci, phase("update"), phase("penalty"),
+                     phase("backward"), f"`{name}`"])
+    return table(["shape, mode", "machine", "flat", "rounds", "median ms, per adapter / flat",
+                  "flat ÷ per adapter, per round [simultaneous 95% t]", "update host ms", "penalty host ms",
+                  "backward host ms", "results file"], rows, "lllrrrrrrl")
 
 
 def step_ms(run: dict) -> list[float]:

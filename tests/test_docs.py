@@ -218,9 +218,12 @@ def test_eager_pairs_table_pairs_the_rounds_and_widens_its_intervals_by_the_numb
 
 
 def test_flat_gates_table_pairs_flat_with_separate_gates_round_by_round(tmp_path):
-    """Flat over separate gates by hand: rounds 4, 6, 6 against 4, 5, 6 ms give ratios 1, 1.2, 1,
-    mean 1.0667, standard deviation 0.1155; one row: t(0.975, 2) = 4.303, so ± 0.287. The host
-    phases gain a "flat gates − LoRA" row and eager_pairs a flat-gates path against LoRA."""
+    """Flat over separate parameters by hand. Flat gates: rounds 4, 6, 6 against 4, 5, 6 ms give
+    ratios 1, 1.2, 1, mean 1.0667, standard deviation 0.1155. Banked (flat gates and factors):
+    4, 4, 5 against 4, 5, 6 give 1, 0.8, 0.8333, mean 0.8778, standard deviation 0.1072. Two rows,
+    so each interval is at 1 − 0.05/2: t(0.9875, 2) = 6.2053, half-widths 6.2053 × s / √3 =
+    0.414 and 0.384. The host phases gain "flat gates − LoRA" and "banked − LoRA" rows, and
+    eager_pairs the flat and banked paths against LoRA."""
     import json
 
     from analysis import bench_tables as B
@@ -232,17 +235,25 @@ def test_flat_gates_table_pairs_flat_with_separate_gates_round_by_round(tmp_path
     d = {"kind": "phases_benchmark", "machine": "1x NVIDIA H200, 16 CPU cores",
          "config": {"preset": "large", "device": "cuda", "step_graph": False}, "variants": {
              "lora_epilogue": run([2.0, 3.0, 3.0], phases(1.0, 1.0, 0.0, 1.0, 0.5)),
+             "lora_epilogue_banked": run([2.0, 2.0, 2.0], phases(1.0, 1.0, 0.0, 0.5, 0.25)),
              "adalora_epilogue": run([4.0, 5.0, 6.0], phases(1.0, 1.5, 1.0, 3.0, 0.5)),
-             "adalora_epilogue_flat": run([4.0, 6.0, 6.0], phases(1.0, 1.25, 1.0, 2.0, 0.25))}}
+             "adalora_epilogue_flat": run([4.0, 6.0, 6.0], phases(1.0, 1.25, 1.0, 2.0, 0.25)),
+             "adalora_epilogue_banked": run([4.0, 4.0, 5.0], phases(1.5, 1.25, 0.5, 1.5, 0.25))}}
     (tmp_path / "f.json").write_text(json.dumps(d))
     files = B.load(tmp_path)
     assert B.flat_gates(files).splitlines()[2:] == [
-        "| large, eager | 1x H200 | 3 | 5.0 / 6.0 | 1.07 [0.78, 1.35] | 3.00 / 2.00 | 1.50 / 1.25 | `f.json` |"]
-    assert B.host_phases(files).splitlines()[-1] == (
-        "| large, eager | 1x H200 | flat gates − LoRA | +0.00 | +0.25 | +1.00 | +1.00 | -0.25 | +2.0 |  | `f.json` |")
-    # ratios 2, 2, 2 against LoRA: no spread, so the interval is the mean itself
-    assert B.eager_pairs(files).splitlines()[3] == (
-        "| large, eager | 1x H200 | epilogue, flat gates | 3 | 2.00 | 2.00 [2.00, 2.00] | `f.json` |")
+        "| large, eager | 1x H200 | gates | 3 | 5.0 / 6.0 | 1.07 [0.65, 1.48] | 3.00 / 2.00 | 1.00 / 1.00 | 1.50 / 1.25 | `f.json` |",
+        "| large, eager | 1x H200 | gates and factors | 3 | 5.0 / 4.0 | 0.88 [0.49, 1.26] | 3.00 / 1.50 | 1.00 / 0.50 "
+        "| 1.50 / 1.25 | `f.json` |"]
+    assert B.host_phases(files).splitlines()[-2:] == [
+        "| large, eager | 1x H200 | flat gates − LoRA | +0.00 | +0.25 | +1.00 | +1.00 | -0.25 | +2.0 |  | `f.json` |",
+        "| large, eager | 1x H200 | banked − LoRA | +0.50 | +0.25 | +0.50 | +0.50 | -0.25 | +1.5 |  | `f.json` |"]
+    # ratios 2, 2, 2 against LoRA: no spread, so the interval is the mean itself; banked AdaLoRA
+    # over LoRA 2, 4/3, 5/3 and over banked LoRA 2, 2, 2.5 (medians 4/3 and 4/2)
+    rows = B.eager_pairs(files).splitlines()[2:]
+    assert rows[1] == "| large, eager | 1x H200 | epilogue, flat gates | 3 | 2.00 | 2.00 [2.00, 2.00] | `f.json` |"
+    assert rows[2].startswith("| large, eager | 1x H200 | epilogue, AdaLoRA banked | 3 | 1.33 | 1.67 [")
+    assert rows[3].startswith("| large, eager | 1x H200 | epilogue, both banked | 3 | 2.00 | 2.17 [")
 
 
 def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
