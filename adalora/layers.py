@@ -90,6 +90,16 @@ def _base_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     return base.weight.device, base.weight.dtype
 
 
+def _factor(attr: str, doc: str) -> property:
+    """An adapter's factor ``attr``: its own parameter or, with flat gates or flat factors, a
+    view of its rows of one of the model's bank parameters (adalora/gate_bank.py). Assigning an
+    ``nn.Parameter`` registers it as usual."""
+    def get(self) -> torch.Tensor:
+        p = self._parameters.get(attr)
+        return p if p is not None else gate_bank.factor_view(self, attr)
+    return property(get, doc=doc)
+
+
 class AdapterLayer(nn.Module):
     """Common wrapper: holds ``base`` frozen, adds ``scaling * delta(x)``, merges and unmerges.
 
@@ -247,25 +257,9 @@ class SVDLinear(AdapterLayer):
         self.Q = nn.Parameter(torch.randn(rank, self.in_features, device=device, dtype=dtype) * init_std)
         self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
 
-    # Each factor is this adapter's parameter or, with flat gates or flat factors, a view of its
-    # rows of one of the model's bank parameters (adalora/gate_bank.py).
-    @property
-    def P(self) -> torch.Tensor:
-        """The up factor ``(d_out, r)``, column-major."""
-        p = self._parameters.get("P")
-        return p if p is not None else gate_bank.factor_view(self, "P")
-
-    @property
-    def lam(self) -> torch.Tensor:
-        """The gate ``(r,)``."""
-        p = self._parameters.get("lam")
-        return p if p is not None else gate_bank.factor_view(self, "lam")
-
-    @property
-    def Q(self) -> torch.Tensor:
-        """The down factor ``(r, d_in)``."""
-        p = self._parameters.get("Q")
-        return p if p is not None else gate_bank.factor_view(self, "Q")
+    P = _factor("P", "The up factor ``(d_out, r)``, column-major.")
+    lam = _factor("lam", "The gate ``(r,)``.")
+    Q = _factor("Q", "The down factor ``(r, d_in)``.")
 
     @property
     def rank(self) -> int:
@@ -364,19 +358,8 @@ class LoRALinear(AdapterLayer):
         if rank > 0:
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
-    # Each factor is this adapter's parameter or, with flat factors, a view of its rows of one of
-    # the model's bank parameters (adalora/gate_bank.py).
-    @property
-    def A(self) -> torch.Tensor:
-        """The down factor ``(r, d_in)``."""
-        p = self._parameters.get("A")
-        return p if p is not None else gate_bank.factor_view(self, "A")
-
-    @property
-    def B(self) -> torch.Tensor:
-        """The up factor ``(d_out, r)``, column-major."""
-        p = self._parameters.get("B")
-        return p if p is not None else gate_bank.factor_view(self, "B")
+    A = _factor("A", "The down factor ``(r, d_in)``.")
+    B = _factor("B", "The up factor ``(d_out, r)``, column-major.")
 
     @property
     def rank(self) -> int:
