@@ -75,7 +75,7 @@ class _Layout:
         """The parameters in buffer order; None for one that lives in a bank."""
         # _parameters, not getattr: this runs every step for every parameter, and under CUDA
         # graphs the step waits on host time such as nn.Module.__getattr__'s lookup.
-        return [layers[k]._parameters[a] if own else None for (k, a), own in zip(self.order, self._own)]
+        return [fast_param(layers[k], a) if own else None for (k, a), own in zip(self.order, self._own)]
 
     def flatten(self, tensors: list[torch.Tensor | None], dtype: torch.dtype, ref: torch.Tensor,
                 grad: bool = False) -> torch.Tensor:

@@ -167,9 +167,9 @@ class AdapterLayer(nn.Module):
     def set_factors(self, **factors: torch.Tensor) -> None:
         """Replace factors by name (``P=..., lam=..., Q=...`` or ``A=..., B=...``), possibly of
         another rank: new ``nn.Parameter`` objects in the old ones' device, dtype and
-        ``requires_grad``, the up factor (``_UP``) stored column-major; with flat gates a new ``lam``
-        (or, with flat factors, a new ``P`` or ``Q``) makes a new bank parameter for the model. An optimizer holding the old parameters must be
-        told (``RankAllocator.compact`` does that)."""
+        ``requires_grad``, the up factor (``_UP``) stored column-major; a banked factor (flat gates
+        or flat factors) gets a new bank parameter on the model instead. An optimizer holding the
+        old parameters must be told (``RankAllocator.compact`` does that)."""
         for name, value in factors.items():
             if name not in self._parameters and gate_bank.bank_of(self, name) is not None:
                 self._set_banked(name, value)          # flat parameters: a new bank
@@ -178,6 +178,12 @@ class AdapterLayer(nn.Module):
             value = value.to(device=old.device, dtype=old.dtype)
             value = column_major(value) if name == self._UP else value.clone()   # never the caller's memory
             setattr(self, name, nn.Parameter(value, requires_grad=old.requires_grad))
+
+    def _set_banked(self, attr: str, value: torch.Tensor, src: torch.Tensor | None = None) -> None:
+        """A banked ``attr`` replaced by ``value`` (``src``: the old rank-one term each new one
+        continues, -1 for none; see ``Bank.set``)."""
+        bank, k = gate_bank.bank_entry(self, attr)
+        bank.set(k, value, src)
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * ΔW`` as a dense ``(d_out, d_in)`` matrix in the adapter dtype."""
@@ -268,12 +274,6 @@ class SVDLinear(AdapterLayer):
 
     def _adapter_dtype(self) -> torch.dtype:
         return gate_bank.gate_param(self).dtype
-
-    def _set_banked(self, attr: str, value: torch.Tensor, src: torch.Tensor | None = None) -> None:
-        """A banked ``attr`` replaced by ``value`` (``src``: the old triplet each new one
-        continues, -1 for none; see ``Bank.set``)."""
-        bank, k = gate_bank.bank_entry(self, attr)
-        bank.set(k, value, src)
 
     def _change_rank(self, values: dict, src: torch.Tensor, optimizer=None) -> None:
         """``P``, ``lam``, ``Q`` replaced by ``values`` whose triplets continue the old ones at

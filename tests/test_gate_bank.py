@@ -453,3 +453,25 @@ def test_the_captured_penalty_marks_every_gradient_batch_for_the_main_stream(mon
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+def test_lora_adapter_files_load_into_banked_lora_at_other_ranks(tmp_path):
+    """Saved LoRA adapters (one at a lower rank, as a rank pattern gives) load into a model with
+    flat factors: its banks are rebuilt at the saved ranks and the outputs equal the source's."""
+    torch.manual_seed(0)
+    src = Maps(3, T.d_out, T.d_in).to(DT)
+    adapters = adalora.inject(src, adalora.AdapterConfig(method="lora", targets=["maps.0", "maps.1", "maps.2"],
+                                                         init_rank=4, rank_pattern={"maps.1": 2}))
+    with torch.no_grad():
+        for a in adapters.values():
+            a.B.normal_()
+    adalora.save_adapters(tmp_path / "a", src)
+    torch.manual_seed(0)
+    dst = Maps(3, T.d_out, T.d_in).to(DT)
+    got = adalora.inject(dst, adalora.AdapterConfig(method="lora", targets=["maps.0", "maps.1", "maps.2"], init_rank=4,
+                                                    flat_factors=True))
+    adalora.load_adapters(tmp_path / "a", dst)
+    assert [a.rank for a in got.values()] == [4, 2, 4]
+    assert getattr(dst, f"adalora_A_{T.d_in}").shape == (10, T.d_in)
+    x = torch.randn(5, 3, T.d_in, dtype=DT)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)

@@ -120,7 +120,8 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(SG, "refuse", lambda cfg, device, world: refuse(cfg, torch.device("cuda"), world))
 
 
-@pytest.mark.parametrize("extra", [[], ["trainer.compact=true"], ["trainer.compact=true", "method.flat_gates=true"]])
+@pytest.mark.parametrize("extra", [[], ["trainer.compact=true"], ["trainer.compact=true", "method.flat_gates=true"],
+                                   ["trainer.compact=true", "method.flat_gates=true", "method.flat_factors=true"]])
 def test_loop_with_step_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_path):
     """24 steps of AdaLoRA on real data (7 allocations, the final one at step 16, and 8 steps after
     it; with compaction, the graphs are rebuilt for the shrunk adapters there): the same ranks and
@@ -142,7 +143,8 @@ def test_loop_with_step_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_pa
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["lr"] == pytest.approx(a["lr"], rel=1e-6)
 
 
-@pytest.mark.parametrize("extra", [[], ["trainer.grad_accum=2"], ["trainer.compact=true"], ["method.flat_gates=true"]])
+@pytest.mark.parametrize("extra", [[], ["trainer.grad_accum=2"], ["trainer.compact=true"],
+                                   ["method.flat_gates=true", "method.flat_factors=true"]])
 def test_loop_with_tail_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_path, monkeypatch):
     """``trainer.tail_graph``: forward and backward eager on the loop's trimmed batches (and over two
     micro-batches), the tail (γ∇R, clipping, the update) through the graphs' bodies: the same
