@@ -1,6 +1,6 @@
 """Flat adapter parameters: every SVD adapter's ``lam`` in one parameter (flat gates) and, with
-flat factors, its ``P`` and ``Q`` in one parameter per kind and width, each adapter's tensor a
-view of its rows.
+flat factors, its ``P`` and ``Q`` (a LoRA adapter's ``A`` and ``B``) in one parameter per kind and
+width, each adapter's tensor a view of its rows.
 
 A separate parameter per adapter and factor costs host time at every eager step wherever
 parameters are walked one by one: autograd accumulates its gradient, the optimizer lists it
@@ -14,6 +14,8 @@ one gate parameter and a ``P`` and a ``Q`` parameter per distinct width (four at
     layer_k.lam = lam_all[o_k : o_k + r_k]         views (SVDLinear's properties)
     layer_k.Q   = Q_all[o_k : o_k + r_k]
     layer_k.P   = Pt_all[o_k : o_k + r_k].t()      column-major (d_out, r_k), as P is stored
+
+and LoRA's ``A`` as ``Q`` (``adalora_A_<d_in>``), ``B`` as ``P`` (``adalora_B_<d_out>``, ``Bᵀ`` rows).
 
 Each is a parameter of the module ``inject`` adapted, so it is in that model's ``parameters()``,
 ``state_dict()`` and DDP's buckets; an adapter's own ``state_dict`` has none of them. Parameters,
@@ -31,7 +33,8 @@ training are those of separate parameters; only the order in which sums are take
 A rank change (``resize``, ``expand``, ``set_factors``) builds a new bank with the other
 adapters' rows, and ``Bank.src`` records where each new row came from, so that an optimizer can
 be told (``adalora.layers.swap_in_optimizer``). Named adapter sets (adalora/named.py) swap
-per-adapter parameters and so refuse flat parameters.
+per-adapter parameters and so refuse flat parameters; so does the truncation family
+(adalora/truncate.py), which restarts one adapter's optimizer state.
 """
 from __future__ import annotations
 

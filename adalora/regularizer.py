@@ -30,7 +30,7 @@ class _BankPlan:
     rank is one batch, the ``P`` and ``Q`` banks of that width joined (``ranks`` None); otherwise
     each bank is a batch of its own, padded (``ranks`` its members' ranks). ``own``: the
     adapters whose ``P`` and ``Q`` are their own parameters. Built once and found again while no
-    bank was rebuilt (``Bank.version``), so a step pays no per-adapter Python for it."""
+    bank was rebuilt (``Bank.version``) or moved, so a step pays no per-adapter Python for it."""
 
     def __init__(self, svd: list[SVDLinear]):
         self.own = [a for a in svd if gate_bank.bank_of(a, "P") is None or gate_bank.bank_of(a, "Q") is None]
@@ -55,13 +55,15 @@ class _BankPlan:
                 self.batches.append(([part for part, _ in found], d, None))
             else:
                 self.batches += [([part], d, rs) for part, rs in found]
-        self.versions = {id(b): b.version for b in banks.values()}
+        # a rebuild makes a new parameter; a move (model.to) keeps it, so the rows' indices
+        # must be made again on the new device
+        self.versions = {id(b): (b.version, b.param.device) for b in banks.values()}
         self.banks = list(banks.values())
         self.refs: tuple = ()
 
     def holds(self, svd: list[SVDLinear]) -> bool:
         return (len(self.refs) == len(svd) and all(r() is not None for r in self.refs)
-                and all(b.version == self.versions[id(b)] for b in self.banks))
+                and all((b.version, b.param.device) == self.versions[id(b)] for b in self.banks))
 
 
 _BANK_PLANS: dict[tuple, _BankPlan] = {}    # by the adapters' ids, as _PLANS
