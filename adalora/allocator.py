@@ -388,7 +388,7 @@ class RankAllocator(Allocator):
         if self.compacted:
             return
         for layer in self.layers:
-            resize_in_optimizer(layer, layer.rank_mask.nonzero().flatten(), optimizer)
+            layer.resize(layer.rank_mask.nonzero().flatten(), optimizer)
         self.compacted = True
 
     # -- checkpointing ----------------------------------------------------------------------------------
@@ -427,9 +427,3 @@ def _like_lams(flat: torch.Tensor, lams: list[torch.Tensor]) -> list[torch.Tenso
     if len(dtypes) == 1:
         return list(flat.to(dtypes.pop()).split(sizes))
     return [f.to(lam.dtype) for f, lam in zip(flat.split(sizes), lams)]
-
-
-def resize_in_optimizer(layer: SVDLinear, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
-    """``layer.resize(keep)``, with ``optimizer`` (if any) told: the new ``P``, ``lam``, ``Q`` (or
-    the new banks of flat parameters) take the old ones' places, their state sliced to match."""
-    layer._resize(keep, optimizer)

@@ -16,7 +16,7 @@ import torch
 
 from . import accounting as A
 from . import schedule
-from .allocator import AllocationRecord, Allocator, resize_in_optimizer
+from .allocator import AllocationRecord, Allocator
 from .config import ScheduleConfig, ScoreConfig, _check, _is_number
 from .importance import ImportanceScorer
 
@@ -121,7 +121,7 @@ class ElaLoRAAllocator(Allocator):
         for k, (layer, kk, g) in enumerate(zip(self.layers, keep, grow)):
             idx = kk.nonzero().flatten()
             if idx.numel() < layer.rank:
-                resize_in_optimizer(layer, idx, self.optimizer)
+                layer.resize(idx, self.optimizer)
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + k)
             layer.expand(g, self.optimizer, self.cfg.init_std, gen)
             self.born[k] = torch.cat([self.born[k][idx.cpu()], torch.full((g,), step, dtype=torch.long)])

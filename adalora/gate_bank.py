@@ -58,7 +58,6 @@ def _view_key(attr: str) -> str:
 
 
 VIEWS = tuple(_view_key(a) for a in KINDS)
-VIEW = _view_key("lam")
 
 
 def _rows(t: torch.Tensor, attr: str) -> torch.Tensor:
@@ -145,9 +144,6 @@ class Bank:
         self._index(self.sizes[:k] + [value.shape[0]] + self.sizes[k + 1:])
 
 
-GateBank = Bank
-
-
 def bank_of(layer, attr: str = "lam") -> Bank | None:
     entry = layer.__dict__.get(_key(attr))
     return entry[0] if entry is not None else None
@@ -174,7 +170,7 @@ def bank_entry(layer, attr: str = "lam") -> tuple[Bank, int]:
     return layer.__dict__[_key(attr)]
 
 
-def gate_size(layer, attr: str = "lam") -> int:
+def bank_size(layer, attr: str) -> int:
     """``layer``'s rank, read from its ``attr`` bank without making a view."""
     entry = layer.__dict__.get(_key(attr))
     return entry[0].sizes[entry[1]] if entry is not None else getattr(layer, attr).shape[0]

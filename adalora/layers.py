@@ -270,7 +270,7 @@ class SVDLinear(AdapterLayer):
     @property
     def rank(self) -> int:
         p = self._parameters.get("lam")             # read every step by the allocator: no view
-        return p.shape[0] if p is not None else gate_bank.gate_size(self)
+        return p.shape[0] if p is not None else gate_bank.bank_size(self, "lam")
 
     def _adapter_dtype(self) -> torch.dtype:
         return gate_bank.gate_param(self).dtype
@@ -304,15 +304,13 @@ class SVDLinear(AdapterLayer):
         return (self.P * self.lam) @ self.Q
 
     @torch.no_grad()
-    def resize(self, keep: torch.Tensor) -> None:
+    def resize(self, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Keep only the singular values at indices ``keep`` (physically shrinks P, lam, Q).
 
-        Creates new ``nn.Parameter`` objects: an optimizer must be told (``RankAllocator.compact``
-        does that); ``scaling`` stays ``α / r0``.
+        Creates new ``nn.Parameter`` objects (or banks): with ``optimizer`` they take the old ones'
+        places and its state is sliced to match (``RankAllocator.compact`` passes it); without,
+        an optimizer must be told. ``scaling`` stays ``α / r0``.
         """
-        self._resize(keep)
-
-    def _resize(self, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         keep = keep.to(self.rank_mask.device)
         self._change_rank({"P": self.P[:, keep], "lam": self.lam[keep], "Q": self.Q[keep, :]}, keep.cpu(), optimizer)
         self.rank_mask = self.rank_mask[keep].clone()
@@ -364,7 +362,7 @@ class LoRALinear(AdapterLayer):
     @property
     def rank(self) -> int:
         p = self._parameters.get("A")
-        return p.shape[0] if p is not None else gate_bank.gate_size(self, "A")
+        return p.shape[0] if p is not None else gate_bank.bank_size(self, "A")
 
     def _adapter_dtype(self) -> torch.dtype:
         return gate_bank.leaf(self, "A").dtype

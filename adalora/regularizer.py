@@ -59,26 +59,32 @@ class _BankPlan:
         # must be made again on the new device
         self.versions = {id(b): (b.version, b.param.device) for b in banks.values()}
         self.banks = list(banks.values())
-        self.refs: tuple = ()
 
-    def holds(self, svd: list[SVDLinear]) -> bool:
-        return (len(self.refs) == len(svd) and all(r() is not None for r in self.refs)
-                and all((b.version, b.param.device) == self.versions[id(b)] for b in self.banks))
+    def holds(self) -> bool:
+        return all((b.version, b.param.device) == self.versions[id(b)] for b in self.banks)
 
 
-_BANK_PLANS: dict[tuple, _BankPlan] = {}    # by the adapters' ids, as _PLANS
+_BANK_PLANS: dict[tuple, tuple] = {}    # by the adapters' ids (_cached)
 
 
 def _bank_plan(svd: list[SVDLinear]) -> _BankPlan:
+    return _cached(_BANK_PLANS, tuple(map(id, svd)), svd, lambda: _BankPlan(svd))
+
+
+def _cached(cache: dict, key: tuple, items: list, build):
+    """The plan ``build()`` makes for ``items``, kept in ``cache`` under ``key`` (their ids) and
+    found again while every item is alive (an id is unique only among live objects; held weakly,
+    so no factor is kept alive) and the plan still ``holds()``. A few at once: the benchmark
+    holds several models. Traced afresh under ``torch.compile``, whose guards check the shapes."""
     if torch.compiler.is_compiling():
-        return _BankPlan(svd)
-    key = tuple(map(id, svd))
-    plan = _BANK_PLANS.get(key)
-    if plan is None or not plan.holds(svd):
-        plan = _BANK_PLANS[key] = _BankPlan(svd)
-        plan.refs = tuple(weakref.ref(a) for a in svd)
-        while len(_BANK_PLANS) > 8:
-            del _BANK_PLANS[next(iter(_BANK_PLANS))]
+        return build()
+    hit = cache.get(key)
+    if hit is not None and all(r() is not None for r in hit[0]) and hit[1].holds():
+        return hit[1]
+    plan = build()
+    cache[key] = (tuple(weakref.ref(x) for x in items), plan)
+    while len(cache) > 8:
+        del cache[next(iter(cache))]
     return plan
 
 
@@ -119,27 +125,16 @@ class _Plan:
             ranks = tuple(leaves[i].shape[1 if i < n_p else 0] for i in idx)
             self.groups.append((idx, sum(i < n_p for i in idx), d, max(ranks),
                                 None if min(ranks) == max(ranks) else ranks))
-        self.refs: tuple = ()
 
-    def holds(self, leaves: list[torch.Tensor]) -> bool:
-        # the ids matched; an id is unique only among live objects, so every one must be alive
-        return len(self.refs) == len(leaves) and all(r() is not None for r in self.refs)
+    def holds(self) -> bool:
+        return True           # a factor of a new shape is a new parameter: the ids are the key
 
 
-_PLANS: dict[tuple, _Plan] = {}     # by the factors' ids; a few models (benchmark variants) at once
+_PLANS: dict[tuple, tuple] = {}     # by the factors' ids (_cached)
 
 
 def _plan(leaves: list[torch.Tensor], n_p: int) -> _Plan:
-    if torch.compiler.is_compiling():
-        return _Plan(leaves, n_p)   # traced once into the graph, whose guards check the shapes
-    key = (n_p, *map(id, leaves))
-    plan = _PLANS.get(key)
-    if plan is None or not plan.holds(leaves):
-        plan = _PLANS[key] = _Plan(leaves, n_p)
-        plan.refs = tuple(weakref.ref(m) for m in leaves)          # held weakly: no factor kept alive
-        while len(_PLANS) > 8:
-            del _PLANS[next(iter(_PLANS))]
-    return plan
+    return _cached(_PLANS, (n_p, *map(id, leaves)), leaves, lambda: _Plan(leaves, n_p))
 
 
 def _groups(leaves: list[torch.Tensor], n_p: int):

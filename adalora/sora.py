@@ -113,13 +113,12 @@ class SoRAAllocator(Allocator):
 
     @torch.no_grad()
     def compact(self, optimizer=None) -> None:
-        from .allocator import resize_in_optimizer
         if not self.final_done:
             raise RuntimeError("compact() before SoRA's final step")
         for layer in self.layers:
             keep = layer.rank_mask.nonzero().flatten()
             if keep.numel() < layer.rank:
-                resize_in_optimizer(layer, keep, optimizer)
+                layer.resize(keep, optimizer)
 
     def state_dict(self) -> dict:
         return {"names": list(self.names), "level": self.level, "final_done": self.final_done,

@@ -86,7 +86,7 @@ class PeftSVDView(_PeftView, adalora.SVDLinear):
     def rank(self) -> int:
         return self.r0
 
-    def resize(self, keep):
+    def resize(self, keep, optimizer=None):
         raise RuntimeError("peft AdaLoRA adapters are masked, not resized: "
                            "compact() is refused for method=peft_adalora")
 

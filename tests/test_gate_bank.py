@@ -124,8 +124,7 @@ def test_rank_changes_carry_the_optimizer_state_by_index():
     old = opt.state[bank.lam]["exp_avg"].clone()
     r = T.init_rank
     keep = torch.tensor([1, 4, 6])
-    from adalora.allocator import resize_in_optimizer
-    resize_in_optimizer(layers[1], keep, opt)                 # the second adapter: 8 -> 3 values
+    layers[1].resize(keep, opt)                               # the second adapter: 8 -> 3 values
     expect = torch.cat([old[:r], old[r + keep], old[2 * r:]])
     assert torch.equal(opt.state[bank.lam]["exp_avg"], expect)
     assert sum(p is bank.lam for p in opt.param_groups[0]["params"]) == 1
@@ -302,8 +301,7 @@ def test_factor_rank_changes_carry_the_optimizer_state_by_row():
     P_bank, Q_bank = gate_bank.bank_of(layers[0], "P"), gate_bank.bank_of(layers[0], "Q")
     oldP, oldQ = opt.state[P_bank.param]["exp_avg"].clone(), opt.state[Q_bank.param]["exp_avg"].clone()
     keep = torch.tensor([0, 5])
-    from adalora.allocator import resize_in_optimizer
-    resize_in_optimizer(layers[1], keep, opt)
+    layers[1].resize(keep, opt)
     for bank, old in ((P_bank, oldP), (Q_bank, oldQ)):
         expect = torch.cat([old[:r], old[r + keep], old[2 * r:]])
         assert torch.equal(opt.state[bank.param]["exp_avg"], expect)
