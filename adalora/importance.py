@@ -30,97 +30,136 @@ def triplet_scores(s_P: torch.Tensor, s_lam: torch.Tensor, s_Q: torch.Tensor) ->
 class _Layout:
     """Where each adapter's ``P``, ``lam``, ``Q`` sit in the flat state buffers.
 
-    Adapters of one shape ``(d_out, r, d_in)`` form a group laid out as ``[P_1ᵀ..P_nᵀ, lam_1..lam_n,
-    Q_1..Q_n]``, so a group's scores are three batched reductions over views: the work per step
-    is a few kernels per distinct shape, not per adapter.
+    The buffer is a run of blocks, each a matrix with one row per singular value (``P`` as
+    ``Pᵀ``, a gate as a row of one):
+
+    - a bank (adalora/gate_bank.py) all of whose adapters are scored: its parameter as it is
+      stored, so a step reads it with one copy instead of a gather;
+    - otherwise, per shape ``(d_out, r, d_in)`` and kind, the group's ``[X_1; ...; X_n]``,
+      joined with one ``cat`` (or ``index_select`` of a bank it shares with adapters not scored).
+
+    Every adapter's tensor is one contiguous chunk of the buffer (``start``), and the work per step
+    is a few kernels per block, not per adapter. Scores (Eq. 9) read the blocks' row means and
+    gather them into layer order with three index vectors.
     """
 
     def __init__(self, layers: list[SVDLinear]):
         self.ranks = tuple(layer.rank for layer in layers)
+        index = {id(layer): k for k, layer in enumerate(layers)}
+        self.whole = []                           # banks read as stored: all their adapters are scored
+        for a in ("P", "lam", "Q"):
+            for bank in {id(b): b for b in (gate_bank.bank_of(l, a) for l in layers) if b is not None}.values():
+                if all(id(l) in index for l in bank.layers):
+                    self.whole.append(bank)
+        in_whole = {(index[id(l)], bank.attr) for bank in self.whole for l in bank.layers}
+        self.start: dict[tuple[int, str], int] = {}     # (layer index, attr) -> first element
+        self.blocks: list[tuple[str, int, int, int]] = []   # (attr, offset, rows, width)
+        offset = 0
+        for bank in self.whole:
+            rows, width = bank.param.shape[0], 1 if bank.param.dim() == 1 else bank.param.shape[1]
+            self.blocks.append((bank.attr, offset, rows, width))
+            for l, o in zip(bank.layers, bank.offsets):
+                self.start[(index[id(l)], bank.attr)] = offset + o * width
+            offset += rows * width
+        self.whole_numel = offset
         groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
         for k, layer in enumerate(layers):
             groups[(layer.out_features, layer.rank, layer.in_features)].append(k)
-        self.groups = []                          # (layer indices, d_out, r, d_in, offset)
-        self.order: list[tuple[int, str]] = []    # (layer index, attr) in buffer order
-        offset = 0
+        self.groups = []                          # (kind, layer indices, width, offset, bank and rows or None)
         for (d_out, r, d_in), ks in groups.items():
-            self.groups.append((ks, d_out, r, d_in, offset))
-            offset += len(ks) * r * (d_out + 1 + d_in)
-            self.order += [(k, a) for a in ("P", "lam", "Q") for k in ks]
-        self.numel = offset
-        # scores come out group by group; this permutation puts them back in layer order
-        pos = {}
-        i = 0
-        for ks, _, r, _, _ in self.groups:
-            for k in ks:
-                pos[k] = range(i, i + r)
-                i += r
-        self.perm = torch.tensor([j for k in range(len(layers)) for j in pos[k]], dtype=torch.long)
-        # Flat parameters (adalora/gate_bank.py): a group's block of a banked kind is one
-        # index_select of its bank (or a copy of all of it), not a cat of a view per adapter.
-        self.banked: list[dict] = []             # per group: kind -> (bank, row index or None)
-        for ks, _, r, _, _ in self.groups:
-            per_kind = {}
-            for a in ("P", "lam", "Q"):
-                banks = {id(gate_bank.bank_of(layers[k], a)) for k in ks}
+            for a, width in (("P", d_out), ("lam", 1), ("Q", d_in)):
+                if (ks[0], a) in in_whole:
+                    continue
                 bank = gate_bank.bank_of(layers[ks[0]], a)
-                if bank is not None and len(banks) == 1:
-                    per_kind[a] = (bank, bank.rows_of([layers[k] for k in ks]))
-            self.banked.append(per_kind)
-        self.banks = list({id(b): b for g in self.banked for b, _ in g.values()}.values())
-        in_bank = {(k, a) for (ks, *_), g in zip(self.groups, self.banked) for a in g for k in ks}
-        self._own = [key not in in_bank for key in self.order]
+                shared = bank is not None and all(gate_bank.bank_of(layers[k], a) is bank for k in ks)
+                src = (bank, bank.rows_of([layers[k] for k in ks])) if shared else None
+                self.groups.append((a, ks, width, offset, src))
+                self.blocks.append((a, offset, len(ks) * r, width))
+                for j, k in enumerate(ks):
+                    self.start[(k, a)] = offset + j * r * width
+                offset += len(ks) * r * width
+        self.numel = offset
+        self.banks = self.whole + [src[0] for *_, src in self.groups if src is not None]
+        # the own parameters a step reads, in group order (the rest come from banks)
+        self.own = [(k, a) for a, ks, _, _, src in self.groups if src is None for k in ks]
+        # Eq. 9 in layer order: s(lam_i) read at its element, and the row means of P and Q (one
+        # vector, blocks in order) at their rows
+        mean_blocks = [b for b in self.blocks if b[0] != "lam"]
+        row0, first = 0, {}
+        for a, off, rows, width in mean_blocks:
+            first[off] = row0
+            row0 += rows
+        self.mean_blocks = mean_blocks
+        block_of = {}                                 # element offset of a chunk -> its mean row
+        for a, off, rows, width in mean_blocks:
+            for i in range(rows):
+                block_of[off + i * width] = first[off] + i
+        lam_at, p_row, q_row = [], [], []
+        for k, r in enumerate(self.ranks):
+            for i in range(r):
+                lam_at.append(self.start[(k, "lam")] + i)
+                p_row.append(block_of[self.start[(k, "P")] + i * layers[k].out_features])
+                q_row.append(block_of[self.start[(k, "Q")] + i * layers[k].in_features])
+        self.lam_at, self.p_row, self.q_row = (torch.tensor(x, dtype=torch.long) for x in (lam_at, p_row, q_row))
 
-    def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor | None]:
-        """The parameters in buffer order; None for one that lives in a bank."""
+    def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor]:
+        """The own parameters a step reads, in ``own`` order."""
         # _parameters, not getattr: this runs every step for every parameter, and under CUDA
         # graphs the step waits on host time such as nn.Module.__getattr__'s lookup.
-        return [fast_param(layers[k], a) if own else None for (k, a), own in zip(self.order, self._own)]
+        return [fast_param(layers[k], a) for k, a in self.own]
 
-    def flatten(self, tensors: list[torch.Tensor | None], dtype: torch.dtype, ref: torch.Tensor,
+    def flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype, ref: torch.Tensor,
                 grad: bool = False) -> torch.Tensor:
-        """``tensors`` (in ``order``; a banked one None, read from its bank, or from its bank's
-        gradient with ``grad``) as one flat buffer in ``dtype``: one ``cat`` (or ``index_select``)
-        per group and kind, each written straight into its slice of the buffer, instead of a
-        reshape per tensor and a cat of the pieces; then one cast. ``ref``: any of the adapters'
-        leaves (device and dtype). ``P`` blocks go in as ``Pᵀ (r, d_out)``, the layout they are
-        stored in (column-major), so the scores' mean over ``d_out`` runs along memory."""
+        """One flat buffer in ``dtype``: the whole banks (their gradients with ``grad``) with one
+        ``cat``, then each group's block with one ``cat`` of ``tensors`` (``own`` order) or one
+        ``index_select`` of its bank, written straight into its slice of the buffer; then one
+        cast. ``ref``: any of the adapters' leaves (device and dtype). ``P`` blocks go in as
+        ``Pᵀ (r, d_out)``, the layout they are stored in (column-major), so the scores' mean
+        over ``d_out`` runs along memory."""
         flat = ref.new_empty(self.numel)
+        if self.whole:
+            srcs = [(b.param.grad if grad else b.param).reshape(-1) for b in self.whole]
+            torch.cat(srcs, out=flat[:self.whole_numel])
         eager = _eager(flat)
         i = 0
-        for (ks, d_out, r, d_in, off), banked in zip(self.groups, self.banked):
-            n = len(ks)
-            blocks = {"P": flat[off:off + n * r * d_out].view(n * r, d_out)}      # [P_1ᵀ; ...; P_nᵀ]
-            off += n * r * d_out
-            blocks["lam"] = flat[off:off + n * r]
-            off += n * r
-            blocks["Q"] = flat[off:off + n * r * d_in].view(n * r, d_in)
-            off += n * r * d_in
-            for j, a in enumerate(("P", "lam", "Q")):
-                out, parts = blocks[a], tensors[i + j * n:i + (j + 1) * n]
-                if a in banked:
-                    bank, index = banked[a]
-                    src = bank.param.grad if grad else bank.param
-                    if index is None:
-                        out.copy_(src)
-                    else:
-                        if index.device != src.device:
-                            index = index.to(src.device)
-                            banked[a] = (bank, index)
-                        torch.index_select(src, 0, index, out=out)
-                elif a != "P":
-                    torch.cat(parts, out=out)
-                # Eager, the P blocks are cat along their columns into the transposed view of
-                # their slice: one dispatch, where a transpose per block is a dispatch each and
-                # the eager step waits on the host. Captured or compiled, where the host pays
-                # nothing and only the kernels count, the transposes hand cat contiguous rows,
-                # its faster kernel.
-                elif eager:
-                    torch.cat(parts, dim=1, out=out.t())
+        for g, (a, ks, width, off, src) in enumerate(self.groups):
+            out = flat[off:off + len(ks) * (self.ranks[ks[0]] * width)]
+            out = out if a == "lam" else out.view(-1, width)
+            if src is not None:
+                bank, index = src
+                rows = bank.param.grad if grad else bank.param
+                if index is None:
+                    out.copy_(rows)
                 else:
-                    torch.cat([t.t() for t in parts], out=out)
-            i += 3 * n
+                    if index.device != rows.device:
+                        index = index.to(rows.device)
+                        self.groups[g] = (a, ks, width, off, (bank, index))
+                    torch.index_select(rows, 0, index, out=out)
+                continue
+            parts = tensors[i:i + len(ks)]
+            i += len(ks)
+            if a != "P":
+                torch.cat(parts, out=out)
+            # Eager, the P blocks are cat along their columns into the transposed view of
+            # their slice: one dispatch, where a transpose per block is a dispatch each and
+            # the eager step waits on the host. Captured or compiled, where the host pays
+            # nothing and only the kernels count, the transposes hand cat contiguous rows,
+            # its faster kernel.
+            elif eager:
+                torch.cat(parts, dim=1, out=out.t())
+            else:
+                torch.cat([t.t() for t in parts], out=out)
         return flat.to(dtype)
+
+    def scores(self, s: torch.Tensor) -> torch.Tensor:
+        """Eq. 9 for every singular value, layer order, from the per-element scores ``s`` (this
+        layout): ``s(lam_i) + (mean_j s(Q_ij) + mean_j s(P_ji))``, the sum in ``triplet_scores``'s
+        order."""
+        if self.lam_at.device != s.device:     # once, not a host-to-device copy per mask step
+            self.lam_at, self.p_row, self.q_row = (t.to(s.device) for t in (self.lam_at, self.p_row, self.q_row))
+        means = [s[off:off + rows * width].view(rows, width).mean(-1) for _, off, rows, width in self.mean_blocks]
+        means = torch.cat(means) if len(means) > 1 else means[0]
+        return s.index_select(0, self.lam_at) + (means.index_select(0, self.q_row) + means.index_select(0, self.p_row))
 
 
 def _eager(t: torch.Tensor) -> bool:
@@ -155,29 +194,23 @@ class ImportanceScorer:
             self._layout_cache = _Layout(self.layers)
         return self._layout_cache
 
-    def _grads(self, layout: _Layout, params: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        # a banked tensor (None here) takes its gradient from the bank's, in flatten
-        grads = [p.grad if p is not None else None for p in params]
+    def _grads(self, layout: _Layout, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        # a banked tensor's gradient is read from its bank's, in flatten
         for bank in layout.banks:
             if bank.param.grad is None:
                 raise RuntimeError(f"no gradient for the flat parameter {bank.name}: call update_importance "
                                    "after loss.backward() and before optimizer.zero_grad()")
-        if all(g is not None or p is None for g, p in zip(grads, params)):
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
             return grads
-        grads = []
-        for (k, attr), p in zip(layout.order, params):
-            if p is None:
-                grads.append(None)
-                continue
+        for j, ((k, attr), p) in enumerate(zip(layout.own, params)):
             if p.grad is None and p.numel() == 0:
-                grads.append(p)                     # a rank-0 adapter: forward skips it, nothing to score
-                continue
-            if p.grad is None:
+                grads[j] = p                        # a rank-0 adapter: forward skips it, nothing to score
+            elif p.grad is None:
                 raise RuntimeError(
                     f"no gradient for {attr} of SVD adapter #{k} ({self.layers[k].extra_repr()}): "
                     "call update_importance after loss.backward() and before optimizer.zero_grad(), "
                     "and keep adapter parameters trainable (mark_only_adapters_trainable)")
-            grads.append(p.grad)
         return grads
 
     @torch.no_grad()
@@ -232,18 +265,7 @@ class ImportanceScorer:
             # Never updated (e.g. masking before any backward): every triplet scores zero.
             return torch.zeros(sum(layout.ranks), device=device)
         s = self.ibar if self.ubar is None else self.ibar * self.ubar
-        per_group = []
-        for ks, d_out, r, d_in, off in layout.groups:
-            n = len(ks)
-            sP = s[off:off + n * d_out * r].view(n, r, d_out).transpose(1, 2)   # stored as Pᵀ
-            off += n * d_out * r
-            sl = s[off:off + n * r].view(n, r)
-            off += n * r
-            sQ = s[off:off + n * r * d_in].view(n, r, d_in)
-            per_group.append(triplet_scores(sP, sl, sQ).reshape(-1))
-        if layout.perm.device != s.device:
-            layout.perm = layout.perm.to(s.device)     # once, not a host-to-device copy per mask step
-        return torch.cat(per_group)[layout.perm]
+        return layout.scores(s)
 
     def scores(self, step: int = 0) -> list[torch.Tensor]:
         """Triplet scores ``S_k (r_k,)`` per layer, in layer order."""
@@ -258,15 +280,13 @@ class ImportanceScorer:
         if flat is None:
             return None
         layout = self._layout()
-        sizes = [fast_param(self.layers[k], a).numel() for k, a in layout.order]
-        pieces = dict(zip(layout.order, flat.split(sizes)))
         out = []
-        for k in range(len(self.layers)):
+        for k, layer in enumerate(self.layers):
             for a in ("P", "lam", "Q"):
-                shape = getattr(self.layers[k], a).shape
+                shape = getattr(layer, a).shape
+                piece = flat[layout.start[(k, a)]:][:shape.numel()]
                 # P is stored as Pᵀ: the clone of its transpose keeps P's own (column-major) layout
-                piece = pieces[(k, a)].view(shape[::-1]).t() if a == "P" else pieces[(k, a)].view(shape)
-                out.append(piece.clone())
+                out.append((piece.view(shape[::-1]).t() if a == "P" else piece.view(shape)).clone())
         return out
 
     def state_dict(self) -> dict:
@@ -280,9 +300,10 @@ class ImportanceScorer:
         def flat(ts):
             if ts is None:
                 return None
+            # every tensor is one chunk of the buffer: joined in the order of their starts
+            keys = sorted(layout.start, key=layout.start.get)
             by_key = {(k, a): ts[3 * k + i] for k in range(len(self.layers)) for i, a in enumerate(("P", "lam", "Q"))}
-            return torch.cat([(by_key[key].t() if key[1] == "P" else by_key[key]).reshape(-1)
-                              for key in layout.order]).clone()
+            return torch.cat([(by_key[key].t() if key[1] == "P" else by_key[key]).reshape(-1) for key in keys])
 
         self.ibar, self.ubar = flat(sd["ibar"]), flat(sd["ubar"])
         self.updates, self.skipped = int(sd["updates"]), int(sd["skipped"])

@@ -355,14 +355,17 @@ def test_the_penalty_over_banks_matches_dense_gram_matrices(form, subset):
         assert rows.eq(0).all()
 
 
-def test_importance_scores_from_banks_match_scores_per_adapter():
+@pytest.mark.parametrize("subset", [False, True])
+def test_importance_scores_from_banks_match_scores_per_adapter(subset):
     """One backward, then the scorer on banked factors and on separate ones: the same EMAs and
-    triplet scores, including after a resize leaves ranks mixed."""
+    triplet scores, including after a resize leaves ranks mixed. All adapters scored, the scorer
+    reads each bank as stored; a subset, it gathers the subset's rows of each bank."""
     outs = []
     for flat in (False, "all"):
         model, adapters, _, _, _ = _setup("adalora", flat)
         list(adapters.values())[2].resize(torch.tensor([1, 2, 4, 7]))
-        scorer = adalora.ImportanceScorer(list(adapters.values()), adalora.ScoreConfig())
+        layers = list(adapters.values())
+        scorer = adalora.ImportanceScorer(layers[1:] if subset else layers, adalora.ScoreConfig())
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             x = torch.randn(4, len(T.planted), T.d_in, generator=g, dtype=DT)
@@ -370,9 +373,34 @@ def test_importance_scores_from_banks_match_scores_per_adapter():
             assert scorer.update()
             model.zero_grad(set_to_none=True)
         outs.append((scorer.flat_scores(), scorer.state_dict()))
+        fresh = adalora.ImportanceScorer(scorer.layers, adalora.ScoreConfig())
+        fresh.load_state_dict(outs[-1][1])
+        assert torch.equal(fresh.flat_scores(), outs[-1][0])
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-12, atol=0)
-    for a, b in zip(outs[1][1]["ibar"], outs[0][1]["ibar"]):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for name in ("ibar", "ubar"):
+        for a, b in zip(outs[1][1][name], outs[0][1][name]):
+            assert a.shape == b.shape and a.stride() == b.stride()
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_the_scorer_reads_whole_banks_with_as_many_ops_whatever_the_ranks():
+    """With every adapter scored, a step's reads are one copy of all banks: mixed ranks (a
+    resize), which split separate parameters into more shape groups, add no operation."""
+    from experiments.opcount import count_ops
+    counts = {}
+    for flat in (False, "all"):
+        model, adapters, _, _, _ = _setup("adalora", flat)
+        x = torch.randn(4, len(T.planted), T.d_in, dtype=DT)
+        for resized in (False, True):
+            if resized:
+                list(adapters.values())[2].resize(torch.tensor([1, 2, 4, 7]))
+            scorer = adalora.ImportanceScorer(list(adapters.values()), adalora.ScoreConfig())
+            model.zero_grad(set_to_none=True)
+            model(x).pow(2).sum().backward()
+            scorer.update(grads_finite=True)
+            counts[flat, resized] = count_ops(lambda: scorer.update(grads_finite=True))["ops"]
+    assert counts["all", True] == counts["all", False]
+    assert counts[False, True] > counts[False, False]          # the reference: one more group to gather
 
 
 @pytest.mark.parametrize("fuse,fused_adam", [("none", False), ("epilogue", True)])
