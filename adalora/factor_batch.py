@@ -48,6 +48,7 @@ from . import gate_bank, merge_batch, shared_input
 SLOT = "_batched_factors"   # an adapter's [down, up, Lead, W'] (None: its own) in its __dict__, no state_dict entry
 _FILLED = "_factor_batch_filled"
 _CALLS = "_factor_batch_calls"   # the forward's shared_input.Calls, replanned from after it
+_VIEWED = "_factor_batch_views"  # (adapter, key) of every bank view handed out for the forward
 
 
 def attach(model: nn.Module) -> None:
@@ -80,7 +81,8 @@ def _form(model: nn.Module, args) -> None:
     ups: dict = {}
     filled = model.__dict__[_FILLED] = []     # before any slot is set: _drop clears what was
     calls = model.__dict__[_CALLS] = shared_input.Calls()
-    for layer in model.modules():
+    casts: dict = {}                          # (device type, dtype) -> the dtype products take
+    for layer in _walk(model):
         # transformers' flag on the blocks' container, a plain attribute: read from __dict__, as
         # getattr on a module without it raises inside nn.Module.__getattr__ (half this hook's time)
         if layer.__dict__.get("gradient_checkpointing") is True:
@@ -90,8 +92,11 @@ def _form(model: nn.Module, args) -> None:
         layer.__dict__[shared_input.CALLS] = calls    # the forward's calls, for the next plan
         filled.append(layer)
         d = gate_bank.leaf(layer, layer._DOWN)       # (r, d_in), or its bank (Σr, d_in)
-        device = d.device.type
-        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else d.dtype
+        cast = casts.get((d.device.type, d.dtype))
+        if cast is None:
+            device = d.device.type
+            cast = casts[device, d.dtype] = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                                             else d.dtype)
         downs.setdefault((d.shape[1], d.dtype, d.device, cast, layer._GATE), []).append(layer)
         if cast != d.dtype:
             u = gate_bank.leaf(layer, layer._UP)
@@ -129,10 +134,11 @@ def _form(model: nn.Module, args) -> None:
         # Flat parameters: every factor not prepared above is a view from one split of its bank,
         # so autograd joins its gradients once; a slice per adapter would hand the bank one
         # bank-sized gradient per adapter to sum.
+        viewed = model.__dict__[_VIEWED] = []
         for bank in gate_bank.banks_of_model(model):
             wanted = {id(m) for m in bank.layers if not _prepared(m, bank.attr)}
             if wanted:
-                filled += gate_bank.views_for_forward(bank, wanted)
+                viewed += gate_bank.views_for_forward(bank, wanted)
 
 
 def _prepared(layer, attr: str) -> bool:
@@ -189,10 +195,26 @@ def _units(members: list, groups: tuple) -> list:
     return units
 
 
+def _walk(model: nn.Module):
+    """``model.modules()``, in its order, without its recursive generators: this hook walks
+    every module at every forward, and the eager step waits on its host time."""
+    seen, stack = set(), [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield module
+        if module._modules:
+            stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+
+
 def _drop(model: nn.Module, args, output) -> None:
     for layer in model.__dict__.pop(_FILLED, ()):
-        for key in (SLOT, shared_input.CALLS, shared_input.HANDED, *gate_bank.VIEWS):
+        for key in (SLOT, shared_input.CALLS, shared_input.HANDED):
             layer.__dict__.pop(key, None)
+    for layer, key in model.__dict__.pop(_VIEWED, ()):
+        layer.__dict__.pop(key, None)
     calls = model.__dict__.pop(_CALLS, None)
     if calls is not None:
         shared_input.replan(model, calls)

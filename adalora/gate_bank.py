@@ -57,9 +57,6 @@ def _view_key(attr: str) -> str:
     return "_view_" + attr      # an adapter's __dict__: this forward's view, set by factor_batch
 
 
-VIEWS = tuple(_view_key(a) for a in KINDS)
-
-
 def _rows(t: torch.Tensor, attr: str) -> torch.Tensor:
     """A factor in its bank's layout, one row per rank-one term: ``Pᵀ`` for ``P`` (``Bᵀ``)."""
     return t.t() if attr in UPS else t
@@ -230,10 +227,14 @@ def bank_of_model(model: nn.Module) -> Bank | None:
 
 def views_for_forward(bank: Bank, wanted: set[int]) -> list:
     """Give the adapters of ``bank`` whose ``id`` is in ``wanted`` their views for one forward,
-    from one ``split``; returns them (factor_batch drops the views after the forward)."""
+    from one ``split``; returns ``(adapter, key)`` of each view given (factor_batch drops them
+    after the forward)."""
     given, key = [], _view_key(bank.attr)
-    for layer, v in zip(bank.layers, bank.param.split(bank.sizes)):
+    # an up factor's views split the bank's transpose by columns: one view op in all, where a
+    # transpose per row block is one per adapter (and one more autograd node each)
+    views = bank.param.t().split(bank.sizes, dim=1) if bank.attr in UPS else bank.param.split(bank.sizes)
+    for layer, v in zip(bank.layers, views):
         if id(layer) in wanted:
-            layer.__dict__[key] = bank._shaped(v)
-            given.append(layer)
+            layer.__dict__[key] = v
+            given.append((layer, key))
     return given

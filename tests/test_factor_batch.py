@@ -274,3 +274,16 @@ def test_auto_prepares_factors_for_cuda_parameters_only():
     layer.fuse = "auto"
     layer._parameters["Q"] = types.SimpleNamespace(is_cuda=True)
     assert factor_batch._fused(layer)
+
+
+def test_the_walk_visits_modules_in_nn_module_order_once_each():
+    """The hooks' own walk against ``nn.Module.modules()``: pre-order, a module shared by two
+    parents (and one registered as None) visited once, where modules() first meets it."""
+    shared = nn.Linear(3, 3)
+    inner = nn.Sequential(nn.Linear(3, 3), shared, nn.Sequential(nn.ReLU(), shared))
+    model = nn.Sequential(nn.Linear(3, 3), inner, nn.ModuleDict({"a": shared, "b": nn.Tanh()}), inner)
+    model.register_module("empty", None)
+    walked = list(factor_batch._walk(model))
+    assert [id(m) for m in walked] == [id(m) for m in model.modules()]
+    m, ad = _model("epilogue")
+    assert [id(x) for x in factor_batch._walk(m)] == [id(x) for x in m.modules()]
