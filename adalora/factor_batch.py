@@ -115,8 +115,8 @@ def _form(model: nn.Module, args) -> None:
             d_all = d_all * g_all.unsqueeze(1)
         # one view per unit: a group's rows are adjacent, and its leader multiplies them as one
         # (its members' own views, for a call outside the group, are views of that view)
-        for u, part in zip(units, d_all.to(cast).split([sum(m.rank for m in u) for u in units])):
-            ranks = tuple(m.rank for m in u)
+        unit_ranks = [tuple(m.rank for m in u) for u in units]
+        for u, ranks, part in zip(units, unit_ranks, d_all.to(cast).split([sum(r) for r in unit_ranks])):
             for m, d in zip(u, part.split(ranks) if len(u) > 1 else (part,)):
                 m.__dict__[SLOT] = [d, None, None, None]
             if len(u) > 1:
