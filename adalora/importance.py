@@ -126,15 +126,14 @@ class _Layout:
             out = flat[off:off + len(ks) * (self.ranks[ks[0]] * width)]
             out = out if a == "lam" else out.view(-1, width)
             if src is not None:
+                # a bank shared with adapters not scored (else it is read whole above): its
+                # rows of the group, which are never all of it in order
                 bank, index = src
                 rows = bank.param.grad if grad else bank.param
-                if index is None:
-                    out.copy_(rows)
-                else:
-                    if index.device != rows.device:
-                        index = index.to(rows.device)
-                        self.groups[g] = (a, ks, width, off, (bank, index))
-                    torch.index_select(rows, 0, index, out=out)
+                if index.device != rows.device:
+                    index = index.to(rows.device)
+                    self.groups[g] = (a, ks, width, off, (bank, index))
+                torch.index_select(rows, 0, index, out=out)
                 continue
             parts = tensors[i:i + len(ks)]
             i += len(ks)
@@ -157,8 +156,8 @@ class _Layout:
         order."""
         if self.lam_at.device != s.device:     # once, not a host-to-device copy per mask step
             self.lam_at, self.p_row, self.q_row = (t.to(s.device) for t in (self.lam_at, self.p_row, self.q_row))
-        means = [s[off:off + rows * width].view(rows, width).mean(-1) for _, off, rows, width in self.mean_blocks]
-        means = torch.cat(means) if len(means) > 1 else means[0]
+        means = torch.cat([s[off:off + rows * width].view(rows, width).mean(-1)     # P and Q blocks: two or more
+                           for _, off, rows, width in self.mean_blocks])
         return s.index_select(0, self.lam_at) + (means.index_select(0, self.q_row) + means.index_select(0, self.p_row))
 
 

@@ -361,7 +361,7 @@ def test_importance_scores_from_banks_match_scores_per_adapter(subset):
     triplet scores, including after a resize leaves ranks mixed. All adapters scored, the scorer
     reads each bank as stored; a subset, it gathers the subset's rows of each bank."""
     outs = []
-    for flat in (False, "all"):
+    for flat in (False, True, "all"):       # True: the gates a bank, P and Q each adapter's own
         model, adapters, _, _, _ = _setup("adalora", flat)
         list(adapters.values())[2].resize(torch.tensor([1, 2, 4, 7]))
         layers = list(adapters.values())
@@ -376,31 +376,57 @@ def test_importance_scores_from_banks_match_scores_per_adapter(subset):
         fresh = adalora.ImportanceScorer(scorer.layers, adalora.ScoreConfig())
         fresh.load_state_dict(outs[-1][1])
         assert torch.equal(fresh.flat_scores(), outs[-1][0])
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-12, atol=0)
-    for name in ("ibar", "ubar"):
-        for a, b in zip(outs[1][1][name], outs[0][1][name]):
-            assert a.shape == b.shape and a.stride() == b.stride()
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for out in outs[1:]:
+        torch.testing.assert_close(out[0], outs[0][0], rtol=1e-12, atol=0)
+        for name in ("ibar", "ubar"):
+            for a, b in zip(out[1][name], outs[0][1][name]):
+                assert a.shape == b.shape and a.stride() == b.stride()
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+class _TwoWidths(torch.nn.Module):
+    """Two maps of each of two shapes: two banks of each kind with flat factors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.ModuleList(torch.nn.Linear(6, 5) for _ in range(2))
+        self.b = torch.nn.ModuleList(torch.nn.Linear(4, 7) for _ in range(2))
+
+    def forward(self, x6, x4):
+        return sum(m(x6).pow(2).sum() for m in self.a) + sum(m(x4).pow(2).sum() for m in self.b)
 
 
 def test_the_scorer_reads_whole_banks_with_as_many_ops_whatever_the_ranks():
-    """With every adapter scored, a step's reads are one copy of all banks: mixed ranks (a
-    resize), which split separate parameters into more shape groups, add no operation."""
+    """With every adapter scored, a step's reads are one copy of all banks, of both widths: mixed
+    ranks (a resize in the first width), which split separate parameters into more shape
+    groups, add no operation."""
     from experiments.opcount import count_ops
     counts = {}
     for flat in (False, "all"):
-        model, adapters, _, _, _ = _setup("adalora", flat)
-        x = torch.randn(4, len(T.planted), T.d_in, dtype=DT)
+        torch.manual_seed(0)
+        model = _TwoWidths().to(DT)
+        adapters = adalora.inject(model, adalora.AdapterConfig(
+            targets=["a.0", "a.1", "b.0", "b.1"], init_rank=4, alpha=8.0, flat_gates=bool(flat),
+            flat_factors=flat == "all"))
+        x6, x4 = torch.randn(3, 6, dtype=DT), torch.randn(3, 4, dtype=DT)
         for resized in (False, True):
             if resized:
-                list(adapters.values())[2].resize(torch.tensor([1, 2, 4, 7]))
+                adapters["a.0"].resize(torch.tensor([0, 2]))
             scorer = adalora.ImportanceScorer(list(adapters.values()), adalora.ScoreConfig())
             model.zero_grad(set_to_none=True)
-            model(x).pow(2).sum().backward()
+            model(x6, x4).backward()
             scorer.update(grads_finite=True)
             counts[flat, resized] = count_ops(lambda: scorer.update(grads_finite=True))["ops"]
     assert counts["all", True] == counts["all", False]
     assert counts[False, True] > counts[False, False]          # the reference: one more group to gather
+
+
+def test_the_scorer_names_the_bank_without_a_gradient_and_the_fix():
+    model, adapters, _, _, _ = _setup("adalora", "all")
+    scorer = adalora.ImportanceScorer(list(adapters.values()), adalora.ScoreConfig())
+    with pytest.raises(RuntimeError, match=r"^no gradient for the flat parameter adalora_\w+: call update_importance "
+                                           r"after loss\.backward\(\) and before optimizer\.zero_grad\(\)$"):
+        scorer.update()
 
 
 @pytest.mark.parametrize("fuse,fused_adam", [("none", False), ("epilogue", True)])

@@ -50,6 +50,10 @@ def test_triplet_scores_against_loop():
     expected = torch.tensor([sl[i] + sum(sP[j, i] for j in range(5)) / 5 + sum(sQ[i, j] for j in range(4)) / 4
                              for i in range(3)])
     assert torch.allclose(triplet_scores(sP, sl, sQ), expected, atol=1e-6)
+    # batched over a leading dim of adapters, each as alone
+    bP, bl, bQ = torch.rand(2, 5, 3), torch.rand(2, 3), torch.rand(2, 3, 4)
+    want = torch.stack([triplet_scores(bP[k], bl[k], bQ[k]) for k in range(2)])
+    assert torch.allclose(triplet_scores(bP, bl, bQ), want, atol=1e-6)
 
 
 def test_kinds():
