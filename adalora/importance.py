@@ -156,7 +156,7 @@ class _Layout:
         order."""
         if self.lam_at.device != s.device:     # once, not a host-to-device copy per mask step
             self.lam_at, self.p_row, self.q_row = (t.to(s.device) for t in (self.lam_at, self.p_row, self.q_row))
-        means = torch.cat([s[off:off + rows * width].view(rows, width).mean(-1)     # P and Q blocks: two or more
+        means = torch.cat([s[off:off + rows * width].view(rows, width).mean(1)     # P and Q blocks: two or more
                            for _, off, rows, width in self.mean_blocks])
         return s.index_select(0, self.lam_at) + (means.index_select(0, self.q_row) + means.index_select(0, self.p_row))
 
