@@ -26,9 +26,9 @@ paths a width's factors with one ``index_select`` per kind (none at all where th
 adapters are the bank, in order) and the reference path its views from one ``split`` per bank
 and model forward, so autograd joins the gradients once instead of per adapter. The penalty
 multiplies a bank's rows in place of a stack of its adapters' and adds its gradient with one
-kernel; the importance scorer keeps its state in the banks' layout (adalora/importance.py). The values and the
-training are those of separate parameters; only the order in which sums are taken may differ
-(fp32 rounding).
+kernel; the importance scorer keeps its state in the banks' layout (adalora/importance.py). The
+values and the training are those of separate parameters; only the order in which sums are
+taken may differ (fp32 rounding).
 
 A rank change (``resize``, ``expand``, ``set_factors``) builds a new bank with the other
 adapters' rows, and ``Bank.src`` records where each new row came from, so that an optimizer can
