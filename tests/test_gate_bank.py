@@ -527,3 +527,42 @@ def test_lora_adapter_files_load_into_banked_lora_at_other_ranks(tmp_path):
     assert getattr(dst, f"adalora_A_{T.d_in}").shape == (10, T.d_in)
     x = torch.randn(5, 3, T.d_in, dtype=DT)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["adalora", "lora"])
+def test_banked_adapters_the_hooks_leave_unprepared_read_their_own_views(family):
+    """With the factor hooks removed, each banked adapter on the epilogue path takes its gate and
+    factors as views of its bank rows: the outputs and gradients of parameters per adapter."""
+    from adalora import factor_batch
+    out = []
+    for flat in (False, "all"):
+        torch.manual_seed(0)
+        model = Maps(len(T.planted), T.d_out, T.d_in).to(DT)
+        adapters = adalora.inject(model, adalora.AdapterConfig(
+            method=family, targets=[f"maps.{i}" for i in range(len(T.planted))], init_rank=T.init_rank,
+            alpha=8.0, fuse="epilogue", flat_gates=bool(flat) and family == "adalora", flat_factors=bool(flat)))
+        adalora.mark_only_adapters_trainable(model)          # a frozen W0: the fused path applies
+        factor_batch.remove(model)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for a in adapters.values():
+                for attr in (("P", "lam", "Q") if family == "adalora" else ("A", "B")):
+                    t = getattr(a, attr)
+                    t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
+        x = torch.randn(4, len(T.planted), T.d_in, generator=torch.Generator().manual_seed(4), dtype=DT)
+        y = model(x)
+        y.pow(2).sum().backward()
+        grads = {}
+        for k, a in enumerate(adapters.values()):
+            for attr in (("P", "lam", "Q") if family == "adalora" else ("A", "B")):
+                bank = gate_bank.bank_of(a, attr)
+                if bank is None:
+                    grads[k, attr] = getattr(a, attr).grad
+                else:
+                    o, r = bank.offsets[bank.layers.index(a)], bank.sizes[bank.layers.index(a)]
+                    rows = bank.param.grad[o:o + r]
+                    grads[k, attr] = rows.t() if attr in gate_bank.UPS else rows
+        out.append((y.detach(), grads))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=1e-12)
+    for key, want in out[0][1].items():
+        torch.testing.assert_close(out[1][1][key], want, rtol=1e-10, atol=1e-12)
