@@ -529,9 +529,9 @@ def test_lora_adapter_files_load_into_banked_lora_at_other_ranks(tmp_path):
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["adalora", "lora"])
-def test_banked_adapters_the_hooks_leave_unprepared_read_their_own_views(family):
-    """With the factor hooks removed, each banked adapter on the epilogue path takes its gate and
+@pytest.mark.parametrize("family,fuse", [("adalora", "epilogue"), ("lora", "epilogue"), ("adalora", "stack")])
+def test_banked_adapters_the_hooks_leave_unprepared_read_their_own_views(family, fuse):
+    """With the factor hooks removed, each banked adapter on a fused path takes its gate and
     factors as views of its bank rows: the outputs and gradients of parameters per adapter."""
     from adalora import factor_batch
     out = []
@@ -540,7 +540,7 @@ def test_banked_adapters_the_hooks_leave_unprepared_read_their_own_views(family)
         model = Maps(len(T.planted), T.d_out, T.d_in).to(DT)
         adapters = adalora.inject(model, adalora.AdapterConfig(
             method=family, targets=[f"maps.{i}" for i in range(len(T.planted))], init_rank=T.init_rank,
-            alpha=8.0, fuse="epilogue", flat_gates=bool(flat) and family == "adalora", flat_factors=bool(flat)))
+            alpha=8.0, fuse=fuse, flat_gates=bool(flat) and family == "adalora", flat_factors=bool(flat)))
         adalora.mark_only_adapters_trainable(model)          # a frozen W0: the fused path applies
         factor_batch.remove(model)
         g = torch.Generator().manual_seed(3)
