@@ -566,3 +566,45 @@ def test_banked_adapters_the_hooks_leave_unprepared_read_their_own_views(family,
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=1e-12)
     for key, want in out[0][1].items():
         torch.testing.assert_close(out[1][1][key], want, rtol=1e-10, atol=1e-12)
+
+
+def _masked_run(flat, order, n_maps=len(T.planted), steps=30):
+    """AdaLoRA with the allocator's adapters in ``order`` (indices into the injected maps): the
+    losses, the masks and the gates after ``steps`` masked steps."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = Maps(n_maps, T.d_out, T.d_in).to(DT)
+    adapters = adalora.inject(model, adalora.AdapterConfig(
+        targets=[f"maps.{i}" for i in range(n_maps)], init_rank=4, alpha=8.0, flat_gates=flat))
+    adalora.mark_only_adapters_trainable(model)
+    items = list(adapters.items())
+    sched = adalora.ScheduleConfig(target_rank=2, total_steps=steps + 20, init_warmup=2, final_warmup=10, mask_interval=1)
+    alloc = adalora.RankAllocator(dict(items[k] for k in order), sched)
+    opt = torch.optim.AdamW(adalora.adapter_parameters(adapters), lr=0.05)
+    losses = []
+    for step in range(steps):
+        x = torch.randn(8, n_maps, T.d_in, generator=g, dtype=DT)
+        loss = model(x).sin().pow(2).sum()
+        loss.backward()
+        opt.step()
+        alloc.update_importance(step)
+        alloc.mask_to_budget(step)
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, [a.rank_mask.clone() for a in adapters.values()], [a.lam.detach().clone() for a in adapters.values()]
+
+
+@pytest.mark.parametrize("order", ["reversed", "single"])
+def test_masks_reach_the_right_gates_whatever_the_allocator_order_and_with_one_adapter(order):
+    """Flat gates with an allocator that lists the adapters in another order than the bank (the
+    mask step must then multiply each adapter's view, not the bank in its order), and with one
+    adapter alone: the same losses, masks and gates as a gate per adapter."""
+    n = 1 if order == "single" else len(T.planted)
+    perm = list(range(n))[::-1]
+    ref, got = _masked_run(False, perm, n), _masked_run(True, perm, n)
+    assert got[0] == ref[0]
+    for a, b in zip(got[1], ref[1]):
+        assert torch.equal(a, b)
+    assert any(not m.all() for m in ref[1])                   # something was masked
+    for a, b in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
