@@ -17,8 +17,8 @@ T = Teacher(steps=60, init_warmup=10, final_warmup=20)
 
 
 def _setup(family: str, flat, fuse: str = "none", dtype=DT):
-    """``flat``: False (a parameter per adapter), True (flat gates) or ``"all"`` (flat gates and
-    factors)."""
+    """``flat``: False (a parameter per adapter), True (flat gates), ``"all"`` (flat gates and
+    factors) or ``"factors"`` (flat factors, a gate per adapter)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     n = len(T.planted)
@@ -27,7 +27,8 @@ def _setup(family: str, flat, fuse: str = "none", dtype=DT):
                for m, r in zip(model.maps, T.planted)]
     adapters = adalora.inject(model, adalora.AdapterConfig(
         targets=[f"maps.{i}" for i in range(n)], init_rank=1 if family == "elalora" else T.init_rank,
-        alpha=8.0, scale_rank=8.0, fuse=fuse, flat_gates=bool(flat), flat_factors=flat == "all"))
+        alpha=8.0, scale_rank=8.0, fuse=fuse, flat_gates=flat in (True, "all"),
+        flat_factors=flat in ("all", "factors")))
     adalora.mark_only_adapters_trainable(model)
     alloc = make_allocator(family, adapters, T, 0)
     return model, adapters, alloc, teacher, g
@@ -328,11 +329,13 @@ def _dense_penalty(layers, squared: bool):
 
 @pytest.mark.parametrize("form", ["reference", "paper"])
 @pytest.mark.parametrize("subset", [False, True])
-def test_the_penalty_over_banks_matches_dense_gram_matrices(form, subset):
+@pytest.mark.parametrize("flat", ["all", "factors"])
+def test_the_penalty_over_banks_matches_dense_gram_matrices(form, subset, flat):
     """The penalty and its hand-written gradient on banked factors, with equal ranks (a view of
     each bank), mixed ranks (padded) and a subset of the adapters (gathered rows, gradients added
-    at those rows only), against dense Gram matrices per adapter and autograd."""
-    model, adapters, _, _, _ = _setup("adalora", "all")
+    at those rows only), against dense Gram matrices per adapter and autograd; with the gates
+    banked too or kept per adapter (the penalty reads no gate)."""
+    model, adapters, _, _, _ = _setup("adalora", flat)
     layers = list(adapters.values())
     layers[1].resize(torch.tensor([0, 2, 3]))             # mixed ranks within each bank
     chosen = {k: a for i, (k, a) in enumerate(adapters.items()) if not subset or i % 2 == 0}
@@ -578,7 +581,8 @@ def _masked_run(flat, order, n_maps=len(T.planted), steps=30):
         targets=[f"maps.{i}" for i in range(n_maps)], init_rank=4, alpha=8.0, flat_gates=flat))
     adalora.mark_only_adapters_trainable(model)
     items = list(adapters.items())
-    sched = adalora.ScheduleConfig(target_rank=2, total_steps=steps + 20, init_warmup=2, final_warmup=10, mask_interval=1)
+    sched = adalora.ScheduleConfig(target_rank=2, total_steps=steps + 20, init_warmup=2, final_warmup=10,
+                                   mask_interval=1)
     alloc = adalora.RankAllocator(dict(items[k] for k in order), sched)
     opt = torch.optim.AdamW(adalora.adapter_parameters(adapters), lr=0.05)
     losses = []
