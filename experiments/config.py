@@ -82,9 +82,12 @@ class MethodConfig:
     # auto | none | epilogue | triton | stack: the adapters' path (adalora/README.md, "Fused paths").
     fuse: str = _lib(adalora.AdapterConfig, "fuse")
     # SVD adapters: every lam a view of one parameter (adalora/gate_bank.py); the same training.
-    flat_gates: bool = _lib(adalora.AdapterConfig, "flat_gates")
+    # null: on for every method that takes it (the app's optimizer and checkpoints need no
+    # parameter per adapter, and an eager step gets faster); false: a lam per adapter.
+    flat_gates: Optional[bool] = None
     # Every P and Q (LoRA: A and B) a view of one parameter per kind and width; the same training.
-    flat_factors: bool = _lib(adalora.AdapterConfig, "flat_factors")
+    # null: on for every method but svd_truncate (which restarts one adapter's Adam state).
+    flat_factors: Optional[bool] = None
     orth_weight: float = 0.1               # γ; the paper's GLUE runs use 0.1 to 0.5
     orth_form: str = _lib(adalora.orthogonality_penalty, "form")
     # lora only: per-module ranks {name_or_suffix: r}; or read from a finished AdaLoRA run.
@@ -105,8 +108,13 @@ class MethodConfig:
         _check(self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")
         _check(self.orth_weight >= 0, "method.orth_weight must be >= 0")
         _check(self.fuse in FUSE_MODES, f"method.fuse='{self.fuse}'; choose one of {', '.join(FUSE_MODES)}")
-        _check(not self.flat_gates or self.uses_svd,
-               f"method.flat_gates=true is for SVD adapters (lam); method={self.name} has none: drop it")
+        _check(self.flat_gates in (None, True, False), f"method.flat_gates={self.flat_gates!r}: use null, true or false")
+        _check(self.flat_factors in (None, True, False),
+               f"method.flat_factors={self.flat_factors!r}: use null, true or false")
+        _check(not self.flat_gates or (self.uses_svd and not self.name.startswith("peft_")),
+               f"method.flat_gates=true is for this toolkit's SVD adapters (lam); method={self.name} has none: drop it")
+        _check(not self.flat_factors or self.name not in ("full", "head") and not self.name.startswith("peft_"),
+               f"method.flat_factors=true is for this toolkit's adapters; method={self.name} takes none: drop it")
         _check(not self.flat_factors or self.name != "svd_truncate",
                "method.flat_factors=true: svd_truncate restarts each adapter's optimizer state, which a "
                "shared parameter cannot; drop it")
@@ -146,6 +154,14 @@ class MethodConfig:
         return self.name in ("adalora", "svd_lora", "peft_adalora", "sora", "elalora", "eva")
 
     @property
+    def flat(self) -> tuple:
+        """``(flat_gates, flat_factors)`` as injected: null means on wherever the method takes it."""
+        own = self.name not in ("full", "head") and not self.name.startswith("peft_")
+        gates = self.uses_svd and own if self.flat_gates is None else self.flat_gates
+        factors = own and self.name != "svd_truncate" if self.flat_factors is None else self.flat_factors
+        return gates, factors
+
+    @property
     def prunes(self) -> bool:
         """Has a rank allocator, and so a target budget (every family, not only pruning ones)."""
         return self.name in ALLOCATING
@@ -155,8 +171,8 @@ class MethodConfig:
         return adalora.AdapterConfig(
             method="adalora" if self.uses_svd else "lora", targets=list(targets),
             target_regex=self.target_regex, init_rank=init_rank, alpha=self.alpha,
-            dropout=self.dropout, rslora=self.scale_rule == "rslora", fuse=self.fuse, flat_gates=self.flat_gates,
-            flat_factors=self.flat_factors,
+            dropout=self.dropout, rslora=self.scale_rule == "rslora", fuse=self.fuse, flat_gates=self.flat[0],
+            flat_factors=self.flat[1],
             rank_pattern=dict(self.rank_pattern if rank_pattern is None else rank_pattern))
 
 

@@ -44,7 +44,11 @@ adalora.RankAllocator.mask_on_device = mask_on_device
 orig_train = R.train
 def train(cfg, built, *a, **k):
     res = orig_train(cfg, built, *a, **k)
-    torch.save({"state": ckpt.trainable_state(built.model), "masks": masks,
+    # each adapter's own tensors too: with flat parameters the state holds the banks
+    own = {f"{n}.{a}": getattr(m, a).detach().clone() for n, m in built.model.named_modules()
+           if isinstance(m, adalora.AdapterLayer)
+           for a in (("P", "lam", "Q") if isinstance(m, adalora.SVDLinear) else ("A", "B"))}
+    torch.save({"state": ckpt.trainable_state(built.model), "adapters": own, "masks": masks,
                 "ranks": built.allocator.ranks()}, f"{dump}/rank{rank}.pt")
     return res
 R.train = train
@@ -131,8 +135,8 @@ def test_two_ranks_hold_identical_masks_and_adapters_and_one_run_folder(tmp_path
     assert set(r0["state"]) == set(r1["state"])
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     saved = load_file(str(run / "adapters.safetensors"))      # what rank 0 wrote is rank 1's too
-    shared = [k for k in saved if f"backbone.{k}" in r1["state"]]
-    assert len(shared) >= 12 and all(torch.equal(saved[k], r1["state"][f"backbone.{k}"]) for k in shared)
+    shared = [k for k in saved if f"backbone.{k}" in r1["adapters"]]
+    assert len(shared) >= 12 and all(torch.equal(saved[k], r1["adapters"][f"backbone.{k}"]) for k in shared)
     train_steps = [m["step"] for m in read_jsonl(run / "metrics.jsonl") if m["split"] == "train"]
     assert train_steps == list(range(1, 17))           # logged once, by rank 0
 

@@ -169,16 +169,22 @@ def test_adapter_files_and_peft_folders_round_trip_between_flat_and_separate_gat
     torch.testing.assert_close(outs[0], ref(x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("flat", [["method.flat_gates=true"], ["method.flat_gates=true", "method.flat_factors=true"]])
-def test_the_app_trains_and_resumes_with_flat_gates(tmp_path, flat):
-    """``method.flat_gates=true`` (and ``flat_factors``) through the Hydra app: the same adapters
-    at the end as parameters per adapter (fp32 rounding of the joined gradients' sums), and an
-    interrupted run resumes bitwise."""
+PER_ADAPTER = ["method.flat_gates=false", "method.flat_factors=false"]
+
+
+@pytest.mark.parametrize("method, flat", [([], ["method.flat_factors=false"]), ([], []), (["method=lora"], [])],
+                         ids=["adalora_gates", "adalora_default", "lora_default"])
+def test_the_app_trains_and_resumes_with_flat_gates(tmp_path, method, flat):
+    """The Hydra app's default (flat gates and factors; LoRA's factors) and flat gates alone: the
+    same adapters at the end as with ``method.flat_gates=false method.flat_factors=false``,
+    parameters per adapter (fp32 rounding of the joined gradients' sums), and an interrupted run
+    resumes bitwise."""
     from safetensors.torch import load_file
 
     from exp_utils import TINY, run_inproc
-    base = TINY + ["trainer.epochs=2", "logger.tensorboard=false", "schedule.target_rank=2", "method.init_rank=3"]
-    ref = run_inproc(tmp_path / "ref", base)
+    base = TINY + method + ["trainer.epochs=2", "logger.tensorboard=false", "schedule.target_rank=2",
+                            "method.init_rank=3"]
+    ref = run_inproc(tmp_path / "ref", base + PER_ADAPTER)
     got = run_inproc(tmp_path / "flat", base + flat)
     assert ref["status"] == got["status"] == "completed" and ref["final_ranks"] == got["final_ranks"]
     a, b = (load_file(str(tmp_path / d / "adapters.safetensors")) for d in ("ref", "flat"))
@@ -236,6 +242,20 @@ def test_settings_flat_gates_cannot_hold_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="flat_gates='yes': use true or false"):
         adalora.AdapterConfig(flat_gates="yes")
     assert C.MethodConfig(name="sora", flat_gates=True).adapter_config(["q"], 3).flat_gates is True
+    # the app's default: flat wherever the method takes it; false keeps parameters per adapter
+    acfg = C.MethodConfig().adapter_config(["q"], 3)
+    assert (acfg.flat_gates, acfg.flat_factors) == (True, True)
+    assert C.MethodConfig(name="lora").flat == (False, True)
+    assert C.MethodConfig(name="svd_truncate").flat == (False, False)
+    assert C.MethodConfig(name="eva").flat == (True, True)
+    assert all(C.MethodConfig(name=n).flat == (False, False) for n in ("full", "head", "peft_adalora", "peft_lora"))
+    assert C.MethodConfig(flat_gates=False, flat_factors=False).flat == (False, False)
+    assert C.MethodConfig(flat_factors=False).flat == (True, False)
+    for name in ("peft_lora", "full"):
+        with pytest.raises(C.ConfigError, match=f"method={name} takes none: drop it"):
+            C.MethodConfig(name=name, flat_factors=True)
+    with pytest.raises(C.ConfigError, match="method=peft_adalora has none: drop it"):
+        C.MethodConfig(name="peft_adalora", flat_gates=True)
     with pytest.raises(C.ConfigError, match="svd_truncate restarts each adapter's optimizer state"):
         C.MethodConfig(name="svd_truncate", flat_factors=True)
     assert C.MethodConfig(name="lora", flat_factors=True).adapter_config(["q"], 3).flat_factors is True

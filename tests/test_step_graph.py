@@ -120,8 +120,12 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(SG, "refuse", lambda cfg, device, world: refuse(cfg, torch.device("cuda"), world))
 
 
-@pytest.mark.parametrize("extra", [[], ["trainer.compact=true"], ["trainer.compact=true", "method.flat_gates=true"],
-                                   ["trainer.compact=true", "method.flat_gates=true", "method.flat_factors=true"]])
+# The app's default is flat gates and factors; false keeps parameters per adapter.
+PER_ADAPTER = ["method.flat_gates=false", "method.flat_factors=false"]
+
+
+@pytest.mark.parametrize("extra", [[], ["trainer.compact=true"], ["trainer.compact=true", "method.flat_factors=false"],
+                                   ["trainer.compact=true"] + PER_ADAPTER])
 def test_loop_with_step_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_path):
     """24 steps of AdaLoRA on real data (7 allocations, the final one at step 16, and 8 steps after
     it; with compaction, the graphs are rebuilt for the shrunk adapters there): the same ranks and
@@ -144,7 +148,7 @@ def test_loop_with_step_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_pa
 
 
 @pytest.mark.parametrize("extra", [[], ["trainer.grad_accum=2"], ["trainer.compact=true"],
-                                   ["method.flat_gates=true", "method.flat_factors=true"]])
+                                   PER_ADAPTER])
 def test_loop_with_tail_graph_trains_as_the_eager_loop(extra, cpu_graphs, tmp_path, monkeypatch):
     """``trainer.tail_graph``: forward and backward eager on the loop's trimmed batches (and over two
     micro-batches), the tail (γ∇R, clipping, the update) through the graphs' bodies: the same
