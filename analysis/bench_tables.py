@@ -59,6 +59,11 @@ def step_mode(c: dict) -> str:
     return "tail graphs" if c.get("tail_graph") else "eager"
 
 
+def shape_mode(c: dict) -> str:
+    """Preset, step mode and, under bf16 autocast (fp32 weights), that."""
+    return f"{c['preset']}, {step_mode(c)}" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
+
+
 def table(header: list[str], rows: list[list[str]], align: str) -> str:
     """Pipe table; `align` has one letter per column, l or r (numbers are right-aligned)."""
     align = ["---:" if a == "r" else "---" for a in align]
@@ -311,7 +316,7 @@ def host_phases(files) -> str:
         if d.get("kind") != "phases_benchmark":
             continue
         c, v = d["config"], d["variants"]
-        shape = f"{c['preset']}, {step_mode(c)}" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
+        shape = shape_mode(c)
         for variant, r in v.items():
             p = r["host_phases_ms"]
             if names is None:
@@ -392,7 +397,7 @@ def eager_pairs(files) -> str:
                 found.append((name, d, c, path, a, lo))
     rows = []
     for (name, d, c, path, a, lo), ci in zip(found, _t_rows([(a["rounds_ms"], lo["rounds_ms"]) for *_, a, lo in found])):
-        shape = f"{c['preset']}, {step_mode(c)}" + (", autocast" if c.get("bf16_mode") == "autocast" else "")
+        shape = shape_mode(c)
         rows.append([shape, short_machine(d), path, str(len(a["rounds_ms"])), f"{a['median_ms'] / lo['median_ms']:.2f}",
                      ci, f"`{name}`"])
     return table(["shape, mode", "machine", "path", "rounds", "median ÷ median", "per-round ratio, mean [simultaneous 95% t]",
@@ -416,7 +421,7 @@ def flat_gates(files) -> str:
         c, v = d["config"], d["variants"]
         sep, got = v["adalora_epilogue"], v[flat]
         phase = lambda k: f"{sep['host_phases_ms'][k]:.2f} / {got['host_phases_ms'][k]:.2f}"  # noqa: E731
-        rows.append([f"{c['preset']}, {step_mode(c)}", short_machine(d), what, str(len(got["rounds_ms"])),
+        rows.append([shape_mode(c), short_machine(d), what, str(len(got["rounds_ms"])),
                      f"{sep['median_ms']:.1f} / {got['median_ms']:.1f}", ci, phase("update"), phase("penalty"),
                      phase("backward"), f"`{name}`"])
     return table(["shape, mode", "machine", "flat", "rounds", "median ms, per adapter / flat",
@@ -490,10 +495,37 @@ def loop_compare(files) -> str:
                   "test accuracy, b − a"], rows, "lllrrrr")
 
 
+def loop_layouts(files) -> str:
+    """``loop_layout`` files: whole training runs with the app's flat parameters and with parameters
+    per adapter, taking turns. Per setting and method: each run's median ms per step (its spans
+    after the first, the warm-up), flat ÷ per adapter as the median of one layout's run medians
+    over the other's, and the largest train-loss difference between runs of one repeat."""
+    import statistics
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "loop_layout":
+            continue
+        groups = {}
+        for r in d["runs"]:
+            groups.setdefault((r["setting"], r["method"]), {}).setdefault(r["layout"], []).append(r)
+        for (setting, method), by in groups.items():
+            (flat,), (per,) = ([v for k, v in by.items() if k.startswith(w)] for w in ("flat", "per"))
+            med = {id(r): statistics.median(r["ms_per_step"][1:]) for r in flat + per}
+            mid = [statistics.median(med[id(r)] for r in runs) for runs in (flat, per)]
+            pairs = [(a, b) for a in flat for b in per if a["repeat"] == b["repeat"]]
+            diff = max(abs(x[1] - y[1]) for a, b in pairs for x, y in zip(a["train_loss"], b["train_loss"]))
+            rows.append([setting, method, short_machine(d), str(len(flat)),
+                         ", ".join(f"{med[id(r)]:.1f}" for r in flat), ", ".join(f"{med[id(r)]:.1f}" for r in per),
+                         f"{mid[0] / mid[1]:.2f}", f"{diff:.2g}", f"`{name}`"])
+    return table(["setting", "method", "machine", "pairs", "flat: ms per step, each run",
+                  "per adapter: ms per step, each run", "flat ÷ per adapter", "largest train-loss difference",
+                  "results file"], rows, "lllrllrrl")
+
+
 TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "host_phases": host_phases, "ab_pairs": ab_pairs,
           "eager_pairs": eager_pairs, "flat_gates": flat_gates, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
           "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch,
-          "loop_runs": loop_runs, "loop_compare": loop_compare}
+          "loop_runs": loop_runs, "loop_compare": loop_compare, "loop_layouts": loop_layouts}
 
 
 def render(names=None, folder: Path = HERE, markers: bool = True) -> str:

@@ -297,3 +297,23 @@ def test_loop_tables_reduce_the_train_logs_and_pair_the_seeds_by_hand(tmp_path):
     assert rows[3] == "| `g0` / `g3` | – | – | – | – | 0.05 | -0.3100 |"
     assert rows[4] == ("| adalora, 3 seeds, bf16 autocast, dropout on: step_graph − eager |  |  |  |  |  | "
                        "+0.0200 [-0.0048, +0.0448] |")
+
+
+def test_loop_layouts_table_takes_each_runs_median_after_its_first_span_by_hand(tmp_path):
+    """Flat runs at 10, 20, 30 ms per step (their first spans, 99 ms, left out) and runs per
+    adapter at 40 and 50: medians 20 and 45, flat ÷ per adapter 20 / 45 = 0.44; the train losses
+    of repeat 1 differ by at most 0.25, repeat 2 by 0.5 (repeat 3 has no pair)."""
+    import json
+
+    from analysis import bench_tables as B
+
+    def run(layout, repeat, ms, losses):
+        return {"setting": "s", "method": "adalora", "layout": layout, "repeat": repeat, "ms_per_step": [99.0, ms, ms],
+                "train_loss": [[10, losses[0]], [20, losses[1]]]}
+    runs = [run("flat (default)", 1, 10.0, (1.0, 0.5)), run("per adapter", 1, 40.0, (1.25, 0.5)),
+            run("flat (default)", 2, 30.0, (1.0, 0.5)), run("per adapter", 2, 50.0, (1.0, 1.0)),
+            run("flat (default)", 3, 20.0, (9.0, 9.0))]
+    d = {"kind": "loop_layout", "machine": "1x NVIDIA H200, 16 CPU cores", "runs": runs}
+    (tmp_path / "x.json").write_text(json.dumps(d))
+    rows = B.loop_layouts(B.load(tmp_path)).splitlines()[2:]
+    assert rows == ["| s | adalora | 1x H200 | 3 | 10.0, 30.0, 20.0 | 40.0, 50.0 | 0.44 | 0.5 | `x.json` |"]
