@@ -632,3 +632,97 @@ def test_masks_reach_the_right_gates_whatever_the_allocator_order_and_with_one_a
     assert any(not m.all() for m in ref[1])                   # something was masked
     for a, b in zip(got[2], ref[2]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def _two_width_adapters(n: int, flat: bool, seed: int = 0):
+    """``n`` SVD adapters on 10 -> 6 maps (``P`` banked 6 wide, ``Q`` 10: a batch per width), random factors."""
+    torch.manual_seed(seed)
+    model = Maps(n, 6, 10).to(DT)
+    adapters = adalora.inject(model, adalora.AdapterConfig(targets=[f"maps.{i}" for i in range(n)], init_rank=4,
+                                                           flat_gates=flat, flat_factors=flat))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for a in adapters.values():
+            for attr in ("P", "Q"):
+                t = getattr(a, attr)
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
+    return model, adapters
+
+
+def _bank_grads(adapters: dict) -> dict:
+    """Each adapter's ``P`` and ``Q`` gradient, read from its bank rows or its own parameter."""
+    out = {}
+    for k, a in enumerate(adapters.values()):
+        for attr in ("P", "Q"):
+            bank = gate_bank.bank_of(a, attr)
+            if bank is None:
+                out[k, attr] = getattr(a, attr).grad
+                continue
+            i = bank.layers.index(a)
+            rows = bank.param.grad[bank.offsets[i]:bank.offsets[i] + bank.sizes[i]]
+            out[k, attr] = rows.t() if attr in gate_bank.UPS else rows
+    return out
+
+
+@pytest.mark.parametrize("form", ["reference", "paper"])
+@pytest.mark.parametrize("case", ["equal", "mixed", "all_rank_0", "half_own"])
+def test_the_penalty_over_banks_of_two_widths_matches_dense_gram_matrices(case, form):
+    """``P`` and ``Q`` banks of different widths are batches of their own: with equal ranks (a view
+    of each bank), mixed ranks (each bank padded), every adapter pruned to rank 0 (nothing to
+    penalise), and half the adapters banked, half with parameters of their own (two models): the
+    value and the gradients of ``orthogonality_grad_`` against dense Gram matrices per adapter and
+    autograd of that dense value."""
+    _, adapters = _two_width_adapters(4, True)
+    layers = list(adapters.values())
+    if case == "mixed":
+        layers[1].resize(torch.tensor([0, 2]))
+        layers[3].resize(torch.tensor([1, 2, 3]))
+    if case == "all_rank_0":
+        for a in layers:
+            a.resize(torch.tensor([], dtype=torch.long))
+    if case == "half_own":
+        _, own = _two_width_adapters(3, False, seed=5)
+        adapters = {**adapters, **{f"own.{k}": a for k, a in own.items()}}
+        layers = list(adapters.values())
+    want = _dense_penalty(layers, form == "paper")
+    if case == "all_rank_0":
+        assert float(adalora.orthogonality_grad_(adapters, 1.0, form)) == float(want.detach()) == 0.0
+        assert float(adalora.orthogonality_penalty(adapters, form)) == 0.0
+        return
+    want.backward()                                          # into the banks and the own parameters
+    dense = {k: g.clone() for k, g in _bank_grads(adapters).items()}
+    for p in adalora.adapter_parameters(adapters):
+        p.grad = None
+    got = adalora.orthogonality_grad_(adapters, 1.0, form)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(adalora.orthogonality_penalty(adapters, form), want, rtol=1e-12, atol=0)
+    for key, g in _bank_grads(adapters).items():
+        torch.testing.assert_close(g, dense[key], rtol=1e-10, atol=1e-14)
+
+
+def test_a_frozen_bank_gets_no_penalty_gradient_and_the_other_bank_of_its_width_gets_its_own():
+    """Square maps join a width's ``P`` and ``Q`` banks in one batch; with the ``P`` bank frozen
+    its gradient stays unset and the ``Q`` bank still gets the dense gradient."""
+    model, adapters, _, _, _ = _setup("adalora", "all")
+    layers = list(adapters.values())
+    p_bank, q_bank = (gate_bank.bank_of(layers[0], a) for a in ("P", "Q"))
+    p_bank.param.requires_grad_(False)
+    _dense_penalty(layers, False).backward()
+    dense = q_bank.param.grad.clone()
+    q_bank.param.grad = None
+    adalora.orthogonality_grad_(adapters, 1.0)
+    assert p_bank.param.grad is None
+    torch.testing.assert_close(q_bank.param.grad, dense, rtol=1e-10, atol=1e-14)
+
+
+def test_the_penalty_over_whole_banks_runs_no_operation_per_adapter():
+    """Every adapter of its banks, equal ranks: the batches are the banks' rows as stored, so the
+    penalty's operations (views included) do not grow with the number of adapters, where reading
+    each adapter's ``P`` and ``Q`` as views would."""
+    from experiments.opcount import count_ops
+    counts = []
+    for n in (2, 5):
+        _, adapters = _two_width_adapters(n, True)
+        adalora.orthogonality_grad_(adapters, 1.0)               # the plan, built once
+        counts.append(count_ops(lambda: adalora.orthogonality_penalty(adapters), views=True)["ops"])
+    assert counts[0] == counts[1]
