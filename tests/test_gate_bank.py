@@ -726,3 +726,16 @@ def test_the_penalty_over_whole_banks_runs_no_operation_per_adapter():
         adalora.orthogonality_grad_(adapters, 1.0)               # the plan, built once
         counts.append(count_ops(lambda: adalora.orthogonality_penalty(adapters), views=True)["ops"])
     assert counts[0] == counts[1]
+
+
+def test_lora_adapters_injected_with_flat_gates_get_no_gate_bank():
+    """``flat_gates`` is for SVD adapters: LoRA adapters injected with it are the model they are
+    without it (no empty gate parameter), and with flat factors only their ``A`` and ``B`` banks."""
+    keys = []
+    for gates, factors in ((False, False), (True, False), (False, True), (True, True)):
+        model = Maps(3, 6, 10).to(DT)
+        adalora.inject(model, adalora.AdapterConfig(method="lora", targets=[f"maps.{i}" for i in range(3)],
+                                                    init_rank=2, flat_gates=gates, flat_factors=factors))
+        keys.append(sorted(model.state_dict()))
+    assert keys[0] == keys[1] and keys[2] == keys[3]
+    assert set(keys[2]) - set(keys[0]) == {"adalora_A_10", "adalora_B_6"}
