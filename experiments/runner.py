@@ -62,8 +62,10 @@ def check_resumable(run_dir: Path, config: Dict[str, Any]) -> dict:
     old, new = flatten(json.loads(state["config"])), flatten(config)
     for k in sorted(set(old) | set(new)):
         if not k.startswith(RESUME_FREE) and old.get(k) != new.get(k):
+            # json.dumps spells the run's value as a Hydra override does: null, true, 3, "x"
             raise ConfigError(f"trainer.resume: config differs from the checkpointed run at "
-                              f"{k} ({old.get(k)!r} -> {new.get(k)!r}); use the same overrides")
+                              f"{k} ({old.get(k)!r} -> {new.get(k)!r}); use the same overrides "
+                              f"({k}={json.dumps(old.get(k))})")
     return state
 
 

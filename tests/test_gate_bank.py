@@ -194,6 +194,10 @@ def test_the_app_trains_and_resumes_with_flat_gates(tmp_path, method, flat):
     d = tmp_path / "resumed"
     flat_args = base + flat + ["trainer.checkpoint_every=4"]
     assert run_inproc(d, flat_args + ["trainer.stop_at_step=6"])["status"] == "interrupted"
+    from experiments.config import ConfigError       # the other layout is refused, with the override to give
+    with pytest.raises(ConfigError, match=r"at method\.flat_(factors|gates) \(None -> False\); use the same "
+                                          r"overrides \(method\.flat_\1=null\)"):
+        run_inproc(d, base + PER_ADAPTER + ["trainer.checkpoint_every=4", f"trainer.resume={d}"])
     assert run_inproc(d, flat_args + [f"trainer.resume={d}"])["status"] == "completed"
     c = load_file(str(d / "adapters.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)
