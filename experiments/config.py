@@ -111,9 +111,9 @@ class MethodConfig:
         _check(self.flat_gates in (None, True, False), f"method.flat_gates={self.flat_gates!r}: use null, true or false")
         _check(self.flat_factors in (None, True, False),
                f"method.flat_factors={self.flat_factors!r}: use null, true or false")
-        _check(not self.flat_gates or (self.uses_svd and not self.name.startswith("peft_")),
+        _check(not self.flat_gates or (self.uses_svd and self.ours),
                f"method.flat_gates=true is for this toolkit's SVD adapters (lam); method={self.name} has none: drop it")
-        _check(not self.flat_factors or self.name not in ("full", "head") and not self.name.startswith("peft_"),
+        _check(not self.flat_factors or self.ours,
                f"method.flat_factors=true is for this toolkit's adapters; method={self.name} takes none: drop it")
         _check(not self.flat_factors or self.name != "svd_truncate",
                "method.flat_factors=true: svd_truncate restarts each adapter's optimizer state, which a "
@@ -154,11 +154,15 @@ class MethodConfig:
         return self.name in ("adalora", "svd_lora", "peft_adalora", "sora", "elalora", "eva")
 
     @property
+    def ours(self) -> bool:
+        """Trains this toolkit's adapters (not peft's, and not full or head-only training)."""
+        return self.name not in ("full", "head") and not self.name.startswith("peft_")
+
+    @property
     def flat(self) -> tuple:
         """``(flat_gates, flat_factors)`` as injected: null means on wherever the method takes it."""
-        own = self.name not in ("full", "head") and not self.name.startswith("peft_")
-        gates = self.uses_svd and own if self.flat_gates is None else self.flat_gates
-        factors = own and self.name != "svd_truncate" if self.flat_factors is None else self.flat_factors
+        gates = self.uses_svd and self.ours if self.flat_gates is None else self.flat_gates
+        factors = self.ours and self.name != "svd_truncate" if self.flat_factors is None else self.flat_factors
         return gates, factors
 
     @property
@@ -168,11 +172,12 @@ class MethodConfig:
 
     def adapter_config(self, targets: List[str], init_rank: int,
                        rank_pattern: Optional[Dict[str, int]] = None) -> adalora.AdapterConfig:
+        flat_gates, flat_factors = self.flat
         return adalora.AdapterConfig(
             method="adalora" if self.uses_svd else "lora", targets=list(targets),
             target_regex=self.target_regex, init_rank=init_rank, alpha=self.alpha,
-            dropout=self.dropout, rslora=self.scale_rule == "rslora", fuse=self.fuse, flat_gates=self.flat[0],
-            flat_factors=self.flat[1],
+            dropout=self.dropout, rslora=self.scale_rule == "rslora", fuse=self.fuse, flat_gates=flat_gates,
+            flat_factors=flat_factors,
             rank_pattern=dict(self.rank_pattern if rank_pattern is None else rank_pattern))
 
 
