@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import gate_bank, schedule
+from . import accounting, gate_bank, schedule
 from .config import ScheduleConfig, ScoreConfig
 from .importance import ImportanceScorer
 from .layers import SVDLinear, fast_param
@@ -164,6 +164,28 @@ class Allocator(abc.ABC):
 
     def init_from_data(self, forward: Callable[[dict], object], batches: Iterable[dict]) -> AllocationRecord:
         raise NotImplementedError(f"{type(self).__name__} allocates during training, not from data")
+
+
+class BudgetAllocator(Allocator):
+    """The families that price their records in a budget unit (adalora/accounting.py): SoRA,
+    ElaLoRA, EVA and svd_truncate. Each sets ``names``, ``layers``, ``unit``, ``schedule`` and
+    the two budgets; an adapter's rank is what it keeps, and ``unfinished`` is what ``finalize``
+    says before the method's last allocation (``{final_step}`` filled in)."""
+    unfinished = ("{name} never reached its final step {final_step}: call mask_to_budget(step) once per "
+                  "optimizer step up to total_steps")
+    name = "the allocator"
+
+    def ranks(self) -> dict[str, int]:
+        return {n: int(layer.rank) for n, layer in zip(self.names, self.layers)}
+
+    def initial_record(self) -> AllocationRecord:
+        return accounting.budget_record(0, self.names, self.layers, self.unit, self.initial_budget)
+
+    def finalize(self) -> AllocationRecord:
+        if not self.final_done:
+            raise RuntimeError(self.unfinished.format(name=self.name, final_step=self.schedule.final_step))
+        return accounting.budget_record(self.schedule.total_steps, self.names, self.layers, self.unit,
+                                        self.target_budget)
 
 
 class RankAllocator(Allocator):

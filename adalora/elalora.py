@@ -16,7 +16,7 @@ import torch
 
 from . import accounting as A
 from . import schedule
-from .allocator import AllocationRecord, Allocator
+from .allocator import AllocationRecord, BudgetAllocator
 from .config import ScheduleConfig, ScoreConfig, _check, _is_number
 from .importance import ImportanceScorer
 
@@ -36,13 +36,14 @@ class ElaLoRAConfig:
                f"ElaLoRAConfig.init_std={self.init_std!r}: use a positive number")
 
 
-class ElaLoRAAllocator(Allocator):
+class ElaLoRAAllocator(BudgetAllocator):
     """Prune the lowest-scored, grow the most important modules, up to ``b(t)``.
 
     # DEVIATION: ElaLoRA's module importance for growth is the mean score of the module's
     # triplets here, grown one triplet per module in importance order (round robin); triplets
     # grown at the previous mask step are not pruned at the next one (their EMAs start at zero).
     """
+    name = "ElaLoRA"
     reshapes = True
 
     def __init__(self, adapters: dict, schedule_cfg: ScheduleConfig, score_cfg: ScoreConfig | None = None,
@@ -136,18 +137,6 @@ class ElaLoRAAllocator(Allocator):
         if step >= self.schedule.final_step:
             self.final_done = True
             self.scorer.free()
-
-    def ranks(self) -> dict[str, int]:
-        return {n: int(layer.rank) for n, layer in zip(self.names, self.layers)}
-
-    def initial_record(self) -> AllocationRecord:
-        return A.budget_record(0, self.names, self.layers, self.unit, self.initial_budget)
-
-    def finalize(self) -> AllocationRecord:
-        if not self.final_done:
-            raise RuntimeError(f"ElaLoRA never reached its final step {self.schedule.final_step}: call "
-                               "mask_to_budget(step) once per optimizer step up to total_steps")
-        return A.budget_record(self.schedule.total_steps, self.names, self.layers, self.unit, self.target_budget)
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         return {} if self.final_done else dict(zip(self.names, self.scorer.scores()))

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import accounting as A
-from .allocator import AllocationRecord, Allocator
+from .allocator import AllocationRecord, BudgetAllocator
 from .config import ScheduleConfig
 
 
@@ -29,7 +29,7 @@ def pca(n: int, total: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, 
     return comps, evals / evals.sum().clamp(min=torch.finfo(evals.dtype).tiny)
 
 
-class EVAAllocator(Allocator):
+class EVAAllocator(BudgetAllocator):
     """``init_from_data(forward, batches)`` runs ``forward(batch)`` on each batch without gradients,
     collects the inputs of every SVD adapter (rows where ``batch[mask_key]`` is true when the
     input's leading shape is the mask's: no padding tokens), allocates and initialises.
@@ -39,6 +39,8 @@ class EVAAllocator(Allocator):
     # moments), so the result depends only on the batches. Q's rows are the unit-norm components
     # and P keeps its random init (lam = 0, so ΔW = 0), where peft sets LoRA's A and zeroes B.
     """
+    name = "EVA"
+    unfinished = "EVA never allocated: call init_from_data(forward, batches) before training"
     needs_data = True
 
     def __init__(self, adapters: dict, schedule_cfg: ScheduleConfig, unit: str = "values",
@@ -94,17 +96,10 @@ class EVAAllocator(Allocator):
     def mask_to_budget(self, step: int) -> AllocationRecord | None:
         return None
 
-    def ranks(self) -> dict[str, int]:
-        return {n: int(layer.rank) for n, layer in zip(self.names, self.layers)}
-
     def initial_record(self) -> AllocationRecord:
+        # allocated from data before step 0: once done, the start is the target
         return A.budget_record(0, self.names, self.layers, self.unit,
                                self.target_budget if self.final_done else self.initial_budget)
-
-    def finalize(self) -> AllocationRecord:
-        if not self.final_done:
-            raise RuntimeError("EVA never allocated: call init_from_data(forward, batches) before training")
-        return A.budget_record(self.schedule.total_steps, self.names, self.layers, self.unit, self.target_budget)
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         return dict(self.explained)

@@ -14,7 +14,7 @@ import torch
 
 from . import accounting as A
 from . import gate_bank, schedule
-from .allocator import AllocationRecord, Allocator
+from .allocator import AllocationRecord, BudgetAllocator
 from .config import ScheduleConfig, _check, _is_number
 
 
@@ -33,7 +33,7 @@ class SoRAConfig:
         _check(_is_number(self.adapt) and self.adapt >= 0, f"SoRAConfig.adapt={self.adapt!r}: use a number >= 0")
 
 
-class SoRAAllocator(Allocator):
+class SoRAAllocator(BudgetAllocator):
     """Proximal L1 on ``lam`` after each optimizer step, from ``init_warmup`` to the final step,
     where the gates still non-zero become the final allocation (frozen, re-applied every step).
 
@@ -42,6 +42,7 @@ class SoRAAllocator(Allocator):
     # step) so that runs compare under one budget. adapt=0 is SoRA's fixed ξ. The gate is
     # AdaLoRA's lam, with the orthogonality penalty on P and Q, so that every family shares one adapter.
     """
+    name = "SoRA"
 
     def __init__(self, adapters: dict, schedule_cfg: ScheduleConfig, cfg: SoRAConfig | None = None,
                  unit: str = "values"):
@@ -101,15 +102,6 @@ class SoRAAllocator(Allocator):
 
     def ranks(self) -> dict[str, int]:
         return dict(zip(self.names, A.kept_counts(self.layers) if self.final_done else self._nonzero()))
-
-    def initial_record(self) -> AllocationRecord:
-        return A.budget_record(0, self.names, self.layers, self.unit, self.initial_budget)
-
-    def finalize(self) -> AllocationRecord:
-        if not self.final_done:
-            raise RuntimeError(f"SoRA never reached its final step {self.schedule.final_step}: call "
-                               "mask_to_budget(step) once per optimizer step up to total_steps")
-        return A.budget_record(self.schedule.total_steps, self.names, self.layers, self.unit, self.target_budget)
 
     @torch.no_grad()
     def compact(self, optimizer=None) -> None:

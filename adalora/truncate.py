@@ -13,7 +13,7 @@ import torch
 
 from . import accounting as A
 from . import gate_bank
-from .allocator import AllocationRecord, Allocator
+from .allocator import AllocationRecord, BudgetAllocator
 from .config import ScheduleConfig
 from .layers import LoRALinear
 
@@ -24,12 +24,15 @@ def truncated_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.
     return u[:, :r], s[:r], vh[:r]
 
 
-class TruncateAllocator(Allocator):
+class TruncateAllocator(BudgetAllocator):
     """Global top-``b_T`` truncation of trained LoRA updates at ``T − t_f``.
 
     # DEVIATION: the kept σ is folded into LoRA's B (the adapters stay ``LoRALinear``), yet the
     # budget prices each kept rank as a triplet (d_in + d_out + 1), as every other allocator here.
     """
+    name = "svd_truncate"
+    unfinished = ("svd_truncate never truncated (step {final_step}): call mask_to_budget(step) once per "
+                  "optimizer step up to total_steps")
     reshapes = True
 
     def __init__(self, adapters: dict, schedule_cfg: ScheduleConfig, unit: str = "values"):
@@ -81,18 +84,6 @@ class TruncateAllocator(Allocator):
         if self.final_done or step < self.schedule.final_step:
             return None
         return self.truncate(step)
-
-    def ranks(self) -> dict[str, int]:
-        return {n: int(layer.rank) for n, layer in zip(self.names, self.layers)}
-
-    def initial_record(self) -> AllocationRecord:
-        return A.budget_record(0, self.names, self.layers, self.unit, self.initial_budget)
-
-    def finalize(self) -> AllocationRecord:
-        if not self.final_done:
-            raise RuntimeError(f"svd_truncate never truncated (step {self.schedule.final_step}): call "
-                               "mask_to_budget(step) once per optimizer step up to total_steps")
-        return A.budget_record(self.schedule.total_steps, self.names, self.layers, self.unit, self.target_budget)
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         return dict(self.sigmas)

@@ -29,6 +29,35 @@ def test_reaches_its_budget_or_records_the_gap(name):
     assert final.ranks == alloc.ranks()
 
 
+@pytest.mark.parametrize("name, says", [
+    ("sora", r"^SoRA never reached its final step 55: call mask_to_budget\(step\) once per optimizer step"),
+    ("elalora", r"^ElaLoRA never reached its final step 55: call mask_to_budget\(step\) once per optimizer step"),
+    ("eva", r"^EVA never allocated: call init_from_data\(forward, batches\) before training$"),
+    ("svd_truncate", r"^svd_truncate never truncated \(step 55\): call mask_to_budget\(step\) once per"),
+])
+def test_before_training_each_family_records_its_start_and_refuses_to_finalize(name, says):
+    """Step 0: every adapter at its initial rank (ElaLoRA starts below the target of 18 and
+    grows, the others above it), the budget their sum, no gap; finalize names the missed call."""
+    torch.manual_seed(0)
+    r = 2 if name == "elalora" else 8
+    model = Maps(4, 6, 5).to(DT)
+    adapters = adalora.inject(model, adalora.AdapterConfig(
+        method="lora" if name == "svd_truncate" else "adalora", targets=[f"maps.{i}" for i in range(4)],
+        init_rank=r))
+    alloc = make_allocator(name, adapters, FAST, 0)
+    if name == "sora":          # its ranks are the gates off zero, and lam starts at zero
+        assert alloc.ranks() == {f"maps.{i}": 0 for i in range(4)}
+        with torch.no_grad():
+            for a in adapters.values():
+                a.lam.fill_(0.5)
+    assert alloc.ranks() == {f"maps.{i}": r for i in range(4)}
+    rec = alloc.initial_record()
+    assert rec.step == 0 and rec.ranks == alloc.ranks() and rec.unit == "values"
+    assert rec.target == 4 * r and rec.gap == 0
+    with pytest.raises(RuntimeError, match=says):
+        alloc.finalize()
+
+
 def test_params_unit_fills_greedily_and_records_the_gap():
     t = Teacher(planted=(0, 2, 4, 1, 6, 3), d_out=24, d_in=12, steps=60, init_warmup=10, final_warmup=20)
     torch.manual_seed(0)
