@@ -63,7 +63,7 @@ def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def swap_in_optimizer(opt: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, src: torch.Tensor,
-                      dim: int = 0) -> None:
+                      dim: int) -> None:
     """``new`` takes ``old``'s place in ``opt``'s groups. Each state tensor of ``old``'s shape
     (Adam's moments) continues along ``dim`` at the indices ``src`` (``(new.shape[dim],)``) names,
     starts at zero where ``src`` is -1 (a grown triplet), and takes ``new``'s layout."""
@@ -170,8 +170,12 @@ class AdapterLayer(nn.Module):
         ``requires_grad``, the up factor (``_UP``) stored column-major; a banked factor (flat gates
         or flat factors) gets a new bank parameter on the model instead. An optimizer holding the
         old parameters must be told (``RankAllocator.compact`` does that)."""
+        unknown = [n for n in factors if n not in self._parameters and gate_bank.bank_of(self, n) is None]
+        if unknown:                                    # before any factor changes
+            raise ValueError(f"{type(self).__name__}.set_factors({unknown[0]}=...): no such factor; "
+                             f"name one of {', '.join(a for a in (self._UP, self._GATE, self._DOWN) if a)}")
         for name, value in factors.items():
-            if name not in self._parameters and gate_bank.bank_of(self, name) is not None:
+            if name not in self._parameters:
                 self._set_banked(name, value)          # flat parameters: a new bank
                 continue
             old = self._parameters[name]

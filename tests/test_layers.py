@@ -346,6 +346,25 @@ def test_set_factors_keep_dtype_and_trainability_and_unmerge_resets_the_flag():
     assert layer.merged is False
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_set_factors_refuses_a_name_the_adapter_lacks_before_changing_any_factor(flat):
+    """SVD adapters have P, lam and Q, LoRA's A and B; banked factors (flat) are no parameters of
+    the layer, yet they are factors. An unknown name is refused first, so the call changes nothing."""
+    model = nn.Sequential(nn.Linear(4, 3).double())
+    cfg = adalora.AdapterConfig(targets=["0"], init_rank=2, flat_gates=flat, flat_factors=flat)
+    layer = adalora.inject(model, cfg)["0"]
+    p, lam = layer.P.detach().clone(), layer.lam.detach().clone()
+    with pytest.raises(ValueError, match=r"^SVDLinear.set_factors\(A=...\): no such factor; name one of P, lam, Q$"):
+        layer.set_factors(P=torch.ones(3, 2), A=torch.ones(2, 4))
+    assert torch.equal(layer.P, p) and torch.equal(layer.lam, lam)
+    layer.set_factors(P=torch.ones(3, 2), lam=torch.full((2,), 0.5))      # the names it has
+    assert torch.equal(layer.P, torch.ones(3, 2, dtype=torch.float64))
+    assert torch.equal(layer.lam, torch.full((2,), 0.5, dtype=torch.float64))
+    lora = LoRALinear(nn.Linear(4, 3), 2, 2.0)
+    with pytest.raises(ValueError, match=r"^LoRALinear.set_factors\(lam=...\): no such factor; name one of B, A$"):
+        lora.set_factors(lam=torch.ones(2))
+
+
 def test_to_empty_without_recursion_leaves_the_base_alone():
     """`_apply` (which drops the fused stack) passes `recurse` on: `to_empty(recurse=False)` replaces
     the adapter's own factors only, never the frozen base weight."""
