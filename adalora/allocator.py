@@ -168,9 +168,9 @@ class Allocator(abc.ABC):
 
 class BudgetAllocator(Allocator):
     """The families that price their records in a budget unit (adalora/accounting.py): SoRA,
-    ElaLoRA, EVA and svd_truncate. Each sets ``names``, ``layers``, ``unit``, ``schedule`` and
-    the two budgets; an adapter's rank is what it keeps, and ``unfinished`` is what ``finalize``
-    says before the method's last allocation (``{final_step}`` filled in)."""
+    ElaLoRA, EVA and svd_truncate. Each sets ``names``, ``layers``, ``unit``, ``schedule``, the
+    two budgets and its ``name``; an adapter's rank is what it keeps, and ``unfinished`` is what
+    ``finalize`` says before the method's last allocation (``{name}`` and ``{final_step}`` filled in)."""
     unfinished = ("{name} never reached its final step {final_step}: call mask_to_budget(step) once per "
                   "optimizer step up to total_steps")
     name = "the allocator"
