@@ -15,6 +15,7 @@ for its first seeds, side by side on one colour scale).
 from __future__ import annotations
 
 import argparse
+import sys
 import itertools
 import math
 from pathlib import Path
@@ -95,14 +96,18 @@ def map_runs(sweep, by: str = "label", max_seeds: int = 3) -> list[str]:
     return [r for _, g in ok.sort_values([by, "seed"]).groupby(by, sort=True) for r in g["run"].head(max_seeds)]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.agreement", description=__doc__.split("\n")[0])
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-seeds", type=int, default=3)
     args = ap.parse_args(argv)
     from . import plots, tables
-    sweep = load_sweep(args.dirs)
+    try:
+        sweep = load_sweep(args.dirs)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = agreement_table(sweep)
     out = Path(args.out)
     tables.write(table, format_agreement(table), out / "agreement")
@@ -112,7 +117,8 @@ def main(argv=None) -> None:
         labels = sweep.runs.set_index("run").loc[runs]
         titles = [f"{r.label} s{r.seed}" for r in labels.itertuples()]
         plots.save(plots.rank_heatmaps(sweep, runs, titles=titles), out / "rank_maps")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

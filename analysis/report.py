@@ -26,9 +26,13 @@ RUN_COLUMNS = ["run", "status", "label", "budget_label", "task", "seed", "params
 def build_report(dirs, out, metric: str | None = None, max_runs: int = 6) -> Path:
     t0 = time.time()
     out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    sweep = load_sweep(dirs)
+    sweep = load_sweep(dirs)          # before anything is written: a bad folder leaves no trace
     runs = sweep.runs
+    if metric is not None:
+        have = sorted({c.split(".", 2)[2] for c in runs.columns if c.startswith(("final.test.", "final.val."))})
+        if metric not in have:
+            raise ValueError(f"metric {metric!r}: no run reports it; use one of {', '.join(have) or '(none yet)'}")
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     md = ["# AdaLoRA report", "",
           f"Sources: {', '.join(f'`{d}`' for d in dirs)}. {len(runs)} runs: "
           + ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().items()) + ".", ""]
@@ -51,9 +55,11 @@ def _metric_split(sweep, metric, split="test"):
     """The requested split, or val when no completed run has test metrics (e.g. GLUE dev only)."""
     for s in (split, "val", "test"):
         try:
-            return (metric or T.default_metric(sweep, s)), s
+            m = metric or T.default_metric(sweep, s)
         except ValueError:
             continue
+        if sweep.runs.get(f"final.{s}.{m}") is not None and sweep.runs.loc[sweep.runs["ok"], f"final.{s}.{m}"].notna().any():
+            return m, s
     raise ValueError("no completed run reports final metrics")
 
 
@@ -268,7 +274,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-runs", type=int, default=6, help="configurations with per-run rank figures")
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
-    path = build_report(args.dirs, out, args.metric, args.max_runs)
+    try:
+        path = build_report(args.dirs, out, args.metric, args.max_runs)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0
 

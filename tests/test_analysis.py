@@ -243,6 +243,26 @@ def test_report_end_to_end(sweep_dir, tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "rep" / "table_test_accuracy.tex").exists()
 
+@pytest.mark.parametrize("case", ["missing", "file", "metric"])
+def test_report_and_agreement_refuse_bad_input_in_one_line_and_write_nothing(sweep_dir, tmp_path, capsys, case):
+    from analysis import agreement, report
+    src = {"missing": tmp_path / "no_such_sweep", "file": sweep_dir / "0" / "summary.json",
+           "metric": sweep_dir}[case]
+    out = tmp_path / "rep"
+    extra = ["--metric", "bogus"] if case == "metric" else []
+    assert report.main([str(src), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert {"missing": "not a directory", "file": "not a directory",
+            "metric": "metric 'bogus': no run reports it; use one of accuracy"}[case] in err
+    assert not out.exists()                             # nothing made, not even the figures folder
+    if case == "metric":
+        assert report.main([str(src), "--out", str(out), "--metric", "accuracy"]) == 0   # a metric it has
+        return
+    assert agreement.main([str(src), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not out.exists()
+
+
 
 def test_schedule_cli_prints_phases_and_writes_png(tmp_path):
     out = tmp_path / "schedule.png"
