@@ -247,6 +247,10 @@ class RankAllocator(Allocator):
         return None
 
     def _allocate(self, step: int, budget: int) -> AllocationRecord:
+        if self.scorer.uses_grad and self.scorer.ibar is None and self.scorer.skipped == 0:
+            # every score would be zero and the ties would keep the first adapters' singular values
+            raise RuntimeError(f"mask_to_budget({step}): no importance was recorded yet: call "
+                               "allocator.update_importance(step) after loss.backward() at every step")
         # (Σ r_k,) in layer order; fp64 when the model is (fp32 would tie scores it cannot tell apart).
         flat = self.scorer.flat_scores(step)
         # DEVIATION (from the reference codes, not the paper): exactly `budget` kept, the paper's

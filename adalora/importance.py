@@ -261,7 +261,7 @@ class ImportanceScorer:
             return torch.rand(sum(layer.rank for layer in self.layers), generator=g).to(device)
         layout = self._layout()
         if self.ibar is None:
-            # Never updated (e.g. masking before any backward): every triplet scores zero.
+            # Never updated (every gradient so far non-finite): every triplet scores zero.
             return torch.zeros(sum(layout.ranks), device=device)
         s = self.ibar if self.ubar is None else self.ibar * self.ubar
         return layout.scores(s)

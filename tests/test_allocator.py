@@ -514,3 +514,30 @@ def test_masks_apply_to_adapters_of_two_dtypes(on_device):
         want = torch.tensor([x if x in kept else 0.0 for x in v], dtype=dtype)
         assert a.lam.dtype == dtype and torch.equal(a.lam.detach(), want)
         assert a.rank_mask.tolist() == [x in kept for x in v]
+
+
+def test_masking_before_any_importance_update_is_refused_and_masks_nothing():
+    """A loop that forgets update_importance would rank every singular value by a zero score,
+    keeping the first adapters' by the tie rule: refused, with the call to add."""
+    m, ad, alloc = _setup()
+    step = 6                                             # a mask step: past t_i = 4, a multiple of ΔT = 3
+    assert adalora.schedule.is_mask_step(step, alloc.schedule) and step < alloc.schedule.final_step
+    m(torch.randn(8, 10, dtype=torch.float64)).pow(2).mean().backward()
+    with pytest.raises(RuntimeError, match=r"mask_to_budget\(6\): no importance .*update_importance\(step\)"):
+        alloc.mask_to_budget(step)
+    assert all(bool(a.rank_mask.all()) for a in ad.values())
+    assert alloc.update_importance(step)
+    rec = alloc.mask_to_budget(step)
+    assert rec is not None and sum(rec.ranks.values()) == rec.budget < 12
+
+
+def test_masking_after_only_non_finite_gradients_goes_ahead():
+    """Every update skipped (an fp16 loss scaler's first steps, say) is not a forgotten call: the
+    step masks on zero scores, by the tie rule, as before."""
+    m, ad, alloc = _setup()
+    m(torch.randn(8, 10, dtype=torch.float64)).pow(2).mean().backward()
+    next(iter(ad.values())).lam.grad[0] = float("nan")
+    assert not alloc.update_importance(5) and alloc.scorer.skipped == 1
+    rec = alloc.mask_to_budget(6)
+    b = rec.budget                                       # the first b values in adapter order, 4 each
+    assert 8 < b < 12 and rec.ranks == {"0": 4, "1": 4, "2": b - 8}
