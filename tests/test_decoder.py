@@ -66,7 +66,9 @@ def test_saved_adapters_reload_to_the_same_scores_and_export_to_lora(llama_run):
     d, s = llama_run
     built, m = _eval_model(d, s, load=True)
     assert m == pytest.approx(s["final"]["test"], rel=1e-5)
-    assert _eval_model(d, s, load=False)[1]["loss"] != pytest.approx(m["loss"], rel=1e-5)
+    # Eight steps move a random decoder's loss of ~10.3 by about 1e-4: far above the 1e-7 of
+    # float32 evaluation, so without the adapters the loss must differ at 1e-6.
+    assert _eval_model(d, s, load=False)[1]["loss"] != pytest.approx(m["loss"], rel=1e-6)
     assert {n: a.rank for n, a in built.adapters.items()} == s["final_ranks"]
     state, ranks = adalora.export_lora(built.model.backbone)
     assert ranks == {n: r for n, r in s["final_ranks"].items() if r > 0}
