@@ -15,9 +15,9 @@ for its first seeds, side by side on one colour scale).
 from __future__ import annotations
 
 import argparse
-import sys
 import itertools
 import math
+import sys
 from pathlib import Path
 
 import numpy as np

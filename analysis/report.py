@@ -23,6 +23,10 @@ from analysis.runs import SCALE_NAMES, SVD_METHODS, load_sweep
 RUN_COLUMNS = ["run", "status", "label", "budget_label", "task", "seed", "params.trainable_end", "wall_time_s"]
 
 
+class ReportError(ValueError):
+    """Input the report cannot use (the command line prints it in one line)."""
+
+
 def build_report(dirs, out, metric: str | None = None, max_runs: int = 6) -> Path:
     t0 = time.time()
     out = Path(out)
@@ -31,7 +35,7 @@ def build_report(dirs, out, metric: str | None = None, max_runs: int = 6) -> Pat
     if metric is not None:
         have = sorted({c.split(".", 2)[2] for c in runs.columns if c.startswith(("final.test.", "final.val."))})
         if metric not in have:
-            raise ValueError(f"metric {metric!r}: no run reports it; use one of {', '.join(have) or '(none yet)'}")
+            raise ReportError(f"metric {metric!r}: no run reports it; use one of {', '.join(have) or '(none yet)'}")
     (out / "figures").mkdir(parents=True, exist_ok=True)
     md = ["# AdaLoRA report", "",
           f"Sources: {', '.join(f'`{d}`' for d in dirs)}. {len(runs)} runs: "
@@ -58,7 +62,8 @@ def _metric_split(sweep, metric, split="test"):
             m = metric or T.default_metric(sweep, s)
         except ValueError:
             continue
-        if sweep.runs.get(f"final.{s}.{m}") is not None and sweep.runs.loc[sweep.runs["ok"], f"final.{s}.{m}"].notna().any():
+        col = f"final.{s}.{m}"
+        if col in sweep.runs and sweep.runs.loc[sweep.runs["ok"], col].notna().any():
             return m, s
     raise ValueError("no completed run reports final metrics")
 
@@ -276,7 +281,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     try:
         path = build_report(args.dirs, out, args.metric, args.max_runs)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
