@@ -127,10 +127,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where the metrics go (default <source>/eval-<time>)")
     ap.add_argument("--export-peft", type=Path, default=None, help="write the run's adapters as a peft folder")
     a = ap.parse_args(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from .train import override_error
     try:
         if not a.source.is_dir():
             raise ConfigError(f"{a.source} is not a folder: pass a run folder or a peft folder")
-        cfg, plain = compose(a.source, a.overrides)
+        for arg in a.overrides:              # the training command's checks, in its words
+            if (msg := override_error(arg)) is not None:
+                raise ConfigError(msg)
+        try:
+            cfg, plain = compose(a.source, a.overrides)
+        except (HydraException, OmegaConfBaseException) as e:   # e.g. a value of the wrong type
+            why = [str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None and str(x)]
+            raise ConfigError(": ".join(why)) from None
         if a.export_peft is not None:
             print(f"wrote {export_peft(a.source, a.export_peft, cfg)}")
             return 0

@@ -49,16 +49,17 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(msg) from None
 
 
-def check_key(key: str) -> None:
+def key_error(key: str) -> str | None:
     """``trainer.lrr=1``: name the section's fields instead of Hydra's multi-line report."""
     import dataclasses
     head, _, rest = key.partition(".")
     section = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}.get(head)
     if not rest or not dataclasses.is_dataclass(section):
-        return
+        return None
     names = [f.name for f in dataclasses.fields(section)]
     if rest.split(".")[0] not in names:
-        fail(f"unknown key '{key}'; {head} has: {', '.join(names)}")
+        return f"unknown key '{key}'; {head} has: {', '.join(names)}"
+    return None
 
 
 RENAMED = {("ablation", "random"): "ablation=random_churn (new scores every mask step) or "
@@ -66,23 +67,35 @@ RENAMED = {("ablation", "random"): "ablation=random_churn (new scores every mask
            ("schedule.score", "random"): "schedule.score=random_churn or schedule.score=random_fixed"}
 
 
+def override_error(arg: str) -> str | None:
+    """What is wrong with one override before Hydra reads it, in one line (None: nothing seen):
+    a renamed option, an unknown key, an unknown group option."""
+    if "=" not in arg or arg.startswith("-"):
+        return None
+    key, _, value = arg.lstrip("+~").partition("=")
+    for v in value.split(","):
+        if (key, v) in RENAMED:
+            return f"{key}={v} was renamed: use {RENAMED[(key, v)]}"
+    if (msg := key_error(key)) is not None:
+        return msg
+    if key in GROUPS and value not in ("null", ""):
+        for v in value.split(","):
+            if not (CONF_DIR / key / f"{v}.yaml").is_file():
+                opts = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+                return f"unknown {key} '{v}'; choose one of {', '.join(opts)}"
+    return None
+
+
 def check_argv(argv: list[str]) -> None:
     """Checks Hydra would only make after touching the run folder or with a multi-line report:
-    unknown group options, and run/sweep folders that already hold a completed run."""
+    the overrides (``override_error``), and run/sweep folders that already hold a completed run."""
     from .runlog import read_summary
     for arg in argv:
+        if (msg := override_error(arg)) is not None:
+            fail(msg)
         if "=" not in arg or arg.startswith("-"):
             continue
         key, _, value = arg.lstrip("+~").partition("=")
-        for v in value.split(","):
-            if (key, v) in RENAMED:
-                fail(f"{key}={v} was renamed: use {RENAMED[(key, v)]}")
-        check_key(key)
-        if key in GROUPS and value not in ("null", ""):
-            for v in value.split(","):
-                if not (CONF_DIR / key / f"{v}.yaml").is_file():
-                    opts = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-                    fail(f"unknown {key} '{v}'; choose one of {', '.join(opts)}")
         if key in ("hydra.run.dir", "trainer.resume"):
             s = read_summary(Path(value))
             if s is not None and s.get("status") == "completed":

@@ -76,4 +76,11 @@ def test_bad_sources_are_one_line_and_touch_nothing(run_dir, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     r = _evaluate(run_dir, "--out", tmp_path / "taken", capsys=capsys)
     assert r.returncode == 2 and "exists" in r.stderr
+    # overrides get the training command's one-line checks, and a mistyped value Hydra's reason
+    for override, says in (("task=bogus", "unknown task 'bogus'; choose one of csv, glue_cola"),
+                           ("trainer.lrr=1", "unknown key 'trainer.lrr'; trainer has: epochs"),
+                           ("trainer.lr=abc", "trainer.lr=abc: Value 'abc' of type 'str' could not be converted")):
+        r = _evaluate(run_dir, override, "--out", tmp_path / "never", capsys=capsys)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "never").exists()
     assert snapshot(run_dir) == before
