@@ -523,8 +523,8 @@ def test_masking_before_any_importance_update_is_refused_and_masks_nothing():
     step = 6                                             # a mask step: past t_i = 4, a multiple of ΔT = 3
     assert adalora.schedule.is_mask_step(step, alloc.schedule) and step < alloc.schedule.final_step
     m(torch.randn(8, 10, dtype=torch.float64)).pow(2).mean().backward()
-    with pytest.raises(RuntimeError, match=r"mask_to_budget\(6\): no importance was recorded yet: call allocator\.update_importance\(step\) "
-                       r"after loss\.backward\(\) at every step$"):
+    with pytest.raises(RuntimeError, match=r"mask_to_budget\(6\): no importance was recorded yet: call "
+                       r"allocator\.update_importance\(step\) after loss\.backward\(\) at every step$"):
         alloc.mask_to_budget(step)
     assert all(bool(a.rank_mask.all()) for a in ad.values())
     assert alloc.update_importance(step)

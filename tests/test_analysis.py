@@ -243,6 +243,7 @@ def test_report_end_to_end(sweep_dir, tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "rep" / "table_test_accuracy.tex").exists()
 
+
 @pytest.mark.parametrize("case", ["missing", "file", "metric"])
 def test_report_and_agreement_refuse_bad_input_in_one_line_and_write_nothing(sweep_dir, tmp_path, capsys, case):
     from analysis import agreement, report
@@ -261,7 +262,6 @@ def test_report_and_agreement_refuse_bad_input_in_one_line_and_write_nothing(swe
         return
     assert agreement.main([str(src), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: ") and not out.exists()
-
 
 
 def test_schedule_cli_prints_phases_and_writes_png(tmp_path):
