@@ -18,7 +18,7 @@ from adalora.inject import scaling
 
 from . import budget as B
 from .allocators import make_allocator, start_rank
-from .config import ConfigError, RunConfig
+from .config import ALLOCATING, ConfigError, RunConfig
 from .model import HEAD, PooledClassifier, method_targets
 
 @dataclass
@@ -45,7 +45,7 @@ def derive_total_steps(n_train: int, cfg: RunConfig, world_size: int = 1) -> int
 
 
 def read_found_ranks(run_dir: str) -> Dict[str, int]:
-    """final_ranks of a finished AdaLoRA run (ablation lora_on_found_ranks)."""
+    """final_ranks of a finished run of an allocating method (ablation lora_on_found_ranks)."""
     path = os.path.join(run_dir, "summary.json")
     try:
         s = json.load(open(path))
@@ -54,6 +54,11 @@ def read_found_ranks(run_dir: str) -> Dict[str, int]:
     if s.get("status") != "completed" or not s.get("final_ranks"):
         raise ConfigError(f"method.rank_pattern_from: {run_dir} is not a completed AdaLoRA run "
                           "with final_ranks")
+    # A fixed-rank run's final ranks are its own configuration, not an allocation: the ablation
+    # would then train LoRA at the ranks it was given, and a sweep would label that "found".
+    if s.get("method") not in ALLOCATING:
+        raise ConfigError(f"method.rank_pattern_from: {run_dir} trained method={s.get('method')}, whose ranks "
+                          f"are fixed; give a run of an allocating method ({', '.join(ALLOCATING)})")
     return {k: int(v) for k, v in s["final_ranks"].items()}
 
 

@@ -350,6 +350,26 @@ def test_lora_on_found_ranks_reuses_the_adalora_allocation(adalora_run, tmp_path
     assert s["method"] == "lora" and s["final_ranks"] == found
 
 
+@pytest.mark.parametrize("summary, error", [
+    (None, "cannot read"),
+    ({"status": "interrupted", "method": "adalora", "final_ranks": {"a": 2}}, "not a completed"),
+    ({"status": "completed", "method": "adalora", "final_ranks": {}}, "not a completed"),
+    ({"status": "completed", "method": "lora", "final_ranks": {"a": 6, "b": 6}}, "method=lora, whose ranks are fixed"),
+    ({"status": "completed", "method": "peft_lora", "final_ranks": {"a": 6}}, "method=peft_lora"),
+])
+def test_found_ranks_come_only_from_a_finished_allocating_run(summary, error, tmp_path):
+    from experiments.build import read_found_ranks
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ConfigError, match=error):
+        read_found_ranks(str(tmp_path))
+    ranks = {"enc.q": 3, "enc.v": 0}
+    for method in ("sora", "svd_truncate"):
+        (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "method": method,
+                                                           "final_ranks": ranks}))
+        assert read_found_ranks(str(tmp_path)) == ranks
+
+
 @pytest.mark.parametrize("method", ["svd_lora", "full", "head"])
 def test_baseline_methods_run(method, tmp_path):
     s = run_inproc(tmp_path / method, TINY + [f"method={method}", "trainer.max_steps=2"])
