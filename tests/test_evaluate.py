@@ -79,7 +79,10 @@ def test_bad_sources_are_one_line_and_touch_nothing(run_dir, tmp_path, capsys):
     # overrides get the training command's one-line checks, and a mistyped value Hydra's reason
     for override, says in (("task=bogus", "unknown task 'bogus'; choose one of csv, glue_cola"),
                            ("trainer.lrr=1", "unknown key 'trainer.lrr'; trainer has: epochs"),
-                           ("trainer.lr=abc", "trainer.lr=abc: Value 'abc' of type 'str' could not be converted")):
+                           ("trainer.lr=abc", "trainer.lr=abc: Value 'abc' of type 'str' could not be converted"),
+                           # a head trained on 2 labels, on a task of 8 (torch's error was a traceback)
+                           ("task=reuters_r8", "head.safetensors holds {'bias': (2,), 'weight': (2, 32)} but "
+                                               "task=reuters_r8 on tiny-random needs {'bias': (8,), 'weight': (8, 32)}")):
         r = _evaluate(run_dir, override, "--out", tmp_path / "never", capsys=capsys)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr
         assert r.stderr.count("\n") == 1 and not (tmp_path / "never").exists()
