@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import statistics
 import sys
 import time
@@ -141,6 +142,11 @@ class BenchConfig:
                                                  or self.compile_backend == "cudagraphs"):
             raise ValueError("step_graph=true captures the whole step itself: use compile_mode=default "
                              "(or compile=false), not a CUDA-graph compile mode inside it")
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is None:
+            raise ValueError(f"device={self.device}: use auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device}: this torch ({torch.__version__}) sees no CUDA device; "
+                             "use device=cpu or auto")
         on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
         if self.step_graph and on_cpu:
             raise ValueError("step_graph=true needs a CUDA device: CUDA graphs do not exist on the CPU")

@@ -12,6 +12,7 @@ is set in a YAML file under conf/, with a comment saying why.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Dict, List, Optional
 
@@ -361,6 +362,8 @@ class TrainerConfig:
         _check(0.0 <= self.warmup_ratio < 1.0, "trainer.warmup_ratio must be in [0, 1)")
         _check(self.max_steps is None or self.max_steps >= 1, "trainer.max_steps must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps must be >= 1")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               f"trainer.device={self.device}: use auto, cpu, cuda or cuda:N")
         _check(self.compile in ("none", "default", "reduce-overhead", "max-autotune"),
                "trainer.compile must be none, default, reduce-overhead or max-autotune")
         _check(self.strategy in ("ddp", "fsdp"), "trainer.strategy must be ddp (or fsdp, not "
@@ -414,3 +417,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+    def __post_init__(self) -> None:
+        # numpy's legacy seeding, which seed_everything calls, takes 0 to 2**32 - 1 only
+        _check(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32)")

@@ -99,12 +99,13 @@ def export_peft(source: Path, out: Path, cfg: RunConfig) -> Path:
 
 
 def evaluate_saved(source: Path, cfg: RunConfig, plain: dict, out: Path) -> dict:
+    from .distributed import Dist
     from .loop import evaluate
+    from .runner import pick_device
     if out.exists():
         raise ConfigError(f"{out} exists: choose a new --out folder")
+    device = pick_device(cfg.trainer.device, Dist())
     prep = restore(source, cfg)
-    device = torch.device("cuda" if cfg.trainer.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.trainer.device == "auto" else cfg.trainer.device))
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.trainer.precision]
     prep.model.to(device)
     t0 = time.time()

@@ -144,6 +144,19 @@ def prepare(cfg: RunConfig, world_size: int = 1, inject: bool = True) -> Prepare
     return Prepared(data, tok, objective, model, built, splits, words)
 
 
+def pick_device(requested: str, dist: D.Dist) -> torch.device:
+    """``trainer.device`` resolved (``distributed.device_for``), refused in one line where this
+    machine has no such device: torch's own error is a traceback from deep in the first ``.to``."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={requested}: this torch ({torch.__version__}) sees no CUDA device; "
+                          "use trainer.device=cpu or auto")
+    device = D.device_for(requested, dist)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"trainer.device={requested}: there are {torch.cuda.device_count()} CUDA devices, "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         dist: Optional[D.Dist] = None) -> Dict[str, Any]:
     """Train one configuration into ``run_dir``; return the summary written there.
@@ -166,7 +179,7 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
                           "order depend on it: resume with the same --nproc_per_node")
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    device = D.device_for(cfg.trainer.device, dist)
+    device = pick_device(cfg.trainer.device, dist)
     if cfg.trainer.precision == "fp16" and device.type != "cuda":
         raise ConfigError("trainer.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     step_graph.refuse(cfg, device, dist.world_size)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import adalora
 from experiments import benchmark
@@ -96,6 +97,11 @@ def test_benchmark_config_checks_and_hydra_overrides():
         benchmark.BenchConfig(suite=["base:fp16"])
     with pytest.raises(ValueError, match="top_kernels=-1"):
         benchmark.BenchConfig(top_kernels=-1)
+    with pytest.raises(ValueError, match="device=gpu: use auto, cpu, cuda or cuda:N"):
+        benchmark.BenchConfig(device="gpu")
+    if not torch.cuda.is_available():     # torch's own error was a traceback at the first .to
+        with pytest.raises(ValueError, match=r"device=cuda:0: this torch \(.*\) sees no CUDA device"):
+            benchmark.BenchConfig(device="cuda:0")
 
 
 def test_benchmark_bad_override_is_one_line(tmp_path):

@@ -350,6 +350,30 @@ def test_lora_on_found_ranks_reuses_the_adalora_allocation(adalora_run, tmp_path
     assert s["method"] == "lora" and s["final_ranks"] == found
 
 
+@pytest.mark.parametrize("override, error", [
+    ("seed=-1", r"seed=-1 must be in \[0, 2\*\*32\)"),          # numpy's legacy seeding refused it in a traceback
+    ("seed=4294967296", r"seed=4294967296 must be in"),
+    ("trainer.device=gpu", "trainer.device=gpu: use auto, cpu, cuda or cuda:N"),
+])
+def test_seed_and_device_are_checked_with_the_config(override, error):
+    with pytest.raises(ConfigError, match=error):
+        compose(TINY + [override])
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    import experiments.runner as R
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"trainer.device=cuda:1: this torch \(.*\) sees no CUDA device; use "
+                                          "trainer.device=cpu or auto"):
+        R.pick_device("cuda:1", R.D.Dist())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="trainer.device=cuda:2: there are 2 CUDA devices, cuda:0 to cuda:1"):
+        R.pick_device("cuda:2", R.D.Dist())
+    assert R.pick_device("cuda:1", R.D.Dist()) == torch.device("cuda", 1)
+    assert R.pick_device("cpu", R.D.Dist()) == torch.device("cpu")
+
+
 @pytest.mark.parametrize("summary, error", [
     (None, "cannot read"),
     ({"status": "interrupted", "method": "adalora", "final_ranks": {"a": 2}}, "not a completed"),
