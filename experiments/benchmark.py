@@ -144,9 +144,6 @@ class BenchConfig:
                              "(or compile=false), not a CUDA-graph compile mode inside it")
         if re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is None:
             raise ValueError(f"device={self.device}: use auto, cpu, cuda or cuda:N")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device}: this torch ({torch.__version__}) sees no CUDA device; "
-                             "use device=cpu or auto")
         on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
         if self.step_graph and on_cpu:
             raise ValueError("step_graph=true needs a CUDA device: CUDA graphs do not exist on the CPU")
@@ -499,6 +496,8 @@ def main() -> None:
             cfg = OmegaConf.to_object(dcfg)
         except Exception as e:              # a dataclass check or an OmegaConf type error
             _fail(str(e).splitlines()[0])
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():   # else a traceback at the first .to
+            _fail(f"device={cfg.device}: this torch ({torch.__version__}) sees no CUDA device; use device=cpu or auto")
         if cfg.out is None:
             cfg.out = HydraConfig.get().runtime.output_dir
         run(cfg)
