@@ -4,8 +4,9 @@ rank-r shares of the output and of the input gradient, as one streaming pass in 
 The epilogue path (adalora/fused.py) adds ``s · h Uᵀ`` into the frozen product's ``y`` and
 ``s · (G U)(g ⊙ D)`` into its ``dx``, each an ``(N, d)`` tensor read and written once. cuBLAS
 runs these as GEMMs with ``K = r`` and ``beta = 1``, with tiles made for a long ``K``. On one
-H200, at the large benchmark shape with bf16 weights, this kernel's 239 passes a step take 3.3 ms
-(the top kernels in analysis/benchmarks/h200_paths_step_large_bf16_941ec5d.json). Here each
+H200, at the large benchmark shape with bf16 weights, this kernel's 239 passes a step take 3.6 ms
+of kernel time, beside the thin products on the side streams (the top kernels in
+analysis/benchmarks/h200_paths_step_large_bf16_3dccf96.json). Here each
 program loads one ``(BLOCK_M, BLOCK_N)`` tile of ``out``, the ``(BLOCK_M, r)`` rows of ``a`` and
 the ``(r, BLOCK_N)`` columns of ``b``, multiplies the two thin tiles in fp32, adds ``s`` times
 the product to the tile in fp32 and stores it rounded once: what ``out.addmm_(a, b, alpha=s)``
