@@ -108,6 +108,11 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    n = rank_matrix(sweep).shape[1]
+    if n < 2:                        # before: empty tables that said "no completed runs"
+        print(f"error: {n} completed run(s) with final ranks in {' '.join(args.dirs)}: agreement compares two "
+              "or more; add the other runs' folders", file=sys.stderr)
+        return 2
     table = agreement_table(sweep)
     out = Path(args.out)
     tables.write(table, format_agreement(table), out / "agreement")

@@ -264,6 +264,18 @@ def test_report_and_agreement_refuse_bad_input_in_one_line_and_write_nothing(swe
     assert capsys.readouterr().err.startswith("error: ") and not out.exists()
 
 
+def test_agreement_needs_two_completed_runs(sweep_dir, tmp_path, capsys):
+    from analysis import agreement
+    out = tmp_path / "agr"
+    for src in ([sweep_dir / "0"], [sweep_dir / "0", sweep_dir / "4"]):    # one completed, then with a failed one
+        assert agreement.main([*map(str, src), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: 1 completed run(s) with final ranks in ") and err.count("\n") == 1
+        assert "agreement compares two or more" in err and not out.exists()
+    assert agreement.main([str(sweep_dir / "0"), str(sweep_dir / "1"), "--out", str(out)]) == 0
+    assert (out / "agreement.csv").is_file()
+
+
 def test_schedule_cli_prints_phases_and_writes_png(tmp_path):
     out = tmp_path / "schedule.png"
     res = subprocess.run([sys.executable, "-m", "analysis.schedule", "--total-steps", "1000", "--init-warmup", "100",
