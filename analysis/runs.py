@@ -7,8 +7,9 @@ multirun folders with numbered jobs, or nested dated folders) and returns a `Swe
     runs         one row per run: run id, path, status, Hydra overrides as columns, summary.json
                  flattened with dots (`final.test.accuracy`, `params.trainable_end`,
                  `schedule.total_steps`, `versions.torch`...), `scale_rule` and `scaling` (the
-                 update's α/r), `lr`, `head_lr`, `epochs` and `task_metric` from the resolved
-                 config, plus `label`, `budget_label`, `pair_budget` used to group and pair runs
+                 update's α/r), `lr`, `head_lr` (empty for a language-model objective, which
+                 trains no head), `epochs` and `task_metric` from the resolved config, plus
+                 `label`, `budget_label`, `pair_budget` used to group and pair runs
     metrics      one row per metrics.jsonl line: run, step, split, loss, orth, lr, accuracy...
     allocations  one row per ranks.jsonl record: run, step, budget, threshold, params_kept, realised
     ranks        one row per (record, module): run, step, module, rank, budget, layer, mtype, row
@@ -305,6 +306,8 @@ def _read_run(rid: str, path: Path):
     for col, key in CONFIG_COLUMNS.items():
         v = config_value(config, key)
         row[col] = overrides.get(key) if v is None else v
+    if config_value(config, "task.objective") not in (None, "classify"):
+        row["head_lr"] = None          # a language-model objective trains no classifier head
     row["scale_rule"], row["scaling"] = _scale(scale, config, row)
     row["ok"] = row["status"] == "completed"
     row["final_source"] = "summary" if summary.get("final") else None

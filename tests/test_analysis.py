@@ -264,6 +264,19 @@ def test_report_and_agreement_refuse_bad_input_in_one_line_and_write_nothing(swe
     assert capsys.readouterr().err.startswith("error: ") and not out.exists()
 
 
+def test_a_language_model_run_has_no_head_learning_rate(tmp_path):
+    d = tmp_path / "lm"
+    _write_job(d, "adalora", 0, "completed")
+    cfg = {"seed": 0, "method": {"name": "adalora"}, "trainer": {"lr": 2e-3, "head_lr": 1e-2},
+           "task": {"objective": "answer", "metric": "accuracy"}}
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    row = R.load_sweep(d).runs.iloc[0]
+    assert row["lr"] == 2e-3 and pd.isna(row["head_lr"])       # nothing trained at trainer.head_lr
+    cfg["task"]["objective"] = "classify"
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert R.load_sweep(d).runs.iloc[0]["head_lr"] == 1e-2
+
+
 def test_agreement_needs_two_completed_runs(sweep_dir, tmp_path, capsys):
     from analysis import agreement
     out = tmp_path / "agr"
