@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = rank_matrix(sweep).shape[1]
-    if n < 2:                        # before: empty tables that said "no completed runs"
+    if n < 2:                        # no pair to compare: the tables would be empty
         print(f"error: {n} completed run(s) with final ranks in {' '.join(args.dirs)}: agreement compares two "
               "or more; add the other runs' folders", file=sys.stderr)
         return 2
