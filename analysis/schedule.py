@@ -120,6 +120,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from adalora.config import ScheduleConfig
     from adalora.schedule import target_budget
+    for flag, v in (("--n-adapters", args.n_adapters), ("--init-rank", args.init_rank)):
+        if v < 1:   # else the budget check below blames --target-rank
+            print(f"invalid schedule: {flag}={v}: give 1 or more", file=sys.stderr)
+            return 2
     try:  # ScheduleConfig validates and names the fix; show that, not a traceback
         cfg = ScheduleConfig(target_rank=args.target_rank, target_total=args.target_total,
                              total_steps=args.total_steps, init_warmup=args.init_warmup,

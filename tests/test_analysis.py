@@ -306,3 +306,7 @@ def test_schedule_cli_rejects_an_invalid_schedule(capsys):
     assert schedule.main(["--total-steps", "100", "--init-warmup", "60", "--final-warmup", "50",
                           "--n-adapters", "4", "--out", "unused.png"]) == 2
     assert "train longer" in capsys.readouterr().err
+    for flag in ("--n-adapters", "--init-rank"):     # not blamed on --target-rank
+        args = {"--total-steps": "100", "--n-adapters": "4", "--init-rank": "12", flag: "0"}
+        assert schedule.main([x for kv in args.items() for x in kv] + ["--out", "unused.png"]) == 2
+        assert capsys.readouterr().err == f"invalid schedule: {flag}=0: give 1 or more\n"
