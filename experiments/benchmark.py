@@ -489,6 +489,11 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
     ConfigStore.instance().store(name="benchmark_schema", node=BenchConfig)
+    from .overrides import compose_error, field_error
+    for msg in [field_error(a, BenchConfig, "the benchmark") for a in sys.argv[1:]] + [
+            compose_error("benchmark", sys.argv[1:])]:
+        if msg is not None:
+            _fail(msg)
 
     @hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
     def entry(dcfg) -> None:

@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+    from .overrides import one_line
     from .train import override_error
     try:
         if not a.source.is_dir():
@@ -147,8 +148,7 @@ def main(argv=None) -> int:
         try:
             cfg, plain = compose(a.source, a.overrides)
         except (HydraException, OmegaConfBaseException) as e:   # e.g. a value of the wrong type
-            why = [str(x).splitlines()[0] for x in (e, e.__cause__) if x is not None and str(x)]
-            raise ConfigError(": ".join(why)) from None
+            raise ConfigError(one_line(e)) from None
         if a.export_peft is not None:
             print(f"wrote {export_peft(a.source, a.export_peft, cfg)}")
             return 0

@@ -23,8 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as D
 from .config import ConfigError, RunConfig
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from .overrides import CONF_DIR, compose_error
 GROUPS = ("method", "task", "model", "schedule", "trainer", "logger", "budget", "ablation",
           "experiment")
 
@@ -171,6 +170,8 @@ RANK_LOCAL_HYDRA = ("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging
 def cli() -> None:
     argv = sys.argv[1:]
     check_argv(argv)
+    if not ({"-m", "--multirun"} & set(argv)) and (msg := compose_error("config", argv)) is not None:
+        fail(msg)                 # e.g. trainer.lr=abc, which Hydra reports in many lines
     if not D.launched():
         main()
         return

