@@ -47,10 +47,21 @@ def score(overrides) -> dict:
             "threads": torch.get_num_threads(), "versions": versions()}
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
     from .config import ConfigError
+    from .overrides import compose_error
+    from .train import override_error
     try:
-        print(json.dumps(score(sys.argv[1:])), flush=True)
+        # the training command's checks first: Hydra reports these in many lines
+        for msg in [override_error(a) for a in argv] + [compose_error("config", argv)]:
+            if msg is not None:
+                raise ConfigError(msg)
+        print(json.dumps(score(argv)), flush=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

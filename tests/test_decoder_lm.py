@@ -185,3 +185,15 @@ def test_score_gives_the_zero_shot_scores_of_a_decoder_and_of_its_nf4_base():
     assert full["n_test"] == nf4["n_test"] == 8 and nf4["quantize"] == "nf4"
     assert full["test"]["loss"] != nf4["test"]["loss"]            # the base really changed
     assert nf4["test"]["loss"] == pytest.approx(full["test"]["loss"], rel=0.05)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("task=nope", "unknown task 'nope'; choose one of csv"),
+    ("trainer.lrr=1", "unknown key 'trainer.lrr'; trainer has: epochs"),
+    ("trainer.lr=abc", "trainer.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
+])
+def test_score_checks_its_overrides_in_one_line(override, says, capsys):
+    from experiments.score import main
+    assert main([override]) == 2                      # before: Hydra's multi-line reports
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1
