@@ -489,11 +489,9 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
     ConfigStore.instance().store(name="benchmark_schema", node=BenchConfig)
-    from .overrides import compose_error, field_error
-    for msg in [field_error(a, BenchConfig, "the benchmark") for a in sys.argv[1:]] + [
-            compose_error("benchmark", sys.argv[1:])]:
-        if msg is not None:
-            _fail(msg)
+    from .overrides import field_error, first_error
+    if (msg := first_error("benchmark", sys.argv[1:], lambda a: field_error(a, BenchConfig, "the benchmark"))):
+        _fail(msg)
 
     @hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
     def entry(dcfg) -> None:

@@ -74,12 +74,12 @@ def restore(source: Path, cfg: RunConfig):
     if head.is_file():
         from safetensors.torch import load_file
         saved = load_file(str(head))
-        shapes = lambda sd: {k: tuple(v.shape) for k, v in sorted(sd.items())}   # noqa: E731
-        if shapes(saved) != shapes(getattr(model, HEAD).state_dict()):
+        was, need = ({k: tuple(v.shape) for k, v in sorted(sd.items())}
+                     for sd in (saved, getattr(model, HEAD).state_dict()))
+        if was != need:
             # e.g. a head trained on 2 labels, evaluated on a task of 8: torch's own error is a traceback
-            raise ConfigError(f"{head} holds {shapes(saved)} but task={cfg.task.name} on {cfg.model.name} needs "
-                              f"{shapes(getattr(model, HEAD).state_dict())}: evaluate on the task and model the "
-                              "head was trained for")
+            raise ConfigError(f"{head} holds {was} but task={cfg.task.name} on {cfg.model.name} needs {need}: "
+                              "evaluate on the task and model the head was trained for")
         getattr(model, HEAD).load_state_dict(saved)
     elif getattr(model, HEAD).state_dict():
         raise ConfigError(f"{source} has no head.safetensors: a classifier needs the head it was trained with")

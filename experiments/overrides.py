@@ -2,7 +2,7 @@
 
 Hydra reports an unknown key, a group a command does not have, or a value of the wrong type
 (``rounds=abc``) under a stack of context lines, after the command has started. The commands
-(``experiments.train``, ``.evaluate``, ``.benchmark``, ``.planted``) check here first.
+(``experiments.train``, ``.evaluate``, ``.score``, ``.benchmark``, ``.planted``) check here first.
 """
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ def field_error(arg: str, schema, command: str) -> str | None:
         return None
     names = [f.name for f in dataclasses.fields(schema)]
     return None if key in names else f"unknown key '{key}'; {command} takes: {', '.join(names)}"
+
+
+def first_error(config_name: str, overrides: list[str], check) -> str | None:
+    """The first reason ``check(override)`` gives for one of ``overrides``; if every override passes,
+    ``compose_error``'s."""
+    for arg in overrides:
+        if (msg := check(arg)) is not None:
+            return msg
+    return compose_error(config_name, overrides)
 
 
 def compose_error(config_name: str, overrides: list[str]) -> str | None:

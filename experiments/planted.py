@@ -74,12 +74,10 @@ def main() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
     ConfigStore.instance().store(name="planted_schema", node=PlantedConfig)
-    from .overrides import compose_error, field_error
-    for msg in [field_error(a, PlantedConfig, "the planted study") for a in sys.argv[1:]] + [
-            compose_error("planted", sys.argv[1:])]:
-        if msg is not None:
-            print(f"error: {msg}", file=sys.stderr)
-            sys.exit(2)
+    from .overrides import field_error, first_error
+    if (msg := first_error("planted", sys.argv[1:], lambda a: field_error(a, PlantedConfig, "the planted study"))):
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
 
     @hydra.main(config_path="../conf", config_name="planted", version_base="1.3")
     def entry(dcfg) -> None:

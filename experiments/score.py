@@ -49,13 +49,12 @@ def score(overrides) -> dict:
 
 def main(argv: list[str]) -> int:
     from .config import ConfigError
-    from .overrides import compose_error
+    from .overrides import first_error
     from .train import override_error
     try:
         # the training command's checks first: Hydra reports these in many lines
-        for msg in [override_error(a) for a in argv] + [compose_error("config", argv)]:
-            if msg is not None:
-                raise ConfigError(msg)
+        if (msg := first_error("config", argv, override_error)) is not None:
+            raise ConfigError(msg)
         print(json.dumps(score(argv)), flush=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
