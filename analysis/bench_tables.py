@@ -522,7 +522,28 @@ def loop_layouts(files) -> str:
                   "results file"], rows, "lllrllrrl")
 
 
-TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "host_phases": host_phases, "ab_pairs": ab_pairs,
+def passes(files) -> str:
+    """``pass_benchmark`` files: µs a call of each candidate for one adapted map's forward and input
+    gradient, and the fastest of those that add the rank-r term."""
+    names = ("cublas", "epilogue", "triton", "tma", "tma_gemm", "row")
+    adapted = ("epilogue", "triton", "tma", "row")
+    rows = []
+    for name, d in files.items():
+        if d.get("kind") != "pass_benchmark":
+            continue
+        cells: dict = {}
+        for r in d["runs"]:
+            key = (r["preset"], r["n_tokens"], r["d_in"], r["d_out"], r["direction"])
+            cells.setdefault(key, {})[r["candidate"]] = r["us"]
+        for (preset, n, d_in, d_out, direction), us in cells.items():
+            best = min(adapted, key=us.__getitem__)
+            rows.append([f"{preset}, {n} × {d_in} → {d_out}", direction, *(f"{us[c]:.1f}" for c in names),
+                         f"{best} ({us['epilogue'] / us[best]:.2f})", f"`{name}`"])
+    return table(["map (tokens × d_in → d_out)", "pass", "cuBLAS alone", "epilogue", "triton", "TMA", "TMA GEMM alone",
+                  "row pass", "fastest with the rank-r term (epilogue ÷ it)", "results file"], rows, "llrrrrrrll")
+
+
+TABLES = {"medians": medians, "fused": fused, "step_graph": step_graph, "paths": paths, "kernels": kernels, "passes": passes, "host_phases": host_phases, "ab_pairs": ab_pairs,
           "eager_pairs": eager_pairs, "flat_gates": flat_gates, "files": files_table, "commands": commands, "ratios": ratios, "memory": memory,
           "allocator": allocator, "training": training, "ddp_runs": ddp_runs, "ddp_compare": ddp_compare, "switch": switch,
           "loop_runs": loop_runs, "loop_compare": loop_compare, "loop_layouts": loop_layouts}

@@ -137,6 +137,24 @@ def test_paths_table_reads_its_cells_from_a_results_file(tmp_path):
     assert B.paths(B.load(tmp_path)).splitlines()[2].startswith("| large, step captured, autocast, LoRA r=12 | 1x H200 | none |")
 
 
+def test_passes_table_takes_the_fastest_candidate_with_the_rank_term_by_hand(tmp_path):
+    """One row per map and pass; the fastest of the candidates that add the rank-r term (never
+    cuBLAS or Triton's GEMM alone, though faster) with the epilogue path's time over its."""
+    import json
+
+    from analysis import bench_tables as B
+
+    us = {"cublas": 5.0, "epilogue": 12.0, "triton": 13.0, "tma": 8.0, "tma_gemm": 6.0, "row": 12.5}
+    runs = [{"preset": "base", "n_tokens": 64, "d_in": 8, "d_out": 16, "direction": "forward", "candidate": c,
+             "us": t, "rel_err": 0.001} for c, t in us.items()]
+    runs += [dict(r, direction="input gradient", us=r["us"] + (5.0 if r["candidate"] == "tma" else 0.0))
+             for r in runs]
+    (tmp_path / "p.json").write_text(json.dumps({"kind": "pass_benchmark", "runs": runs}))
+    assert B.passes(B.load(tmp_path)).splitlines()[2:] == [
+        "| base, 64 × 8 → 16 | forward | 5.0 | 12.0 | 13.0 | 8.0 | 6.0 | 12.5 | tma (1.50) | `p.json` |",
+        "| base, 64 × 8 → 16 | input gradient | 5.0 | 12.0 | 13.0 | 13.0 | 6.0 | 12.5 | epilogue (1.00) | `p.json` |"]
+
+
 def test_kernels_table_subtracts_the_floor_kernel_by_kernel(tmp_path):
     """The kernel breakdown: AdaLoRA's longest kernels less the floor's same names, by hand; names
     under 0.01 ms extra left out; then the rows' sum and both adapters' whole-step extras."""
