@@ -8,7 +8,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,8 +62,37 @@ def read_found_ranks(run_dir: str) -> Dict[str, int]:
     return {k: int(v) for k, v in s["final_ranks"].items()}
 
 
+def check_ablation(cfg: RunConfig) -> None:
+    """Refuse an ablation whose required setting is missing, before anything is built."""
+    # conf/ablation/lora_on_found_ranks.yaml marks the key ???, but the schema's None survives
+    # composition: without this the run trains uniform-rank LoRA labelled "found ranks".
+    if cfg.ablation == "lora_on_found_ranks" and not cfg.method.rank_pattern_from:
+        raise ConfigError("ablation=lora_on_found_ranks needs method.rank_pattern_from=<an AdaLoRA run folder>")
+
+
+def target_budget(shapes: B.Shapes, target_rank: Optional[float], target_total: Optional[int],
+                  unit: str) -> Tuple[int, float]:
+    """(parameters, average rank) of the target budget the allocator keeps: ``target_total``
+    wins over ``target_rank``, as in ``adalora.ScheduleConfig``."""
+    if target_total is None:
+        if target_rank is None:
+            raise ConfigError("schedule: set schedule.target_rank (average) or schedule.target_total")
+        return B.adalora_target_params(shapes, target_rank), target_rank
+    if not shapes:
+        raise ConfigError("budget matching needs at least one adapted matrix")
+    if unit == "params":
+        # The total is already parameters (adalora/accounting.py), exact whatever the shapes.
+        return target_total, target_total / sum(o + i + 1 for o, i in shapes.values())
+    # In values, which matrices keep them is only learnt in training: price total / n per
+    # matrix, the uniform spread target_rank is priced at, so target_total=72 over 12 matrices
+    # costs what target_rank=6 does.
+    rank = target_total / len(shapes)
+    return B.adalora_target_params(shapes, rank), rank
+
+
 def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int = 1) -> Built:
     m = cfg.method
+    check_ablation(cfg)
     total = derive_total_steps(n_train, cfg, world_size)
     backbone = model.backbone
     if cfg.model.quantize == "nf4":
@@ -103,10 +132,15 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
     s = cfg.schedule
     target_rank, matched_r, init_rank = s.target_rank, None, m.init_rank
     matched = cfg.budget.match == "matched" and not rank_pattern
+    from_lora = m.prunes and cfg.budget.match == "from_lora"
+    if from_lora and s.target_total is not None:
+        # target_total would win in the schedule and the LoRA budget would only be a label
+        raise ConfigError("budget=from_lora sets the target from LoRA's rank; drop schedule.target_total")
     try:
         if matched and m.name == "lora":
             shapes = B.adapted_shapes(backbone, adapter_cfg(1))
-            init_rank = B.matched_lora_rank(shapes, B.adalora_target_params(shapes, target_rank))
+            lora_target, _ = target_budget(shapes, target_rank, s.target_total, s.budget_unit)
+            init_rank = B.matched_lora_rank(shapes, lora_target)
         if m.name == "elalora":
             init_rank = start_rank(cfg)      # ElaLoRA grows from below the target
         acfg = adapter_cfg(init_rank)
@@ -118,10 +152,14 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
         raise ConfigError(str(e).splitlines()[0])
     out.adapter_cfg = acfg
     shapes = dict(adalora.adapter_shapes(out.adapters))
-    if m.prunes and cfg.budget.match == "from_lora":
+    if from_lora:
         matched_r = cfg.budget.lora_rank
         target_rank = B.target_rank_from_lora(shapes, matched_r, m.init_rank)
-    target_params = B.adalora_target_params(shapes, target_rank)
+    # Only a pruning method or a matched run has a target to record (and a LoRA run may leave
+    # the schedule's target unset).
+    target_params, avg_rank = None, None
+    if m.prunes or matched:
+        target_params, avg_rank = target_budget(shapes, target_rank, s.target_total, s.budget_unit)
     if matched:
         matched_r = B.matched_lora_rank(shapes, target_params)
     if m.name == "lora":
@@ -136,8 +174,7 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
         # like the budget-matched LoRA's), or a rank pattern's mean rank (its target, for ranks
         # AdaLoRA found), so the pattern changes where the rank goes and not the step size.
         n = len(out.adapters)
-        target = target_rank if s.target_total is None else s.target_total / n
-        shared = target if m.prunes else sum(a.rank for a in out.adapters.values()) / n
+        shared = avg_rank if m.prunes else sum(a.rank for a in out.adapters.values()) / n
         if not shared > 0:
             raise ConfigError(f"method.scale={m.scale}: the shared rank is {shared:g}; use a "
                               "positive target or rank pattern")
@@ -158,7 +195,7 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
         except ValueError as e:
             raise ConfigError(f"impossible schedule (total_steps={total} derived from "
                               f"{n_train} examples): {str(e).splitlines()[0]}")
-        out.init_warmup, out.final_warmup, out.target_rank = ti, tf, target_rank
+        out.init_warmup, out.final_warmup, out.target_rank = ti, tf, avg_rank
     return out
 
 

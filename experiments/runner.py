@@ -51,6 +51,12 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def held_run(run_dir: Path, summary: Dict[str, Any]) -> str:
+    """Why a new run may not start in ``run_dir``, which holds an unfinished one."""
+    return (f"{run_dir} already holds a run (status {summary.get('status')}); continue it with "
+            f"trainer.resume={run_dir}, or choose a new run folder")
+
+
 def check_resumable(run_dir: Path, config: Dict[str, Any]) -> dict:
     s = read_summary(run_dir)
     if s is not None and s.get("status") == "completed":
@@ -171,7 +177,12 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
         old = read_summary(run_dir)
         if old is not None and old.get("status") == "completed":
             raise ConfigError(f"{run_dir} already holds a completed run; choose a new run folder")
-        return check_resumable(run_dir, config) if cfg.trainer.resume else None
+        if cfg.trainer.resume:
+            return check_resumable(run_dir, config)
+        if old is not None:
+            # Its logs are appended to and its checkpoint would outlive it: two runs in one folder.
+            raise ConfigError(held_run(run_dir, old))
+        return None
     resume_state = D.on_main(resume_state_on_main, dist)         # broadcast to every rank
     if resume_state is not None and resume_state.get("world_size", 1) != dist.world_size:
         raise ConfigError(f"trainer.resume: the checkpoint was written by {resume_state.get('world_size', 1)}"
@@ -196,7 +207,8 @@ def run(cfg: RunConfig, run_dir: Path, config: Dict[str, Any],
     summary: Dict[str, Any] = {
         "status": "running", "error": None, "method": m.name, "ablation": cfg.ablation,
         "task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed,
-        "init_rank": m.init_rank if m.uses_svd else None,
+        # svd_truncate's LoRA adapters start at init_rank too, before the cut to the target
+        "init_rank": m.init_rank if m.uses_svd or m.name == "svd_truncate" else None,
         "target_rank": built.target_rank, "lora_rank": built.lora_rank,
         "budget": built.budget or {"target_params": None, "matched_lora_rank": None,
                                    "lora_params": None},

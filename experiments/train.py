@@ -3,7 +3,7 @@
 Hydra stops here: the composed config is converted once to the RunConfig dataclass
 (``OmegaConf.to_object`` runs every ``__post_init__`` check) and handed to ``runner.run``.
 Bad input of any kind (unknown group option, invalid value, missing dataset package, a run
-folder that already holds a finished run) prints one line to stderr and exits with code 2.
+folder that already holds a run) prints one line to stderr and exits with code 2.
 In a multirun the failing job instead writes ``summary.json`` with status failed and the
 error, and the sweep goes on (Hydra reports the failure at the end).
 
@@ -26,6 +26,7 @@ from .config import ConfigError, RunConfig
 from .overrides import CONF_DIR, compose_error
 GROUPS = ("method", "task", "model", "schedule", "trainer", "logger", "budget", "ablation",
           "experiment")
+ADD_ON = ("rank_budget",)     # groups outside the defaults list: added with +group=option
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 if not OmegaConf.has_resolver("resume_or"):
@@ -49,10 +50,14 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 
 def key_error(key: str) -> str | None:
-    """``trainer.lrr=1``: name the section's fields instead of Hydra's multi-line report."""
+    """``trainer.lrr=1``: name the section's fields instead of Hydra's multi-line report; and a
+    top-level key the config does not have (``+sead=7``, which Hydra would add)."""
     import dataclasses
     head, _, rest = key.partition(".")
-    section = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}.get(head)
+    fields = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+    if not rest and head not in fields and head not in GROUPS + ADD_ON and not head.startswith("hydra"):
+        return f"unknown key '{key}'; the config has: {', '.join(fields)}"
+    section = fields.get(head)
     if not rest or not dataclasses.is_dataclass(section):
         return None
     names = [f.name for f in dataclasses.fields(section)]
@@ -77,7 +82,9 @@ def override_error(arg: str) -> str | None:
             return f"{key}={v} was renamed: use {RENAMED[(key, v)]}"
     if (msg := key_error(key)) is not None:
         return msg
-    if key in GROUPS and value not in ("null", ""):
+    if key in ADD_ON and not arg.startswith("+"):
+        return f"{key} is not in the default config: add it with +{arg}"
+    if key in GROUPS + ADD_ON and value not in ("null", ""):
         for v in value.split(","):
             if not (CONF_DIR / key / f"{v}.yaml").is_file():
                 opts = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
@@ -86,24 +93,55 @@ def override_error(arg: str) -> str | None:
 
 
 def check_argv(argv: list[str]) -> None:
-    """Checks Hydra would only make after touching the run folder or with a multi-line report:
-    the overrides (``override_error``), and run/sweep folders that already hold a completed run."""
+    """Checks Hydra would only make after touching the run folder (it writes ``.hydra/`` and
+    the log there first) or with a multi-line report: the overrides (``override_error``); run
+    and sweep folders that already hold a run; a resume from a folder with nothing to resume."""
+    from . import checkpoint as ckpt
     from .runlog import read_summary
+    from .runner import held_run
+    given = {}
     for arg in argv:
         if (msg := override_error(arg)) is not None:
             fail(msg)
-        if "=" not in arg or arg.startswith("-"):
-            continue
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key in ("hydra.run.dir", "trainer.resume"):
-            s = read_summary(Path(value))
-            if s is not None and s.get("status") == "completed":
-                fail(f"{value} already holds a completed run; choose a new hydra.run.dir")
-        if key == "hydra.sweep.dir" and Path(value).is_dir():
-            for job in sorted(Path(value).iterdir()):
-                s = read_summary(job)
-                if s is not None and s.get("status") == "completed":
-                    fail(f"{job} already holds a completed run; choose a new hydra.sweep.dir")
+        if "=" in arg and not arg.startswith("-"):
+            key, _, value = arg.lstrip("+~").partition("=")
+            given[key] = value
+    run_dir, resume, sweep = (given.get(k) for k in ("hydra.run.dir", "trainer.resume", "hydra.sweep.dir"))
+    if resume in ("", "null"):
+        resume = None
+    if resume and run_dir and Path(run_dir).resolve() != Path(resume).resolve():
+        fail(f"trainer.resume continues in the run's own folder ({resume}): drop hydra.run.dir={run_dir}")
+    for folder in filter(None, (resume, run_dir)):
+        s = read_summary(Path(folder))
+        if s is not None and s.get("status") == "completed":
+            fail(f"{folder} already holds a completed run; choose a new hydra.run.dir")
+        if s is not None and not resume:
+            fail(held_run(Path(folder), s))
+    if resume and not (Path(resume) / ckpt.NAME).is_file():
+        fail(f"trainer.resume={resume}: no {ckpt.NAME} there (set trainer.checkpoint_every=N for runs "
+             "you may need to resume)")
+    if sweep and Path(sweep).is_dir():
+        for job in sorted(Path(sweep).iterdir()):
+            if (s := read_summary(job)) is not None:
+                held = "a completed run" if s.get("status") == "completed" else f"a run (status {s.get('status')})"
+                fail(f"{job} already holds {held}; choose a new hydra.sweep.dir")
+
+
+def resume_error(argv: list[str]) -> str | None:
+    """A resume whose overrides differ from the checkpointed run's, refused before Hydra writes
+    the new config into the run's ``.hydra/``; the same check ``runner.run`` makes."""
+    from hydra import compose, initialize_config_dir
+    from .runner import check_resumable
+    mine = [o for o in argv if "=" in o and not o.startswith("-") and not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=mine)
+    if not cfg.trainer.resume:
+        return None
+    try:
+        check_resumable(Path(cfg.trainer.resume), OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def record_failed_job(run_dir: Path, cfg: DictConfig, error: str) -> None:
@@ -170,8 +208,9 @@ RANK_LOCAL_HYDRA = ("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging
 def cli() -> None:
     argv = sys.argv[1:]
     check_argv(argv)
-    if not ({"-m", "--multirun"} & set(argv)) and (msg := compose_error("config", argv)) is not None:
-        fail(msg)                 # e.g. trainer.lr=abc, which Hydra reports in many lines
+    if not ({"-m", "--multirun"} & set(argv)):
+        if (msg := compose_error("config", argv) or resume_error(argv)) is not None:
+            fail(msg)             # e.g. trainer.lr=abc, which Hydra reports in many lines
     if not D.launched():
         main()
         return

@@ -499,3 +499,48 @@ def test_loop_adds_the_penalty_gradient_as_autograd_would(tmp_path, monkeypatch)
     orth = [m["orth"] for m in read_jsonl(tmp_path / "fused" / "metrics.jsonl") if m["split"] == "train"]
     assert orth == pytest.approx([m["orth"] for m in read_jsonl(tmp_path / "autograd" / "metrics.jsonl")
                                   if m["split"] == "train"], rel=1e-6) and all(o > 0 for o in orth)
+
+
+# ---- budgets given as schedule.target_total -------------------------------------------------
+def _built(overrides):
+    """The Built of a run (no training): the budget it records and the allocator it trains with."""
+    from experiments.runner import prepare
+    rc, _ = compose(TINY + ["trainer.max_steps=10"] + overrides)
+    return prepare(rc).built
+
+
+# Tiny BERT: 12 matrices, 8 of 32x32 and 2+2 of 64x32 / 32x64; one singular value of each
+# costs d_in + d_out + 1, summed 2 * (4*65 + 2*97) = 908; one LoRA rank of each, summed 896.
+@pytest.mark.parametrize("total, rank, params, lora_r", [
+    (72, 6.0, 6 * 908, 6),                     # the same budget as target_rank=6 (5448)
+    (30, 2.5, round(2.5 * 908), 3),            # 2270: 3*896=2688 is nearer than 2*896=1792
+])
+def test_matched_budget_follows_target_total(total, rank, params, lora_r):
+    ada = _built(["budget=matched", f"schedule.target_total={total}"])
+    assert ada.allocator.target_budget == total
+    assert ada.target_rank == pytest.approx(rank)
+    assert ada.budget == {"target_params": params, "matched_lora_rank": lora_r,
+                          "lora_params": lora_r * 896}
+    lora = _built(["method=lora", "budget=matched", f"schedule.target_total={total}"])
+    assert lora.lora_rank == lora_r and lora.budget == ada.budget
+    assert {a.rank for a in lora.adapters.values()} == {lora_r}
+
+
+def test_a_target_total_in_parameters_is_the_target_params():
+    b = _built(["method=sora", "schedule.budget_unit=params", "schedule.target_total=2724",
+                "budget=matched"])
+    assert b.budget["target_params"] == 2724 and b.target_rank == pytest.approx(3.0)
+    assert b.budget["matched_lora_rank"] == 3          # 2724 - 3*896 = 36
+
+
+def test_from_lora_refuses_a_target_total():
+    with pytest.raises(ConfigError, match=r"^budget=from_lora sets the target from LoRA's rank; "
+                                          r"drop schedule.target_total$"):
+        _built(["budget=from_lora", "budget.lora_rank=2", "schedule.target_total=200"])
+
+
+def test_lora_on_found_ranks_without_a_run_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"^ablation=lora_on_found_ranks needs "
+                                          r"method.rank_pattern_from=<an AdaLoRA run folder>$"):
+        run_inproc(tmp_path / "found", TINY + ["ablation=lora_on_found_ranks", "trainer.max_steps=2"])
+    assert not (tmp_path / "found" / "metrics.jsonl").exists()

@@ -36,6 +36,9 @@ def assert_one_line_error(p, *words):
     ("trainer.lrr=1", ["unknown key 'trainer.lrr'", "head_lr"]),
     ("trainer.lr=abc", ["trainer.lr=abc: Value 'abc' of type 'str' could not be converted to Float"]),
     ("seed=-1", ["seed=-1 must be in [0, 2**32)"]),
+    ("+sead=7", ["unknown key 'sead'", "seed"]),                  # Hydra would add it and train
+    ("rank_budget=r1", ["not in the default config: add it with +rank_budget=r1"]),
+    ("+rank_budget=r9", ["unknown rank_budget 'r9'", "r1, r2, r4"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(override, words, tmp_path):
     p = run_cli(FAST + override.split() + [f"hydra.run.dir={tmp_path / 'run'}"])
@@ -93,6 +96,44 @@ def test_finished_run_folder_is_refused_and_untouched(tmp_path):
     p = run_cli(["-m", *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}"])
     assert_one_line_error(p, "completed run")
     assert snapshot(sweep / "0") == before and not (sweep / "1").exists()
+
+
+def test_unfinished_run_folder_is_refused_and_untouched(tmp_path):
+    """A new run would append to an interrupted run's logs and leave its checkpoint behind."""
+    d = tmp_path / "cut"
+    (d / ".hydra").mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    (d / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(d)
+    p = run_cli(FAST + [f"hydra.run.dir={d}"])
+    assert_one_line_error(p, f"{d} already holds a run (status interrupted)", f"trainer.resume={d}")
+    assert snapshot(d) == before
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "summary.json").write_text(json.dumps({"status": "failed"}))
+    p = run_cli(["-m", *FAST, "seed=0,1", f"hydra.sweep.dir={sweep}"])
+    assert_one_line_error(p, "already holds a run (status failed)", "new hydra.sweep.dir")
+    assert sorted(p.name for p in sweep.rglob("*")) == ["0", "summary.json"]
+
+
+def test_a_refused_resume_writes_nothing(tmp_path):
+    """Hydra writes the command's config into the run folder before a run starts: a resume that
+    is refused (another setting, another folder, nothing to resume) is refused before that."""
+    d = tmp_path / "run"
+    args = FAST + ["trainer.checkpoint_every=2"]
+    p = run_cli(args + ["trainer.stop_at_step=2", f"hydra.run.dir={d}"])
+    assert p.returncode == 0 and json.loads((d / "summary.json").read_text())["status"] == "interrupted"
+    before = snapshot(d)
+    p = run_cli(args + [f"trainer.resume={d}", "trainer.lr=0.5"])
+    assert_one_line_error(p, "config differs from the checkpointed run at trainer.lr (0.002 -> 0.5)")
+    p = run_cli(args + [f"trainer.resume={d}", f"hydra.run.dir={tmp_path / 'elsewhere'}"])
+    assert_one_line_error(p, "continues in the run's own folder", "drop hydra.run.dir")
+    assert snapshot(d) == before and not (tmp_path / "elsewhere").exists()
+    p = run_cli(args + [f"trainer.resume={tmp_path / 'none'}"])
+    assert_one_line_error(p, "no checkpoint.pt there")
+    assert not (tmp_path / "none").exists()
+    p = run_cli(args + [f"trainer.resume={d}"])
+    assert p.returncode == 0 and json.loads((d / "summary.json").read_text())["status"] == "completed"
 
 
 @pytest.mark.long

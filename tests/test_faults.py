@@ -170,6 +170,48 @@ def test_transient_nan_steps_are_skipped_and_counted(graphs, tmp_path, monkeypat
     assert sum(s["final_ranks"].values()) == s["schedule"]["target_budget"]
 
 
+def test_a_signal_during_the_final_evaluation_checkpoints_and_the_resume_evaluates(tmp_path, monkeypatch):
+    """SIGTERM while the validation split is scored: the run stops as interrupted with a
+    checkpoint after its last step, logs no final line, and a resume runs no step but both
+    final evaluations, each logged once."""
+    from experiments import loop
+    d, args = tmp_path / "run", FAST + ["trainer.max_steps=6"]
+    handler = signal.getsignal(signal.SIGTERM)
+    real = loop.evaluate
+    calls = []
+
+    def evaluate(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)       # the loop's handler only sets a flag
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    s = run_inproc(d, args)
+    assert s["status"] == "interrupted" and s["steps"] == 6 and len(calls) == 1
+    assert ckpt.load(d)["step"] == 6
+    assert not [m for m in read_jsonl(d / "metrics.jsonl") if m["split"] != "train"]
+    assert signal.getsignal(signal.SIGTERM) == handler                    # handlers restored
+    monkeypatch.setattr(loop, "evaluate", real)
+    s = run_inproc(d, args + [f"trainer.resume={d}"])
+    assert s["status"] == "completed" and s["steps"] == 6 and set(s["final"]) == {"val", "test"}
+    lines = read_jsonl(d / "metrics.jsonl")
+    assert [m["split"] for m in lines if m["split"] != "train"] == ["val", "test"]
+    assert [m["step"] for m in lines if m["split"] == "train"] == list(range(1, 7))
+    with pytest.raises(ConfigError, match="already holds a completed run"):
+        run_inproc(d, args)
+
+
+def test_a_new_run_is_refused_in_a_folder_holding_an_unfinished_one(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(ConfigError, match=f"{d} already holds a run \\(status failed\\); continue it with "
+                                          f"trainer.resume={d}"):
+        run_inproc(d, FAST + ["trainer.max_steps=2"])
+    assert sorted(p.name for p in d.iterdir()) == ["summary.json"]
+
+
 # ---- multirun: one failing job never takes the others down ----------------------------------
 @pytest.mark.long
 def test_failing_jobs_of_a_multirun_leave_the_others_and_say_why(tmp_path):
