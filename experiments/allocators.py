@@ -32,9 +32,15 @@ def make_allocator(cfg: RunConfig, adapters: dict, sched: adalora.ScheduleConfig
     if m.name == "sora":
         return adalora.SoRAAllocator(adapters, sched, adalora.SoRAConfig(xi=m.sora_xi, adapt=m.sora_adapt), unit)
     if m.name == "elalora":
-        return adalora.ElaLoRAAllocator(adapters, sched, s.score_config(cfg.seed),
-                                        adalora.ElaLoRAConfig(prune_ratio=m.elalora_prune_ratio), unit,
-                                        seed=cfg.seed)
+        try:
+            return adalora.ElaLoRAAllocator(adapters, sched, s.score_config(cfg.seed),
+                                            adalora.ElaLoRAConfig(prune_ratio=m.elalora_prune_ratio), unit,
+                                            seed=cfg.seed)
+        except ValueError as e:     # the library says what to inject; here that is a setting
+            if "ElaLoRA grows" not in str(e):
+                raise
+            raise ConfigError(str(e).replace("inject a smaller initial rank",
+                                             "set a smaller method.elalora_start_rank")) from None
     if m.name == "eva":
         return adalora.EVAAllocator(adapters, sched, unit)
     if m.name == "svd_truncate":

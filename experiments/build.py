@@ -192,6 +192,8 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
                 target_rank=target_rank, target_total=s.target_total, total_steps=total,
                 init_warmup=ti, final_warmup=tf, mask_interval=s.mask_interval, shape=s.shape)
             out.allocator = make_allocator(cfg, out.adapters, out.schedule_cfg)
+        except ConfigError:
+            raise                       # already names its setting
         except ValueError as e:
             raise ConfigError(f"impossible schedule (total_steps={total} derived from "
                               f"{n_train} examples): {str(e).splitlines()[0]}")

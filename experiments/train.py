@@ -188,8 +188,9 @@ def main(cfg: DictConfig) -> float:
           f"(adapters {p['adapter_start']:,} -> {p['adapter_end']:,}; frozen base {p['base']:,})")
     b = summary["budget"]
     if b.get("target_params") is not None:
-        print(f"budget: AdaLoRA target {b['target_params']:,} params; matched LoRA rank "
-              f"{b['matched_lora_rank']} = {b['lora_params']} params")
+        matched = (f"; matched LoRA rank {b['matched_lora_rank']} = {b['lora_params']:,} params"
+                   if b.get("matched_lora_rank") is not None else "")
+        print(f"budget: AdaLoRA target {b['target_params']:,} params{matched}")
     if summary["final_ranks"]:
         print("final ranks (layer x matrix):\n" + layer_table(summary["final_ranks"]))
     print(f"run folder: {run_dir}")

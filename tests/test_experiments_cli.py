@@ -39,6 +39,9 @@ def assert_one_line_error(p, *words):
     ("+sead=7", ["unknown key 'sead'", "seed"]),                  # Hydra would add it and train
     ("rank_budget=r1", ["not in the default config: add it with +rank_budget=r1"]),
     ("+rank_budget=r9", ["unknown rank_budget 'r9'", "r1, r2, r4"]),
+    ("method=elalora method.elalora_start_rank=12 trainer.max_steps=10",
+     ["ElaLoRA grows: its start budget 144 must be below the target 72 (values); set a smaller "
+      "method.elalora_start_rank"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(override, words, tmp_path):
     p = run_cli(FAST + override.split() + [f"hydra.run.dir={tmp_path / 'run'}"])
@@ -134,6 +137,8 @@ def test_a_refused_resume_writes_nothing(tmp_path):
     assert not (tmp_path / "none").exists()
     p = run_cli(args + [f"trainer.resume={d}"])
     assert p.returncode == 0 and json.loads((d / "summary.json").read_text())["status"] == "completed"
+    budget = [line for line in p.stdout.splitlines() if line.startswith("budget:")]
+    assert budget == ["budget: AdaLoRA target 5,448 params"]     # nothing matched: no LoRA rank
 
 
 @pytest.mark.long
