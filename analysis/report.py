@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis import plots as P
 from analysis import tables as T
-from analysis.runs import SCALE_NAMES, SVD_METHODS, load_sweep
+from analysis.runs import SCALE_NAMES, TARGET_METHODS, load_sweep
 
 RUN_COLUMNS = ["run", "status", "label", "budget_label", "task", "seed", "params.trainable_end", "wall_time_s"]
 
@@ -220,7 +220,7 @@ def _scale_text(runs: pd.DataFrame) -> str:
 def _rank_section(sweep, out: Path, max_runs: int) -> list[str]:
     runs = sweep.runs
     has_ranks = set(sweep.modules.loc[sweep.modules["final_rank"].notna(), "run"])
-    svd = runs[runs["method"].isin(SVD_METHODS + ("svd_truncate",)) & runs["run"].isin(has_ranks)]   # every allocator
+    svd = runs[runs["method"].isin(TARGET_METHODS) & runs["run"].isin(has_ranks)]   # every allocator
     if svd.empty:
         return ["## Rank allocation", "", "No run with adaptive ranks (AdaLoRA-like) in these folders.", ""]
     # one representative per configuration: completed runs first, then lowest seed

@@ -12,6 +12,7 @@ multirun folders with numbered jobs, or nested dated folders) and returns a `Swe
                  `label`, `budget_label`, `pair_budget` used to group and pair runs
     metrics      one row per metrics.jsonl line: run, step, split, loss, orth, lr, accuracy...
     allocations  one row per ranks.jsonl record: run, step, budget, threshold, params_kept, realised
+                 (Σ ranks), unit and target (the schedule's unit and b(t) in it; allocation families)
     ranks        one row per (record, module): run, step, module, rank, budget, layer, mtype, row
     modules      one row per (run, module): init_rank, final_rank, d_out, d_in, scaling, layer, mtype, row
 
@@ -36,6 +37,11 @@ from analysis.names import module_table
 # Methods whose adapters are SVD-parameterised (rank is adaptive or at least has a spectrum).
 SVD_METHODS = ("adalora", "svd_lora", "peft_adalora", "sora", "elalora", "eva")
 LORA_METHODS = ("lora", "peft_lora", "svd_truncate")
+# Methods whose budget is the schedule's target (average rank per adapter): svd_truncate trains
+# LoRA adapters but cuts them to that target, so its budget is the target, not its LoRA rank.
+TARGET_METHODS = SVD_METHODS + ("svd_truncate",)
+# Methods with no budget knob: every run of one model and task trains the same parameters.
+NO_BUDGET_METHODS = ("full", "head")
 _RUN_MARKERS = ("summary.json", "metrics.jsonl", "ranks.jsonl", ".hydra/config.yaml")
 _IDS = ("run", "row", "module", "group", "mtype", "path", "label", "budget_label", "pair_budget",
         "scale_rule", "task_metric")
@@ -83,6 +89,17 @@ class Sweep:
     def final_ranks(self, run: str) -> dict[str, int]:
         m = self.modules[(self.modules["run"] == run) & self.modules["final_rank"].notna()]
         return {k: int(v) for k, v in zip(m["module"], m["final_rank"])}
+
+    def budget_unit(self, run: str) -> str:
+        """What the run's schedule counts: "values" (singular values kept) or "params"
+        (schedule.budget_unit=params). Its allocation records say, else its summary's schedule,
+        else its resolved config; runs from before the option counted values."""
+        units = self.allocations.loc[self.allocations["run"] == run, "unit"].dropna()
+        if len(units):
+            return str(units.iloc[-1])
+        unit = (self.schedule(run) or {}).get("budget_unit")
+        unit = unit or config_value(read_config(self.row(run)["path"]), "schedule.budget_unit")
+        return str(unit) if unit else "values"
 
     def schedule(self, run: str) -> dict | None:
         """The run's `summary.schedule` as a dict, or None (LoRA runs, unfinished runs)."""
@@ -148,6 +165,13 @@ def config_columns(sweep: Sweep, keys) -> pd.DataFrame:
             row[k] = overrides.get(k) if v is None else v
         rows.append(row)
     return _numeric(pd.DataFrame(rows, columns=["run", *keys]))
+
+
+def launch_overrides(path) -> list[str] | None:
+    """The overrides a run was launched with, as written (`.hydra/overrides.yaml`: option names
+    such as `task=rotten_tomatoes_small`, `+` and `~` prefixes kept); None when the file is absent."""
+    items = _read_yaml(Path(path) / ".hydra" / "overrides.yaml")
+    return [str(item) for item in items] if isinstance(items, list) else None
 
 
 def load_spectrum(path) -> pd.DataFrame:
@@ -324,8 +348,10 @@ def _read_run(rid: str, path: Path):
     mt.insert(0, "run", rid)
     alloc = pd.DataFrame([{"run": rid, "step": r.get("step"), "budget": r.get("budget"),
                            "threshold": r.get("threshold"), "params_kept": r.get("params_kept"),
-                           "realised": sum((r.get("ranks") or {}).values())} for r in records],
-                         columns=["run", "step", "budget", "threshold", "params_kept", "realised"])
+                           "realised": sum((r.get("ranks") or {}).values()),
+                           "unit": r.get("unit"), "target": r.get("target")} for r in records],
+                         columns=["run", "step", "budget", "threshold", "params_kept", "realised",
+                                  "unit", "target"])
     rk = pd.DataFrame([{"run": rid, "step": r.get("step"), "module": m, "rank": v, "budget": r.get("budget")}
                        for r in records for m, v in (r.get("ranks") or {}).items()],
                       columns=["run", "step", "module", "rank", "budget"])
@@ -352,7 +378,8 @@ def _modules(rid: str, summary: dict, records: list[dict], row: dict,
     final = summary.get("final_ranks") or (records[-1].get("ranks") if records else None) or {}
     first = (records[0].get("ranks") or {}) if records else {}
     shapes = summary.get("module_shapes") or {}
-    default_r0 = row.get("init_rank") if row.get("method") in SVD_METHODS else row.get("lora_rank")
+    r0_keys = ("init_rank", "lora_rank") if row.get("method") in TARGET_METHODS else ("lora_rank", "init_rank")
+    default_r0 = next((row.get(k) for k in r0_keys if _num(row.get(k))), None)
     names = list(dict.fromkeys([*first, *final, *shapes]))
     df = pd.DataFrame({
         "run": rid, "module": names,
@@ -376,8 +403,8 @@ def _with_names(df: pd.DataFrame) -> pd.DataFrame:
 def _add_labels(row: dict) -> None:
     """`label` (method, with the ablation when there is one and the scale rule when it is not
     the method's default: `adalora`, `adalora (α/target)`, `lora[lora_on_found_ranks]`),
-    `budget_label` (the knob that sets the budget), `pair_budget` (what makes an AdaLoRA run and
-    a LoRA run comparable)."""
+    `budget_label` (the knob that sets the budget, `_budget_label`), `pair_budget` (what makes an
+    AdaLoRA run and a LoRA run comparable)."""
     method = row.get("method") or "unknown"
     ablation = row.get("ablation")
     row["method"] = method
@@ -386,22 +413,34 @@ def _add_labels(row: dict) -> None:
     rule = row.get("scale_rule")
     if isinstance(rule, str) and rule != default_scale(method, None if plain else ablation):
         row["label"] += f" ({SCALE_NAMES.get(rule, rule)})"
-    tr, lr, tp = row.get("target_rank"), row.get("lora_rank"), row.get("budget.target_params")
-    if method in SVD_METHODS and _num(tr):
-        row["budget_label"] = f"avg r={tr:g}"
-    elif method in LORA_METHODS and _num(lr):
-        row["budget_label"] = f"r={int(lr)}"
-    else:
-        row["budget_label"] = ""
+    lr, tp = row.get("lora_rank"), row.get("budget.target_params")
+    row["budget_label"] = _budget_label(row)
     matched = row.get("budget.matched_lora_rank")
     if _num(tp):  # both methods sized to one parameter target: compare at that target
         row["pair_budget"] = f"{int(tp)} params"
-    elif method in SVD_METHODS and _num(matched):
+    elif method in TARGET_METHODS and _num(matched):
         row["pair_budget"] = f"r={int(matched)}"
-    elif method in LORA_METHODS and _num(lr):
+    elif method in LORA_METHODS and method not in TARGET_METHODS and _num(lr):
         row["pair_budget"] = f"r={int(lr)}"
     else:
         row["pair_budget"] = row["budget_label"]
+
+
+def _budget_label(row: dict) -> str:
+    """The knob that sets the run's budget: the target rank of an allocating method, the rank of
+    LoRA. When that knob is not recorded, the first budget fact the summary does record, so runs
+    of different budgets are never pooled under one empty label."""
+    method, tr, lr = row["method"], row.get("target_rank"), row.get("lora_rank")
+    if method in TARGET_METHODS and _num(tr):
+        return f"avg r={tr:g}"
+    if method in LORA_METHODS and method not in TARGET_METHODS and _num(lr):
+        return f"r={int(lr)}"
+    if method in NO_BUDGET_METHODS:
+        return ""
+    fallbacks = (("budget.target_params", "{:.0f} params"), ("schedule.target_budget", "b_T={:.0f}"),
+                 ("target_rank", "avg r={:g}"), ("lora_rank", "r={:.0f}"), ("init_rank", "r0={:.0f}"),
+                 ("params.adapter_end", "{:.0f} adapter params"))
+    return next((fmt.format(row[k]) for k, fmt in fallbacks if _num(row.get(k))), "")
 
 
 def _missing(v) -> bool:

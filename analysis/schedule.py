@@ -28,11 +28,12 @@ def scheduled_budget(schedule: dict, steps) -> np.ndarray:
 
 
 def phase_spans(schedule: dict) -> list[tuple[str, int, int]]:
-    """(phase, first step, last step) for warmup, budgeting and final, via adalora.schedule.phase."""
+    """(phase, first step, last step) for warmup, budgeting and final, via adalora.schedule.phase.
+    Steps run 0 .. T-1 (optimizer step indices, as ranks.jsonl records them)."""
     from adalora.schedule import phase
     cfg = _config(schedule)
     spans: list[tuple[str, int, int]] = []
-    for t in range(cfg.total_steps + 1):
+    for t in range(cfg.total_steps):
         p = phase(t, cfg)
         if spans and spans[-1][0] == p:
             spans[-1] = (p, spans[-1][1], t)
@@ -44,14 +45,15 @@ def phase_spans(schedule: dict) -> list[tuple[str, int, int]]:
 def mask_steps(schedule: dict) -> list[int]:
     from adalora.schedule import is_mask_step
     cfg = _config(schedule)
-    return [t for t in range(cfg.total_steps + 1) if is_mask_step(t, cfg)]
+    return [t for t in range(cfg.total_steps) if is_mask_step(t, cfg)]
 
 
 def shade_phases(ax, schedule: dict, label: bool = True) -> None:
     """Background bands for the three phases; used by the preview and the run timeline."""
     spans = phase_spans(schedule)
     for k, (name, lo, hi) in enumerate(spans):
-        hi = spans[k + 1][1] if k + 1 < len(spans) else hi  # bands meet: no white gap between phases
+        # bands meet (no white gap between phases), and the last runs to T, where step T-1 ends
+        hi = spans[k + 1][1] if k + 1 < len(spans) else int(schedule["total_steps"])
         ax.axvspan(lo, hi, color=PHASE_COLOURS[name], zorder=0, lw=0)
         if label:
             ax.text((lo + hi) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center",
@@ -90,7 +92,7 @@ def describe(schedule: dict) -> str:
     lines = [f"initial budget b_0 = {int(schedule['initial_budget'])}, target b_T = {int(schedule['target_budget'])}"]
     for name, lo, hi in phase_spans(schedule):
         lines.append(f"  {name:<9} steps {lo:>6} .. {hi:<6}")
-    final = int(schedule["total_steps"]) - int(schedule["final_warmup"])
+    final = _config(schedule).final_step   # T - t_f, or T-1 when t_f = 0
     lines.append(f"  {len(masks)} mask steps, first {masks[0] if masks else '-'}, "
                  f"final allocation forced at step {final}")
     return "\n".join(lines)

@@ -17,9 +17,12 @@ Writes SWEEP_DIR/tuned.json atomically:
                     "grid": [{"trainer.lr": x, ..., "val_mean": .., "val_sd": .., "n": k,
                               "seeds": [..], "eligible": true}, ...]}}}
 
-and prints one line per (task, label): its Hydra overrides and the validation score. The metric
-is the task's own (`task.metric` in the run's config: accuracy for rotten_tomatoes, macro_f1 for
-the Reuters tasks) unless --metric is given.
+and prints one line per (task, label): its Hydra overrides and the validation score. `hydra` is
+what the runs were launched with (`.hydra/overrides.yaml`, config option names kept), less the
+seed and the tuned keys, plus the chosen setting: it re-creates the runs. Runs of one label
+launched with other differing overrides are refused. The metric is the task's own (`task.metric`
+in the run's config: accuracy for rotten_tomatoes, macro_f1 for the Reuters tasks) unless
+--metric is given.
 """
 from __future__ import annotations
 
@@ -34,13 +37,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.runs import config_columns, default_scale, load_sweep
+from analysis.runs import config_columns, default_scale, launch_overrides, load_sweep
 
 DEFAULT_BY = ("trainer.lr",)
 TASK_METRICS = {"rotten_tomatoes": "accuracy", "reuters_r8": "macro_f1", "reuters_r52": "macro_f1"}
 # Axes a tuning group must not mix unless they are tuned (--by): pooling them would select on
 # a mean over different experiments.
 _FIXED = {"epochs": "trainer.epochs", "budget_label": "schedule.target_rank / the LoRA rank"}
+# Launch overrides that belong to one run, not to the experiment: a re-run picks its own.
+_PER_RUN = ("seed", "trainer.resume")
 
 
 class TuneError(ValueError):
@@ -87,7 +92,7 @@ def select(sweep, by=DEFAULT_BY, metric: str | None = None) -> dict:
         win = min(tied, key=lambda e: tuple(e[k] for k in by))
         overrides = {k: win[k] for k in by}
         out.setdefault(task, {})[label] = {
-            "overrides": overrides, "hydra": _hydra(task, g.iloc[0], overrides), "metric": m, "split": "val",
+            "overrides": overrides, "hydra": _hydra(task, label, g, overrides), "metric": m, "split": "val",
             "val_mean": win["val_mean"], "val_sd": win["val_sd"], "n": win["n"], "seeds": win["seeds"],
             "grid": grid}
     return out
@@ -104,8 +109,33 @@ def _task_metric(g: pd.DataFrame, task: str) -> str:
     raise TuneError(f"{task}: no validation metric found; give --metric")
 
 
-def _hydra(task: str, run: pd.Series, overrides: dict) -> str:
-    """The overrides that re-create the label's runs at the chosen setting."""
+def _hydra(task: str, label: str, g: pd.DataFrame, overrides: dict) -> str:
+    """The overrides that re-create the label's runs at the chosen setting: the overrides the runs
+    were launched with (config option names: `task=rotten_tomatoes_small`, `budget=matched`),
+    less the seed and the tuned keys, then the chosen setting."""
+    launched = [o for o in map(launch_overrides, g["path"]) if o is not None]
+    if not launched:
+        return _hydra_from_summary(task, g.iloc[0], overrides)
+    drop = {*_PER_RUN, *overrides}
+    kept = [[o for o in run if _key(o) not in drop] for run in launched]
+    for other in kept[1:]:
+        if set(other) != set(kept[0]):
+            key = _key(sorted(set(kept[0]) ^ set(other))[0])
+            raise TuneError(f"{task} / {label}: runs were launched with different {key} overrides; "
+                            f"tune them in separate sweeps or add {key} to --by")
+    # a tuned key added with `+` (not in the defaults) needs its `+` again
+    plus = {_key(o): o[: len(o) - len(o.lstrip("+"))] for run in launched for o in run}
+    return " ".join(kept[0] + [f"{plus.get(k, '')}{k}={v}" for k, v in overrides.items()])
+
+
+def _key(override: str) -> str:
+    """`+trainer.lr=1e-3` -> `trainer.lr`; `~method.targets` -> `method.targets`."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _hydra_from_summary(task: str, run: pd.Series, overrides: dict) -> str:
+    """For run folders without .hydra/overrides.yaml: rebuilt from the summary, which names the
+    task (not the option that chose it) and not the budget option, so check it before reuse."""
     parts = [f"task={task}", f"method={run['method']}"]
     ablation = run.get("ablation")
     if isinstance(ablation, str) and ablation not in ("none", ""):

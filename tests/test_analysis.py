@@ -227,6 +227,63 @@ def test_tables_are_written_as_csv_markdown_latex(sweep, tmp_path):
     assert r"\pm" in paths["tex"].read_text() and r"\toprule" in paths["tex"].read_text()
 
 
+def _write_budget_run(d: Path, method: str, seed: int, acc: float, **summary) -> Path:
+    """A completed run whose summary records only the given budget facts (the rest null)."""
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"method={method}", f"seed={seed}"]))
+    config = {"seed": seed, "method": {"name": method}, "trainer": {"lr": 1e-3}}
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    base = {"status": "completed", "method": method, "ablation": "none", "task": "sst2", "seed": seed,
+            "init_rank": None, "target_rank": None, "lora_rank": None,
+            "budget": {"target_params": None, "matched_lora_rank": None, "lora_params": None},
+            "schedule": None, "params": {"trainable_end": 1000 + seed, "adapter_end": 900 + seed},
+            "final": {"val": {"accuracy": acc}, "test": {"accuracy": acc}}}
+    for key, v in summary.items():      # "budget.target_params" -> base["budget"]["target_params"]
+        section, _, leaf = key.partition("__")
+        (base[section].__setitem__(leaf, v) if leaf else base.__setitem__(section, v))
+    (d / "summary.json").write_text(json.dumps(base))
+    return d
+
+
+def test_svd_truncate_runs_are_labelled_by_their_target_rank(tmp_path):
+    """svd_truncate records no LoRA rank (it cuts its adapters to the target): its budget is the
+    target rank, so runs at targets 2 and 4 are two rows, never one mean."""
+    root = tmp_path / "trunc"
+    for job, (target, seed, acc) in enumerate([(2.0, 0, 0.70), (2.0, 1, 0.72), (4.0, 0, 0.80), (4.0, 1, 0.82)]):
+        _write_budget_run(root / str(job), "svd_truncate", seed, acc, target_rank=target,
+                          budget__target_params=int(target) * 1000,
+                          schedule={**SCHEDULE, "target_budget": int(target * 18)})
+    sweep = R.load_sweep(root)
+    assert list(sweep.runs["budget_label"]) == ["avg r=2", "avg r=2", "avg r=4", "avg r=4"]
+    assert list(sweep.runs["pair_budget"]) == ["2000 params", "2000 params", "4000 params", "4000 params"]
+    table = T.summary_table(sweep, "accuracy", "test").set_index("budget_label")
+    assert table["n"].to_dict() == {"avg r=2": 2, "avg r=4": 2}
+    assert table["mean"].to_dict() == pytest.approx({"avg r=2": 0.71, "avg r=4": 0.81})
+    from analysis import tune
+    with pytest.raises(tune.TuneError, match="differ in budget_label"):
+        tune.select(sweep)
+
+
+@pytest.mark.parametrize("facts, labels", [
+    ({"budget__target_params": (5000, 9000)}, ("5000 params", "9000 params")),
+    ({"schedule": ({"target_budget": 36}, {"target_budget": 72})}, ("b_T=36", "b_T=72")),
+    ({"target_rank": (2.0, 4.0)}, ("avg r=2", "avg r=4")),
+    ({"init_rank": (4, 8)}, ("r0=4", "r0=8")),
+    ({}, ("900 adapter params", "901 adapter params")),   # nothing else: never one pooled row
+])
+def test_a_run_without_its_budget_knob_falls_back_to_the_budget_facts_it_records(tmp_path, facts, labels):
+    for seed in (0, 1):
+        _write_budget_run(tmp_path / "new" / str(seed), "new_method", seed, 0.7,
+                          **{k: v[seed] for k, v in facts.items()})
+    assert tuple(R.load_sweep(tmp_path / "new").runs["budget_label"]) == labels
+
+
+def test_full_fine_tuning_has_no_budget_and_pools_its_seeds(tmp_path):
+    for seed in (0, 1):
+        _write_budget_run(tmp_path / "full" / str(seed), "full", seed, 0.7)
+    assert list(R.load_sweep(tmp_path / "full").runs["budget_label"]) == ["", ""]
+
+
 # --- report and schedule CLIs ------------------------------------------------------------------
 
 def test_report_end_to_end(sweep_dir, tmp_path):
@@ -298,6 +355,7 @@ def test_schedule_cli_prints_phases_and_writes_png(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "b_0 = 144, target b_T = 96" in res.stdout
     assert "final allocation forced at step 700" in res.stdout
+    assert "final     steps    700 .. 999" in res.stdout     # steps run 0 .. T-1
     assert out.read_bytes()[:4] == b"\x89PNG" and out.with_suffix(".pdf").exists()
 
 

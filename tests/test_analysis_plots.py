@@ -1,12 +1,14 @@
 """analysis.plots: every figure has its axes labelled and draws the data it was given."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from analysis import plots as P
 from analysis.runs import load_sweep
-from test_analysis import MODULES, TYPES, _final_ranks, make_sweep  # the shared synthetic sweep
+from test_analysis import MODULES, TYPES, _final_ranks, _write_job, make_sweep  # the shared synthetic sweep
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,61 @@ def test_timeline_draws_scheduled_and_realised_budget(sweep):
     assert list(realised.get_ydata()[:-1]) == list(alloc["realised"])
     assert top.get_ylabel() and bottom.get_xlabel() == "optimizer step" and bottom.get_ylabel()
     assert len(bottom.get_lines()) >= len(MODULES)  # one line per module (+ type means)
+
+
+PRICE = 64 + 64 + 1   # parameters per kept singular value of a 64x64 adapter: d_in + d_out + 1
+
+
+def _params_run(d, params_kept=True, shapes=True):
+    """An ElaLoRA run under schedule.budget_unit=params: its schedule and each record's target
+    count parameters, while Σ ranks counts singular values."""
+    _write_job(d, "adalora", 0, "completed")
+    summary = json.loads((d / "summary.json").read_text())
+    summary["method"] = "elalora"
+    sched = summary["schedule"]
+    for key in ("initial_budget", "target_budget"):
+        sched[key] *= PRICE
+    if not shapes:
+        del summary["module_shapes"]
+    (d / "summary.json").write_text(json.dumps(summary))
+    records = [json.loads(line) for line in (d / "ranks.jsonl").read_text().splitlines()]
+    for r in records:
+        r.update(unit="params", target=r["budget"] * PRICE, params_kept=sum(r["ranks"].values()) * PRICE)
+        if not params_kept:
+            del r["params_kept"]
+    (d / "ranks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return load_sweep(d)
+
+
+def _line(ax, word):
+    return next(line for line in ax.get_lines() if word in line.get_label())
+
+
+@pytest.mark.parametrize("params_kept", [True, False])
+def test_timeline_in_parameters_plots_schedule_and_realised_budget_in_parameters(tmp_path, params_kept):
+    """Without params_kept the realised parameters come from Σ rank × (d_in + d_out + 1)."""
+    sweep = _params_run(tmp_path / "ela", params_kept=params_kept)
+    assert sweep.budget_unit("ela") == "params"
+    fig = P.rank_timeline(sweep, "ela")
+    top = fig.axes[0]
+    sched = sweep.schedule("ela")
+    scheduled = _line(top, "scheduled").get_ydata()
+    assert scheduled[0] == sched["initial_budget"] and scheduled[-1] == sched["target_budget"]
+    alloc = sweep.allocations[sweep.allocations["run"] == "ela"]
+    assert list(_line(top, "realised").get_ydata()[:-1]) == list(alloc["realised"] * PRICE)
+    assert list(_line(top, "mask step").get_ydata()) == list(alloc["budget"] * PRICE)
+    assert "parameters" in top.get_ylabel() and len(fig.axes) == 2   # one unit, one axis
+
+
+def test_timeline_in_parameters_without_module_shapes_gives_the_schedule_its_own_axis(tmp_path):
+    sweep = _params_run(tmp_path / "ela", params_kept=False, shapes=False)
+    fig = P.rank_timeline(sweep, "ela")
+    top, twin = fig.axes[0], fig.axes[-1]
+    alloc = sweep.allocations[sweep.allocations["run"] == "ela"]
+    assert list(_line(top, "realised").get_ydata()[:-1]) == list(alloc["realised"])
+    assert top.get_ylabel().startswith("singular values")
+    assert _line(twin, "scheduled").get_ydata()[0] == sweep.schedule("ela")["initial_budget"]
+    assert "parameters" in twin.get_ylabel() and not [x for x in top.get_lines() if "scheduled" in x.get_label()]
 
 
 def test_allocation_summary_bars_sum_to_the_final_budget(sweep):

@@ -64,3 +64,18 @@ def test_zero_final_warmup_finalizes_on_the_last_step():
     cfg = ScheduleConfig(target_rank=8, total_steps=50, init_warmup=10, final_warmup=0, mask_interval=5)
     assert cfg.final_step == 49 and phase(49, cfg) == "final" and is_mask_step(49, cfg)
     assert budget_at(49, cfg, B0, BT) == BT and phase(48, cfg) == "budgeting"
+
+
+def test_the_preview_covers_the_steps_that_run():
+    """Steps run 0 .. T-1: the preview's phase spans and mask steps stop at T-1, and with t_f = 0
+    the forced final allocation is at T-1, where training takes it."""
+    from analysis.schedule import describe, mask_steps, phase_spans
+    sched = {"total_steps": 1000, "init_warmup": 100, "final_warmup": 300, "mask_interval": 10,
+             "shape": "cubic", "initial_budget": B0, "target_budget": BT}
+    assert phase_spans(sched) == [("warmup", 0, 100), ("budgeting", 101, 699), ("final", 700, 999)]
+    assert all(phase(t, CFG) == p for p, lo, hi in phase_spans(sched) for t in (lo, hi))
+    assert mask_steps(sched) == [t for t in range(1000) if is_mask_step(t, CFG)]
+    assert "final     steps    700 .. 999" in describe(sched)
+    no_tf = {**sched, "final_warmup": 0}
+    assert phase_spans(no_tf)[-1] == ("final", 999, 999)
+    assert mask_steps(no_tf)[-1] == 999 and "final allocation forced at step 999" in describe(no_tf)

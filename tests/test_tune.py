@@ -39,8 +39,11 @@ def write_run(d: Path, *, method="adalora", task="rotten_tomatoes", seed=0, lr=2
               "schedule": {"target_rank": target_rank},
               "trainer": {"lr": lr, "head_lr": head_lr, "epochs": epochs, "batch_size": 32}}
     (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
-        [f"task={task}", f"method={method}", f"trainer.lr={lr}", f"seed={seed}"]))
+    # what the launch must have said for this config: the ablation, and a scale its files do not set
+    launch = [f"task={task}", f"method={method}"] + ([f"ablation={ablation}"] if ablation != "none" else [])
+    if config["method"]["scale"] not in (None, "uniform" if ablation == "lora_on_found_ranks" else None):
+        launch.append(f"method.scale={scale}")
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(launch + [f"trainer.lr={lr}", f"seed={seed}"]))
     val, test = val or {}, test or {}
     with open(d / "metrics.jsonl", "w") as f:
         for step in (50, steps):
@@ -213,3 +216,37 @@ def test_the_study_job_list_reads_the_tuned_file(sweep_dir):
     assert jobs.tuned_lr(tuned, "rotten_tomatoes", "adalora") == 1e-3
     assert jobs.tuned_lr(tuned, "rotten_tomatoes", "adalora_scaled") == 4e-3
     assert jobs.tuned_lr(tuned, "rotten_tomatoes", "lora") == 1e-3
+
+
+def _launched_as(d: Path, overrides: list[str]) -> None:
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+
+def test_the_hydra_line_is_the_runs_own_launch_overrides(tmp_path):
+    """The task option (rotten_tomatoes_small, whose summary says rotten_tomatoes) and budget=matched
+    come back as launched; the seed and the old learning rate do not."""
+    root = tmp_path / "launch"
+    job = 0
+    for lr in (1e-3, 2e-3):
+        for seed in (0, 1):
+            d = write_run(root / str(job), method="lora", lr=lr, seed=seed,
+                          val={"accuracy": 0.7 + (lr == 2e-3) * 0.1}, test={"accuracy": 0.5})
+            _launched_as(d, ["method=lora", "budget=matched", f"seed={seed}", "task=rotten_tomatoes_small",
+                             f"+trainer.lr={lr}", "trainer.max_steps=20"])
+            job += 1
+    c = tune.select(load_sweep(root))["rotten_tomatoes"]["lora"]
+    assert c["hydra"] == ("method=lora budget=matched task=rotten_tomatoes_small trainer.max_steps=20 "
+                          "+trainer.lr=0.002")
+    # runs of one label launched differently have no one line that re-creates them
+    _launched_as(root / "0", ["method=lora", "budget=matched", "seed=0", "task=rotten_tomatoes_small",
+                              "+trainer.lr=0.001", "trainer.max_steps=40"])
+    with pytest.raises(tune.TuneError, match="different trainer.max_steps overrides"):
+        tune.select(load_sweep(root))
+
+
+def test_the_hydra_line_without_launch_overrides_comes_from_the_summary(tmp_path):
+    d = write_run(tmp_path / "old" / "0", method="adalora", scale="alpha_over_target",
+                  val={"accuracy": 0.8}, test={"accuracy": 0.8})
+    (d / ".hydra" / "overrides.yaml").unlink()
+    c = tune.select(load_sweep(tmp_path / "old"))["rotten_tomatoes"]["adalora (α/target)"]
+    assert c["hydra"] == "task=rotten_tomatoes method=adalora method.scale=alpha_over_target trainer.lr=0.002"
