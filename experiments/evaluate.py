@@ -11,7 +11,9 @@ applied on top. A peft folder (``adapter_config.json``; written by ``--export-pe
 a classifier head saved beside it (``head.safetensors``) is loaded too. The metrics go to
 ``DIR`` (default ``<source>/eval-<time>``) in the run-folder format (``summary.json`` with
 ``"status": "evaluated"``, ``metrics.jsonl``, ``.hydra/config.yaml``), so ``analysis`` reads them.
-Bad input prints one ``error:`` line and exits 2; an existing ``DIR`` is never overwritten.
+A ``method=full`` run is refused (full fine-tuning saves no backbone to restore); ``method=head``
+and ``peft_*`` runs re-score like ours. Bad input prints one ``error:`` line and exits 2; an
+existing ``DIR`` is never overwritten.
 """
 from __future__ import annotations
 
@@ -57,8 +59,21 @@ def compose(source: Path, overrides: list[str]) -> tuple[RunConfig, dict]:
 _GROUPS = ("method", "task", "model", "schedule", "trainer", "logger", "budget")
 
 
+def trained_method(source: Path) -> str | None:
+    """The method a run folder was trained with (its saved config, before any override); None
+    for a peft folder."""
+    from omegaconf import OmegaConf
+    saved = source / ".hydra" / "config.yaml"
+    return OmegaConf.select(OmegaConf.load(saved), "method.name") if saved.is_file() else None
+
+
 def restore(source: Path, cfg: RunConfig):
     """Model, objective and splits of ``cfg`` with the adapters (and head) saved in ``source``."""
+    if trained_method(source) == "full":
+        # Its backbone is not saved, so the pretrained one plus its head would score a model
+        # that never existed: refuse before loading anything.
+        raise ConfigError(f"{source} is a method=full run: full fine-tuning saves no weights to restore; "
+                          "evaluate re-scores adapter runs (and method=head)")
     from .runner import prepare, seed_everything
     seed_everything(cfg.seed)          # a randomly initialised base (model=tiny) is rebuilt as trained
     prep = prepare(cfg, world_size=1, inject=not (source / "adapter_config.json").is_file())
@@ -92,6 +107,8 @@ def export_peft(source: Path, out: Path, cfg: RunConfig) -> Path:
         raise ConfigError(f"{out} exists: choose a new folder for the export")
     prep = restore(source, cfg)
     from .model import resolve_path
+    from .peft_methods import to_adalora_layers
+    to_adalora_layers(prep.model.backbone)      # a peft_* run: peft's lora_E is (r, 1), save_peft reads ours
     adalora.save_peft(out, prep.model.backbone, base_model_name_or_path=resolve_path(cfg.model.name_or_path))
     if (source / "head.safetensors").is_file():
         shutil.copyfile(source / "head.safetensors", out / "head.safetensors")

@@ -62,6 +62,40 @@ class _PeftView:
         if self.inner.merged:
             self.inner.unmerge()
 
+    # load_adapters sets the saved scale after the factors: peft's forward must use it too. Only
+    # a different value is written through, so the same config reproduces peft's float exactly.
+    @property
+    def scaling(self) -> float:
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        if hasattr(self, "_scaling") and float(value) != self._scaling:
+            self.inner.scaling[ADAPTER] = float(value) * self._peft_divisor()
+        self._scaling = float(value)
+
+    def _peft_divisor(self) -> float:
+        return 1.0
+
+    @property
+    def drop(self) -> Optional[nn.Module]:
+        """peft's dropout in front of the adapter (None when off), as ``AdapterLayer.drop``."""
+        d = self.inner.lora_dropout[ADAPTER]
+        return d if isinstance(d, nn.Dropout) else None
+
+    def _check_factor_names(self, factors: dict) -> None:
+        unknown = [n for n in factors if n not in self._FACTORS]
+        if unknown:                                    # before any factor changes
+            raise ValueError(f"{type(self).__name__}.set_factors({unknown[0]}=...): no such factor; "
+                             f"name one of {', '.join(self._FACTORS)}")
+
+    @staticmethod
+    def _like(value: torch.Tensor, old: torch.Tensor) -> nn.Parameter:
+        """``value`` as a new Parameter in ``old``'s device, dtype and ``requires_grad``, never the
+        caller's memory (as ``AdapterLayer.set_factors``)."""
+        return nn.Parameter(value.detach().to(device=old.device, dtype=old.dtype).clone(),
+                            requires_grad=old.requires_grad)
+
 
 class PeftSVDView(_PeftView, adalora.SVDLinear):
     """One peft AdaLoRA ``SVDLinear`` seen as ours: ``P = lora_B (d_out, r0)``, ``lam = lora_E (r0, 1)``
@@ -74,17 +108,32 @@ class PeftSVDView(_PeftView, adalora.SVDLinear):
         self.out_features, self.in_features = inner.out_features, inner.in_features
         self.r0 = int(inner.r[ADAPTER])
         # peft's forward: ... * scaling / (ranknum + 1e-5), ranknum = r0 for the whole run
-        self.scaling = float(inner.scaling[ADAPTER]) / (float(inner.ranknum[ADAPTER]) + 1e-5)
+        self.scaling = float(inner.scaling[ADAPTER]) / self._peft_divisor()
         self.register_buffer("rank_mask", torch.ones(self.r0, dtype=torch.bool,
                                                      device=inner.lora_E[ADAPTER].device))
 
+    _FACTORS = {"P": "lora_B", "lam": "lora_E", "Q": "lora_A"}
     P = property(lambda self: self.inner.lora_B[ADAPTER])
     lam = property(lambda self: self.inner.lora_E[ADAPTER])
     Q = property(lambda self: self.inner.lora_A[ADAPTER])
 
     @property
     def rank(self) -> int:
-        return self.r0
+        return self.inner.lora_E[ADAPTER].shape[0]
+
+    def _peft_divisor(self) -> float:
+        return float(self.inner.ranknum[ADAPTER]) + 1e-5
+
+    @torch.no_grad()
+    def set_factors(self, **factors: torch.Tensor) -> None:
+        """Replace ``P``, ``lam``, ``Q`` (peft's ``lora_B``, ``lora_E``, ``lora_A``) by name, possibly
+        at another rank (``load_adapters`` hands the kept triplets): new Parameters in peft's own
+        dicts, so peft's forward uses them. ``lam`` takes peft's ``(r, 1)`` shape; ``ranknum``
+        stays ``r0``, so the scale does not change (as ours after ``resize``)."""
+        self._check_factor_names(factors)
+        for name, value in factors.items():
+            store = getattr(self.inner, self._FACTORS[name])
+            store[ADAPTER] = self._like(value.reshape(-1, 1) if name == "lam" else value, store[ADAPTER])
 
     def resize(self, keep, optimizer=None):
         raise RuntimeError("peft AdaLoRA adapters are masked, not resized: "
@@ -100,8 +149,20 @@ class PeftLoRAView(_PeftView, adalora.LoRALinear):
         self.out_features, self.in_features = inner.out_features, inner.in_features
         self.scaling = float(inner.scaling[ADAPTER])
 
+    _FACTORS = {"A": "lora_A", "B": "lora_B"}
     A = property(lambda self: self.inner.lora_A[ADAPTER].weight)
     B = property(lambda self: self.inner.lora_B[ADAPTER].weight)
+
+    @torch.no_grad()
+    def set_factors(self, **factors: torch.Tensor) -> None:
+        """Replace ``A``, ``B`` (the weights of peft's ``lora_A``, ``lora_B`` Linears) by name,
+        possibly at another rank (``load_adapters`` then sets the saved scale)."""
+        self._check_factor_names(factors)
+        for name, value in factors.items():
+            lin = getattr(self.inner, self._FACTORS[name])[ADAPTER]
+            lin.weight = self._like(value, lin.weight)
+            lin.out_features, lin.in_features = lin.weight.shape
+        self.inner.r[ADAPTER] = self.A.shape[0]
 
 
 def wrap_peft_layers(backbone: nn.Module, names: List[str], view_cls) -> Dict[str, nn.Module]:
@@ -120,6 +181,32 @@ def wrap_peft_layers(backbone: nn.Module, names: List[str], view_cls) -> Dict[st
         setattr(backbone.get_submodule(parent) if parent else backbone, child, view)
         views[n] = view
     return views
+
+
+def to_adalora_layers(backbone: nn.Module) -> Dict[str, nn.Module]:
+    """Replace each view in ``backbone`` by the adalora layer with the same update on the same
+    base (an ``SVDLinear`` keeps the view's mask, ``r0`` and scale) and return them: for writers
+    that read our layers' factors, such as ``adalora.save_peft``, whose λ is ``(r,)`` where
+    peft's ``lora_E`` is ``(r, 1)``."""
+    out = {}
+    for name, view in adalora.find_adapters(backbone).items():
+        if not isinstance(view, _PeftView):
+            continue
+        p = view.drop.p if view.drop is not None else 0.0
+        if isinstance(view, PeftSVDView):
+            layer = adalora.SVDLinear(view.base, view.rank, alpha=1.0, dropout=p)
+            layer.set_factors(P=view.P.detach(), lam=view.lam.detach().reshape(-1), Q=view.Q.detach())
+            layer.rank_mask = view.rank_mask.clone()
+            layer.r0 = view.r0
+        else:
+            layer = adalora.LoRALinear(view.base, view.rank, alpha=1.0, dropout=p)
+            layer.set_factors(A=view.A.detach(), B=view.B.detach())
+        layer.scaling = view.scaling
+        layer.train(view.training)
+        parent, _, child = name.rpartition(".")
+        setattr(backbone.get_submodule(parent) if parent else backbone, child, layer)
+        out[name] = layer
+    return out
 
 
 # ---- the allocator: peft's update_and_allocate behind our interface -------------------------

@@ -87,3 +87,107 @@ def test_bad_sources_are_one_line_and_touch_nothing(run_dir, tmp_path, capsys):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr
         assert r.stderr.count("\n") == 1 and not (tmp_path / "never").exists()
     assert snapshot(run_dir) == before
+
+
+# ---- runs of other methods: peft's adapters, a frozen backbone, full fine-tuning ----------------
+SHORT = TINY + ["trainer.max_steps=8", "logger.tensorboard=false"]
+# peft_adalora masks at steps 1..6 (t_i=1, T-t_f=6), so the saved ranks are below r0
+PEFT_ADALORA = SHORT + ["method=peft_adalora", "schedule.init_warmup=1", "schedule.final_warmup=2",
+                        "schedule.mask_interval=1"]
+
+
+def _train_inproc(d, overrides):
+    """A run in this process, with the ``.hydra/config.yaml`` the training command writes."""
+    from omegaconf import OmegaConf
+    from exp_utils import compose
+    from experiments.runner import run
+    rc, plain = compose(overrides)
+    summary = run(rc, d, plain)
+    (d / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(plain), d / ".hydra" / "config.yaml")
+    return summary
+
+
+@pytest.fixture(scope="module")
+def other_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("other_runs")
+    runs = {}
+    for name, overrides in (("peft_adalora", PEFT_ADALORA), ("peft_lora", SHORT + ["method=peft_lora"]),
+                            ("head", SHORT + ["method=head"]), ("full", TINY + ["method=full", "trainer.max_steps=2",
+                                                                                   "logger.tensorboard=false"])):
+        assert _train_inproc(d / name, overrides)["status"] == "completed"
+        runs[name] = d / name
+    return runs
+
+
+@pytest.mark.parametrize("method", ["peft_adalora", "peft_lora", "head"])
+def test_peft_and_head_runs_evaluate_to_their_own_final_metrics(other_runs, method, tmp_path, capsys):
+    run_dir, out = other_runs[method], tmp_path / "eval"
+    r = _evaluate(run_dir, "--out", out, capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    trained = json.loads((run_dir / "summary.json").read_text())
+    s = json.loads((out / "summary.json").read_text())
+    for split in ("val", "test"):
+        # the kept triplets alone sum in another order than all r0 with zeros: not bitwise
+        assert s["final"][split] == pytest.approx(trained["final"][split], abs=1e-6)
+    assert s["final_ranks"] == trained["final_ranks"]
+    if method == "peft_adalora":
+        assert sum(trained["final_ranks"].values()) < trained["schedule"]["initial_budget"]
+
+
+def test_peft_adalora_run_exports_a_folder_peft_loads(other_runs, tmp_path, capsys):
+    """The export of a peft run holds our layers' update: peft's own loader on a fresh base gives
+    the logits of the restored run, and evaluate scores the folder as the run."""
+    import torch
+    from peft import PeftModel
+    from experiments.evaluate import compose, restore
+    from experiments.runner import prepare, seed_everything
+    run_dir, folder = other_runs["peft_adalora"], tmp_path / "peft"
+    r = _evaluate(run_dir, "--export-peft", folder, capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((folder / "adapter_config.json").read_text())
+    trained = json.loads((run_dir / "summary.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert {k.replace("\\", ""): v for k, v in config["rank_pattern"].items()} == \
+        {n: k for n, k in trained["final_ranks"].items() if k > 0}
+    cfg, _ = compose(run_dir, [])
+    ours = restore(run_dir, cfg).model.eval()
+    seed_everything(cfg.seed)                  # the same random tiny base the run was trained on
+    theirs = prepare(cfg, inject=False).model
+    from safetensors.torch import load_file
+    theirs.classifier.load_state_dict(load_file(str(folder / "head.safetensors")))
+    theirs.eval()
+    x = torch.randint(0, 100, (2, 8))
+    logits = lambda m: m(input_ids=x, attention_mask=torch.ones_like(x))
+    theirs.backbone = PeftModel.from_pretrained(theirs.backbone, str(folder)).base_model.model
+    with torch.no_grad():
+        assert torch.allclose(logits(ours), logits(theirs), atol=1e-5)
+        # a few steps move the logits little: compare every module's update itself
+        from adalora import find_adapters
+        for name, view in find_adapters(ours.backbone).items():
+            mod = theirs.backbone.get_submodule(name)
+            if trained["final_ranks"][name] == 0:          # left out of the export
+                assert not hasattr(mod, "lora_A") and not view.delta_weight().any()
+                continue
+            d = view.delta_weight()
+            assert d.abs().max() > 0 and torch.allclose(mod.get_delta_weight("default"), d,
+                                                        rtol=1e-4, atol=1e-6 * d.abs().max().item())
+    out = tmp_path / "eval"
+    r = _evaluate(folder, *TINY, "--out", out, capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    for split in ("val", "test"):
+        assert s["final"][split]["accuracy"] == pytest.approx(trained["final"][split]["accuracy"], abs=1e-6)
+        assert s["final"][split]["loss"] == pytest.approx(trained["final"][split]["loss"], abs=1e-5)
+
+
+def test_full_run_is_refused_in_one_line_saying_why(other_runs, tmp_path, capsys):
+    run_dir = other_runs["full"]
+    before = snapshot(run_dir)
+    for args in (("--out", tmp_path / "never"), ("--export-peft", tmp_path / "never"),
+                 ("method=lora", "--out", tmp_path / "never")):       # the run's own method counts
+        r = _evaluate(run_dir, *args, capsys=capsys)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"error: {run_dir} is a method=full run: full fine-tuning saves no weights")
+        assert not (tmp_path / "never").exists()
+    assert snapshot(run_dir) == before

@@ -171,3 +171,43 @@ def test_peft_adalora_rounds_target_rank_and_refuses_what_peft_lacks(tmp_path):
                       ("trainer.compact=true", "compact"), ("schedule.target_rank=12", "integer")]:
         with pytest.raises(ConfigError, match=what):
             run_inproc(tmp_path / bad, RUN + ["method=peft_adalora", bad])
+
+
+@needs_peft
+@pytest.mark.parametrize("method", ["peft_adalora", "peft_lora"])
+def test_views_take_factors_of_another_rank_into_peft_and_convert_to_ours(method):
+    """load_adapters hands a view its factors at the saved rank and then the saved scale: both
+    must reach peft's forward. to_adalora_layers (for save_peft) keeps every update."""
+    from experiments.build import build
+    from experiments.model import load_model
+    from experiments.peft_methods import to_adalora_layers
+    import adalora
+    rc, _ = compose(RUN + [f"method={method}"])
+    torch.manual_seed(0)
+    model = load_model(rc.model, 2, 100).eval()
+    views = build(rc, model, n_train=128).adapters
+    v = next(iter(views.values()))
+    names = "P, lam, Q" if method == "peft_adalora" else "A, B"
+    with pytest.raises(ValueError, match=rf"set_factors\(X=\.\.\.\): no such factor; name one of {names}$"):
+        v.set_factors(X=torch.zeros(1))
+    k, x = 5, torch.randn(3, v.in_features)
+    if method == "peft_adalora":
+        P, lam, Q = torch.randn(v.out_features, k), torch.randn(k), torch.randn(k, v.in_features)
+        v.set_factors(P=P, lam=lam, Q=Q)
+        assert v.rank == k and v.inner.lora_E["default"].shape == (k, 1) and v.r0 == 12
+        update = (P * lam) @ Q
+    else:
+        A, B = torch.randn(k, v.in_features), torch.randn(v.out_features, k)
+        v.set_factors(A=A, B=B)
+        assert v.rank == k and v.inner.lora_A["default"].out_features == k
+        update = B @ A
+    with torch.no_grad():
+        assert torch.allclose(v(x) - v.base(x), x @ (v.scaling * update).T, atol=1e-4)
+        v.scaling = 2 * v.scaling
+        assert torch.allclose(v(x) - v.base(x), x @ (v.scaling * update).T, atol=1e-4)
+        deltas = {n: a.delta_weight() for n, a in views.items()}
+        plain = to_adalora_layers(model.backbone)
+        assert list(plain) == list(adalora.find_adapters(model.backbone)) == list(views)
+        for n, a in plain.items():
+            assert type(a) is (adalora.SVDLinear if method == "peft_adalora" else adalora.LoRALinear)
+            assert torch.allclose(a.delta_weight(), deltas[n], atol=1e-6)
