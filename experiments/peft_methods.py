@@ -372,16 +372,18 @@ def build_peft(cfg: RunConfig, model: nn.Module, out, n_train: int):
     target_rank, matched_r = s.target_rank, None
 
     if m.name == "peft_lora":
-        r = m.init_rank
+        r, target_params = m.init_rank, None
         if cfg.budget.match == "matched":
-            matched_r = r = B.matched_lora_rank(shapes, B.adalora_target_params(shapes, target_rank))
+            from .build import target_budget     # the target AdaLoRA's allocator keeps, as build prices it
+            target_params = target_budget(shapes, target_rank, s.target_total, s.budget_unit)[0]
+            matched_r = r = B.matched_lora_rank(shapes, target_params)
         pcfg = LoraConfig(r=r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets,
                           use_rslora=m.rslora, bias="none")
         tuner = LoraModel(backbone, pcfg, ADAPTER)
         out.adapters = wrap_peft_layers(backbone, names, PeftLoRAView)
         out.lora_rank = r
-        out.budget = {"target_params": B.adalora_target_params(shapes, target_rank) if matched_r else None,
-                      "matched_lora_rank": matched_r, "lora_params": B.lora_params(shapes, r)}
+        out.budget = {"target_params": target_params, "matched_lora_rank": matched_r,
+                      "lora_params": B.lora_params(shapes, r)}
     else:
         if cfg.budget.match == "from_lora":
             matched_r = cfg.budget.lora_rank

@@ -184,8 +184,9 @@ def main(cfg: DictConfig) -> float:
         print(f"test {metric} {final[metric]:.4f}  (accuracy {final['accuracy']:.4f}, macro-F1 "
               f"{final['macro_f1']:.4f}, MCC {final['mcc']:.4f})")
     p = summary["params"]
+    base = "base, trained" if summary["method"] == "full" else "frozen base"
     print(f"trainable params: start {p['trainable_start']:,}  end {p['trainable_end']:,}  "
-          f"(adapters {p['adapter_start']:,} -> {p['adapter_end']:,}; frozen base {p['base']:,})")
+          f"(adapters {p['adapter_start']:,} -> {p['adapter_end']:,}; {base} {p['base']:,})")
     b = summary["budget"]
     if b.get("target_params") is not None:
         matched = (f"; matched LoRA rank {b['matched_lora_rank']} = {b['lora_params']:,} params"

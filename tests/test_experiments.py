@@ -526,6 +526,14 @@ def test_matched_budget_follows_target_total(total, rank, params, lora_r):
     assert {a.rank for a in lora.adapters.values()} == {lora_r}
 
 
+def test_peft_lora_matches_the_same_target_total():
+    pytest.importorskip("peft")
+    ada = _built(["budget=matched", "schedule.target_total=30"])
+    peft = _built(["method=peft_lora", "budget=matched", "schedule.target_total=30"])
+    assert peft.lora_rank == 3 and peft.budget == ada.budget == {
+        "target_params": 2270, "matched_lora_rank": 3, "lora_params": 3 * 896}
+
+
 def test_a_target_total_in_parameters_is_the_target_params():
     b = _built(["method=sora", "schedule.budget_unit=params", "schedule.target_total=2724",
                 "budget=matched"])
