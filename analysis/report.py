@@ -84,6 +84,13 @@ def _runs_section(sweep, metric) -> list[str]:
     for _, r in bad.iterrows():
         what = f"`{r['run']}` **{r['status']}**" + (f" ({r['label']}, seed {r['seed']:.0f})" if pd.notna(r.get("seed")) else "")
         md.append(f"- {what}: {r['notes'] or 'no error recorded'}; folder `{r['path']}`")
+    evals = sweep.evaluations()
+    if not evals.empty:
+        md += ["", "## Evaluations (re-scores of saved adapters, not in the result tables)", ""]
+        for _, r in evals.iterrows():
+            source = r.get("evaluated_from")
+            md.append(f"- `{r['run']}` ({r['label']}): from `{source if isinstance(source, str) else '?'}`; "
+                      f"folder `{r['path']}`")
     return md + [""]
 
 

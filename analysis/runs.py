@@ -83,8 +83,14 @@ class Sweep:
                                            self.ranks, self.modules)))
 
     def problems(self) -> pd.DataFrame:
-        """Runs that did not complete (failed, interrupted, still running, no summary.json)."""
-        return self.runs[~self.runs["ok"]].reset_index(drop=True)
+        """Runs that did not complete (failed, interrupted, still running, no summary.json).
+        Folders of `experiments.evaluate` are not runs that failed: `evaluations` lists them."""
+        return self.runs[~self.runs["ok"] & (self.runs["status"] != "evaluated")].reset_index(drop=True)
+
+    def evaluations(self) -> pd.DataFrame:
+        """Folders of `experiments.evaluate` (status "evaluated"): re-scores of saved adapters,
+        kept out of the result tables, where they would count a trained run twice."""
+        return self.runs[self.runs["status"] == "evaluated"].reset_index(drop=True)
 
     def final_ranks(self, run: str) -> dict[str, int]:
         m = self.modules[(self.modules["run"] == run) & self.modules["final_rank"].notna()]

@@ -301,6 +301,25 @@ def test_report_end_to_end(sweep_dir, tmp_path):
     assert (tmp_path / "rep" / "table_test_accuracy.tex").exists()
 
 
+def test_an_evaluation_folder_is_neither_a_failure_nor_a_result(tmp_path):
+    """experiments.evaluate's folders re-score saved adapters: counted in the tables, a trained
+    run would count twice; listed as failed, they would say something went wrong."""
+    from analysis import report, tables
+    from analysis.runs import load_sweep
+    _write_budget_run(tmp_path / "0", "lora", 0, 0.8, lora_rank=4)
+    ev = _write_budget_run(tmp_path / "0-eval", "lora", 0, 0.8, lora_rank=4)    # --out beside the run
+    summary = json.loads((ev / "summary.json").read_text())
+    (ev / "summary.json").write_text(json.dumps({**summary, "status": "evaluated",
+                                                 "evaluated_from": str(tmp_path / "0")}))
+    s = load_sweep(tmp_path)
+    assert s.problems().empty and list(s.evaluations()["path"]) == [str(ev)]
+    assert tables.summary_table(s, "accuracy", "test")["n"].tolist() == [1]
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "None: every run completed." in text
+    assert f"(lora): from `{tmp_path / '0'}`" in text.split("## Evaluations")[1]
+
+
 @pytest.mark.parametrize("case", ["missing", "file", "metric"])
 def test_report_and_agreement_refuse_bad_input_in_one_line_and_write_nothing(sweep_dir, tmp_path, capsys, case):
     from analysis import agreement, report
