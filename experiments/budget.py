@@ -11,7 +11,7 @@ which is exact in total when all matrices have the same shape and an estimate ot
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from torch import nn
 
@@ -55,3 +55,23 @@ def target_rank_from_lora(shapes: Shapes, lora_rank: int, init_rank: int) -> flo
         raise ConfigError(f"budget=from_lora: LoRA rank {lora_rank} needs target_rank {t:.2f} "
                           f">= method.init_rank={init_rank}; raise method.init_rank")
     return t
+
+
+def target_budget(shapes: Shapes, target_rank: Optional[float], target_total: Optional[int],
+                  unit: str) -> Tuple[int, float]:
+    """(parameters, average rank) of the target budget the allocator keeps: ``target_total``
+    wins over ``target_rank``, as in ``adalora.ScheduleConfig``."""
+    if target_total is None:
+        if target_rank is None:
+            raise ConfigError("schedule: set schedule.target_rank (average) or schedule.target_total")
+        return adalora_target_params(shapes, target_rank), target_rank
+    if not shapes:
+        raise ConfigError("budget matching needs at least one adapted matrix")
+    if unit == "params":
+        # The total is already parameters (adalora/accounting.py), exact whatever the shapes.
+        return target_total, target_total / sum(o + i + 1 for o, i in shapes.values())
+    # In values, which matrices keep them is only learnt in training: price total / n per
+    # matrix, the uniform spread target_rank is priced at, so target_total=72 over 12 matrices
+    # costs what target_rank=6 does.
+    rank = target_total / len(shapes)
+    return adalora_target_params(shapes, rank), rank

@@ -8,7 +8,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -70,26 +70,6 @@ def check_ablation(cfg: RunConfig) -> None:
         raise ConfigError("ablation=lora_on_found_ranks needs method.rank_pattern_from=<an AdaLoRA run folder>")
 
 
-def target_budget(shapes: B.Shapes, target_rank: Optional[float], target_total: Optional[int],
-                  unit: str) -> Tuple[int, float]:
-    """(parameters, average rank) of the target budget the allocator keeps: ``target_total``
-    wins over ``target_rank``, as in ``adalora.ScheduleConfig``."""
-    if target_total is None:
-        if target_rank is None:
-            raise ConfigError("schedule: set schedule.target_rank (average) or schedule.target_total")
-        return B.adalora_target_params(shapes, target_rank), target_rank
-    if not shapes:
-        raise ConfigError("budget matching needs at least one adapted matrix")
-    if unit == "params":
-        # The total is already parameters (adalora/accounting.py), exact whatever the shapes.
-        return target_total, target_total / sum(o + i + 1 for o, i in shapes.values())
-    # In values, which matrices keep them is only learnt in training: price total / n per
-    # matrix, the uniform spread target_rank is priced at, so target_total=72 over 12 matrices
-    # costs what target_rank=6 does.
-    rank = target_total / len(shapes)
-    return B.adalora_target_params(shapes, rank), rank
-
-
 def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int = 1) -> Built:
     m = cfg.method
     check_ablation(cfg)
@@ -139,7 +119,7 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
     try:
         if matched and m.name == "lora":
             shapes = B.adapted_shapes(backbone, adapter_cfg(1))
-            lora_target, _ = target_budget(shapes, target_rank, s.target_total, s.budget_unit)
+            lora_target, _ = B.target_budget(shapes, target_rank, s.target_total, s.budget_unit)
             init_rank = B.matched_lora_rank(shapes, lora_target)
         if m.name == "elalora":
             init_rank = start_rank(cfg)      # ElaLoRA grows from below the target
@@ -159,7 +139,7 @@ def build(cfg: RunConfig, model: PooledClassifier, n_train: int, world_size: int
     # the schedule's target unset).
     target_params, avg_rank = None, None
     if m.prunes or matched:
-        target_params, avg_rank = target_budget(shapes, target_rank, s.target_total, s.budget_unit)
+        target_params, avg_rank = B.target_budget(shapes, target_rank, s.target_total, s.budget_unit)
     if matched:
         matched_r = B.matched_lora_rank(shapes, target_params)
     if m.name == "lora":

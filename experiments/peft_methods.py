@@ -374,8 +374,8 @@ def build_peft(cfg: RunConfig, model: nn.Module, out, n_train: int):
     if m.name == "peft_lora":
         r, target_params = m.init_rank, None
         if cfg.budget.match == "matched":
-            from .build import target_budget     # the target AdaLoRA's allocator keeps, as build prices it
-            target_params = target_budget(shapes, target_rank, s.target_total, s.budget_unit)[0]
+            # the target AdaLoRA's allocator keeps, priced as build prices it
+            target_params = B.target_budget(shapes, target_rank, s.target_total, s.budget_unit)[0]
             matched_r = r = B.matched_lora_rank(shapes, target_params)
         pcfg = LoraConfig(r=r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=targets,
                           use_rslora=m.rslora, bias="none")
