@@ -75,6 +75,10 @@ class AdapterConfig:
                f"AdapterConfig.flat_factors={self.flat_factors!r}: use true or false")
         _check(bool(self.targets) or self.target_regex is not None,
                "AdapterConfig.targets is empty: name module suffixes (e.g. ['query','value']) or set target_regex")
+        # list("12") would be ["1", "2"]; peft reads a string as a regex: neither silently
+        _check(not isinstance(self.targets, str),
+               f"AdapterConfig.targets={self.targets!r} is a string: pass a list of module name suffixes "
+               f"(targets=[{self.targets!r}]) or a regex as target_regex")
         self.targets = list(self.targets)
         _check(all(isinstance(t, str) and t for t in self.targets),
                "AdapterConfig.targets must be non-empty strings (module name suffixes)")

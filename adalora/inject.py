@@ -129,12 +129,13 @@ def mark_only_adapters_trainable(model: nn.Module, extra: tuple[str, ...] = (), 
 def merge(model: nn.Module, name: str | None = None) -> None:
     """Merge every adapter into its base weight (zero added latency at inference); with
     ``name``, that named set is made active first (``adalora.set_adapter``)."""
+    adapters = find_adapters(model)
+    for layer in adapters.values():
+        layer._check_mergeable()  # refuse before touching any weight, or switching the active set
     if name is not None:
         from .named import set_adapter
         set_adapter(model, name)
-    adapters = find_adapters(model)
-    for layer in adapters.values():
-        layer._check_mergeable()  # refuse before touching any weight
+        adapters = find_adapters(model)
     for layer in adapters.values():
         layer.merge()
 

@@ -169,19 +169,39 @@ class AdapterLayer(nn.Module):
         another rank: new ``nn.Parameter`` objects in the old ones' device, dtype and
         ``requires_grad``, the up factor (``_UP``) stored column-major; a banked factor (flat gates
         or flat factors) gets a new bank parameter on the model instead. An optimizer holding the
-        old parameters must be told (``RankAllocator.compact`` does that)."""
+        old parameters must be told (``RankAllocator.compact`` does that). The factors, new and
+        kept, must make one rank-r update of this layer; a new rank keeps every value
+        (``rank_mask`` all true). A merged layer refuses: ``unmerge`` would subtract another ΔW."""
+        cls, names = type(self).__name__, [a for a in (self._UP, self._GATE, self._DOWN) if a]
         unknown = [n for n in factors if n not in self._parameters and gate_bank.bank_of(self, n) is None]
         if unknown:                                    # before any factor changes
-            raise ValueError(f"{type(self).__name__}.set_factors({unknown[0]}=...): no such factor; "
-                             f"name one of {', '.join(a for a in (self._UP, self._GATE, self._DOWN) if a)}")
+            raise ValueError(f"{cls}.set_factors({unknown[0]}=...): no such factor; name one of {', '.join(names)}")
+        if self.merged:
+            raise ValueError(f"{cls}.set_factors: the layer is merged into its base; unmerge it first "
+                             "(adalora.unmerge(model))")
+        shapes = {n: tuple(factors[n].shape if n in factors else getattr(self, n).shape) for n in names}
+        r = shapes[self._DOWN][0] if len(shapes[self._DOWN]) == 2 else -1
+        want = {self._UP: (self.out_features, r), self._GATE: (r,), self._DOWN: (r, self.in_features)}
+        if any(shapes[n] != want[n] for n in names):
+            gate = f"{self._GATE} (r,), " if self._GATE else ""
+            raise ValueError(f"{cls}.set_factors: {', '.join(f'{n} {shapes[n]}' for n in names)} do not make a "
+                             f"rank-r update of this ({self.out_features}, {self.in_features}) layer: want "
+                             f"{self._UP} ({self.out_features}, r), {gate}{self._DOWN} (r, {self.in_features})")
         for name, value in factors.items():
-            if name not in self._parameters:
-                self._set_banked(name, value)          # flat parameters: a new bank
-                continue
-            old = self._parameters[name]
-            value = value.to(device=old.device, dtype=old.dtype)
-            value = column_major(value) if name == self._UP else value.clone()   # never the caller's memory
-            setattr(self, name, nn.Parameter(value, requires_grad=old.requires_grad))
+            self._replace(name, value)
+        mask = self._buffers.get("rank_mask")
+        if mask is not None and mask.numel() != r:
+            self.rank_mask = torch.ones(r, dtype=torch.bool, device=mask.device)
+
+    def _replace(self, name: str, value: torch.Tensor) -> None:
+        """One factor replaced, unchecked (``set_factors``; a rank change replaces them in turn)."""
+        if name not in self._parameters:
+            self._set_banked(name, value)              # flat parameters: a new bank
+            return
+        old = self._parameters[name]
+        value = value.to(device=old.device, dtype=old.dtype)
+        value = column_major(value) if name == self._UP else value.clone()   # never the caller's memory
+        setattr(self, name, nn.Parameter(value, requires_grad=old.requires_grad))
 
     def _set_banked(self, attr: str, value: torch.Tensor, src: torch.Tensor | None = None) -> None:
         """A banked ``attr`` replaced by ``value`` (``src``: the old rank-one term each new one
@@ -286,7 +306,7 @@ class SVDLinear(AdapterLayer):
         old = {attr: gate_bank.leaf(self, attr) for attr in values}
         for attr, value in values.items():
             if attr in self._parameters:
-                self.set_factors(**{attr: value})
+                self._replace(attr, value)
             else:
                 self._set_banked(attr, value, src)
         if optimizer is None:

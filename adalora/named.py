@@ -116,6 +116,8 @@ def add_adapter(model: nn.Module, name: str, path=None) -> None:
     layers = find_adapters(model)
     if not layers:
         raise ValueError("model has no adapters: call adalora.inject first, then add further named sets")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter set name {name!r}: use a non-empty string")   # names are sorted and saved
     if name in adapter_names(model):
         raise ValueError(f"adapter set {name!r} exists already: choose another name or delete_adapter it")
     for layer in layers.values():

@@ -373,3 +373,30 @@ def test_to_empty_without_recursion_leaves_the_base_alone():
     layer = SVDLinear(base, 2, 1.0)
     layer.to_empty(device="cpu", recurse=False)
     assert torch.equal(layer.base.weight, w)
+
+
+def test_set_factors_refuses_factors_that_do_not_chain_or_a_merged_layer_and_changes_nothing():
+    """A (5, 4) P on a (24, 16) layer, or a lam of another rank alone, would fail later inside a
+    product; on a merged layer, unmerge would then subtract another ΔW than it added."""
+    torch.manual_seed(0)
+    layer = SVDLinear(nn.Linear(16, 24), 4, alpha=8.0)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for bad in ({"P": torch.randn(5, 4)}, {"lam": torch.ones(3)}, {"Q": torch.randn(4, 15)}):
+        with pytest.raises(ValueError, match=r"do not make a rank-r update of this \(24, 16\) layer: "
+                                             r"want P \(24, r\), lam \(r,\), Q \(r, 16\)"):
+            layer.set_factors(**bad)
+    with torch.no_grad():
+        layer.lam.normal_()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.merge()
+    with pytest.raises(ValueError, match="merged into its base; unmerge it first"):
+        layer.set_factors(lam=torch.zeros(4))
+    layer.unmerge()
+    after = layer.state_dict()
+    assert all(torch.allclose(after[k], v, atol=1e-6) for k, v in before.items())
+    # all three at a new rank: accepted, and every new value kept
+    layer.set_factors(P=torch.randn(24, 2), lam=torch.ones(2), Q=torch.randn(2, 16))
+    assert layer.rank == 2 and layer.rank_mask.tolist() == [True, True]
+    lora = LoRALinear(nn.Linear(16, 24), 4, alpha=8.0)
+    with pytest.raises(ValueError, match=r"want B \(24, r\), A \(r, 16\)"):
+        lora.set_factors(A=torch.randn(3, 16))

@@ -89,3 +89,23 @@ def test_a_fresh_set_starts_at_zero_update_and_names_are_checked():
     assert adalora.adapter_names(m) == ["default"]
     with pytest.raises(ValueError, match="call adalora.inject first"):
         adalora.add_adapter(_base(), "x")
+
+
+def test_a_set_name_must_be_a_string_and_a_refused_merge_keeps_the_active_set():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64))
+    adalora.quantize_model(m, targets=["0"], compute_dtype=torch.float32)
+    adalora.inject(m, adalora.AdapterConfig(targets=["0"], init_rank=4, alpha=8.0))
+    with pytest.raises(ValueError, match=r"adapter set name 3: use a non-empty string"):
+        adalora.add_adapter(m, 3)
+    adalora.add_adapter(m, "b")
+    assert sorted(adalora.adapter_names(m)) == ["b", "default"]
+    with pytest.raises(ValueError, match="cannot merge into a quantized"):
+        adalora.merge(m, name="b")
+    assert adalora.active_adapter(m) == "default"
+
+
+def test_targets_given_as_one_string_are_refused():
+    """list("12") is ["1", "2"]: a string would adapt layers 1 and 2 instead of layer 12."""
+    with pytest.raises(ValueError, match=r"targets='12' is a string: pass a list .*targets=\['12'\]"):
+        adalora.AdapterConfig(targets="12")
