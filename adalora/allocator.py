@@ -247,6 +247,11 @@ class RankAllocator(Allocator):
         return None
 
     def _allocate(self, step: int, budget: int) -> AllocationRecord:
+        merged = [n for n, layer in zip(self.names, self.layers) if layer.merged]
+        if merged:
+            # lam's update sits in W0: a new mask would make unmerge subtract another ΔW
+            raise ValueError(f"mask_to_budget({step}): adapters {merged} are merged into their base weights: "
+                             "unmerge the model before training (adalora.unmerge)")
         if self.scorer.uses_grad and self.scorer.ibar is None and self.scorer.skipped == 0:
             # every score would be zero and the ties would keep the first adapters' singular values
             raise RuntimeError(f"mask_to_budget({step}): no importance was recorded yet: call "
@@ -424,20 +429,49 @@ class RankAllocator(Allocator):
                 "final_scores": self.final_scores, "names": list(self.names)}
 
     def load_state_dict(self, sd: dict) -> None:
-        if list(sd["names"]) != self.names:
-            raise ValueError("allocator state is for other adapters: inject the same targets as the saved run")
+        self._check_state(sd)        # all of it first: a refused state must leave the model as it was
         if sd["compacted"] and not self.compacted:
             for layer, m in zip(self.layers, sd["masks"]):
                 layer.resize(torch.arange(m.numel(), device=layer.lam.device))  # weights come from the model load
         for layer, m in zip(self.layers, sd["masks"]):
-            if layer.rank_mask.shape != m.shape:
-                raise ValueError("allocator state masks do not match the adapters' ranks: load the "
-                                 "allocator state into a model injected with the saved config")
             layer.rank_mask.copy_(m)
         self._lam_masks = None
         self.scorer.load_state_dict(sd["scorer"])
         self.final_done, self.compacted = bool(sd["final_done"]), bool(sd["compacted"])
         self.final_scores = None if sd["final_scores"] is None else [s.clone() for s in sd["final_scores"]]
+
+    def _check_state(self, sd: dict) -> None:
+        """Raise if ``sd`` does not fit these adapters; changes nothing."""
+        if list(sd["names"]) != self.names:
+            raise ValueError("allocator state is for other adapters: inject the same targets as the saved run")
+        masks = sd["masks"]
+        if len(masks) != len(self.layers):
+            raise ValueError(f"allocator state has {len(masks)} masks for {len(self.layers)} adapters: "
+                             "load the allocator state into a model injected with the saved config")
+        saved = [int(m.numel()) for m in masks]
+        now = [layer.rank for layer in self.layers]
+        if sd["compacted"] and not self.compacted:
+            # the resize keeps each adapter's first ranks: the saved ones must fit the current ones
+            bad = {n: (s, r) for n, s, r in zip(self.names, saved, now) if s > r}
+            if bad:
+                diff = ", ".join(f"{n!r}: saved {s} vs {r}" for n, (s, r) in bad.items())
+                raise ValueError(f"allocator state compacted ranks exceed the adapters' ranks ({diff}): "
+                                 "load the allocator state into a model injected with the saved config")
+        elif saved != now:
+            raise ValueError("allocator state masks do not match the adapters' ranks: load the allocator "
+                             "state into a model injected with the saved config")
+        if sd["final_scores"] is not None and len(sd["final_scores"]) != len(self.layers):
+            raise ValueError(f"allocator state has {len(sd['final_scores'])} final scores for "
+                             f"{len(self.layers)} adapters: load a state saved by this allocator")
+        for key in ("ibar", "ubar"):
+            ts = sd["scorer"][key]
+            if ts is None:
+                continue
+            want = [shape for layer, r in zip(self.layers, saved)
+                    for shape in ((layer.out_features, r), (r,), (r, layer.in_features))]
+            if [tuple(t.shape) for t in ts] != want:
+                raise ValueError(f"allocator state's importance {key} does not match the adapters' shapes: "
+                                 "load the allocator state into a model injected with the saved config")
 
 
 def _threshold(flat: torch.Tensor, order: torch.Tensor, budget: int) -> torch.Tensor | None:

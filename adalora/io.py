@@ -56,6 +56,11 @@ def save_adapters(path, model: torch.nn.Module, metadata: dict | None = None, ex
     adapters = find_adapters(model)
     if not adapters:
         raise ValueError("model has no adapters to save: call adalora.inject first")
+    # A misspelled head would otherwise be left out silently (same rule as mark_only_adapters_trainable).
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [e for e in extra if not any(n == e or n.endswith("." + e) for n in names)]
+    if missing:
+        raise ValueError(f"extra={missing} match no module; give dotted-name suffixes such as 'classifier'")
     tensors: dict[str, torch.Tensor] = {}
     modules = {}
     for name, layer in adapters.items():
@@ -106,10 +111,16 @@ def load_adapters(path, model: torch.nn.Module) -> dict:
     """Load saved adapters into a freshly injected ``model`` (same targets), resizing to the saved ranks.
 
     Every module is checked before any is changed: on a mismatch the error names the first
-    one and the model is left as it was. Returns the sidecar metadata.
+    one and the model is left as it was. The adapter parameters are replaced by new tensors, so
+    an optimizer built before loading holds the old ones: build the optimizer after loading.
+    Returns the sidecar metadata.
     """
-    meta, tensors = read_adapters(path)
     adapters = find_adapters(model)
+    # unmerge would subtract the loaded ΔW while W0 holds the old one: W0 would be corrupted.
+    merged = [n for n, a in adapters.items() if a.merged]
+    if merged:
+        raise ValueError(f"{merged[0]} is merged into its base weight: unmerge the model first (adalora.unmerge)")
+    meta, tensors = read_adapters(path)
     saved = meta["modules"]
     for name in adapters:
         if name not in saved:
@@ -125,6 +136,20 @@ def load_adapters(path, model: torch.nn.Module) -> dict:
         if [layer.out_features, layer.in_features] != info["shape"]:
             raise ValueError(f"{name}: saved shape {info['shape']} != model shape "
                              f"{[layer.out_features, layer.in_features]}: load into the same base model")
+        # The sidecar is not under the checksum: its rank must agree with the tensors themselves.
+        rank, d_out, d_in = info.get("rank"), layer.out_features, layer.in_features
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"{name}: rank {rank!r} in {path} is not a non-negative integer: re-save the adapters")
+        want = ({"P": (d_out, rank), "lam": (rank,), "Q": (rank, d_in)} if kind == "svd"
+                else {"A": (rank, d_in), "B": (d_out, rank)})
+        bad = [a for a, shape in want.items() if f"{name}.{a}" not in tensors
+               or tuple(tensors[f"{name}.{a}"].shape) != shape]
+        if bad:
+            got = tuple(tensors[f"{name}.{bad[0]}"].shape) if f"{name}.{bad[0]}" in tensors else "missing"
+            raise ValueError(f"{name}: saved {bad[0]} {got} does not fit rank {rank} and shape ({d_out}, {d_in}) "
+                             f"in {path}: the file was edited or mismatched; re-save the adapters")
+        if not isinstance(info.get("scaling"), (int, float)) or isinstance(info.get("scaling"), bool):
+            raise ValueError(f"{name}: scaling {info.get('scaling')!r} in {path} is not a number: re-save the adapters")
     extras = {k[len("extra::"):]: v for k, v in tensors.items() if k.startswith("extra::")}
     params = dict(model.named_parameters())
     for key, value in extras.items():

@@ -117,8 +117,9 @@ def load_peft(path, model: nn.Module) -> dict[str, nn.Module]:
     adapters) and return them, ``{name: layer}``. LoRA folders become ``LoRALinear`` with peft's
     per-module rank and ``lora_alpha / r``; AdaLoRA folders become ``SVDLinear`` (``P = lora_B``,
     ``lam = lora_E``, ``Q = lora_A``) with the masks they were saved with and peft's scale
-    ``lora_alpha / (r + 1e-5)``. ``modules_to_save`` weights are copied in. Everything is checked
-    before the model is touched: on a mismatch the error names it and the model is unchanged.
+    ``lora_alpha / (init_r + 1e-5)`` (``r0 = init_r``: the initial rank, not the kept one).
+    ``modules_to_save`` weights are copied in. Everything is checked before the model is touched:
+    on a mismatch the error names it and the model is unchanged.
     """
     config, tensors = _read(path)
     kind = config.get("peft_type")
@@ -164,6 +165,16 @@ def load_peft(path, model: nn.Module) -> dict[str, nn.Module]:
             raise ValueError(f"{path}: saved module weight {key!r} does not match the model")
     if not plans:
         raise ValueError(f"{path} holds no LoRA weights")
+    # peft saves AdaLoRA factors sliced to the kept rank but scales by the initial rank (init_r).
+    init_r = config.get("init_r") if kind == "ADALORA" else None
+    if init_r is not None:
+        if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 1:
+            raise ValueError(f"{path}: init_r {init_r!r} in {CONFIG} is not a positive integer: re-save the folder "
+                             "with peft")
+        over = [(name, r) for name, _, _, r in plans if r > init_r]
+        if over:
+            raise ValueError(f"{path}: {over[0][0]}: saved rank {over[0][1]} exceeds init_r {init_r} in {CONFIG}: "
+                             "re-save the folder with peft")
     # AdaLoRA's rank_pattern: {"<prefix>.<module>.lora_E": [kept?] * r0} once peft has masked.
     masks = {}
     if kind == "ADALORA":
@@ -181,14 +192,15 @@ def load_peft(path, model: nn.Module) -> dict[str, nn.Module]:
             layer.scaling = float(alpha) / rank
         else:
             alpha = config.get("lora_alpha", 8)
-            layer = SVDLinear(base, r, float(alpha), float(config.get("lora_dropout", 0.0)))
+            r0 = init_r if init_r is not None else r       # r0: the rank the allocation started from
+            layer = SVDLinear(base, r0, float(alpha), float(config.get("lora_dropout", 0.0)))
             lam = f["E"].reshape(-1)
             layer.set_factors(P=f["B"], lam=lam, Q=f["A"])
             saved_mask = masks.get(name)
             mask = torch.tensor(saved_mask, dtype=torch.bool) if saved_mask is not None and len(saved_mask) == r \
                 else lam != 0
             layer.rank_mask = mask.to(layer.lam.device)
-            layer.scaling = (float(alpha) if alpha > 0 else float(r)) / (r + 1e-5)   # peft's own form
+            layer.scaling = (float(alpha) if alpha > 0 else float(r)) / (r0 + 1e-5)   # peft's own form
         _set_submodule(model, name, layer)
         out[name] = layer
     for key, value in whole.items():

@@ -60,6 +60,11 @@ class TruncateAllocator(BudgetAllocator):
     @torch.no_grad()
     def truncate(self, step: int | None = None) -> AllocationRecord:
         """Cut every module to its share of the global top ``b_T`` singular values."""
+        merged = [n for n, layer in zip(self.names, self.layers) if layer.merged]
+        if merged:
+            # checked for all before any cut: set_factors would refuse only at the first merged one
+            raise ValueError(f"svd_truncate: adapters {merged} are merged into their base weights: "
+                             "unmerge the model before training (adalora.unmerge)")
         deltas = [layer.delta_weight().double() for layer in self.layers]
         svds = [truncated_factors(d, min(layer.rank, *d.shape)) for d, layer in zip(deltas, self.layers)]
         self.sigmas = {n: s.float().cpu() for n, (_, s, _) in zip(self.names, svds)}
@@ -83,6 +88,10 @@ class TruncateAllocator(BudgetAllocator):
     def mask_to_budget(self, step: int) -> AllocationRecord | None:
         if self.final_done or step < self.schedule.final_step:
             return None
+        if self.optimizer is None:
+            # the cut makes new parameters: an unbound optimizer would train the old ones, i.e. nothing
+            raise RuntimeError("TruncateAllocator.bind_optimizer(optimizer) first: the truncation replaces "
+                               "the adapters' parameters in the optimizer")
         return self.truncate(step)
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:

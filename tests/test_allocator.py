@@ -542,3 +542,89 @@ def test_masking_after_only_non_finite_gradients_goes_ahead():
     rec = alloc.mask_to_budget(6)
     b = rec.budget                                       # the first b values in adapter order, 4 each
     assert 8 < b < 12 and rec.ranks == {"0": 4, "1": 4, "2": b - 8}
+
+
+def _snapshot(ad):
+    return {n: (a.rank, a.rank_mask.clone(), a.P.detach().clone(), a.lam.detach().clone(), a.Q.detach().clone())
+            for n, a in ad.items()}
+
+
+def _assert_unchanged(ad, before):
+    for n, a in ad.items():
+        rank, mask, p, lam, q = before[n]
+        assert a.rank == rank and torch.equal(a.rank_mask, mask), n
+        assert torch.equal(a.P, p) and torch.equal(a.lam, lam) and torch.equal(a.Q, q), n
+
+
+def _setup_ranks(ranks, **sched):
+    m = _model(0)
+    ad = adalora.inject(m, AdapterConfig(targets=["0", "1", "2"], init_rank=4, alpha=4.0, rank_pattern=ranks))
+    cfg = ScheduleConfig(**{**dict(target_rank=1, total_steps=40, init_warmup=4, final_warmup=10,
+                                   mask_interval=3), **sched})
+    return m, ad, RankAllocator(ad, cfg)
+
+
+def test_a_mask_length_mismatch_is_refused_before_any_mask_changes():
+    """The first adapter's mask fits, the last's does not: refused whole, the first not copied."""
+    _, _, alloc = _setup()
+    sd = alloc.state_dict()
+    sd["masks"][0][3] = False
+    _, ad2, alloc2 = _setup_ranks({"2": 3})
+    before = _snapshot(ad2)
+    with pytest.raises(ValueError, match=r"^allocator state masks do not match the adapters' ranks: "
+                       r"load the allocator state into a model injected with the saved config$"):
+        alloc2.load_state_dict(sd)
+    _assert_unchanged(ad2, before)
+    assert alloc2.ranks() == {"0": 4, "1": 4, "2": 3}
+
+
+def test_a_compacted_state_larger_than_the_adapters_is_refused_before_any_resize():
+    m, ad, alloc = _setup()
+    _train(m, ad, alloc, 40, compact_at=35)
+    sd = alloc.state_dict()
+    saved = alloc.ranks()
+    assert alloc.compacted and max(saved.values()) > 1
+    big = max(saved, key=saved.get)
+    _, ad2, alloc2 = _setup_ranks({big: 1})
+    before = _snapshot(ad2)
+    with pytest.raises(ValueError, match=rf"^allocator state compacted ranks exceed the adapters' ranks "
+                       rf"\('{big}': saved {saved[big]} vs 1\): load the allocator state"):
+        alloc2.load_state_dict(sd)
+    _assert_unchanged(ad2, before)
+    assert not alloc2.compacted and alloc2.ranks() == {**{n: 4 for n in ad2}, big: 1}
+    _, ad3, alloc3 = _setup()                  # the saved config still loads
+    alloc3.load_state_dict(sd)
+    assert alloc3.compacted and {n: a.rank for n, a in ad3.items()} == saved
+
+
+def test_a_state_for_other_adapters_or_another_count_is_refused_unchanged():
+    _, _, alloc = _setup()
+    _, ad2, alloc2 = _setup()
+    before = _snapshot(ad2)
+    sd = alloc.state_dict()
+    with pytest.raises(ValueError, match=r"^allocator state is for other adapters: inject the same targets"):
+        alloc2.load_state_dict({**sd, "names": ["0", "1"]})
+    with pytest.raises(ValueError, match=r"^allocator state has 2 masks for 3 adapters: "):
+        alloc2.load_state_dict({**sd, "masks": sd["masks"][:2]})
+    _assert_unchanged(ad2, before)
+
+
+def test_a_mask_step_on_a_merged_model_is_refused_and_unmerge_restores_w0():
+    """lam's update sits in W0 while merged: a new mask would make unmerge subtract another ΔW."""
+    m, ad, alloc = _setup(kind="magnitude")
+    w0 = [a.base.weight.detach().clone() for a in ad.values()]
+    with torch.no_grad():
+        for a in ad.values():
+            a.lam.normal_()
+    before = _snapshot(ad)
+    adalora.merge(m)
+    for step in (6, alloc.schedule.final_step):                   # a budgeting and the final mask step
+        with pytest.raises(ValueError, match=rf"^mask_to_budget\({step}\): adapters \['0', '1', '2'\] are merged "
+                           r"into their base weights: unmerge the model before training \(adalora\.unmerge\)$"):
+            alloc.mask_to_budget(step)
+    assert not alloc.final_done
+    adalora.unmerge(m)
+    _assert_unchanged(ad, before)
+    for a, w in zip(ad.values(), w0):
+        torch.testing.assert_close(a.base.weight, w, rtol=0, atol=1e-12)
+    assert alloc.mask_to_budget(6) is not None                    # unmerged, it masks

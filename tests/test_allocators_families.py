@@ -223,3 +223,52 @@ def test_matched_lora_prices_the_target_as_the_params_unit_does():
     layers = [SimpleNamespace(out_features=o, in_features=i) for o, i in shapes.values()]
     for r in (1, 2, 2.5, 4):
         assert B.adalora_target_params(shapes, r) == A.target_in_unit(layers, "params", r, None)
+
+
+def _truncating(n=2):
+    torch.manual_seed(0)
+    model = Maps(n, 8, 8).to(DT)
+    adapters = adalora.inject(model, adalora.AdapterConfig(method="lora", targets=[f"maps.{i}" for i in range(n)],
+                                                           init_rank=4))
+    with torch.no_grad():
+        for a in adapters.values():
+            a.B.normal_()
+    sched = adalora.ScheduleConfig(target_rank=2, total_steps=20, init_warmup=2, final_warmup=5)
+    return model, adapters, adalora.TruncateAllocator(adapters, sched), sched
+
+
+def _factors(adapters):
+    return [(a.A.detach().clone(), a.B.detach().clone()) for a in adapters.values()]
+
+
+def test_svd_truncate_without_a_bound_optimizer_refuses_to_cut():
+    """The cut makes new parameters: an unbound optimizer would go on training the old ones."""
+    _, adapters, alloc, sched = _truncating()
+    before = _factors(adapters)
+    assert alloc.mask_to_budget(sched.final_step - 1) is None          # before the cut: nothing to bind yet
+    with pytest.raises(RuntimeError, match=r"^TruncateAllocator\.bind_optimizer\(optimizer\) first: "):
+        alloc.mask_to_budget(sched.final_step)
+    assert not alloc.final_done
+    assert all(torch.equal(a, a0) and torch.equal(b, b0) for (a, b), (a0, b0) in zip(_factors(adapters), before))
+    opt = torch.optim.AdamW(adalora.adapter_parameters(adapters), lr=1e-2)
+    alloc.bind_optimizer(opt)
+    assert alloc.mask_to_budget(sched.final_step) is not None
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(a.A) in params and id(a.B) in params for a in adapters.values())
+
+
+def test_svd_truncate_on_a_merged_model_refuses_before_any_cut():
+    """Only the second adapter merged: the first is not cut before the refusal either."""
+    model, adapters, alloc, sched = _truncating()
+    w0 = [a.base.weight.detach().clone() for a in adapters.values()]
+    alloc.bind_optimizer(torch.optim.AdamW(adalora.adapter_parameters(adapters), lr=1e-2))
+    before = _factors(adapters)
+    adapters["maps.1"].merge()
+    with pytest.raises(ValueError, match=r"^svd_truncate: adapters \['maps\.1'\] are merged into their base "
+                       r"weights: unmerge the model before training \(adalora\.unmerge\)$"):
+        alloc.mask_to_budget(sched.final_step)
+    assert not alloc.final_done
+    assert all(torch.equal(a, a0) and torch.equal(b, b0) for (a, b), (a0, b0) in zip(_factors(adapters), before))
+    adalora.unmerge(model)
+    for a, w in zip(adapters.values(), w0):
+        torch.testing.assert_close(a.base.weight, w, rtol=0, atol=1e-12)

@@ -220,3 +220,47 @@ def test_export_lora_of_mixed_adapters_and_rank_one():
     lora = adalora.LoRALinear(nn.Linear(8, 8).double(), 1, 6.0)
     lora.set_factors(A=state["2.A"], B=state["2.B"])
     assert torch.allclose(lora.delta_weight(), m[2].delta_weight(), rtol=0, atol=1e-14)
+
+
+def test_save_with_an_extra_matching_no_module_is_refused_before_writing(tmp_path):
+    m, _ = _pruned()
+    with pytest.raises(ValueError, match=r"extra=\['classifier'\] match no module"):
+        adalora.save_adapters(tmp_path / "a", m, extra=("classifier",))
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    adalora.save_adapters(tmp_path / "b", m, extra=("4",))
+    assert any(k.startswith("extra::4.") for k in adalora.read_adapters(tmp_path / "b")[1])
+
+
+def test_edited_sidecar_rank_is_refused_and_the_model_unchanged(tmp_path):
+    m, _ = _pruned()
+    adalora.save_adapters(tmp_path, m)
+    js = tmp_path / "adapters.json"
+    meta = json.loads(js.read_text())
+    meta["modules"]["0"]["rank"] = 3                   # the tensors hold rank 2
+    js.write_text(json.dumps(meta))
+    m2 = _net(1)
+    adalora.inject(m2, AdapterConfig(targets=["0", "2"], init_rank=4))
+    before = {k: v.clone() for k, v in m2.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^0: saved P \(8, 2\) does not fit rank 3 .* re-save the adapters$"):
+        adalora.load_adapters(tmp_path, m2)
+    after = m2.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_into_a_merged_model_is_refused_with_w0_and_factors_unchanged(tmp_path):
+    m, _ = _pruned()
+    adalora.save_adapters(tmp_path, m)
+    m2 = _net(1)
+    ad2 = adalora.inject(m2, AdapterConfig(targets=["0", "2"], init_rank=4))
+    with torch.no_grad():
+        for a in ad2.values():
+            a.lam.normal_()
+    w0 = m2[0].base.weight.clone()
+    adalora.merge(m2)
+    before = {k: v.clone() for k, v in m2.state_dict().items()}
+    with pytest.raises(ValueError, match=r"merged into its base weight: unmerge the model first \(adalora.unmerge\)"):
+        adalora.load_adapters(tmp_path, m2)
+    after = m2.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    adalora.unmerge(m2)
+    assert torch.allclose(m2[0].base.weight, w0, atol=1e-12, rtol=0)

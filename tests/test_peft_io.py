@@ -155,3 +155,26 @@ def test_bad_folders_name_the_problem_and_leave_the_model_unchanged(tmp_path):
         adalora.load_peft(tmp_path / "nowhere", _bert())
     with pytest.raises(ValueError, match="already has adapters"):
         adalora.load_peft(tmp_path / "ok", model)
+
+
+def test_pruned_peft_adalora_folder_scales_by_init_r_as_peft_reloads(tmp_path):
+    # peft saves the factors sliced to the kept rank but divides by init_r: so must load_peft.
+    base = _bert()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(
+        init_r=6, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=10, lora_alpha=8,
+        target_modules=["query", "value"]))
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+    for step in range(10):
+        pm(input_ids=_ids()).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    pm.save_pretrained(tmp_path)
+    saved = adalora.peft_io._read(tmp_path)[1]
+    kept = [v.shape[0] for k, v in saved.items() if k.endswith((".lora_A", ".lora_A.weight"))]
+    assert max(kept) < 6                               # really saved pruned
+    reload = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ours = copy.deepcopy(base)
+    layers = adalora.load_peft(tmp_path, ours)
+    assert all(layer.r0 == 6 and layer.scaling == pytest.approx(8 / (6 + 1e-5)) for layer in layers.values())
+    assert torch.allclose(_out(ours), _out(reload), atol=1e-5, rtol=0)
