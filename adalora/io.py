@@ -46,7 +46,8 @@ def _paths(path) -> tuple[Path, Path]:
 def _adapter_tensors(name: str, layer: AdapterLayer) -> dict[str, torch.Tensor]:
     if isinstance(layer, SVDLinear):
         keep = layer.rank_mask.nonzero().flatten()
-        return {f"{name}.P": layer.P[:, keep], f"{name}.lam": layer.lam[keep],
+        # lam saved (r,) whatever the layer holds (a view of peft's layer holds (r, 1))
+        return {f"{name}.P": layer.P[:, keep], f"{name}.lam": layer.lam[keep].reshape(-1),
                 f"{name}.Q": layer.Q[keep, :], f"{name}.kept": keep.to(torch.int64)}
     return {f"{name}.A": layer.A, f"{name}.B": layer.B}
 
@@ -140,6 +141,9 @@ def load_adapters(path, model: torch.nn.Module) -> dict:
         rank, d_out, d_in = info.get("rank"), layer.out_features, layer.in_features
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
             raise ValueError(f"{name}: rank {rank!r} in {path} is not a non-negative integer: re-save the adapters")
+        lam = tensors.get(f"{name}.lam")
+        if lam is not None and tuple(lam.shape) == (rank, 1):      # files of peft's layers before lam was flattened
+            tensors[f"{name}.lam"] = lam.reshape(-1)
         want = ({"P": (d_out, rank), "lam": (rank,), "Q": (rank, d_in)} if kind == "svd"
                 else {"A": (rank, d_in), "B": (d_out, rank)})
         bad = [a for a, shape in want.items() if f"{name}.{a}" not in tensors

@@ -264,3 +264,32 @@ def test_load_into_a_merged_model_is_refused_with_w0_and_factors_unchanged(tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
     adalora.unmerge(m2)
     assert torch.allclose(m2[0].base.weight, w0, atol=1e-12, rtol=0)
+
+
+def test_a_file_with_lam_saved_as_a_column_still_loads(tmp_path):
+    """Files written from peft's layers before lam was flattened hold it (r, 1): the same values."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 24))   # noqa: E731
+    cfg = adalora.AdapterConfig(targets=["0", "2"], init_rank=4, alpha=8.0)
+    m = make()
+    ad = adalora.inject(m, cfg)
+    with torch.no_grad():
+        for a in ad.values():
+            a.lam.normal_()
+    adalora.save_adapters(tmp_path / "a", m)
+    t = load_file(tmp_path / "a" / "adapters.safetensors")
+    assert t["0.lam"].shape == (4,)
+    t["0.lam"] = t["0.lam"].reshape(-1, 1)
+    save_file(t, tmp_path / "a" / "adapters.safetensors")
+    meta = json.loads((tmp_path / "a" / "adapters.json").read_text())
+    meta["sha256"] = hashlib.sha256((tmp_path / "a" / "adapters.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "a" / "adapters.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    m2 = make()
+    ad2 = adalora.inject(m2, cfg)
+    adalora.load_adapters(tmp_path / "a", m2)
+    assert torch.equal(ad2["0"].lam, ad["0"].lam) and ad2["0"].lam.shape == (4,)
