@@ -269,7 +269,6 @@ def test_load_into_a_merged_model_is_refused_with_w0_and_factors_unchanged(tmp_p
 def test_a_file_with_lam_saved_as_a_column_still_loads(tmp_path):
     """Files written from peft's layers before lam was flattened hold it (r, 1): the same values."""
     import hashlib
-    import json
 
     from safetensors.torch import load_file, save_file
     torch.manual_seed(0)
