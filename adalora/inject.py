@@ -97,6 +97,15 @@ def adapter_parameters(adapters: dict[str, AdapterLayer]) -> list[nn.Parameter]:
     return out
 
 
+def check_extra(model: nn.Module, extra) -> None:
+    """Refuse ``extra`` names (dotted-name suffixes of other modules to train or save, a head)
+    that match no module: a misspelled head would otherwise be left out silently."""
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [e for e in extra if not any(n == e or n.endswith("." + e) for n in names)]
+    if missing:
+        raise ValueError(f"extra={missing} match no module; give dotted-name suffixes such as 'classifier'")
+
+
 def mark_only_adapters_trainable(model: nn.Module, extra: tuple[str, ...] = (), bias: str = "none") -> None:
     """Freeze everything but the adapters and modules whose dotted names end with one of ``extra``.
 
@@ -109,9 +118,7 @@ def mark_only_adapters_trainable(model: nn.Module, extra: tuple[str, ...] = (), 
     if not adapters:
         raise ValueError("model has no adapters: call adalora.inject(model, cfg) first")
     modules = dict(model.named_modules())
-    missing = [e for e in extra if not any(n == e or n.endswith("." + e) for n in modules if n)]
-    if missing:
-        raise ValueError(f"extra={missing} match no module; give dotted-name suffixes such as 'classifier'")
+    check_extra(model, extra)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in adapter_parameters(adapters):

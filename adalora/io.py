@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .inject import adapter_parameters, find_adapters
+from .inject import adapter_parameters, check_extra, find_adapters
 from .layers import AdapterLayer, LoRALinear, SVDLinear
 
 FORMAT = "adalora-adapters/1"
@@ -57,11 +57,7 @@ def save_adapters(path, model: torch.nn.Module, metadata: dict | None = None, ex
     adapters = find_adapters(model)
     if not adapters:
         raise ValueError("model has no adapters to save: call adalora.inject first")
-    # A misspelled head would otherwise be left out silently (same rule as mark_only_adapters_trainable).
-    names = [n for n, _ in model.named_modules() if n]
-    missing = [e for e in extra if not any(n == e or n.endswith("." + e) for n in names)]
-    if missing:
-        raise ValueError(f"extra={missing} match no module; give dotted-name suffixes such as 'classifier'")
+    check_extra(model, extra)
     tensors: dict[str, torch.Tensor] = {}
     modules = {}
     for name, layer in adapters.items():

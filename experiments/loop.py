@@ -347,6 +347,26 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             writer.log_ranks(record.to_dict())
         unlogged.clear()
 
+    def finish() -> LoopResult:
+        """The final evaluation, under the loop's signal handlers: a signal there ends the run
+        as interrupted, with a checkpoint after the last step, and a resume evaluates again."""
+        final = {}
+        if dist.is_main:      # eval on the unwrapped model: no collectives, other ranks done
+            for split in ("val", "test"):
+                final[split] = evaluate(model, splits[split], cfg, device, amp_dtype, objective)
+                if stop.signum is not None:
+                    break
+        # Every rank takes rank 0's verdict: the checkpoint is a collective.
+        if D.broadcast_object(dist.is_main and len(final) < 2, dist):
+            save_checkpoint()
+            return LoopResult("interrupted", step, {}, skipped)
+        for split, m in final.items():   # logged once both are done: a resume logs no line twice
+            writer.log_metrics({"step": step, "split": split, "lr": float(sched.get_last_lr()[0]),
+                                **m, "epoch": position * per_step / n_train, "time_s": time.time() - t0})
+        if t.checkpoint_every:
+            save_checkpoint()
+        return LoopResult("completed", step, final, skipped)
+
     net.train()
     try:
         while step < total:
@@ -421,33 +441,11 @@ def train(cfg: RunConfig, built: Built, splits: Dict[str, Dict[str, torch.Tensor
             if (checkpoint_now and not bad) or stopping:
                 save_checkpoint()
             if stopping:
-                stop.restore()
                 return LoopResult("interrupted", step, {}, skipped)
-    except BaseException:
-        stop.restore()
-        raise
-    finally:
         if bar is not None:
             bar.close()
-
-    # The signal handlers stay through the final evaluation: a signal there ends the run as
-    # interrupted, with a checkpoint after the last step, and a resume evaluates again.
-    try:
-        final = {}
-        if dist.is_main:      # eval on the unwrapped model: no collectives, other ranks done
-            for split in ("val", "test"):
-                final[split] = evaluate(model, splits[split], cfg, device, amp_dtype, objective)
-                if stop.signum is not None:
-                    break
-        # Every rank takes rank 0's verdict: the checkpoint is a collective.
-        if D.broadcast_object(dist.is_main and len(final) < 2, dist):
-            save_checkpoint()
-            return LoopResult("interrupted", step, {}, skipped)
-        for split, m in final.items():   # logged once both are done: a resume logs no line twice
-            writer.log_metrics({"step": step, "split": split, "lr": float(sched.get_last_lr()[0]),
-                                **m, "epoch": position * per_step / n_train, "time_s": time.time() - t0})
-        if t.checkpoint_every:
-            save_checkpoint()
+        return finish()
     finally:
         stop.restore()
-    return LoopResult("completed", step, final, skipped)
+        if bar is not None:
+            bar.close()

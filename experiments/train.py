@@ -130,6 +130,8 @@ def check_argv(argv: list[str]) -> None:
 def resume_error(argv: list[str]) -> str | None:
     """A resume whose overrides differ from the checkpointed run's, refused before Hydra writes
     the new config into the run's ``.hydra/``; the same check ``runner.run`` makes."""
+    if not any(o.lstrip("+~").startswith("trainer.resume=") for o in argv):
+        return None                    # no resume asked: no second composition of the config
     from hydra import compose, initialize_config_dir
     from .runner import check_resumable
     mine = [o for o in argv if "=" in o and not o.startswith("-") and not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
