@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import accounting, gate_bank, schedule
+from . import accounting, alloc_kernels, gate_bank, schedule
 from .config import ScheduleConfig, ScoreConfig
 from .importance import ImportanceScorer
 from .layers import SVDLinear, fast_param
@@ -305,15 +305,19 @@ class RankAllocator(Allocator):
                             torch.arange(flat.numel(), device=flat.device))
         budgets, masking, index = self._tables
         t = step.clamp(0, budgets.numel() - 1).view(1)     # (1,): indexing with a 0-d tensor would sync
-        # Position of each score in the stable descending order: "position < b" keeps exactly the
-        # set mask_to_budget keeps (order[:b]), with a budget that lives on the device.
-        order = torch.sort(flat, descending=True, stable=True).indices
-        position = torch.empty_like(order).scatter_(0, order, index)
         now = masking.index_select(0, t)                   # (1,)
         budget = budgets.index_select(0, t)                # (1,)
+        # Position of each score in the stable descending order: "position < b" keeps exactly the
+        # set mask_to_budget keeps (order[:b]), with a budget that lives on the device. And
         # mask_record's threshold: the score at position b(t), before the mask zeroes any lam
         # (magnitude scores read lam). Clamped: with nothing pruned it reads a kept score, unused.
-        self._device_threshold = flat.index_select(0, order.index_select(0, budget.clamp(max=flat.numel() - 1)))
+        if alloc_kernels.ranks_by_counting(flat.numel()) and alloc_kernels.ready(
+                flat, alloc_kernels.positions_signature(flat)):
+            position, self._device_threshold = alloc_kernels.positions(flat, budget)   # one kernel, no sort
+        else:
+            order = torch.sort(flat, descending=True, stable=True).indices
+            position = torch.empty_like(order).scatter_(0, order, index)
+            self._device_threshold = flat.index_select(0, order.index_select(0, budget.clamp(max=flat.numel() - 1)))
         masks = self._masks()
         keep = torch.where(now, position < budget, torch.cat(masks))
         sizes = [m.shape[0] for m in masks]

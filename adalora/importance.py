@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from . import gate_bank
+from . import alloc_kernels, gate_bank
 from .config import ScoreConfig
 from .layers import SVDLinear, fast_param
 
@@ -101,6 +101,22 @@ class _Layout:
                 p_row.append(block_of[self.start[(k, "P")] + i * layers[k].out_features])
                 q_row.append(block_of[self.start[(k, "Q")] + i * layers[k].in_features])
         self.lam_at, self.p_row, self.q_row = (torch.tensor(x, dtype=torch.long) for x in (lam_at, p_row, q_row))
+        # The kernels' path (adalora/alloc_kernels.py), where every block is a whole bank: one
+        # mean per row of every block, λ's included (a row of one), and Eq. 9's three reads of it.
+        self.rows_total = sum(rows for _, _, rows, _ in self.blocks)
+        self.row_means: torch.Tensor | None = None    # (rows_total,) fp32, made outside any capture
+        self.row_index: tuple | None = None           # (lam, q, p) rows of each singular value
+        if not self.groups:
+            first, row0 = {}, 0
+            for _, off, rows, _ in self.blocks:
+                first[off] = row0
+                row0 += rows
+            row_of = {off + i * width: first[off] + i for _, off, rows, width in self.blocks for i in range(rows)}
+            widths = {"lam": lambda layer: 1, "P": lambda layer: layer.out_features, "Q": lambda layer: layer.in_features}
+            self.row_index = tuple(
+                torch.tensor([row_of[self.start[(k, a)] + i * widths[a](layers[k])]
+                              for k, r in enumerate(self.ranks) for i in range(r)], dtype=torch.long)
+                for a in ("lam", "Q", "P"))
 
     def tensors(self, layers: list[SVDLinear]) -> list[torch.Tensor]:
         """The own parameters a step reads, in ``own`` order."""
@@ -186,6 +202,7 @@ class ImportanceScorer:
         self.updates = 0
         self.skipped = 0
         self._layout_cache: _Layout | None = None
+        self._fresh: _Layout | None = None        # the layout whose row_means the last update left
 
     def _layout(self) -> _Layout:
         # Rebuilt only when ranks change (compaction, loading a pruned adapter).
@@ -226,6 +243,9 @@ class ImportanceScorer:
         grads = self._grads(layout, params)
         ref = gate_bank.leaf(self.layers[0], "P")
         state_dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+        if grads_finite is True and self._update_by_kernels(layout, ref, state_dtype):
+            self.updates += 1
+            return True
         # Two gathers into flat buffers, then everything is a handful of kernels whatever the
         # number of adapters; |w · g| is formed in the state dtype (fp32 for bf16 adapters).
         w = layout.flatten(params, state_dtype, ref)                    # under no_grad: no detach needed
@@ -240,11 +260,44 @@ class ImportanceScorer:
             self.ibar = torch.zeros_like(ipt)
             if self.cfg.kind == "sensitivity_uncertainty":
                 self.ubar = torch.zeros_like(ipt)
+        self._fresh = None
         self.ibar.mul_(b1).add_(ipt, alpha=1 - b1)               # Ī ← β1 Ī + (1−β1) I
         if self.ubar is not None:
             ipt.sub_(self.ibar).abs_()                            # |I − Ī| with the updated Ī
             self.ubar.mul_(b2).add_(ipt, alpha=1 - b2)            # Ū ← β2 Ū + (1−β2) |I − Ī|
         self.updates += 1
+        return True
+
+    def _update_by_kernels(self, layout: _Layout, ref: torch.Tensor, state_dtype: torch.dtype) -> bool:
+        """``update``'s EMA step as one kernel per bank (adalora/alloc_kernels.py), each also
+        leaving its rows' mean scores for ``flat_scores``: where every scored tensor is a whole
+        bank, the state is fp32 and the kernels may run. False: nothing done, the ops below run."""
+        if layout.row_index is None or state_dtype != torch.float32 or not alloc_kernels.ready(ref):
+            return False
+        capturing = alloc_kernels.capturing(ref)
+        if capturing and (self.ibar is None or layout.row_means is None):
+            return False                     # their first allocation stays outside the graph's pool
+        if self.ibar is None:
+            self.ibar = ref.new_zeros(layout.numel, dtype=state_dtype)
+            if self.cfg.kind == "sensitivity_uncertainty":
+                self.ubar = torch.zeros_like(self.ibar)
+        if layout.row_means is None or layout.row_means.device != ref.device:
+            layout.row_means = ref.new_empty(layout.rows_total, dtype=torch.float32)
+            layout.row_index = tuple(t.to(ref.device) for t in layout.row_index)
+        launches, row = [], 0
+        for bank, (_, off, rows, _) in zip(layout.whole, layout.blocks):
+            w, g = bank.param.detach(), bank.param.grad
+            n = w.numel()
+            if not (w.is_contiguous() and g.is_contiguous()):
+                return False
+            ubar = None if self.ubar is None else self.ubar[off:off + n]
+            launches.append((w, g, self.ibar[off:off + n], ubar, layout.row_means[row:row + rows]))
+            row += rows
+        if capturing and not alloc_kernels.ready(ref, *(alloc_kernels.ema_signature(*a) for a in launches)):
+            return False
+        for args in launches:
+            alloc_kernels.ema_rows_(*args, self.cfg.beta1, self.cfg.beta2)
+        self._fresh = layout
         return True
 
     @torch.no_grad()
@@ -263,6 +316,9 @@ class ImportanceScorer:
         if self.ibar is None:
             # Never updated (every gradient so far non-finite): every triplet scores zero.
             return torch.zeros(sum(layout.ranks), device=device)
+        if self._fresh is layout and alloc_kernels.ready(
+                layout.row_means, alloc_kernels.triplets_signature(layout.row_means, layout.row_index[0])):
+            return alloc_kernels.triplets(layout.row_means, *layout.row_index)   # the last update's means
         s = self.ibar if self.ubar is None else self.ibar * self.ubar
         return layout.scores(s)
 
@@ -272,7 +328,7 @@ class ImportanceScorer:
 
     def free(self) -> None:
         """Drop the EMAs (after the final allocation nothing is scored any more)."""
-        self.ibar = self.ubar = None
+        self.ibar = self.ubar = self._fresh = None
 
     def _per_parameter(self, flat: torch.Tensor | None) -> list[torch.Tensor] | None:
         """The flat buffer as one tensor per parameter, layer order ``[P_1, lam_1, Q_1, P_2, ...]``."""
@@ -305,4 +361,5 @@ class ImportanceScorer:
             return torch.cat([(by_key[key].t() if key[1] == "P" else by_key[key]).reshape(-1) for key in keys])
 
         self.ibar, self.ubar = flat(sd["ibar"]), flat(sd["ubar"])
+        self._fresh = None
         self.updates, self.skipped = int(sd["updates"]), int(sd["skipped"])

@@ -1,0 +1,179 @@
+"""The allocation's kernels (adalora/alloc_kernels.py), run by Triton's CPU interpreter: the EMA
+step against the scorer's PyTorch ops, the triplet scores against index arithmetic, the
+ranking against ``sorted`` by hand, and a banked allocator through the kernels against the same
+allocator through its ops, step for step. No timing."""
+import math
+import types
+
+import pytest
+import torch
+
+import adalora
+from adalora import alloc_kernels
+
+pytest.importorskip("triton", reason="Triton is in the dev extra (and in CUDA builds of torch)")
+
+
+def _reference_ema(w, g, ibar, ubar, b1, b2):
+    """The scorer's ops (adalora/importance.py ``update``), in fp32."""
+    ipt = g.float().clone().mul_(w.float()).abs_()     # clone: .float() of an fp32 tensor is itself
+    ibar = ibar.clone().mul_(b1).add_(ipt, alpha=1 - b1)
+    if ubar is None:
+        return ibar, None, ibar
+    ubar = ubar.clone().mul_(b2).add_(ipt.sub_(ibar).abs_(), alpha=1 - b2)
+    return ibar, ubar, ibar * ubar
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,width", [(7, 45), (3, 1), (40, 1), (5, 64)])
+@pytest.mark.parametrize("uncertainty", [True, False])
+def test_ema_rows_is_the_scorers_step_and_its_row_means(dtype, rows, width, uncertainty):
+    """Rows and widths off the interpreter's tiles (4 x 32), λ's rows of one, fp16 factors
+    with fp32 state: Ī and Ū to fp32 rounding, and each row's mean of s."""
+    g = torch.Generator().manual_seed(rows * width)
+    shape = (rows, width) if width > 1 else (rows,)
+    w, grad = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    ibar, ubar = torch.rand(rows * width, generator=g), torch.rand(rows * width, generator=g)
+    b1, b2 = 0.85, 0.95
+    ref_i, ref_u, ref_s = _reference_ema(w.reshape(-1), grad.reshape(-1), ibar, ubar if uncertainty else None, b1, b2)
+    means = torch.full((rows,), math.nan)
+    alloc_kernels.ema_rows_(w, grad, ibar, ubar if uncertainty else None, means, b1, b2)
+    torch.testing.assert_close(ibar, ref_i, rtol=2e-7, atol=0)
+    if uncertainty:
+        torch.testing.assert_close(ubar, ref_u, rtol=2e-7, atol=1e-12)
+    # the mean by hand: a float64 sum of the reference scores over each row
+    torch.testing.assert_close(means.double(), ref_s.double().view(rows, width).sum(1) / width, rtol=1e-6, atol=0)
+
+
+def test_ema_rows_refuses_state_that_does_not_match():
+    with pytest.raises(ValueError, match="do not match"):
+        alloc_kernels.ema_rows_(torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(11), None, torch.zeros(3), 0.8, 0.8)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        alloc_kernels.ema_rows_(torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(12, dtype=torch.float64), None,
+                                torch.zeros(3), 0.8, 0.8)
+
+
+def test_triplets_reads_lam_then_q_plus_p():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(300, generator=g)
+    idx = [torch.randint(0, 300, (517,), generator=g) for _ in range(3)]
+    got = alloc_kernels.triplets(rows, *idx)
+    want = torch.tensor([rows[a].item() + (rows[b].item() + rows[c].item()) for a, b, c in zip(*idx)])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _places_by_hand(s: list[float]) -> list[int]:
+    """Places in the stable descending order: NaN first, ties by index, as a Python sort."""
+    order = sorted(range(len(s)), key=lambda i: (0 if math.isnan(s[i]) else 1, 0.0 if math.isnan(s[i]) else -s[i], i))
+    place = [0] * len(s)
+    for p, i in enumerate(order):
+        place[i] = p
+    return place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 37, 150])
+def test_positions_are_the_stable_descending_sorts(dtype, n):
+    """Ties (a quarter of the scores share four values), zeros and NaN; every budget from 0 to
+    past the end: the place of each score, and the score at place min(b, n − 1)."""
+    g = torch.Generator().manual_seed(n)
+    s = torch.rand(n, generator=g, dtype=torch.float64)
+    s[torch.rand(n, generator=g) < 0.25] = torch.tensor([0.5, 0.0, 0.25, 1.0])[torch.randint(0, 4, (1,), generator=g)]
+    if n > 5:
+        s[[1, 4]] = math.nan
+    s = s.to(dtype)
+    want = _places_by_hand(s.tolist())
+    for b in sorted({0, n // 2, n - 1, n, n + 3}):
+        place, threshold = alloc_kernels.positions(s, torch.tensor([b]))
+        assert place.tolist() == want
+        i = want.index(min(b, n - 1))
+        assert threshold.tolist() == s[i:i + 1].tolist() or math.isnan(s[i])
+
+
+def test_positions_refuses_what_it_cannot_count():
+    with pytest.raises(ValueError, match="1 to"):
+        alloc_kernels.positions(torch.zeros(alloc_kernels.MAX_RANKED + 1), torch.tensor([1]))
+    with pytest.raises(ValueError, match="1-d"):
+        alloc_kernels.positions(torch.zeros(3, 2), torch.tensor([1]))
+
+
+def test_a_capture_takes_only_kernels_launched_before_it(monkeypatch):
+    """Compiling may not happen inside a CUDA-graph capture: there a signature never launched
+    outside one is refused, and the caller keeps its ops. A stand-in tensor on a machine
+    without CUDA: only ``is_cuda`` is read."""
+    cuda = types.SimpleNamespace(is_cuda=True)
+    sig = ("never", "launched")
+    capture = [False]
+    monkeypatch.setattr(alloc_kernels, "have_triton", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capture[0])   # read for CUDA tensors only
+    assert alloc_kernels.ready(cuda, sig)                      # outside a capture: compiled on first launch
+    capture[0] = True
+    assert not alloc_kernels.ready(cuda, sig)
+    monkeypatch.setitem(alloc_kernels.__dict__, "_RUN", {sig})
+    assert alloc_kernels.ready(cuda, sig)
+    assert not alloc_kernels.ready(torch.zeros(1), sig)       # CPU tensors: the ops
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.o = torch.nn.Linear(20, 20), torch.nn.Linear(20, 20), torch.nn.Linear(20, 33)
+        self.f = torch.nn.Linear(33, 20)
+
+    def forward(self, x):
+        return self.f(torch.tanh(self.o(self.q(x) * self.k(x))))
+
+
+def _allocator(kind):
+    torch.manual_seed(0)
+    m = _Net()
+    ad = adalora.inject(m, adalora.AdapterConfig(method="adalora", targets=["q", "k", "o", "f"], init_rank=5,
+                                                 flat_gates=True, flat_factors=True))
+    adalora.mark_only_adapters_trainable(m)
+    with torch.no_grad():
+        for p in adalora.adapter_parameters(ad):
+            p.normal_(0, 0.3)
+    sched = adalora.ScheduleConfig(target_rank=2, total_steps=40, init_warmup=1, final_warmup=10, mask_interval=2)
+    return m, ad, adalora.RankAllocator(ad, sched, score_cfg=adalora.ScoreConfig(kind=kind))
+
+
+@pytest.mark.parametrize("kind", ["sensitivity_uncertainty", "sensitivity"])
+def test_a_banked_allocator_through_the_kernels_is_the_allocator_through_its_ops(monkeypatch, kind):
+    """Two copies trained 12 steps on the same batches, one with the kernels taken (the
+    interpreter stands in for CUDA): the EMAs, the scores, the masks, λ and the mask step's
+    threshold agree at every step, and every kernel ran on every step."""
+    from adalora import importance
+    runs = {"ema_rows_": 0, "triplets": 0, "positions": 0}
+    mods = {"ema_rows_": importance, "triplets": importance, "positions": adalora.allocator}
+    models = [_allocator(kind) for _ in range(2)]
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(1))
+    for step in range(12):
+        out = []
+        for on, (m, ad, alloc) in zip((False, True), models):
+            with monkeypatch.context() as mp:
+                if on:
+                    mp.setattr(alloc_kernels, "ready", lambda *a: True)
+                    for name in runs:
+                        def counted(*a, _f=getattr(alloc_kernels, name), _n=name):
+                            runs[_n] += 1
+                            return _f(*a)
+                        mp.setattr(mods[name].alloc_kernels, name, counted)
+                m.zero_grad()
+                m(x).pow(2).mean().backward()
+                alloc.update_importance(step, grads_finite=True)
+                alloc.mask_on_device(torch.tensor(step))
+                out.append((alloc.scorer.ibar.clone(), alloc.scorer.flat_scores().clone(),
+                            torch.cat(alloc._masks()).clone(), torch.cat([a.lam.detach() for a in ad.values()]),
+                            alloc._device_threshold.clone()))
+            with torch.no_grad():
+                for p in adalora.adapter_parameters(ad):
+                    p.sub_(0.05 * p.grad)
+        (i0, s0, m0, l0, t0), (i1, s1, m1, l1, t1) = out
+        torch.testing.assert_close(i1, i0, rtol=2e-7, atol=0)
+        torch.testing.assert_close(s1, s0, rtol=1e-6, atol=0)
+        assert torch.equal(m1, m0), step
+        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+        torch.testing.assert_close(t1, t0, rtol=1e-6, atol=0)
+    # 4 banks (P of widths 20 and 33, Q of 20 and 33) and λ's: 5 EMA kernels a step; the scores
+    # twice a step (the mask step and the read-out above)
+    assert runs == {"ema_rows_": 5 * 12, "triplets": 2 * 12, "positions": 12}
