@@ -81,7 +81,7 @@ def _kernels():
         mi = i < n
         si = tl.load(s_ptr + i, mask=mi, other=0.0)
         nan_i = si != si
-        place = tl.zeros((BLOCK_I,), dtype=tl.int64)
+        place = tl.zeros((BLOCK_I,), dtype=tl.int32)           # n <= MAX_RANKED
         for j0 in range(0, n, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             sj = tl.load(s_ptr + j, mask=j < n, other=0.0)
@@ -89,7 +89,7 @@ def _kernels():
             above = (sj[None, :] > si[:, None]) | (nan_j[None, :] & ~nan_i[:, None])
             equal = (sj[None, :] == si[:, None]) | (nan_j[None, :] & nan_i[:, None])
             first = above | (equal & (j[None, :] < i[:, None]))
-            place += tl.sum((first & (j[None, :] < n)).to(tl.int64), axis=1)
+            place += tl.sum((first & (j[None, :] < n)).to(tl.int32), axis=1)
         tl.store(pos_ptr + i, place, mask=mi)
         b = tl.minimum(tl.load(budget_ptr), n - 1)          # nothing pruned: a kept score, unused
         tl.store(thr_ptr + place * 0, si, mask=mi & (place == b))
@@ -132,13 +132,13 @@ def _interpreted() -> bool:
 
 # -- the importance EMAs ---------------------------------------------------------------------------
 def _ema_meta(rows: int, width: int) -> dict:
-    """Tiles of about 4096 elements, a power of two that divides the width where one of 64 or more
-    does, and at least 132 programs (an H100's or H200's multiprocessors) where the rows allow."""
-    block_w = min(512, width & -width if width & -width >= 64 else 1 << (width - 1).bit_length())
-    block_r = 4096 // block_w
-    while block_r > 1 and -(-rows // block_r) < 132:
+    """A whole row per tile (no loop to wait on), tiles of 2048 elements, fewer where that gives
+    264 programs (two per multiprocessor of an H100 or H200), down to 256."""
+    block_w = min(1 << (width - 1).bit_length(), 8192)
+    block_r = max(1, 2048 // block_w)
+    while block_r > 1 and -(-rows // block_r) < 264 and block_r * block_w > 256:
         block_r //= 2
-    return dict(BLOCK_W=block_w, BLOCK_R=block_r)
+    return dict(BLOCK_W=block_w, BLOCK_R=block_r, num_warps=8 if block_r * block_w > 2048 else 4)
 
 
 def ema_signature(w: torch.Tensor, g: torch.Tensor, ibar: torch.Tensor, ubar: torch.Tensor | None,
@@ -146,7 +146,7 @@ def ema_signature(w: torch.Tensor, g: torch.Tensor, ibar: torch.Tensor, ubar: to
     rows, width = w.shape[0], w.numel() // max(w.shape[0], 1)
     meta = _ema_meta(rows, width)
     return _signature("ema_rows", (w, g, ibar, ibar if ubar is None else ubar, means), (rows, width),
-                      (ubar is not None, meta["BLOCK_R"], meta["BLOCK_W"]))
+                      (ubar is not None, *meta.values()))
 
 
 def ema_rows_(w: torch.Tensor, g: torch.Tensor, ibar: torch.Tensor, ubar: torch.Tensor | None,
@@ -166,7 +166,7 @@ def ema_rows_(w: torch.Tensor, g: torch.Tensor, ibar: torch.Tensor, ubar: torch.
         return
     meta = _ema_meta(rows, width)
     if _interpreted():
-        meta = dict(BLOCK_R=min(meta["BLOCK_R"], 4), BLOCK_W=min(meta["BLOCK_W"], 32))
+        meta = dict(BLOCK_R=min(meta["BLOCK_R"], 4), BLOCK_W=min(meta["BLOCK_W"], 32), num_warps=4)
     kernel = _kernels()[0]
     grid = (-(-rows // meta["BLOCK_R"]),)
     _launch(kernel, grid, ema_signature(w, g, ibar, ubar, means), w, g, ibar, ibar if ubar is None else ubar,
@@ -196,7 +196,7 @@ def ranks_by_counting(n: int) -> bool:
 
 
 def positions_signature(scores: torch.Tensor) -> tuple:
-    return _signature("positions", (scores,), (scores.numel(),), ())
+    return _signature("positions", (scores,), (scores.numel(),), (min(512, 1 << (scores.numel() - 1).bit_length()),))
 
 
 def positions(scores: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +208,8 @@ def positions(scores: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor,
         raise ValueError(f"positions: scores {tuple(scores.shape)} must be 1-d, contiguous, of 1 to {MAX_RANKED}")
     place = torch.empty(n, dtype=torch.long, device=scores.device)
     threshold = scores.new_empty(1)
-    block_i, block_j = (16, 32) if _interpreted() else (64, 128)
+    # many short programs: at a few thousand scores the time is the loop's latency, not compares
+    block_i, block_j = (16, 32) if _interpreted() else (16, min(512, 1 << (n - 1).bit_length()))
     _launch(_kernels()[2], (-(-n // block_i),), positions_signature(scores), scores, budget, place, threshold, n,
             BLOCK_I=block_i, BLOCK_J=block_j)
     return place, threshold
