@@ -28,8 +28,17 @@ RATIOS = ("adalora_every10/floor", "adalora/floor", "lora/floor", "full/floor", 
 
 
 def load(folder: Path = HERE) -> dict[str, dict]:
-    """file name -> parsed results file, in name order."""
-    return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    """file name -> parsed results file, in name order. A file's ``supersedes`` (file name ->
+    variant names) names what a later run measured again: those variants are left out of the
+    older file, so every table quotes the latest measurement of each."""
+    files = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    for name, d in files.items():
+        for old, variants in d.get("supersedes", {}).items():
+            if old not in files:
+                raise ValueError(f"{name} supersedes {old}, which is not in {folder}: remove the entry or the file")
+            for v in variants:
+                files[old]["variants"].pop(v, None)
+    return files
 
 
 def benchmarks(files: dict[str, dict]) -> list[tuple[str, dict]]:

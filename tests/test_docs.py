@@ -110,6 +110,32 @@ def test_fused_table_reads_its_cells_from_a_results_file(tmp_path):
         "| base, eager, bf16 | 1x H200 | adalora | 4.0 | 20.0 (2.0) | 22.0 (0.2) | 1.10 | – | 200 / 210 | `x.json` |"]
 
 
+def test_a_later_file_supersedes_the_variants_it_measured_again(tmp_path):
+    """``supersedes`` drops the named variants from the older file, whose other rows stay; a
+    superseded file that is not there is refused in one line."""
+    import json
+
+    from analysis import bench_tables as B
+
+    v = lambda ms: {"median_ms": ms, "kernel_ms": ms}  # noqa: E731
+    config = {"preset": "base", "compile": False, "step_graph": True, "dtype": "bf16", "bf16_mode": "weights",
+              "lora_rank": 8, "target_rank": 8.0}
+    check = {"max_abs_loss_diff": 0.0, "steps": 20, "mask_equal_steps": 20}
+    old = {"kind": "paths_benchmark", "machine": "1x NVIDIA H200", "config": config,
+           "variants": {"floor": v(5.0), "lora": v(9.0), "adalora": v(10.0), "lora_epilogue_banked": v(7.0),
+                        "adalora_epilogue_banked": v(8.0)},
+           "fused_check": {"lora_epilogue_banked": check, "adalora_epilogue_banked": check}}
+    new = dict(old, variants={"floor": v(5.0), "lora_epilogue_banked": v(7.0), "adalora_epilogue_banked": v(7.5)},
+               supersedes={"a.json": ["lora_epilogue_banked", "adalora_epilogue_banked"]})
+    (tmp_path / "a.json").write_text(json.dumps(old))
+    (tmp_path / "b.json").write_text(json.dumps(new))
+    rows = [r.split(" | ")[2::10] for r in B.paths(B.load(tmp_path)).splitlines()[2:]]
+    assert rows == [["none", "`a.json` |"], ["epilogue, banked", "`b.json` |"]]
+    (tmp_path / "a.json").unlink()
+    with pytest.raises(ValueError, match="supersedes a.json, which is not in"):
+        B.load(tmp_path)
+
+
 def test_paths_table_reads_its_cells_from_a_results_file(tmp_path):
     """The adapter-paths table: one row per path with both variants, ratios of the medians by
     hand, idle = median - kernel, and each fused path's check against the unfused one."""
