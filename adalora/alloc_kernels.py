@@ -5,7 +5,7 @@ Between backward and the next forward a step scores every singular value (adalor
 and, on mask steps, keeps the ``b(t)`` best (``RankAllocator.mask_on_device``). Written as
 PyTorch ops that is about 35 small kernels over a few MB, one after another: at BERT-base's
 72 adapters of rank 12, a tenth of a millisecond of a captured step that LoRA does not pay.
-Here it is one kernel per bank, one gather and one ranking:
+Captured, it is one kernel per bank, one gather and one ranking:
 
     ema_rows_    per row of a bank (a singular value's row of Pᵀ or Q, or its λ), in fp32:
                  I = |w · g|;  Ī ← β1 Ī + (1−β1) I;  Ū ← β2 Ū + (1−β2) |I − Ī|
@@ -20,10 +20,13 @@ counts the scores above ``S_i`` and the equal ones before it, as ``torch.sort(de
 stable=True)`` orders them (NaN above every number), so the kept set is the sort's ``order[:b]``.
 That count is quadratic: above ``MAX_RANKED`` singular values the sort is used.
 
-As adalora/rank_update.py: CUDA only, outside ``torch.compile``; under CUDA-graph capture only a
-launch whose signature was run before, outside any capture (the warm-up steps before a capture
-do that), since compiling a kernel may not happen inside one. Otherwise the callers keep their
-PyTorch ops, which are the reference the tests hold these to.
+As adalora/rank_update.py: CUDA only, outside ``torch.compile``, and only in captured steps. An
+eager step waits on the host, and launched from Python these kernels cost it about what the ops
+they replace cost (an eager BERT-base step on one H200 was no faster with them), so an eager
+call takes them only the first time for each signature (shapes, dtypes, alignment), to compile
+them: compiling may not happen inside a capture, and the warm-up steps before one make those
+calls. A capture then takes every launch whose signature ran before. Otherwise the callers keep
+their PyTorch ops, which are the reference the tests hold these to.
 """
 from __future__ import annotations
 
@@ -112,12 +115,19 @@ def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def available(t: torch.Tensor) -> bool:
+    """Whether the kernels can run on ``t``: CUDA, Triton present, not compiling."""
+    return t.is_cuda and have_triton() and not torch.compiler.is_compiling()
+
+
 def ready(t: torch.Tensor, *signatures: tuple) -> bool:
-    """Whether the kernels may run on ``t``'s device now: CUDA, Triton present, not compiling,
-    and, while a graph is captured, every one of ``signatures`` run before."""
-    if not (t.is_cuda and have_triton() and not torch.compiler.is_compiling()):
+    """Whether to take the kernels for launches of ``signatures`` on ``t``'s device now: on CUDA,
+    with Triton, outside ``torch.compile``; while a graph is captured, when every one was launched
+    before; in an eager call, only to launch (and so compile) one that was not."""
+    if not available(t):
         return False
-    return not capturing(t) or all(s in _RUN for s in signatures)
+    seen = all(s in _RUN for s in signatures)
+    return seen if capturing(t) else not seen
 
 
 def _launch(kernel, grid, signature, t, *args, **meta) -> None:

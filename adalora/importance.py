@@ -271,11 +271,11 @@ class ImportanceScorer:
     def _update_by_kernels(self, layout: _Layout, ref: torch.Tensor, state_dtype: torch.dtype) -> bool:
         """``update``'s EMA step as one kernel per bank (adalora/alloc_kernels.py), each also
         leaving its rows' mean scores for ``flat_scores``: where every scored tensor is a whole
-        bank, the state is fp32 and the kernels may run. False: nothing done, the ops below run."""
-        if layout.row_index is None or state_dtype != torch.float32 or not alloc_kernels.ready(ref):
+        bank, the state is fp32 and ``alloc_kernels.ready`` (captured steps). False: the ops run
+        (the state may have been allocated, as they would)."""
+        if layout.row_index is None or state_dtype != torch.float32 or not alloc_kernels.available(ref):
             return False
-        capturing = alloc_kernels.capturing(ref)
-        if capturing and (self.ibar is None or layout.row_means is None):
+        if alloc_kernels.capturing(ref) and (self.ibar is None or layout.row_means is None):
             return False                     # their first allocation stays outside the graph's pool
         if self.ibar is None:
             self.ibar = ref.new_zeros(layout.numel, dtype=state_dtype)
@@ -293,8 +293,8 @@ class ImportanceScorer:
             ubar = None if self.ubar is None else self.ubar[off:off + n]
             launches.append((w, g, self.ibar[off:off + n], ubar, layout.row_means[row:row + rows]))
             row += rows
-        if capturing and not alloc_kernels.ready(ref, *(alloc_kernels.ema_signature(*a) for a in launches)):
-            return False
+        if not alloc_kernels.ready(ref, *(alloc_kernels.ema_signature(*a) for a in launches)):
+            return False                     # the ops below: an eager step, or a launch not compiled
         for args in launches:
             alloc_kernels.ema_rows_(*args, self.cfg.beta1, self.cfg.beta2)
         self._fresh = layout

@@ -97,21 +97,23 @@ def test_positions_refuses_what_it_cannot_count():
         alloc_kernels.positions(torch.zeros(3, 2), torch.tensor([1]))
 
 
-def test_a_capture_takes_only_kernels_launched_before_it(monkeypatch):
-    """Compiling may not happen inside a CUDA-graph capture: there a signature never launched
-    outside one is refused, and the caller keeps its ops. A stand-in tensor on a machine
-    without CUDA: only ``is_cuda`` is read."""
+def test_kernels_run_captured_and_eagerly_only_to_compile(monkeypatch):
+    """Compiling may not happen inside a CUDA-graph capture, and an eager step is no faster with
+    the kernels: eagerly a signature is taken once (to compile it) and then left to the ops; a
+    capture takes only signatures launched before. A stand-in tensor on a machine without CUDA:
+    only ``is_cuda`` is read."""
     cuda = types.SimpleNamespace(is_cuda=True)
-    sig = ("never", "launched")
+    sig, other = ("never", "launched"), ("launched", "before")
     capture = [False]
     monkeypatch.setattr(alloc_kernels, "have_triton", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capture[0])   # read for CUDA tensors only
-    assert alloc_kernels.ready(cuda, sig)                      # outside a capture: compiled on first launch
+    monkeypatch.setitem(alloc_kernels.__dict__, "_RUN", {other})
+    assert alloc_kernels.ready(cuda, sig) and alloc_kernels.ready(cuda, other, sig)   # eager: compile sig
+    assert not alloc_kernels.ready(cuda, other)                                        # eager, compiled: the ops
     capture[0] = True
-    assert not alloc_kernels.ready(cuda, sig)
-    monkeypatch.setitem(alloc_kernels.__dict__, "_RUN", {sig})
-    assert alloc_kernels.ready(cuda, sig)
-    assert not alloc_kernels.ready(torch.zeros(1), sig)       # CPU tensors: the ops
+    assert not alloc_kernels.ready(cuda, sig) and not alloc_kernels.ready(cuda, other, sig)
+    assert alloc_kernels.ready(cuda, other)
+    assert not alloc_kernels.ready(torch.zeros(1), other)     # CPU tensors: the ops
 
 
 class _Net(torch.nn.Module):
@@ -152,6 +154,7 @@ def test_a_banked_allocator_through_the_kernels_is_the_allocator_through_its_ops
         for on, (m, ad, alloc) in zip((False, True), models):
             with monkeypatch.context() as mp:
                 if on:
+                    mp.setattr(alloc_kernels, "available", lambda t: True)
                     mp.setattr(alloc_kernels, "ready", lambda *a: True)
                     for name in runs:
                         def counted(*a, _f=getattr(alloc_kernels, name), _n=name):
