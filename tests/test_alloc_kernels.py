@@ -4,6 +4,7 @@ ranking against ``sorted`` by hand, and a banked allocator through the kernels a
 allocator through its ops, step for step. No timing."""
 import math
 import types
+from collections import Counter
 
 import pytest
 import torch
@@ -126,11 +127,11 @@ class _Net(torch.nn.Module):
         return self.f(torch.tanh(self.o(self.q(x) * self.k(x))))
 
 
-def _allocator(kind):
+def _allocator(kind, dtype=torch.float32, banked=True):
     torch.manual_seed(0)
-    m = _Net()
+    m = _Net().to(dtype)
     ad = adalora.inject(m, adalora.AdapterConfig(method="adalora", targets=["q", "k", "o", "f"], init_rank=5,
-                                                 flat_gates=True, flat_factors=True))
+                                                 flat_gates=banked, flat_factors=banked))
     adalora.mark_only_adapters_trainable(m)
     with torch.no_grad():
         for p in adalora.adapter_parameters(ad):
@@ -180,3 +181,111 @@ def test_a_banked_allocator_through_the_kernels_is_the_allocator_through_its_ops
     # 4 banks (P of widths 20 and 33, Q of 20 and 33) and λ's: 5 EMA kernels a step; the scores
     # twice a step (the mask step and the read-out above)
     assert runs == {"ema_rows_": 5 * 12, "triplets": 2 * 12, "positions": 12}
+
+
+def _gate(monkeypatch, capture: list) -> Counter:
+    """The kernels' gate as on a CUDA machine, in the interpreter: every tensor can take them, a
+    graph is being captured while ``capture[0]``, nothing compiled yet. Counts each kernel's
+    launches."""
+    from adalora import allocator, importance
+    monkeypatch.setattr(alloc_kernels, "available", lambda t: isinstance(t, torch.Tensor))
+    monkeypatch.setattr(alloc_kernels, "capturing", lambda t: isinstance(t, torch.Tensor) and capture[0])
+    monkeypatch.setitem(alloc_kernels.__dict__, "_RUN", set())
+    runs = Counter()
+    for name in ("ema_rows_", "triplets", "positions"):
+        def counted(*a, _f=getattr(alloc_kernels, name), _n=name):
+            runs[_n] += 1
+            return _f(*a)
+        monkeypatch.setattr(alloc_kernels, name, counted)
+    assert importance.alloc_kernels is alloc_kernels is allocator.alloc_kernels
+    return runs
+
+
+def _states(make, x, steps, before=lambda step: None, grads=lambda ad: None):
+    """Train ``make()``'s model ``steps`` steps (update, then mask_on_device), calling
+    ``before(step)`` first and ``grads(adapters)`` after backward; per step: update's return
+    value, the update count, Ī, Ū, the masks, λ and the threshold."""
+    m, ad, alloc = make()
+    out = []
+    for step in range(steps):
+        before(step)
+        m.zero_grad()
+        m(x.to(m.f.base.weight.dtype)).float().pow(2).mean().backward()
+        grads(ad)
+        took = alloc.update_importance(step, grads_finite=True)
+        alloc.mask_on_device(torch.tensor(step))
+        sc = alloc.scorer
+        out.append((took, sc.updates, sc.ibar.clone(), None if sc.ubar is None else sc.ubar.clone(), torch.cat(alloc._masks()).clone(),
+                    torch.cat([a.lam.detach().float() for a in ad.values()]), alloc._device_threshold.clone()))
+        with torch.no_grad():
+            for p in adalora.adapter_parameters(ad):
+                p.sub_(0.05 * p.grad)
+    return out
+
+
+def _assert_same_training(got, want):
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g[:2] == w[:2], step
+        for a, b in zip(g[2:], w[2:]):
+            if a is None or b is None:
+                assert a is b, step
+            elif a.dtype == torch.bool:
+                assert torch.equal(a, b), step
+            else:
+                torch.testing.assert_close(a, b, rtol=2e-7, atol=0, msg=f"step {step}")
+
+
+def test_eager_calls_compile_the_kernels_once_and_a_capture_takes_only_compiled_ones(monkeypatch):
+    """Step 0 eager: the kernels run, to compile. Step 1 eager: the ops. Step 2 captured: the
+    kernels. Step 3 captured with nothing compiled: the ops. Step 4 eager again with nothing
+    compiled: the kernels. Trained all along as the ops alone train it."""
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(1))
+    make = lambda: _allocator("sensitivity_uncertainty")   # noqa: E731
+    want = _states(make, x, 5)
+    capture, seen = [False], []
+    runs = _gate(monkeypatch, capture)
+
+    def before(step):
+        seen.append(dict(runs))
+        capture[0] = step in (2, 3)
+        if step in (3, 4):
+            alloc_kernels._RUN.clear()
+    got = _states(make, x, 5, before)
+    seen.append(dict(runs))
+    per_step = [{k: seen[i + 1].get(k, 0) - seen[i].get(k, 0) for k in runs} for i in range(5)]
+    kernels, ops = {"ema_rows_": 5, "triplets": 1, "positions": 1}, {"ema_rows_": 0, "triplets": 0, "positions": 0}
+    assert per_step == [kernels, ops, kernels, ops, kernels]
+    _assert_same_training(got, want)
+
+
+def test_a_first_update_inside_a_capture_takes_the_ops(monkeypatch):
+    """The EMAs' first allocation stays outside a graph's memory pool: a capture that meets no
+    state yet runs the ops, which make it."""
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(1))
+    make = lambda: _allocator("sensitivity")   # noqa: E731
+    want = _states(make, x, 2)
+    runs = _gate(monkeypatch, [True])
+    _assert_same_training(_states(make, x, 2), want)
+    assert runs["ema_rows_"] == 0
+
+
+@pytest.mark.parametrize("case", ["fp16", "fp64", "per_adapter", "strided_grad"])
+def test_where_the_kernels_do_not_apply_or_must_cast_training_is_the_ops(monkeypatch, case):
+    """fp16 factors take the kernels with fp32 state; fp64 state, parameters per adapter and a
+    gradient of another layout keep the ops, eagerly and captured; each trains as the ops alone
+    train it."""
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(1))
+    dtype = {"fp16": torch.float16, "fp64": torch.float64}.get(case, torch.float32)
+
+    make = lambda: _allocator("sensitivity_uncertainty", dtype, banked=case != "per_adapter")   # noqa: E731
+
+    def grads(ad):
+        if case == "strided_grad":      # a bank's gradient with the same values, column-major
+            bank = adalora.gate_bank.bank_of(next(iter(ad.values())), "Q")
+            bank.param.grad = bank.param.grad.t().contiguous().t()
+    want = _states(make, x, 4, grads=grads)
+    capture = [False]
+    runs = _gate(monkeypatch, capture)
+    got = _states(make, x, 4, lambda step: capture.__setitem__(0, step >= 2), grads)   # eager, eager, captured x2
+    _assert_same_training(got, want)      # fp16: the fp32 products of fp16 values are exact either way
+    assert runs["ema_rows_"] == (15 if case == "fp16" else 0)

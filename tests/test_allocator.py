@@ -597,6 +597,36 @@ def test_a_compacted_state_larger_than_the_adapters_is_refused_before_any_resize
     assert alloc3.compacted and {n: a.rank for n, a in ad3.items()} == saved
 
 
+def test_a_compacted_state_loads_where_a_saved_rank_equals_the_adapters_rank():
+    """The compacted ranks only have to fit: an adapter already at its saved rank is kept as is."""
+    m, ad, alloc = _setup()
+    _train(m, ad, alloc, 40, compact_at=35)
+    sd, saved = alloc.state_dict(), alloc.ranks()
+    big = max(saved, key=saved.get)
+    _, ad2, alloc2 = _setup_ranks({big: saved[big]})
+    alloc2.load_state_dict(sd)
+    assert alloc2.compacted and {n: a.rank for n, a in ad2.items()} == saved
+
+
+def test_final_scores_or_importance_of_other_shapes_are_refused_unchanged():
+    m, ad, alloc = _setup()
+    _train(m, ad, alloc, 8)
+    sd = alloc.state_dict()
+    _, ad2, alloc2 = _setup()
+    before = _snapshot(ad2)
+    with pytest.raises(ValueError, match=r"^allocator state has 2 final scores for 3 adapters: "
+                       r"load a state saved by this allocator$"):
+        alloc2.load_state_dict({**sd, "final_scores": [torch.zeros(4), torch.zeros(4)]})
+    for key in ("ibar", "ubar"):
+        wrong = list(sd["scorer"][key])
+        wrong[4] = torch.zeros(5)                       # adapter 1's lam
+        with pytest.raises(ValueError, match=rf"^allocator state's importance {key} does not match the adapters' "
+                           r"shapes: load the allocator state into a model injected with the saved config$"):
+            alloc2.load_state_dict({**sd, "scorer": {**sd["scorer"], key: wrong}})
+    _assert_unchanged(ad2, before)
+    assert alloc2.scorer.ibar is None
+
+
 def test_a_state_for_other_adapters_or_another_count_is_refused_unchanged():
     _, _, alloc = _setup()
     _, ad2, alloc2 = _setup()

@@ -258,7 +258,8 @@ def test_load_into_a_merged_model_is_refused_with_w0_and_factors_unchanged(tmp_p
     w0 = m2[0].base.weight.clone()
     adalora.merge(m2)
     before = {k: v.clone() for k, v in m2.state_dict().items()}
-    with pytest.raises(ValueError, match=r"merged into its base weight: unmerge the model first \(adalora.unmerge\)"):
+    with pytest.raises(ValueError, match=r"^0 is merged into its base weight: unmerge the model first "
+                                         r"\(adalora\.unmerge\)$"):
         adalora.load_adapters(tmp_path, m2)
     after = m2.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -292,3 +293,84 @@ def test_a_file_with_lam_saved_as_a_column_still_loads(tmp_path):
     ad2 = adalora.inject(m2, cfg)
     adalora.load_adapters(tmp_path / "a", m2)
     assert torch.equal(ad2["0"].lam, ad["0"].lam) and ad2["0"].lam.shape == (4,)
+
+
+def _edit_sidecar(root, name, **info):
+    js = root / "adapters.json"
+    meta = json.loads(js.read_text())
+    meta["modules"][name].update(info)
+    js.write_text(json.dumps(meta))
+
+
+def test_one_merged_adapter_is_named_and_refused(tmp_path):
+    m, _ = _pruned()
+    adalora.save_adapters(tmp_path, m)
+    m2 = _net(1)
+    ad2 = adalora.inject(m2, AdapterConfig(targets=["0", "2"], init_rank=4))
+    ad2["2"].merge()                                   # only the second one
+    with pytest.raises(ValueError, match=r"^2 is merged into its base weight"):
+        adalora.load_adapters(tmp_path, m2)
+
+
+@pytest.mark.parametrize("rank", [True, -1, 2.0, "2"])
+def test_a_sidecar_rank_that_is_no_non_negative_integer_is_refused(tmp_path, rank):
+    """True is an int to isinstance and equals 1; -1 is an int: neither is a rank."""
+    m, _ = _pruned()
+    adalora.save_adapters(tmp_path, m)
+    _edit_sidecar(tmp_path, "0", rank=rank)
+    m2 = _net(1)
+    adalora.inject(m2, AdapterConfig(targets=["0", "2"], init_rank=4))
+    with pytest.raises(ValueError, match=rf"^0: rank {rank!r} in .* is not a non-negative integer: re-save the "
+                                         r"adapters$"):
+        adalora.load_adapters(tmp_path, m2)
+
+
+@pytest.mark.parametrize("scaling", ["0.5", True, None])
+def test_a_sidecar_scaling_that_is_no_number_is_refused(tmp_path, scaling):
+    m, _ = _pruned()
+    adalora.save_adapters(tmp_path, m)
+    _edit_sidecar(tmp_path, "0", scaling=scaling)
+    m2 = _net(1)
+    ad2 = adalora.inject(m2, AdapterConfig(targets=["0", "2"], init_rank=4))
+    with pytest.raises(ValueError, match=rf"^0: scaling {scaling!r} in .* is not a number: re-save the adapters$"):
+        adalora.load_adapters(tmp_path, m2)
+    assert ad2["0"].rank == 4 and isinstance(ad2["0"].scaling, float)
+
+
+def test_a_tensor_missing_from_the_file_is_named(tmp_path):
+    """A file re-written without one factor (its checksum updated): the error says it is missing."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+    m, _ = _pruned()
+    path = adalora.save_adapters(tmp_path, m)
+    t = load_file(path)
+    del t["0.Q"]
+    save_file(t, path)
+    meta = json.loads((tmp_path / "adapters.json").read_text())
+    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "adapters.json").write_text(json.dumps(meta))
+    m2 = _net(1)
+    adalora.inject(m2, AdapterConfig(targets=["0", "2"], init_rank=4))
+    with pytest.raises(ValueError, match=r"^0: saved Q missing does not fit rank 2 and shape \(8, 6\) in .*: the "
+                                         r"file was edited or mismatched; re-save the adapters$"):
+        adalora.load_adapters(tmp_path, m2)
+
+
+def test_loading_at_the_same_rank_keeps_every_saved_triplet(tmp_path):
+    """The model's mask had pruned a triplet, at the rank the file holds: the loaded layer keeps
+    all four saved triplets (its mask all true), and saving it again writes all four."""
+    m = _net()
+    ad = adalora.inject(m, AdapterConfig(targets=["0"], init_rank=4))
+    with torch.no_grad():
+        ad["0"].lam.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    adalora.save_adapters(tmp_path / "a", m)
+    m2 = _net(1)
+    ad2 = adalora.inject(m2, AdapterConfig(targets=["0"], init_rank=4))
+    ad2["0"].rank_mask.copy_(torch.tensor([True, False, True, True]))
+    adalora.load_adapters(tmp_path / "a", m2)
+    assert ad2["0"].rank_mask.tolist() == [True, True, True, True]
+    assert ad2["0"].lam.tolist() == [1.0, 2.0, 3.0, 4.0]
+    adalora.save_adapters(tmp_path / "b", m2)
+    meta, tensors = adalora.read_adapters(tmp_path / "b")
+    assert meta["ranks"] == {"0": 4} and tensors["0.kept"].tolist() == [0, 1, 2, 3]

@@ -381,15 +381,21 @@ def test_set_factors_refuses_factors_that_do_not_chain_or_a_merged_layer_and_cha
     torch.manual_seed(0)
     layer = SVDLinear(nn.Linear(16, 24), 4, alpha=8.0)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    for bad in ({"P": torch.randn(5, 4)}, {"lam": torch.ones(3)}, {"Q": torch.randn(4, 15)}):
-        with pytest.raises(ValueError, match=r"do not make a rank-r update of this \(24, 16\) layer: "
-                                             r"want P \(24, r\), lam \(r,\), Q \(r, 16\)"):
+    for bad, shapes in (({"P": torch.randn(5, 4)}, r"P \(5, 4\), lam \(4,\), Q \(4, 16\)"),
+                        ({"lam": torch.ones(3)}, r"P \(24, 4\), lam \(3,\), Q \(4, 16\)"),
+                        ({"Q": torch.randn(4, 15)}, r"P \(24, 4\), lam \(4,\), Q \(4, 15\)")):
+        with pytest.raises(ValueError, match=rf"^SVDLinear.set_factors: {shapes} do not make a rank-r update of "
+                                             r"this \(24, 16\) layer: want P \(24, r\), lam \(r,\), Q \(r, 16\)$"):
             layer.set_factors(**bad)
+    # a 0-d down factor has no rank at all: refused as the others, not an IndexError
+    with pytest.raises(ValueError, match=r"Q \(\) do not make a rank-r update"):
+        layer.set_factors(Q=torch.tensor(1.0))
     with torch.no_grad():
         layer.lam.normal_()
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer.merge()
-    with pytest.raises(ValueError, match="merged into its base; unmerge it first"):
+    with pytest.raises(ValueError, match=r"^SVDLinear.set_factors: the layer is merged into its base; unmerge it "
+                                         r"first \(adalora\.unmerge\(model\)\)$"):
         layer.set_factors(lam=torch.zeros(4))
     layer.unmerge()
     after = layer.state_dict()
@@ -397,6 +403,7 @@ def test_set_factors_refuses_factors_that_do_not_chain_or_a_merged_layer_and_cha
     # all three at a new rank: accepted, and every new value kept
     layer.set_factors(P=torch.randn(24, 2), lam=torch.ones(2), Q=torch.randn(2, 16))
     assert layer.rank == 2 and layer.rank_mask.tolist() == [True, True]
+    assert layer.rank_mask.dtype == torch.bool                # a mask, not float ones
     lora = LoRALinear(nn.Linear(16, 24), 4, alpha=8.0)
     with pytest.raises(ValueError, match=r"want B \(24, r\), A \(r, 16\)"):
         lora.set_factors(A=torch.randn(3, 16))
