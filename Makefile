@@ -20,7 +20,7 @@ demo: install
 
 # Mutation testing of the core library (not part of `make test`): mutmut 3.8.1 mutates the
 # modules named in pyproject.toml [tool.mutmut], runs their unit tests against every mutant
-# (a fresh run, 16 to 25 min on 2 shared cores: 16 min for 4423 mutants on 2026-12-04; MUTATION_JOBS sets its children), then prints the
+# (a fresh run, 16 to 25 min on 2 shared cores: 19 min for 4766 mutants on 2026-12-04; MUTATION_JOBS sets its children), then prints the
 # score per module, counting the survivors listed in tests/mutation_equivalents.md as killed.
 # tests/mutmut_run.py is mutmut with functions under @torch.no_grad() mutated too (see there);
 # read a mutant with `python3 tests/mutmut_run.py show <name>`.

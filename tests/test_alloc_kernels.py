@@ -98,7 +98,7 @@ def test_positions_refuses_what_it_cannot_count():
         alloc_kernels.positions(torch.zeros(3, 2), torch.tensor([1]))
 
 
-def test_kernels_run_captured_and_eagerly_only_to_compile(monkeypatch):
+def test_kernels_run_captured_and_eagerly_only_the_first_time(monkeypatch):
     """Compiling may not happen inside a CUDA-graph capture, and an eager step is no faster with
     the kernels: eagerly a signature is taken once (to compile it) and then left to the ops; a
     capture takes only signatures launched before. A stand-in tensor on a machine without CUDA:
@@ -235,7 +235,7 @@ def _assert_same_training(got, want):
                 torch.testing.assert_close(a, b, rtol=2e-7, atol=0, msg=f"step {step}")
 
 
-def test_eager_calls_compile_the_kernels_once_and_a_capture_takes_only_compiled_ones(monkeypatch):
+def test_eager_calls_take_the_kernels_once_and_a_capture_only_those_taken_before(monkeypatch):
     """Step 0 eager: the kernels run, to compile. Step 1 eager: the ops. Step 2 captured: the
     kernels. Step 3 captured with nothing compiled: the ops. Step 4 eager again with nothing
     compiled: the kernels. Trained all along as the ops alone train it."""

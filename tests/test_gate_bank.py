@@ -5,6 +5,7 @@ optimizer's state to hand-computed indices; checkpoints and adapter files round-
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -397,6 +398,10 @@ def test_importance_scores_from_banks_match_scores_per_adapter(subset):
         for _ in range(3):
             x = torch.randn(4, len(T.planted), T.d_in, generator=g, dtype=DT)
             model(x).pow(2).sum().backward()
+            # NaN in the memory the scorer's flat buffers are about to take: a row its gather
+            # failed to write would read NaN, not values an earlier identical step left there
+            poison = [torch.full((scorer._layout().numel,), math.nan, dtype=DT) for _ in range(2)]
+            del poison
             assert scorer.update()
             model.zero_grad(set_to_none=True)
         outs.append((scorer.flat_scores(), scorer.state_dict()))
