@@ -20,13 +20,10 @@ counts the scores above ``S_i`` and the equal ones before it, as ``torch.sort(de
 stable=True)`` orders them (NaN above every number), so the kept set is the sort's ``order[:b]``.
 That count is quadratic: above ``MAX_RANKED`` singular values the sort is used.
 
-As adalora/rank_update.py: CUDA only, outside ``torch.compile``, and only in captured steps. An
-eager step waits on the host, and launched from Python these kernels cost it about what the ops
-they replace cost (an eager BERT-base step on one H200 was no faster with them), so an eager
-call takes them only the first time for each signature (shapes, dtypes, alignment), to compile
-them: compiling may not happen inside a capture, and the warm-up steps before one make those
-calls. A capture then takes every launch whose signature ran before. Otherwise the callers keep
-their PyTorch ops, which are the reference the tests hold these to.
+As adalora/rank_update.py: CUDA only, outside ``torch.compile``, in captured steps; an eager call
+takes a kernel only the first time for each signature (dtypes, alignment, the integers Triton
+specializes on), to compile it (adalora/launch_gate.py). Otherwise the callers keep their
+PyTorch ops, which are the reference the tests hold these to.
 """
 from __future__ import annotations
 
@@ -35,6 +32,7 @@ import os
 
 import torch
 
+from . import launch_gate
 from .lowrank_gemm import have_triton
 
 MAX_RANKED = 16384      # singular values ranked by counting; above, a sort (n² comparisons)
@@ -100,19 +98,11 @@ def _kernels():
     return ema_rows, triplets, positions
 
 
-_RUN: set = set()        # the signatures launched outside a capture (compiled)
-
-
 def _signature(name: str, tensors: tuple, ints: tuple, consts: tuple) -> tuple:
     """What Triton compiles a variant for: dtypes, 16-byte alignment, the integers' divisibility
     by 16 and equality to 1, the constants."""
     return (name, tensors[0].device, tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors),
             tuple((v % 16 == 0, v == 1) for v in ints), consts)
-
-
-def capturing(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on ``t``'s device's current stream."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def available(t: torch.Tensor) -> bool:
@@ -121,19 +111,14 @@ def available(t: torch.Tensor) -> bool:
 
 
 def ready(t: torch.Tensor, *signatures: tuple) -> bool:
-    """Whether to take the kernels for launches of ``signatures`` on ``t``'s device now: on CUDA,
-    with Triton, outside ``torch.compile``; while a graph is captured, when every one was launched
-    before; in an eager call, only to launch (and so compile) one that was not."""
-    if not available(t):
-        return False
-    seen = all(s in _RUN for s in signatures)
-    return seen if capturing(t) else not seen
+    """Whether to take the kernels for launches of ``signatures`` on ``t`` now: ``available``,
+    and captured if every one was launched before, eagerly if one was not (launch_gate.take)."""
+    return available(t) and launch_gate.take(*signatures)
 
 
-def _launch(kernel, grid, signature, t, *args, **meta) -> None:
-    kernel[grid](t, *args, **meta)
-    if not capturing(t):
-        _RUN.add(signature)
+def _launch(kernel, grid, signature, *args, **meta) -> None:
+    kernel[grid](*args, **meta)
+    launch_gate.launched(signature)
 
 
 def _interpreted() -> bool:

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from . import alloc_kernels, gate_bank
+from . import alloc_kernels, gate_bank, launch_gate
 from .config import ScoreConfig
 from .layers import SVDLinear, fast_param
 
@@ -275,7 +275,7 @@ class ImportanceScorer:
         (the state may have been allocated, as they would)."""
         if layout.row_index is None or state_dtype != torch.float32 or not alloc_kernels.available(ref):
             return False
-        if alloc_kernels.capturing(ref) and (self.ibar is None or layout.row_means is None):
+        if launch_gate.capturing() and (self.ibar is None or layout.row_means is None):
             return False                     # their first allocation stays outside the graph's pool
         if self.ibar is None:
             self.ibar = ref.new_zeros(layout.numel, dtype=state_dtype)

@@ -26,7 +26,7 @@ alignment of the three tensors: what Triton compiles a variant of the kernel for
 kernel, so that it is compiled, and its tile shape tuned per ``(N, r)`` with ``out`` restored
 after each trial, outside any capture: tuning synchronizes, and neither may happen while a graph
 is captured. The warm-up steps before a capture make those calls. A capture of a signature never
-run eagerly keeps ``addmm_``.
+run eagerly keeps ``addmm_`` (adalora/launch_gate.py).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import os
 
 import torch
 
+from . import launch_gate
 from .lowrank_gemm import MAX_RANK, block_rank, have_triton
 
 DTYPES = (torch.float16, torch.bfloat16)   # fp32 would multiply in TF32 or slowly in IEEE: addmm_
@@ -67,9 +68,6 @@ def _kernel(autotune: bool):
     # each timed trial, since the kernel writes it in place.
     return (triton.autotune(configs=configs, key=["N", "R"], restore_value=["out_ptr"])(rank_update)
             if autotune else rank_update)
-
-
-_TUNED: set = set()   # the signatures the kernel has been compiled (and tuned) for
 
 
 def _signature(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple:
@@ -115,11 +113,9 @@ def _update(out, src, a, b, s, dtype=None):
     """``out = src + s · a b``; with ``out`` None a new tensor in ``dtype``: ``add_`` and
     ``merged_weight``."""
     if runs(src, a.shape[1], dtype):
-        key = _signature(src, a, b) + (out is None, dtype)
-        capturing = torch.cuda.is_current_stream_capturing()
-        if key in _TUNED if capturing else key not in _TUNED:
-            if not capturing:
-                _TUNED.add(key)
+        key = ("rank_update",) + _signature(src, a, b) + (out is None, dtype)
+        if launch_gate.take(key):
+            launch_gate.launched(key)
             new = torch.empty(src.shape, dtype=dtype, device=src.device) if out is None else out
             return kernel_(new, a, b, s, src)
     if out is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import adalora
-from adalora import alloc_kernels
+from adalora import alloc_kernels, launch_gate
 
 pytest.importorskip("triton", reason="Triton is in the dev extra (and in CUDA builds of torch)")
 
@@ -107,14 +107,18 @@ def test_kernels_run_captured_and_eagerly_only_the_first_time(monkeypatch):
     sig, other = ("never", "launched"), ("launched", "before")
     capture = [False]
     monkeypatch.setattr(alloc_kernels, "have_triton", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capture[0])   # read for CUDA tensors only
-    monkeypatch.setitem(alloc_kernels.__dict__, "_RUN", {other})
+    monkeypatch.setattr(launch_gate, "capturing", lambda: capture[0])
+    monkeypatch.setitem(launch_gate.__dict__, "_COMPILED", {other})
     assert alloc_kernels.ready(cuda, sig) and alloc_kernels.ready(cuda, other, sig)   # eager: compile sig
     assert not alloc_kernels.ready(cuda, other)                                        # eager, compiled: the ops
     capture[0] = True
     assert not alloc_kernels.ready(cuda, sig) and not alloc_kernels.ready(cuda, other, sig)
     assert alloc_kernels.ready(cuda, other)
     assert not alloc_kernels.ready(torch.zeros(1), other)     # CPU tensors: the ops
+    launch_gate.launched(sig)                                 # inside a capture: not compiled by it
+    capture[0] = False
+    launch_gate.launched(sig)
+    assert launch_gate._COMPILED == {other, sig}
 
 
 class _Net(torch.nn.Module):
@@ -189,8 +193,8 @@ def _gate(monkeypatch, capture: list) -> Counter:
     launches."""
     from adalora import allocator, importance
     monkeypatch.setattr(alloc_kernels, "available", lambda t: isinstance(t, torch.Tensor))
-    monkeypatch.setattr(alloc_kernels, "capturing", lambda t: isinstance(t, torch.Tensor) and capture[0])
-    monkeypatch.setitem(alloc_kernels.__dict__, "_RUN", set())
+    monkeypatch.setattr(launch_gate, "capturing", lambda: capture[0])
+    monkeypatch.setitem(launch_gate.__dict__, "_COMPILED", set())
     runs = Counter()
     for name in ("ema_rows_", "triplets", "positions"):
         def counted(*a, _f=getattr(alloc_kernels, name), _n=name):
@@ -249,7 +253,7 @@ def test_eager_calls_take_the_kernels_once_and_a_capture_only_those_taken_before
         seen.append(dict(runs))
         capture[0] = step in (2, 3)
         if step in (3, 4):
-            alloc_kernels._RUN.clear()
+            launch_gate._COMPILED.clear()
     got = _states(make, x, 5, before)
     seen.append(dict(runs))
     per_step = [{k: seen[i + 1].get(k, 0) - seen[i].get(k, 0) for k in runs} for i in range(5)]

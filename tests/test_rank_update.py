@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from adalora import rank_update
+from adalora import launch_gate, rank_update
 
 pytest.importorskip("triton", reason="Triton is in the dev extra (and in CUDA builds of torch)")
 
@@ -80,9 +80,9 @@ class _Everything:
 
 
 def _capturing(monkeypatch, on: bool, tuned=None):
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: on)
+    monkeypatch.setattr(launch_gate, "capturing", lambda: on)
     if tuned is not None:
-        monkeypatch.setattr(rank_update, "_TUNED", tuned)
+        monkeypatch.setitem(launch_gate.__dict__, "_COMPILED", tuned)
 
 
 def test_the_kernel_runs_under_capture_and_once_eagerly_per_signature(monkeypatch):
